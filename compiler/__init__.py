@@ -1,0 +1,1 @@
+"""The flowc compiler: front end, diagnostics, units, checker, spec IR and formatter."""

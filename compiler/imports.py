@@ -1,0 +1,194 @@
+"""Loading a spec and everything it `use`s: the standard library (`use std.gpus`) and files
+relative to the importing file (`use "common.flow"`). Cycles, missing modules and files outside
+the root spec's directory tree are errors (F0205-F0207)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from . import ast
+from .diagnostics import Diagnostic, FlowError, Label, did_you_mean
+from .parser import parse
+from .source import SourceFile, Span
+
+STD_PREFIX = "std."
+
+
+@dataclass
+class Program:
+    """Every module of a spec, dependencies first, and what each one can see."""
+
+    modules: list[ast.Module] = field(default_factory=list)
+    sources: dict[str, SourceFile] = field(default_factory=dict)
+    imports: dict[str, list[str]] = field(default_factory=dict)  # module -> modules it uses directly
+    roots: list[str] = field(default_factory=list)
+
+    def visible(self, module: str) -> set[str]:
+        """The module and everything it imports, transitively."""
+        seen, stack = set(), [module]
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(self.imports.get(current, []))
+        return seen
+
+
+def std_modules() -> list[str]:
+    names = [p.name[:-5] for p in resources.files("flowc.stdlib").iterdir() if p.name.endswith(".flow")]
+    return sorted(names + ["cpu_local"])
+
+
+def std_source(module: str) -> SourceFile | None:
+    display = f"<std>/{module}.flow"
+    if module == "cpu_local":
+        from .cpu_local import cpu_local_flow
+
+        return SourceFile(display, cpu_local_flow())
+    path = resources.files("flowc.stdlib").joinpath(f"{module}.flow")
+    return SourceFile(display, path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def display_path(path: Path) -> str:
+    """Paths in diagnostics: relative to the working directory when below it."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+class _Loader:
+    def __init__(self, allow_outside: bool):
+        self.allow_outside = allow_outside
+        self.program = Program()
+        self.errors: list[Diagnostic] = []
+        self.done: set[str] = set()
+        self.stack: list[tuple[str, Span | None]] = []
+
+    def load_file(self, path: Path, root: Path, via: Span | None = None) -> str | None:
+        key = display_path(path)
+        if key in self.done:
+            return key
+        if self._cycle(key, via):
+            return None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            self.errors.append(Diagnostic("F0205", f"`{key}` is not a UTF-8 text file", via, "imported here"))
+            return None
+        self._load(SourceFile(key, text), root, via)
+        return key
+
+    def load_std(self, module: str, via: Span | None) -> str | None:
+        source = std_source(module)
+        if source is None:
+            return None
+        if source.name in self.done:
+            return source.name
+        if self._cycle(source.name, via):
+            return None
+        self._load(source, None, via)
+        return source.name
+
+    def load_text(self, source: SourceFile, root: Path) -> None:
+        self._load(source, root, None)
+
+    def _cycle(self, key: str, via: Span | None) -> bool:
+        names = [name for name, _ in self.stack]
+        if key not in names:
+            return False
+        chain = names[names.index(key):] + [key]
+        self.errors.append(Diagnostic(
+            "F0206", "import cycle: " + " -> ".join(chain), via, "this `use` closes the cycle",
+            "move what both files need into a third file that both `use`",
+        ))
+        return True
+
+    def _load(self, source: SourceFile, root: Path | None, via: Span | None) -> None:
+        self.program.sources[source.name] = source
+        try:
+            module = parse(source)
+        except FlowError as error:
+            self.errors.extend(error.diagnostics)
+            self.done.add(source.name)
+            return
+        self.stack.append((source.name, via))
+        uses = []
+        for use in module.uses:
+            target = self._resolve(use, source, root)
+            if target:
+                uses.append(target)
+        self.stack.pop()
+        self.program.imports[source.name] = uses
+        self.program.modules.append(module)
+        self.done.add(source.name)
+
+    def _resolve(self, use: ast.Use, importer: SourceFile, root: Path | None) -> str | None:
+        target = use.target
+        if isinstance(target, ast.Name):
+            name = target.text
+            if not name.startswith(STD_PREFIX):
+                self.errors.append(Diagnostic(
+                    "F0205", f"cannot import `{name}`", target.span, "not a module",
+                    f'import the standard library as `use std.{name}` or a file as `use "{name}.flow"`'
+                    if f"{name}" in std_modules() else f'import a file with a string: `use "{name}.flow"`',
+                ))
+                return None
+            module = name[len(STD_PREFIX):]
+            loaded = self.load_std(module, use.span)
+            if loaded is None and module not in std_modules():
+                best = did_you_mean(module, std_modules())
+                self.errors.append(Diagnostic(
+                    "F0205", f"no standard library module `{name}`", target.span, "not found",
+                    f"did you mean `std.{best}`?" if best else
+                    "standard library modules are: " + ", ".join(f"`std.{m}`" for m in std_modules()),
+                ))
+            return loaded
+        if root is None:  # the standard library imports only the standard library
+            self.errors.append(Diagnostic("F0205", "standard library modules cannot import files", target.span))
+            return None
+        relative = Path(target.value)
+        base = Path(importer.name).parent if not importer.name.startswith("<") else Path.cwd()
+        path = (base / relative).resolve()
+        if not self.allow_outside and not path.is_relative_to(root):
+            self.errors.append(Diagnostic(
+                "F0207", f"`{target.value}` is outside the spec's directory tree", target.span,
+                f"resolves to {path}",
+                "move the file under the spec's directory, or pass --allow-outside-imports",
+                notes=(f"the spec's directory is {root}",),
+            ))
+            return None
+        if not path.is_file():
+            near = [p.name for p in path.parent.glob("*.flow")] if path.parent.is_dir() else []
+            best = did_you_mean(path.name, near)
+            self.errors.append(Diagnostic(
+                "F0205", f"cannot find `{target.value}`", target.span, "no such file",
+                f'did you mean `"{(relative.parent / best).as_posix()}"`?' if best else
+                f"paths are relative to the importing file's directory ({display_path(base.resolve()) or '.'})",
+            ))
+            return None
+        return self.load_file(path, root, use.span)
+
+
+def load_program(paths: list[Path] | None = None, text: SourceFile | None = None, *,
+                 allow_outside: bool = False) -> Program:
+    """Parse the given files (or text) and everything they import. Raises FlowError with all
+    syntax and import errors found."""
+    loader = _Loader(allow_outside)
+    for path in paths or []:
+        root = path.resolve().parent
+        key = loader.load_file(path.resolve(), root)
+        if key:
+            loader.program.roots.append(key)
+    if text is not None:
+        loader.load_text(text, Path.cwd().resolve())
+        loader.program.roots.append(text.name)
+    if loader.errors:
+        raise FlowError(loader.errors, loader.program.sources)
+    return loader.program
+
+
+__all__ = ["Program", "load_program", "std_modules", "std_source", "Label"]

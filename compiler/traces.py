@@ -1,0 +1,94 @@
+"""Request traces: CSV files of arrival times with prompt and output lengths.
+
+Two header layouts are read: Azure's public LLM traces (`TIMESTAMP,ContextTokens,
+GeneratedTokens`, timestamps as `YYYY-MM-DD HH:MM:SS.fffffff`) and a plain one
+(`arrival_time,prompt_tokens,output_tokens`, arrival times in seconds).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+LAYOUTS = (
+    ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
+    ("arrival_time", "prompt_tokens", "output_tokens"),
+)
+
+
+class TraceError(Exception):
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class Trace:
+    arrivals: tuple[float, ...]  # seconds since the first request
+    prompt: tuple[int, ...]
+    output: tuple[int, ...]
+
+    @property
+    def rate(self) -> float:
+        """Mean arrival rate in requests/s."""
+        span = self.arrivals[-1] - self.arrivals[0]
+        return (len(self.arrivals) - 1) / span if span > 0 else float(len(self.arrivals))
+
+
+def _timestamp(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    main, _, fraction = text.strip().partition(".")
+    moment = datetime.fromisoformat(main)
+    return moment.timestamp() + (float("0." + fraction) if fraction else 0.0)
+
+
+@functools.lru_cache(maxsize=16)
+def read_trace(path: Path) -> Trace:
+    """Read and validate a trace. Raises TraceError with the line of the first bad row."""
+    try:
+        handle = open(path, newline="", encoding="utf-8")
+    except OSError as error:
+        raise TraceError(f"cannot read the file: {error.strerror}") from None
+    with handle:
+        rows = csv.reader(handle)
+        try:
+            header = [h.strip() for h in next(rows)]
+        except StopIteration:
+            raise TraceError("the file is empty", 1) from None
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise TraceError(f"not a CSV file: {error}", 1) from None
+        layout = next((cols for cols in LAYOUTS if set(cols) <= set(header)), None)
+        if layout is None:
+            expected = " or ".join(",".join(cols) for cols in LAYOUTS)
+            raise TraceError(f"the header has no {expected} columns (found {','.join(header)[:80]})", 1)
+        where = [header.index(col) for col in layout]
+        arrivals, prompt, output = [], [], []
+        try:
+            for row in rows:
+                line = rows.line_num
+                if not row:
+                    continue
+                try:
+                    arrival = _timestamp(row[where[0]])
+                    p, o = int(row[where[1]]), int(row[where[2]])
+                except (ValueError, IndexError):
+                    raise TraceError(f"cannot read row {row[:3]}: expected a time and two token counts", line) from None
+                if p < 0 or o < 0:
+                    raise TraceError("token counts cannot be negative", line)
+                if arrivals and arrival < arrivals[-1]:
+                    raise TraceError("arrival times must not go backwards", line)
+                arrivals.append(arrival)
+                prompt.append(p)
+                output.append(o)
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise TraceError(f"not a CSV file: {error}", rows.line_num) from None
+    if not arrivals:
+        raise TraceError("the file has a header but no requests", 2)
+    start = arrivals[0]
+    return Trace(tuple(a - start for a in arrivals), tuple(prompt), tuple(output))

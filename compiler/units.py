@@ -1,0 +1,239 @@
+"""Units and dimensions. Values are exact (fractions), so `1 GiB` is 2**30 bytes and `1 GB` is
+10**9 bytes, and a spec's numbers are never rounded on the way in.
+
+A dimension is a vector of exponents over the base quantities below; `GB/s` is bytes^1 s^-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+BASES = ("B", "s", "tok", "req", "FLOP", "usd")
+
+
+@dataclass(frozen=True, slots=True)
+class Dim:
+    exponents: tuple[int, ...] = (0,) * len(BASES)
+
+    def __mul__(self, other: Dim) -> Dim:
+        return Dim(tuple(a + b for a, b in zip(self.exponents, other.exponents)))
+
+    def __truediv__(self, other: Dim) -> Dim:
+        return Dim(tuple(a - b for a, b in zip(self.exponents, other.exponents)))
+
+    @property
+    def name(self) -> str:
+        return DIM_NAMES.get(self, self.formula)
+
+    @property
+    def formula(self) -> str:
+        top = [b if e == 1 else f"{b}^{e}" for b, e in zip(BASES, self.exponents) if e > 0]
+        bottom = [b if e == -1 else f"{b}^{-e}" for b, e in zip(BASES, self.exponents) if e < 0]
+        text = "*".join(top) or "1"
+        return text + ("/" + "/".join(bottom) if bottom else "")
+
+
+def _base(name: str) -> Dim:
+    return Dim(tuple(1 if b == name else 0 for b in BASES))
+
+
+NUMBER = Dim()
+BYTES = _base("B")
+TIME = _base("s")
+TOKENS = _base("tok")
+REQUESTS = _base("req")
+FLOP = _base("FLOP")
+MONEY = _base("usd")
+BANDWIDTH = BYTES / TIME
+REQUEST_RATE = REQUESTS / TIME
+TOKEN_RATE = TOKENS / TIME
+COMPUTE = FLOP / TIME
+PRICE = MONEY / TIME
+
+DIM_NAMES = {
+    NUMBER: "a plain number",
+    BYTES: "a size (bytes)",
+    TIME: "a duration",
+    TOKENS: "a token count",
+    REQUESTS: "a request count",
+    FLOP: "an amount of compute (FLOP)",
+    MONEY: "an amount of money",
+    BANDWIDTH: "a bandwidth (bytes/time)",
+    REQUEST_RATE: "a request rate (req/time)",
+    TOKEN_RATE: "a token rate (tok/time)",
+    COMPUTE: "a compute rate (FLOP/s)",
+    PRICE: "a price (usd/time)",
+}
+
+# An example of each dimension, for "write a size such as `80 GiB`".
+DIM_EXAMPLES = {
+    BYTES: "80 GiB",
+    TIME: "500 ms",
+    TOKENS: "2048 tok",
+    REQUESTS: "1000 req",
+    BANDWIDTH: "450 GB/s",
+    REQUEST_RATE: "12 req/s",
+    TOKEN_RATE: "5000 tok/s",
+    COMPUTE: "989 TFLOP/s",
+    PRICE: "2.5 usd/h",
+    NUMBER: "8",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    symbol: str
+    dim: Dim
+    scale: Fraction  # base units per one of this unit
+
+
+def _table() -> dict[str, Unit]:
+    units: dict[str, Unit] = {}
+
+    def add(symbol: str, dim: Dim, scale) -> None:
+        units[symbol] = Unit(symbol, dim, Fraction(scale))
+
+    amounts: dict[str, tuple[Dim, Fraction]] = {"B": (BYTES, Fraction(1)), "b": (BYTES, Fraction(1, 8))}
+    for i, prefix in enumerate("kMGTP", start=1):
+        amounts[prefix + "B"] = (BYTES, Fraction(1000**i))
+        amounts[prefix + "b"] = (BYTES, Fraction(1000**i, 8))
+    for i, prefix in enumerate(["Ki", "Mi", "Gi", "Ti", "Pi"], start=1):
+        amounts[prefix + "B"] = (BYTES, Fraction(1024**i))
+    amounts["tok"] = (TOKENS, Fraction(1))
+    amounts["req"] = (REQUESTS, Fraction(1))
+    amounts["usd"] = (MONEY, Fraction(1))
+    amounts["FLOP"] = (FLOP, Fraction(1))
+    for i, prefix in enumerate(["K", "M", "G", "T", "P"], start=1):
+        amounts[prefix + "FLOP"] = (FLOP, Fraction(1000**i))
+    times = {"ns": Fraction(1, 10**9), "us": Fraction(1, 10**6), "\u00b5s": Fraction(1, 10**6),
+             "ms": Fraction(1, 1000), "s": Fraction(1), "min": Fraction(60), "h": Fraction(3600)}
+    for symbol, (dim, scale) in amounts.items():
+        add(symbol, dim, scale)
+        for per, seconds in (("s", 1), ("min", 60), ("h", 3600)):
+            add(f"{symbol}/{per}", dim / TIME, scale / seconds)
+    for symbol, scale in times.items():
+        add(symbol, TIME, scale)
+    add("%", NUMBER, Fraction(1, 100))
+    return units
+
+
+UNITS = _table()
+
+# Spellings people reach for, with the unit to write instead.
+_MISSPELLINGS = {
+    "K": "`kB` (1000 bytes) or `KiB` (1024 bytes)",
+    "M": "`MB` or `MiB`",
+    "G": "`GB` (10^9 bytes) or `GiB` (2^30 bytes)",
+    "T": "`TB` or `TiB`",
+    "P": "`PB` or `PiB`",
+    "KB": "`kB` (1000 bytes) or `KiB` (1024 bytes)",
+    "Kb": "`kb` (1000 bits)",
+    "Gbps": "`Gb/s`",
+    "Mbps": "`Mb/s`",
+    "GBps": "`GB/s`",
+    "TFLOPS": "`TFLOP/s`",
+    "TFLOPs": "`TFLOP/s`",
+    "PFLOPS": "`PFLOP/s`",
+    "GFLOPS": "`GFLOP/s`",
+    "FLOPS": "`FLOP/s`",
+    "tokens": "`tok`",
+    "token": "`tok`",
+    "tokens/s": "`tok/s`",
+    "requests": "`req`",
+    "request": "`req`",
+    "rps": "`req/s`",
+    "qps": "`req/s`",
+    "requests/s": "`req/s`",
+    "sec": "`s`",
+    "secs": "`s`",
+    "seconds": "`s`",
+    "msec": "`ms`",
+    "hr": "`h`",
+    "hours": "`h`",
+    "minutes": "`min`",
+    "m": "`min` (minutes) or `MB` (megabytes)",
+    "percent": "`%`",
+    "pct": "`%`",
+    "USD": "`usd`",
+    "$": "`usd`",
+}
+
+
+def unit_suggestion(symbol: str) -> str:
+    """A help line for a unit that does not exist."""
+    if symbol in _MISSPELLINGS:
+        return f"write {_MISSPELLINGS[symbol]}"
+    if "/" in symbol:
+        head, _, per = symbol.partition("/")
+        if head in _MISSPELLINGS and head + "/s" not in UNITS:
+            return f"write {_MISSPELLINGS[head][:-1]}/{per}`"
+    folded = {u.lower(): u for u in UNITS}
+    if symbol.lower() in folded:
+        return f"units are case-sensitive: did you mean `{folded[symbol.lower()]}`?"
+    from .diagnostics import did_you_mean
+
+    best = did_you_mean(symbol, UNITS)
+    if best:
+        return f"did you mean `{best}`?"
+    return "see the unit table in docs/language.md"
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """An exact value with a dimension, in base units (bytes, seconds, tokens, ...)."""
+
+    magnitude: Fraction
+    dim: Dim = NUMBER
+
+
+def format_value(value: Value) -> str:
+    """Print a value with the unit that states it exactly and most briefly; parsing the result
+    gives back the same value."""
+    candidates = [u for u in UNITS.values() if u.dim == value.dim and u.symbol != "\u00b5s"]
+    if value.dim == NUMBER:
+        candidates = []
+    best: tuple[int, str] | None = None
+    for unit in candidates:
+        text = _decimal(value.magnitude / unit.scale)
+        if text is None or (value.magnitude and abs(value.magnitude / unit.scale) < 1):
+            continue
+        rendered = f"{text} {unit.symbol}"
+        key = (len(text.replace(".", "")), rendered)
+        if best is None or key < best:
+            best = key
+    if best is not None:
+        return best[1]
+    text = _decimal(value.magnitude)
+    if text is not None:
+        return text if value.dim == NUMBER else f"{text} {_base_symbol(value.dim)}"
+    return f"{float(value.magnitude):.6g}" + ("" if value.dim == NUMBER else f" {_base_symbol(value.dim)}")
+
+
+def _base_symbol(dim: Dim) -> str:
+    for unit in UNITS.values():
+        if unit.dim == dim and unit.scale == 1:
+            return unit.symbol
+    return dim.formula
+
+
+def _decimal(x: Fraction) -> str | None:
+    """The exact decimal text of x, or None when it does not terminate."""
+    den = x.denominator
+    twos = fives = 0
+    while den % 2 == 0:
+        den //= 2
+        twos += 1
+    while den % 5 == 0:
+        den //= 5
+        fives += 1
+    if den != 1:
+        return None
+    places = max(twos, fives)
+    scaled = x * 10**places
+    assert scaled.denominator == 1
+    digits = str(abs(scaled.numerator)).rjust(places + 1, "0")
+    text = digits if places == 0 else digits[:-places] + "." + digits[-places:]
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return ("-" if x < 0 else "") + text

@@ -1,0 +1,208 @@
+"""The `flowc` command line: a thin layer over the Python API.
+
+Exit codes: 0 ok, 1 invalid or infeasible input, 2 usage or I/O error, 3 internal error.
+Diagnostics go to stderr (stdout carries the JSON document with --json); color only on a TTY,
+never with NO_COLOR or --no-color.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from pathlib import Path
+
+from flowc import __version__
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 on usage errors, as we want; keep its text short
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--no-color", action="store_true", help="no ANSI colors (also: NO_COLOR=1)")
+    parser = _Parser(prog="flowc", description="Compile .flow deployment specs into plans.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"flowc {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    check = commands.add_parser("check", parents=[common], help="check specs and report every mistake")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--allow-outside-imports", action="store_true",
+                       help="let `use` import files outside the spec's directory tree")
+
+    fmt = commands.add_parser("fmt", parents=[common], help="format specs canonically, in place")
+    fmt.add_argument("files", nargs="+", metavar="FILE")
+    fmt.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is not formatted")
+    fmt.add_argument("--diff", action="store_true", help="change nothing; print what would change")
+
+    explain = commands.add_parser("explain", parents=[common], help="explain a diagnostic code, e.g. F0302")
+    explain.add_argument("code")
+
+    commands.add_parser("schema", parents=[common], help="print the JSON Schema of the spec IR")
+    commands.add_parser("stdlib", parents=[common], help="list the standard library's GPUs and models")
+    return parser
+
+
+class _Output:
+    def __init__(self, args: argparse.Namespace):
+        self.json = args.json
+        self.color = not args.no_color and not os.environ.get("NO_COLOR") and sys.stderr.isatty()
+
+    def diagnostics(self, diagnostics, sources) -> None:
+        from flowc.compiler.diagnostics import render_json, render_text
+
+        if self.json:
+            sys.stdout.write(render_json(diagnostics, sources))
+        elif diagnostics:
+            sys.stderr.write(render_text(diagnostics, sources, color=self.color))
+
+    def usage_error(self, message: str, help: str | None = None) -> int:
+        if self.json:
+            document = {"format_version": "1.0", "valid": False, "error_count": 1, "warning_count": 0,
+                        "diagnostics": [{"severity": "error", "code": None, "summary": message, "detail": help or ""}]}
+            sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        else:
+            sys.stderr.write(f"error: {message}\n" + (f"  = help: {help}\n" if help else ""))
+        return EXIT_USAGE
+
+
+def _missing_files(files: list[str], out: _Output) -> int | None:
+    for name in files:
+        if not Path(name).is_file():
+            what = "is a directory" if Path(name).is_dir() else "does not exist"
+            return out.usage_error(f"`{name}` {what}", "give the path of a .flow file")
+    return None
+
+
+def _cmd_check(args, out: _Output) -> int:
+    from flowc.api import check_sources
+    from flowc.compiler.diagnostics import FlowError
+
+    missing = _missing_files(args.files, out)
+    if missing is not None:
+        return missing
+    found, sources, failed = [], {}, 0
+    for name in args.files:
+        try:
+            checked = check_sources(Path(name), allow_outside=args.allow_outside_imports)
+            found.extend(checked.warnings)
+            sources.update(checked.sources)
+        except FlowError as error:
+            failed += 1
+            found.extend(error.diagnostics)
+            sources.update(error.sources)
+            continue
+        except OSError as error:
+            return out.usage_error(f"cannot read `{name}`: {error.strerror or error}")
+    out.diagnostics(found, sources)
+    if not out.json:
+        verdict = f"{failed} of {len(args.files)} failed" if failed else "ok"
+        print(f"checked {len(args.files)} file{'s' if len(args.files) != 1 else ''}: {verdict}",
+              file=sys.stderr if failed else sys.stdout)
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _cmd_fmt(args, out: _Output) -> int:
+    from flowc.compiler.diagnostics import FlowError
+    from flowc.compiler.fmt import format_source
+    from flowc.compiler.source import SourceFile
+
+    missing = _missing_files(args.files, out)
+    if missing is not None:
+        return missing
+    errors, sources, unformatted = [], {}, []
+    for name in args.files:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            return out.usage_error(f"cannot read `{name}`: {error}")
+        try:
+            formatted = format_source(SourceFile(name, text))
+        except FlowError as error:
+            errors.extend(error.diagnostics)
+            sources.update(error.sources)
+            continue
+        if formatted == text:
+            continue
+        unformatted.append(name)
+        if args.diff:
+            sys.stdout.writelines(difflib.unified_diff(
+                text.splitlines(keepends=True), formatted.splitlines(keepends=True), f"a/{name}", f"b/{name}"))
+        elif not args.check:
+            Path(name).write_text(formatted, encoding="utf-8")
+    out.diagnostics(errors, sources)
+    if args.check or args.diff:
+        for name in unformatted if args.check else []:
+            print(f"would reformat {name}", file=sys.stderr)
+        return EXIT_INVALID if errors or unformatted else EXIT_OK
+    if not out.json and unformatted:
+        print(f"formatted {len(unformatted)} file{'s' if len(unformatted) != 1 else ''}", file=sys.stderr)
+    return EXIT_INVALID if errors else EXIT_OK
+
+
+def _cmd_explain(args, out: _Output) -> int:
+    from flowc.compiler.diagnostics import did_you_mean, explanation, known_codes
+
+    code = args.code.upper()
+    text = explanation(code)
+    if text is None:
+        best = did_you_mean(code, known_codes())
+        return out.usage_error(f"no diagnostic code `{args.code}`",
+                               f"did you mean `{best}`?" if best else "codes look like F0302 or W0201")
+    if out.json:
+        print(json.dumps({"code": code, "explanation": text}, indent=2))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_schema(args, out: _Output) -> int:
+    from flowc.compiler.spec import Spec
+
+    print(json.dumps(Spec.model_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def _cmd_stdlib(args, out: _Output) -> int:
+    from flowc.stdlib_listing import stdlib_listing
+
+    stdlib_listing(as_json=out.json, color=not args.no_color and not os.environ.get("NO_COLOR"))
+    return EXIT_OK
+
+
+COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "schema": _cmd_schema,
+            "stdlib": _cmd_stdlib}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    out = _Output(args)
+    try:
+        return COMMANDS[args.command](args, out)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as error:  # a bug in flowc, never the user's fault
+        if os.environ.get("FLOWC_DEBUG"):
+            raise
+        sys.stderr.write(f"internal error: {type(error).__name__}: {error}\n"
+                         f"  = note: this is a bug in flowc {__version__}, not in your spec; please report it with the command you ran\n"
+                         "  = help: rerun with FLOWC_DEBUG=1 for the full traceback\n")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The .flow grammar (flow.lark), shipped as package data."""

@@ -1,0 +1,1 @@
+"""The flowc runtime: executes compiled plans (engine, scheduler, KV cache, kernels)."""
