@@ -115,6 +115,7 @@ class Checker:
         self.used: set[tuple[str, str]] = set()
         self.module = ""  # the module being checked, for visibility and relative paths
         self.traces: dict[Path, Trace | None] = {}
+        self.missing: dict[tuple, list[str]] = {}  # (owner span, what) -> examples of missing keys
 
     # ------------------------------------------------------------------------------ driver
 
@@ -141,6 +142,7 @@ class Checker:
         return spec
 
     def _stop_if_errors(self) -> None:
+        self._report_missing()
         if self.errors:
             self.errors.sort(key=lambda d: (d.span.file, d.span.start) if d.span else ("", 0))
             raise FlowError(self.errors, self.program.sources)
@@ -257,9 +259,20 @@ class Checker:
     def required(self, block: _Block, key: str, schema: str, what: str) -> ast.Statement | None:
         stmt = block.one(key)
         if stmt is None:
-            self.error("F0310", f"{what} `{block.owner.text}` has no `{key}`", block.owner.span,
-                       f"`{key}` is missing", f"add `{SCHEMAS[schema][key]}`")
+            self.missing.setdefault((block.owner.span, what), []).append(SCHEMAS[schema][key])
         return stmt
+
+    def _report_missing(self) -> None:
+        """One F0310 per block, naming everything it lacks."""
+        for (span, what), examples in self.missing.items():
+            keys = [example.split()[0] for example in examples]
+            listed = ", ".join(f"`{k}`" for k in keys)
+            self.error("F0310", f"{what} `{self._text_at(span)}` has no {listed}", span,
+                       f"missing {listed}", "add " + "; ".join(f"`{e}`" for e in examples))
+        self.missing.clear()
+
+    def _text_at(self, span) -> str:
+        return self.program.sources[span.file].text[span.start:span.end]
 
     def args(self, stmt: ast.Statement, schema: str, count: int | tuple[int, ...]) -> tuple[ast.Expr, ...] | None:
         counts = (count,) if isinstance(count, int) else count
@@ -1069,9 +1082,11 @@ class Checker:
                 fits_alone = False
                 counts = param_counts(d.model)
                 stmt = self._deploy_stmt(d, "model")
-                smaller = [t for t in ("fp8", "int4") if DTYPE_BYTES[t] < DTYPE_BYTES[d.model.weights]]
-                fixes = [f"`weights {smaller[0]}`" if smaller else None, "more nodes",
-                         None if d.allow_offload or not host else "`allow offload`"]
+                smaller = [t for t in ("fp8", "int4") if DTYPE_BYTES[t] < DTYPE_BYTES[d.model.weights]
+                           and weight_bytes(d.model.model_copy(update={"weights": t})) <= room]
+                offload_fits = not d.allow_offload and need <= hbm + host
+                fixes = [f"`weights {smaller[0]}`" if smaller else None, "`allow offload`" if offload_fits else None,
+                         "more or larger GPUs"]
                 self.error("F0501", f"{d.model.name} cannot fit in cluster `{cluster.name}` at any parallelism",
                            stmt.args[0].span, f"needs {_bytes(need)} of weights",
                            "try " + ", ".join(f for f in fixes if f),
@@ -1112,7 +1127,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def _bytes(n: int) -> str:
-    return f"{n / 1e9:,.1f} GB" if n < 1e12 else f"{n / 1e12:,.2f} TB"
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def _text(expr: ast.Expr) -> str:
