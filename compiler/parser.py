@@ -24,19 +24,24 @@ class _PostLexer:
 
     def __init__(self) -> None:
         self.comments: list[Token] = []
+        self.open: list[Token] = []  # brackets open at the current token
+        self.unmatched: Token | None = None  # a closing bracket with nothing to close
 
     def process(self, stream):
-        depth = 0
+        self.open = []
         for token in stream:
             kind = token.type
             if kind == "COMMENT":
                 self.comments.append(token)
                 continue
             if kind in ("LSQB", "LPAR", "CALL"):
-                depth += 1
+                self.open.append(token)
             elif kind in ("RSQB", "RPAR"):
-                depth = max(0, depth - 1)
-            elif kind == "_NL" and depth:
+                if not self.open:
+                    self.unmatched = token
+                else:
+                    self.open.pop()
+            elif kind == "_NL" and self.open:
                 continue
             yield token
 
@@ -52,21 +57,23 @@ def _parser() -> tuple[Lark, _PostLexer]:
 def parse(source: SourceFile) -> ast.Module:
     """Parse one file. Raises FlowError with the syntax errors found (F01xx)."""
     parser, postlex = _parser()
-    postlex.comments = []
+    postlex.comments, postlex.unmatched = [], None
     errors: list[Diagnostic] = []
 
     def recover(error: UnexpectedInput) -> bool:
         # Keep going to report later mistakes, but only one per line: the rest are echoes.
-        diagnostic = _syntax_diagnostic(error, source)
+        # Inside an unclosed bracket newlines are invisible, so recovery would only echo.
+        diagnostic = _syntax_diagnostic(error, source, postlex)
         if not errors or diagnostic.span.line != errors[-1].span.line:
             errors.append(diagnostic)
-        return len(errors) < MAX_SYNTAX_ERRORS and not isinstance(error, UnexpectedEOF)
+        return len(errors) < MAX_SYNTAX_ERRORS and not isinstance(error, UnexpectedEOF) and not postlex.open
 
     try:
         tree = parser.parse(source.text, on_error=recover)
     except UnexpectedInput as error:
-        if not errors or _syntax_diagnostic(error, source).span.line != errors[-1].span.line:
-            errors.append(_syntax_diagnostic(error, source))
+        diagnostic = _syntax_diagnostic(error, source, postlex)
+        if not errors or diagnostic.span.line != errors[-1].span.line:
+            errors.append(diagnostic)
         tree = None
     if errors:
         raise FlowError(errors, {source.name: source})
@@ -243,7 +250,7 @@ def _expected(expected) -> str:
     return "expected " + ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def _syntax_diagnostic(error: UnexpectedInput, source: SourceFile) -> Diagnostic:
+def _syntax_diagnostic(error: UnexpectedInput, source: SourceFile, postlex: _PostLexer) -> Diagnostic:
     if isinstance(error, UnexpectedCharacters):
         return _unexpected_character(error, source)
     if isinstance(error, UnexpectedEOF) or (isinstance(error, UnexpectedToken) and error.token.type == "$END"):
@@ -253,6 +260,19 @@ def _syntax_diagnostic(error: UnexpectedInput, source: SourceFile) -> Diagnostic
     span = source.span(token.start_pos, token.end_pos) if token.type != "_NL" else source.span(token.start_pos, token.start_pos + 1)
     expected = set(error.expected) - {"COMMENT"}
     help_text = _expected(expected)
+    if postlex.unmatched is token:
+        return Diagnostic("F0102", f"unmatched `{token.value}`", span, "nothing to close here",
+                          f"remove it, or add the opening `{'(' if token.value == ')' else '['}` before it")
+    if postlex.open and token.type in ("RBRACE", "SEMICOLON", "USE"):
+        opener = postlex.open[-1]
+        bracket = "(" if opener.type == "CALL" else opener.value
+        return Diagnostic("F0102", f"unexpected {_describe_token(token)}: a `{bracket}` is still open", span,
+                          "unexpected here", f"close it with `{')' if bracket == '(' else ']'}`",
+                          related=(Label(source.span(opener.end_pos - 1, opener.end_pos), "opened here"),))
+    if len(expected) > 6 and "_NL" in expected:
+        help_text = "expected another value or the end of the statement"
+    elif len(expected) > 6:
+        help_text = "expected a value: a number, a quantity, a name, a string, a list or a call"
     if token.type == "LBRACE" and "LBRACE" not in expected:
         help_text = "a top-level declaration is `KIND NAME { ... }` with one name, e.g. `gpu my-gpu { ... }`"
     elif token.type == "_NL" and "LBRACE" in expected:
