@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from . import ast, units
 from .diagnostics import Diagnostic, FlowError, Label, did_you_mean, suggestion_help
-from .imports import Program
+from .imports import Program, display_path
 from .memory import param_counts, weight_bytes
 from .spec import (
     DTYPE_BYTES, GPU, MLA, SEARCH_KNOBS, SLO, Arrival, Cluster, Deployment, Lengths, Link, Location,
@@ -92,9 +92,10 @@ def _describe(expr: ast.Expr) -> str:
 class _Block:
     """A body's statements grouped by key, after reporting unknown and repeated keys."""
 
-    def __init__(self, statements: dict[str, list[ast.Statement]], owner: ast.Name):
+    def __init__(self, statements: dict[str, list[ast.Statement]], owner: ast.Name, rejected: set[str]):
         self.statements = statements
         self.owner = owner
+        self.rejected = rejected  # keys already reported (misspelt or malformed): not also "missing"
 
     def one(self, key: str) -> ast.Statement | None:
         found = self.statements.get(key)
@@ -222,17 +223,21 @@ class Checker:
             modules = {"gpu": "gpus", "link": "links", "model": "models", "slo": "slos"}
             if kind in modules and modules[kind] in std_modules() and std_source(modules[kind]):
                 return f"the standard library's {KIND_NAMES[kind]}s need `use std.{modules[kind]}`"
+        if not local:
+            return f"no {KIND_NAMES[kind]} is defined or imported here; declare one with `{kind} NAME {{ ... }}`"
         return suggestion_help(name, local, f"known {KIND_NAMES[kind]}s")
 
     # ------------------------------------------------------------------------------ blocks
 
     def block(self, body: ast.Body | None, schema: str, owner: ast.Name) -> _Block:
         grouped: dict[str, list[ast.Statement]] = {}
+        rejected: set[str] = set()
         vocabulary = SCHEMAS[schema]
         for stmt in body.statements if body else ():
             key = stmt.key.text
             if key not in vocabulary:
                 self._unknown_attribute(stmt, schema)
+                rejected.add(did_you_mean(key, vocabulary) or key)
                 continue
             if key in grouped and (schema, key) not in REPEATABLE:
                 self.error("F0311", f"`{key}` is given twice", stmt.key.span, "given again here",
@@ -241,9 +246,10 @@ class Checker:
             if stmt.body is not None and key not in ("node", "moe", "mla", "model"):
                 self.error("F0305", f"`{key}` takes no block", stmt.body.open, "unexpected block",
                            f"write `{vocabulary[key]}`")
+                rejected.add(key)
                 continue
             grouped.setdefault(key, []).append(stmt)
-        return _Block(grouped, owner)
+        return _Block(grouped, owner, rejected)
 
     def _unknown_attribute(self, stmt: ast.Statement, schema: str) -> None:
         key = stmt.key.text
@@ -258,7 +264,7 @@ class Checker:
 
     def required(self, block: _Block, key: str, schema: str, what: str) -> ast.Statement | None:
         stmt = block.one(key)
-        if stmt is None:
+        if stmt is None and key not in block.rejected:
             self.missing.setdefault((block.owner.span, what), []).append(SCHEMAS[schema][key])
         return stmt
 
@@ -448,15 +454,16 @@ class Checker:
             return None
         link = self.ref(args[0], "link")
         if link is not None and link.kind not in kinds:
-            self.error("F0306", f"`{link.name}` is a {link.kind} link, which cannot serve as {what}", args[0].span,
+            article = "an" if link.kind[0] in "aeiou" else "a"
+            self.error("F0306", f"`{link.name}` is {article} {link.kind} link, which cannot serve as {what}", args[0].span,
                        f"{link.kind} link", f"{what} takes a link of kind " + " or ".join(f"`{k}`" for k in kinds))
             return None
         return link
 
-    def _times(self, args: tuple[ast.Expr, ...], stmt: ast.Statement, schema: str) -> tuple[tuple[ast.Expr, ...], int | None]:
+    def _times(self, args: tuple[ast.Expr, ...], what: str) -> tuple[tuple[ast.Expr, ...], int | None]:
         """Split a trailing `x N` off the arguments."""
         if len(args) >= 2 and isinstance(args[-2], ast.Name) and args[-2].text == "x":
-            return args[:-2], self.count(args[-1], "a count")
+            return args[:-2], self.count(args[-1], what)
         return args, 1
 
     # ------------------------------------------------------------------------------ clusters
@@ -469,7 +476,7 @@ class Checker:
         network, nics = None, 1
         stmt = b.one("network")
         if stmt is not None:
-            rest, nics = self._times(stmt.args, stmt, "cluster")
+            rest, nics = self._times(stmt.args, "the number of NICs per node")
             network = self._link_arg(ast.Statement(stmt.key, rest, None, stmt.span), "cluster", NETWORK_KINDS, "a network")
         if any(n is None for n in nodes) or nics is None or not nodes or (stmt is not None and network is None):
             return None
@@ -481,7 +488,7 @@ class Checker:
                        location=self._location(decl))
 
     def _node(self, stmt: ast.Statement) -> NodeGroup | None:
-        args, count = self._times(stmt.args, stmt, "cluster")
+        args, count = self._times(stmt.args, "the number of nodes")
         name = None
         if len(args) > 1 or (args and not isinstance(args[0], ast.Name)):
             self.error("F0305", "a node group is `node x N { ... }` or `node NAME x N { ... }`", stmt.span,
@@ -497,7 +504,7 @@ class Checker:
         gpu_stmt = self.required(b, "gpu", "node", "node")
         gpu, per_node = None, None
         if gpu_stmt is not None:
-            rest, per_node = self._times(gpu_stmt.args, gpu_stmt, "node")
+            rest, per_node = self._times(gpu_stmt.args, "the number of GPUs per node")
             if len(rest) != 1:
                 self.args(ast.Statement(gpu_stmt.key, rest, None, gpu_stmt.span), "node", 1)
             else:
@@ -674,15 +681,20 @@ class Checker:
             return str(path)
         if path not in self.traces:
             if not path.is_file():
-                self.error("F0208", f"trace file `{expr.value}` not found", expr.span, f"looked for {path}",
-                           "paths are relative to the spec file's directory")
+                self.traces[path] = None  # reported once, however often it is referenced
+                near = [p.name for p in path.parent.iterdir() if p.is_file()] if path.parent.is_dir() else []
+                best = did_you_mean(path.name, near)
+                self.error("F0208", f"trace file `{expr.value}` not found", expr.span,
+                           f"no such file in {display_path(path.parent)}",
+                           f'did you mean `"{(Path(expr.value).parent / best).as_posix()}"`?' if best
+                           else "paths are relative to the spec file's directory")
                 return None
             try:
                 self.traces[path] = read_trace(path)
             except TraceError as error:
                 self.traces[path] = None
                 where = f"line {error.line} of " if error.line else ""
-                self.error("F0309", f"malformed trace file `{expr.value}`", expr.span, str(error),
+                self.error("F0309", f"malformed trace file `{expr.value}`", expr.span, "cannot be read as a trace",
                            "a trace is CSV with the header TIMESTAMP,ContextTokens,GeneratedTokens "
                            "or arrival_time,prompt_tokens,output_tokens",
                            notes=(f"{where}{path.name}: {error}",))
@@ -770,9 +782,13 @@ class Checker:
         bounds: dict[str, int] = {}
         while rest:
             label = rest.pop(0)
-            if not (isinstance(label, ast.Name) and label.text in ("min", "max")) or not rest:
-                self.error("F0305", f"unexpected {_describe(label)} in `{key}`", label.span, "expected `min` or `max`",
-                           f"write `{SCHEMAS['workload'][key]}`")
+            if not (isinstance(label, ast.Name) and label.text in ("min", "max")):
+                self.error("F0305", f"unexpected {_describe(label)} after the `{key}` distribution", label.span,
+                           "expected `min` or `max`", f"write `{SCHEMAS['workload'][key]}`")
+                return None
+            if not rest:
+                self.error("F0305", f"`{label.text}` needs a length", label.span, "no value follows",
+                           f"write `{label.text} 8192 tok`")
                 return None
             value = self.count(rest.pop(0), f"the {key} {label.text}", 1, units.TOKENS)
             if value is None:

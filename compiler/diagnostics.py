@@ -68,7 +68,7 @@ def suggestion_help(word: str, choices: Iterable[str], what: str) -> str:
         return f"did you mean `{best}`?"
     shown = ", ".join(f"`{c}`" for c in choices[:12])
     more = f" (and {len(choices) - 12} more)" if len(choices) > 12 else ""
-    return f"{what} are: {shown}{more}" if choices else f"no {what} are defined"
+    return f"{what} are: {shown}{more}" if choices else f"there are no {what}"
 
 
 # ---------------------------------------------------------------------------------- rendering

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import ast
-from .diagnostics import Diagnostic, FlowError, Label, did_you_mean
+from .diagnostics import Diagnostic, FlowError, did_you_mean
 from .parser import parse
 from .source import SourceFile, Span
 
@@ -156,9 +156,9 @@ class _Loader:
         if not self.allow_outside and not path.is_relative_to(root):
             self.errors.append(Diagnostic(
                 "F0207", f"`{target.value}` is outside the spec's directory tree", target.span,
-                f"resolves to {path}",
+                f"resolves to {display_path(path)}",
                 "move the file under the spec's directory, or pass --allow-outside-imports",
-                notes=(f"the spec's directory is {root}",),
+                notes=(f"the spec's directory is {display_path(root)}",),
             ))
             return None
         if not path.is_file():
@@ -191,4 +191,4 @@ def load_program(paths: list[Path] | None = None, text: SourceFile | None = None
     return loader.program
 
 
-__all__ = ["Program", "load_program", "std_modules", "std_source", "Label"]
+__all__ = ["Program", "load_program", "std_modules", "std_source"]

@@ -277,7 +277,7 @@ def _syntax_diagnostic(error: UnexpectedInput, source: SourceFile, postlex: _Pos
         help_text = "a top-level declaration is `KIND NAME { ... }` with one name, e.g. `gpu my-gpu { ... }`"
     elif token.type == "_NL" and "LBRACE" in expected:
         help_text = "a top-level declaration needs a body: `KIND NAME { ... }`"
-    elif token.type == "MINUS" and "NUMBER" in expected | {"NUMBER"}:
+    elif token.type == "MINUS" and "NUMBER" in expected:
         help_text = help_text + "; values in flowc are never negative"
     elif token.type == "WORD" and "LBRACE" in expected:
         help_text = "a top-level declaration takes exactly one name: `KIND NAME { ... }`"
@@ -299,7 +299,6 @@ def _unexpected_character(error: UnexpectedCharacters, source: SourceFile) -> Di
         "=": "attributes take no `=`: write `memory 80 GiB`, not `memory = 80 GiB`",
         ":": "attributes take no `:`: write `memory 80 GiB`, not `memory: 80 GiB`",
         "'": 'strings use double quotes: `"file.csv"`',
-        "\t": "indent with spaces",
     }
     shown = repr(char)[1:-1] if not char.isprintable() else char
     return Diagnostic(

@@ -78,7 +78,7 @@ def read_trace(path: Path) -> Trace:
                     arrival = _timestamp(row[where[0]])
                     p, o = int(row[where[1]]), int(row[where[2]])
                 except (ValueError, IndexError):
-                    raise TraceError(f"cannot read row {row[:3]}: expected a time and two token counts", line) from None
+                    raise TraceError(f"cannot read `{','.join(row)[:60]}`: expected a time and two token counts", line) from None
                 if p < 0 or o < 0:
                     raise TraceError("token counts cannot be negative", line)
                 if arrivals and arrival < arrivals[-1]:

@@ -120,54 +120,52 @@ def _table() -> dict[str, Unit]:
 
 UNITS = _table()
 
-# Spellings people reach for, with the unit to write instead.
-_MISSPELLINGS = {
-    "K": "`kB` (1000 bytes) or `KiB` (1024 bytes)",
-    "M": "`MB` or `MiB`",
-    "G": "`GB` (10^9 bytes) or `GiB` (2^30 bytes)",
-    "T": "`TB` or `TiB`",
-    "P": "`PB` or `PiB`",
-    "KB": "`kB` (1000 bytes) or `KiB` (1024 bytes)",
-    "Kb": "`kb` (1000 bits)",
-    "Gbps": "`Gb/s`",
-    "Mbps": "`Mb/s`",
-    "GBps": "`GB/s`",
-    "TFLOPS": "`TFLOP/s`",
-    "TFLOPs": "`TFLOP/s`",
-    "PFLOPS": "`PFLOP/s`",
-    "GFLOPS": "`GFLOP/s`",
-    "FLOPS": "`FLOP/s`",
-    "tokens": "`tok`",
-    "token": "`tok`",
-    "tokens/s": "`tok/s`",
-    "requests": "`req`",
-    "request": "`req`",
-    "rps": "`req/s`",
-    "qps": "`req/s`",
-    "requests/s": "`req/s`",
-    "sec": "`s`",
-    "secs": "`s`",
-    "seconds": "`s`",
-    "msec": "`ms`",
-    "hr": "`h`",
-    "hours": "`h`",
-    "minutes": "`min`",
-    "m": "`min` (minutes) or `MB` (megabytes)",
-    "percent": "`%`",
-    "pct": "`%`",
-    "USD": "`usd`",
-    "$": "`usd`",
+# Spellings people reach for: each with the units to write instead and an optional note.
+_MISSPELLINGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "K": (("kB", "KiB"), "1000 or 1024 bytes"),
+    "KB": (("kB", "KiB"), "1000 or 1024 bytes"),
+    "M": (("MB", "MiB"), ""),
+    "G": (("GB", "GiB"), "10^9 or 2^30 bytes"),
+    "T": (("TB", "TiB"), ""),
+    "P": (("PB", "PiB"), ""),
+    "Kb": (("kb",), "1000 bits"),
+    "Gbps": (("Gb/s",), ""),
+    "Mbps": (("Mb/s",), ""),
+    "GBps": (("GB/s",), ""),
+    "FLOPS": (("FLOP/s",), ""),
+    "GFLOPS": (("GFLOP/s",), ""),
+    "TFLOPS": (("TFLOP/s",), ""),
+    "TFLOPs": (("TFLOP/s",), ""),
+    "PFLOPS": (("PFLOP/s",), ""),
+    "token": (("tok",), ""),
+    "tokens": (("tok",), ""),
+    "request": (("req",), ""),
+    "requests": (("req",), ""),
+    "rps": (("req/s",), ""),
+    "qps": (("req/s",), ""),
+    "sec": (("s",), ""),
+    "secs": (("s",), ""),
+    "seconds": (("s",), ""),
+    "msec": (("ms",), ""),
+    "hr": (("h",), ""),
+    "hours": (("h",), ""),
+    "minutes": (("min",), ""),
+    "m": (("min", "MB"), "minutes or megabytes"),
+    "percent": (("%",), ""),
+    "pct": (("%",), ""),
+    "USD": (("usd",), ""),
 }
 
 
 def unit_suggestion(symbol: str) -> str:
     """A help line for a unit that does not exist."""
-    if symbol in _MISSPELLINGS:
-        return f"write {_MISSPELLINGS[symbol]}"
-    if "/" in symbol:
-        head, _, per = symbol.partition("/")
-        if head in _MISSPELLINGS and head + "/s" not in UNITS:
-            return f"write {_MISSPELLINGS[head][:-1]}/{per}`"
+    head, slash, per = symbol.partition("/")
+    if symbol in _MISSPELLINGS or (slash and head in _MISSPELLINGS):
+        choices, note = _MISSPELLINGS[symbol] if symbol in _MISSPELLINGS else _MISSPELLINGS[head]
+        if symbol not in _MISSPELLINGS:
+            choices, note = tuple(f"{c}/{per}" for c in choices), ""
+        written = " or ".join(f"`{c}`" for c in choices)
+        return f"write {written}" + (f" ({note})" if note else "")
     folded = {u.lower(): u for u in UNITS}
     if symbol.lower() in folded:
         return f"units are case-sensitive: did you mean `{folded[symbol.lower()]}`?"

@@ -1,0 +1,170 @@
+"""The error catalog: every diagnostic code has an explanation and a fixture with golden output.
+
+Layout (tests/error_catalog/):
+
+- `CODE.flow` with `CODE.txt` and `CODE.json` next to it: a one-file spec whose first diagnostic is
+  CODE. `CODE.txt` is what `flowc check --no-color CODE.flow` prints (stderr, then stdout) and
+  `CODE.json` what `flowc check --json CODE.flow` prints on stdout, both run in
+  tests/error_catalog/ on the bare file name.
+- `CODE/main.flow` with `CODE/expected.txt` and `CODE/expected.json`: the same for codes that need
+  several files (imports, traces), run inside CODE/.
+- Other entries (such as `F0207_shared/`, a file that F0207's fixture imports from outside its
+  tree) are not fixtures.
+
+Messages name paths relative to the working directory; should an absolute path slip in, the
+test maps the fixture's directory to `$DIR` (and tests/error_catalog to `$DIR/..`), so goldens
+stay the same on every machine.
+
+Regenerate the goldens after changing a message on purpose, then review the diff:
+
+    FLOWC_UPDATE_GOLDEN=1 python -m pytest tests/test_error_catalog.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from flowc.cli import main
+from flowc.compiler.diagnostics import explanation, known_codes
+
+ROOT = Path(__file__).resolve().parent.parent
+CATALOG = Path(__file__).resolve().parent / "error_catalog"
+ERRORS = ROOT / "compiler" / "errors"
+UPDATE = os.environ.get("FLOWC_UPDATE_GOLDEN") == "1"
+CODE = re.compile(r"[FW]0\d{3}")
+CODE_LITERAL = re.compile(r"""["']([FW]0\d{3})["']""")
+
+
+def _documented() -> list[str]:
+    return sorted(p.stem for p in ERRORS.glob("*.md") if CODE.fullmatch(p.stem))
+
+
+def _raised() -> set[str]:
+    sources = [*ROOT.joinpath("compiler").glob("*.py"), *ROOT.joinpath("flowc").glob("*.py")]
+    return {code for path in sources for code in CODE_LITERAL.findall(path.read_text(encoding="utf-8"))}
+
+
+def _fixture(code: str) -> tuple[Path, str, Path, Path] | None:
+    """(working directory, file to check, text golden, JSON golden) of a code's fixture."""
+    single = CATALOG / f"{code}.flow"
+    if single.is_file():
+        return CATALOG, single.name, CATALOG / f"{code}.txt", CATALOG / f"{code}.json"
+    folder = CATALOG / code
+    if (folder / "main.flow").is_file():
+        return folder, "main.flow", folder / "expected.txt", folder / "expected.json"
+    return None
+
+
+def _fixtures() -> list[str]:
+    found = {p.stem for p in CATALOG.glob("*.flow")} | {p.name for p in CATALOG.iterdir() if p.is_dir()}
+    return sorted(code for code in found if CODE.fullmatch(code))
+
+
+DOCUMENTED = _documented()
+FIXTURES = _fixtures()
+
+
+# ---------------------------------------------------------------------------------- explanations
+
+@pytest.mark.parametrize("code", DOCUMENTED)
+def test_explanation(code):
+    text = explanation(code)
+    assert text is not None, f"`flowc explain {code}` finds no explanation"
+    first, blank, *rest = text.splitlines()
+    assert re.fullmatch(rf"{code}: \S.*", first), f"{code}.md must start with `{code}: title`"
+    assert blank == "", f"{code}.md: the title line is followed by a blank line"
+    assert "Erroneous example" in text and "Fix" in text, f"{code}.md needs an example and its fix"
+    assert text.endswith("\n") and len(rest) <= 30
+    assert _fixture(code) is not None, f"{code} has no fixture in tests/error_catalog"
+
+
+def test_every_raised_code_is_documented():
+    raised = _raised()
+    assert len(raised) > 30  # the regex still finds the codes
+    assert sorted(raised - set(DOCUMENTED)) == [], "codes raised in the sources without errors/CODE.md"
+    assert sorted(set(DOCUMENTED) - raised) == [], "errors/CODE.md for codes no source raises"
+
+
+def test_catalog_is_packaged():
+    assert known_codes() == DOCUMENTED
+
+
+def test_every_fixture_is_documented():
+    assert FIXTURES == DOCUMENTED
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+def _stable(text: str, workdir: Path) -> str:
+    """Replace absolute paths of the fixture's directory (and of the catalog) with `$DIR`."""
+    for real, shown in ((workdir, "$DIR"), (CATALOG, "$DIR/..")):
+        for form in {str(real), str(real.resolve())}:
+            for spelled in (form, json.dumps(form)[1:-1]):
+                # not when the path goes on as a longer name: F0207 must not match F0207_shared
+                text = re.sub(re.escape(spelled) + r"(?![\w.-])", lambda _: shown, text)
+    return text
+
+
+def _run(args: list[str], workdir: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    capsys.readouterr()
+    status = main(args)
+    out, err = capsys.readouterr()
+    return status, _stable(out, workdir), _stable(err, workdir)
+
+
+def _compare(golden: Path, actual: str) -> None:
+    if UPDATE:
+        golden.write_text(actual, encoding="utf-8")
+        return
+    assert golden.is_file(), f"no golden {golden.relative_to(ROOT)}: run with FLOWC_UPDATE_GOLDEN=1"
+    assert actual == golden.read_text(encoding="utf-8"), f"output differs from {golden.relative_to(ROOT)}"
+
+
+@pytest.mark.parametrize("code", FIXTURES)
+def test_fixture(code, monkeypatch, capsys):
+    workdir, name, text_golden, json_golden = _fixture(code)
+    expected_status = 0 if code.startswith("W") else 1
+
+    status, out, err = _run(["check", "--json", name], workdir, monkeypatch, capsys)
+    document = json.loads(out)
+    assert status == expected_status
+    assert err == ""
+    assert document["diagnostics"], "the fixture produced no diagnostic"
+    assert document["diagnostics"][0]["code"] == code, "the first diagnostic is not the fixture's code"
+    _compare(json_golden, out)
+
+    status, out, err = _run(["check", "--no-color", name], workdir, monkeypatch, capsys)
+    assert status == expected_status
+    assert re.match(rf"(error|warning)\[{code}\]", err)
+    _compare(text_golden, err + out)
+
+
+# ---------------------------------------------------------------------------------- flowc explain
+
+def test_explain_prints_the_explanation(capsys):
+    status = main(["explain", "F0302"])
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert out == (ERRORS / "F0302.md").read_text(encoding="utf-8")
+    assert err == ""
+
+
+def test_explain_lowercase_code(capsys):
+    assert main(["explain", "f0302"]) == 0
+    assert capsys.readouterr().out.startswith("F0302: ")
+
+
+def test_explain_unknown_code(capsys):
+    status = main(["explain", "F9999"])
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out == ""
+    assert "no diagnostic code `F9999`" in err
+    assert re.search(r"help: (did you mean `[FW]0\d{3}`\?|codes look like)", err)
