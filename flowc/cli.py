@@ -111,14 +111,14 @@ def _cmd_check(args, out: _Output) -> int:
 
 
 def _cmd_fmt(args, out: _Output) -> int:
-    from flowc.compiler.diagnostics import FlowError
+    from flowc.compiler.diagnostics import FlowError, to_json
     from flowc.compiler.fmt import format_source
     from flowc.compiler.source import SourceFile
 
     missing = _missing_files(args.files, out)
     if missing is not None:
         return missing
-    errors, sources, unformatted = [], {}, []
+    errors, sources, changed, diffs = [], {}, [], []
     for name in args.files:
         try:
             text = Path(name).read_text(encoding="utf-8")
@@ -132,20 +132,25 @@ def _cmd_fmt(args, out: _Output) -> int:
             continue
         if formatted == text:
             continue
-        unformatted.append(name)
-        if args.diff:
-            sys.stdout.writelines(difflib.unified_diff(
-                text.splitlines(keepends=True), formatted.splitlines(keepends=True), f"a/{name}", f"b/{name}"))
-        elif not args.check:
+        changed.append(name)
+        diffs.append("".join(difflib.unified_diff(
+            text.splitlines(keepends=True), formatted.splitlines(keepends=True), f"a/{name}", f"b/{name}")))
+        if not (args.check or args.diff):
             Path(name).write_text(formatted, encoding="utf-8")
-    out.diagnostics(errors, sources)
-    if args.check or args.diff:
-        for name in unformatted if args.check else []:
-            print(f"would reformat {name}", file=sys.stderr)
-        return EXIT_INVALID if errors or unformatted else EXIT_OK
-    if not out.json and unformatted:
-        print(f"formatted {len(unformatted)} file{'s' if len(unformatted) != 1 else ''}", file=sys.stderr)
-    return EXIT_INVALID if errors else EXIT_OK
+    dry_run = args.check or args.diff
+    if out.json:
+        document = to_json(errors, sources)
+        document["changed" if not dry_run else "unformatted"] = changed
+        if args.diff:
+            document["diff"] = "".join(diffs)
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        out.diagnostics(errors, sources)
+        if args.diff:
+            sys.stdout.write("".join(diffs))
+        for name in changed:
+            print(f"{'would reformat' if dry_run else 'formatted'} {name}", file=sys.stderr)
+    return EXIT_INVALID if errors or (dry_run and changed) else EXIT_OK
 
 
 def _cmd_explain(args, out: _Output) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from flowc.compiler.checker import check
 from flowc.compiler.imports import load_program, std_modules
@@ -50,13 +51,17 @@ def stdlib_listing(*, as_json: bool, color: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(no_color=not color, highlight=False)
+    # Wide enough for every column when piped; a terminal keeps its own width.
+    console = Console(no_color=not color, highlight=False, width=None if sys.stdout.isatty() else 140)
     table = Table(title="GPUs (use std.gpus)", title_justify="left")
     for column in ("name", "memory", "HBM BW", "bf16", "fp8", "interconnect"):
         table.add_column(column, justify="left" if column in ("name", "interconnect") else "right")
+    def tflops(value: float) -> str:
+        return "-" if not value else f"{value:.0f} TFLOP/s" if value >= 10 else f"{value:.2g} TFLOP/s"
+
     for g in gpus:
         table.add_row(g["name"], f"{g['memory_GiB']:g} GiB", f"{g['memory_bandwidth_TB_s']:.2f} TB/s",
-                      f"{g['bf16_TFLOP_s']:.0f} TFLOP/s", f"{g['fp8_TFLOP_s']:.0f} TFLOP/s" if g["fp8_TFLOP_s"] else "-",
+                      tflops(g["bf16_TFLOP_s"]), tflops(g["fp8_TFLOP_s"]),
                       f"{g['interconnect']} ({g['interconnect_GB_s']:.0f} GB/s)")
     console.print(table)
     table = Table(title="Models (use std.models)", title_justify="left")
