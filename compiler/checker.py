@@ -24,6 +24,8 @@ from .spec import (
 from .traces import Trace, TraceError, read_trace
 from .units import Dim, Value, format_value
 
+MAX_EXPONENT = 100
+MIN_MAGNITUDE, MAX_MAGNITUDE = Fraction(1, 10**MAX_EXPONENT), Fraction(10**MAX_EXPONENT)
 KINDS = ("link", "gpu", "cluster", "model", "workload", "slo", "deploy")
 KIND_NAMES = {"link": "link", "gpu": "gpu", "cluster": "cluster", "model": "model", "workload": "workload",
               "slo": "slo", "deploy": "deployment"}
@@ -214,15 +216,14 @@ class Checker:
         best = did_you_mean(name, local)
         if best:
             return f"did you mean `{best}`?"
-        from .imports import std_modules, std_source
+        from .imports import std_source
 
         hidden = did_you_mean(name, self.decls[kind])
         if hidden:
             return f"did you mean `{hidden}` (add `use {_module_ref(self.decls[kind][hidden][1])}`)?"
-        if not any(m.startswith("<std>") for m in visible):
-            modules = {"gpu": "gpus", "link": "links", "model": "models", "slo": "slos"}
-            if kind in modules and modules[kind] in std_modules() and std_source(modules[kind]):
-                return f"the standard library's {KIND_NAMES[kind]}s need `use std.{modules[kind]}`"
+        module = {"gpu": "gpus", "link": "links", "model": "models", "slo": "slos"}.get(kind)
+        if module and f"<std>/{module}.flow" not in visible and std_source(module) is not None:
+            return f"the standard library's {KIND_NAMES[kind]}s need `use std.{module}`"
         if not local:
             return f"no {KIND_NAMES[kind]} is defined or imported here; declare one with `{kind} NAME {{ ... }}`"
         return suggestion_help(name, local, f"known {KIND_NAMES[kind]}s")
@@ -295,12 +296,14 @@ class Checker:
 
     def value(self, expr: ast.Expr) -> Value | None:
         if isinstance(expr, ast.Number):
-            return Value(expr.value)
+            return Value(expr.value) if self._sane_exponent(expr) else None
         if isinstance(expr, ast.Quantity):
             unit = units.UNITS.get(expr.unit)
             if unit is None:
                 self.error("F0301", f"unknown unit `{expr.unit}`", expr.unit_span, "not a unit",
                            units.unit_suggestion(expr.unit))
+                return None
+            if not self._sane_exponent(expr.number):
                 return None
             return Value(expr.number.value * unit.scale, unit.dim)
         if isinstance(expr, ast.Paren):
@@ -326,6 +329,15 @@ class Checker:
         self._expected(expr, "a value")
         return None
 
+    def _sane_exponent(self, number: ast.Number) -> bool:
+        """Exact values expand their exponent: `1e100000000` would take minutes, so refuse it."""
+        exponent = re.search(r"[eE]([+-]?\d+)$", number.text)
+        if exponent and abs(int(exponent.group(1))) > MAX_EXPONENT:
+            self.error("F0307", f"`{number.text}` is out of range", number.span, "exponent too large",
+                       f"write a number between 1e-{MAX_EXPONENT} and 1e{MAX_EXPONENT}")
+            return False
+        return True
+
     def _expected(self, expr: ast.Expr, what: str, help: str | None = None) -> None:
         self.error("F0304", f"expected {what}, found {_describe(expr)}", expr.span, f"this is {_describe(expr)}", help)
 
@@ -344,6 +356,12 @@ class Checker:
             return None
         if value.magnitude < 0:
             self.error("F0307", f"`{_text(expr)}` is negative", expr.span, "must not be negative")
+            return None
+        if value.magnitude and not MIN_MAGNITUDE <= value.magnitude <= MAX_MAGNITUDE:
+            # The IR stores floats: keep every value representable, and nonzero ones nonzero.
+            self.error("F0307", f"`{_text(expr)}` is out of range", expr.span, "too large or too small",
+                       f"values must lie between 1e-{MAX_EXPONENT} and 1e{MAX_EXPONENT} in base units "
+                       "(bytes, seconds, tokens, ...)")
             return None
         return value.magnitude
 

@@ -73,6 +73,7 @@ def suggestion_help(word: str, choices: Iterable[str], what: str) -> str:
 
 # ---------------------------------------------------------------------------------- rendering
 
+TAB_WIDTH = 4
 _COLORS = {"error": "\x1b[1;31m", "warning": "\x1b[1;33m", "blue": "\x1b[1;34m", "bold": "\x1b[1m", "reset": "\x1b[0m"}
 
 
@@ -95,10 +96,13 @@ def _render_one(d: Diagnostic, sources: Mapping[str, SourceFile], color: bool) -
         source = sources.get(span.file)
         if source is None:
             continue
-        code = source.line_text(span.line)
-        start = span.col - 1
-        stop = span.end_col - 1 if span.end_line == span.line else len(code)
-        marker = ("^" if index == 0 else "-") * max(1, stop - start)
+        raw = source.line_text(span.line)
+        stop = span.end_col - 1 if span.end_line == span.line else len(raw)
+        # Expand tabs so that the carets sit under the characters they mark.
+        code = raw.expandtabs(TAB_WIDTH)
+        start = len(raw[: span.col - 1].expandtabs(TAB_WIDTH))
+        span_width = len(raw[:stop].expandtabs(TAB_WIDTH)) - start
+        marker = ("^" if index == 0 else "-") * max(1, span_width)
         underline = " " * start + marker + (f" {label.message}" if label.message else "")
         lines.append(f"{gutter} {paint('|', 'blue')}")
         lines.append(f"{paint(str(span.line).rjust(width), 'blue')} {paint('|', 'blue')} {code}")

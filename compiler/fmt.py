@@ -14,7 +14,6 @@ from .source import SourceFile
 
 INDENT = "  "
 INLINE_WIDTH = 60
-TRAILING = "\0"  # marks where a trailing comment starts, until alignment
 
 
 def format_expr(expr: ast.Expr) -> str:
@@ -43,25 +42,24 @@ def format_expr(expr: ast.Expr) -> str:
 
 
 class _Printer:
+    """Prints a module; `out` holds (code, trailing comment or None) per output line."""
+
     def __init__(self, source: SourceFile, module: ast.Module):
         self.source = source
-        self.lines: list[str] = []
+        self.out: list[tuple[str, str | None]] = []
         self.comments = list(module.comments)  # in source order
         self.next_comment = 0
         self.last_line = 0  # last source line already printed
 
-    def _own_line(self, comment: ast.Comment) -> bool:
-        before = self.source.line_text(comment.span.line)[: comment.span.col - 1]
-        return not before.strip()
-
     def _blank_between(self, first: int, last: int) -> bool:
         return any(not self.source.line_text(n).strip() for n in range(first + 1, last))
 
-    def _gap(self, start_line: int, depth: int) -> None:
+    def _gap(self, start_line: int) -> None:
         """A blank line where the source had one, except right after an opening brace."""
-        if self.lines and self.last_line and self._blank_between(self.last_line, start_line):
-            if not self.lines[-1].endswith("{") and self.lines[-1] != "":
-                self.lines.append("")
+        if self.out and self.last_line and self._blank_between(self.last_line, start_line):
+            code = self.out[-1][0]
+            if not code.endswith("{") and code:
+                self.out.append(("", None))
 
     def flush_comments(self, before_line: int, depth: int) -> None:
         """Print own-line comments that sit above `before_line`."""
@@ -69,14 +67,17 @@ class _Printer:
             comment = self.comments[self.next_comment]
             if comment.span.line >= before_line:
                 return
-            self._gap(comment.span.line, depth)
-            self.lines.append(INDENT * depth + comment.text)
+            self._gap(comment.span.line)
+            self.out.append((INDENT * depth + comment.text, None))
             self.last_line = comment.span.line
             self.next_comment += 1
 
-    def trailing(self, first_line: int, last_line: int, depth: int) -> str:
-        """Comments that end lines first_line..last_line: the first goes after the code, any
-        others (from inside a multi-line list) are printed on their own lines above."""
+    def line(self, code: str, first_line: int, last_line: int, next_line: int, depth: int) -> None:
+        """Print a line of code with the comments that end source lines first..last. A source
+        line shared with the next element (`a 1; b 2  # c`) leaves its comment to that element.
+        With several comments (a list over many lines), all but the last go on lines above."""
+        if next_line == last_line:
+            last_line -= 1
         found = []
         while self.next_comment < len(self.comments):
             comment = self.comments[self.next_comment]
@@ -84,28 +85,26 @@ class _Printer:
                 break
             found.append(comment)
             self.next_comment += 1
-        for extra in found[:-1]:
-            self.lines.insert(len(self.lines) - 1, INDENT * depth + extra.text)
-        return f"{TRAILING}{found[-1].text}" if found else ""
+        self.out.extend((INDENT * depth + extra.text, None) for extra in found[:-1])
+        self.out.append((code, found[-1].text if found else None))
 
-    def emit(self, text: str, first_line: int, last_line: int, depth: int) -> None:
+    def emit(self, text: str, first_line: int, last_line: int, next_line: int, depth: int) -> None:
         self.flush_comments(first_line, depth)
-        self._gap(first_line, depth)
-        self.lines.append(INDENT * depth + text)
-        self.lines[-1] += self.trailing(first_line, last_line, depth)
+        self._gap(first_line)
+        self.line(INDENT * depth + text, first_line, last_line, next_line, depth)
         self.last_line = last_line
 
-    def block(self, head: str, head_line: int, body: ast.Body, depth: int) -> None:
+    def block(self, head: str, head_line: int, body: ast.Body, next_line: int, depth: int) -> None:
         if self._stays_inline(body):
             inner = "; ".join(" ".join([s.key.text, *(format_expr(a) for a in s.args)]) for s in body.statements)
-            self.emit(f"{head} {{ {inner} }}" if inner else f"{head} {{}}", head_line, body.close.line, depth)
+            self.emit(f"{head} {{ {inner} }}" if inner else f"{head} {{}}", head_line, body.close.line, next_line, depth)
             return
-        self.emit(head + " {", head_line, body.open.line, depth)
-        for stmt in body.statements:
-            self.statement(stmt, depth + 1)
+        starts = [stmt.span.line for stmt in body.statements] + [body.close.line]
+        self.emit(head + " {", head_line, body.open.line, starts[0], depth)
+        for stmt, following in zip(body.statements, starts[1:]):
+            self.statement(stmt, following, depth + 1)
         self.flush_comments(body.close.line, depth + 1)
-        self.lines.append(INDENT * depth + "}")
-        self.lines[-1] += self.trailing(body.close.line, body.close.line, depth)
+        self.line(INDENT * depth + "}", body.close.line, body.close.line, next_line, depth)
         self.last_line = body.close.line
 
     def _stays_inline(self, body: ast.Body) -> bool:
@@ -113,46 +112,46 @@ class _Printer:
         if body.open.line != body.close.line or any(s.body for s in body.statements):
             return False
         width = body.close.end - body.open.start
-        return width <= INLINE_WIDTH and not any(c.span.start < body.close.start and c.span.start > body.open.start
+        return width <= INLINE_WIDTH and not any(body.open.start < c.span.start < body.close.start
                                                  for c in self.comments)
 
-    def statement(self, stmt: ast.Statement, depth: int) -> None:
+    def statement(self, stmt: ast.Statement, next_line: int, depth: int) -> None:
         head = " ".join([stmt.key.text, *(format_expr(a) for a in stmt.args)])
         if stmt.body is None:
-            self.emit(head, stmt.span.line, stmt.span.end_line, depth)
+            self.emit(head, stmt.span.line, stmt.span.end_line, next_line, depth)
         else:
-            self.block(head, stmt.span.line, stmt.body, depth)
+            self.block(head, stmt.span.line, stmt.body, next_line, depth)
 
     def module(self, module: ast.Module) -> str:
-        for item in module.items:
+        starts = [item.span.line for item in module.items[1:]] + [0]
+        for item, next_line in zip(module.items, starts):
             if isinstance(item, ast.Use):
-                self.emit(f"use {format_expr(item.target)}", item.span.line, item.span.end_line, 0)
+                self.emit(f"use {format_expr(item.target)}", item.span.line, item.span.end_line, next_line, 0)
             else:
-                self.block(f"{item.kind.text} {item.name.text}", item.span.line, item.body, 0)
+                self.block(f"{item.kind.text} {item.name.text}", item.span.line, item.body, next_line, 0)
         self.flush_comments(len(self.source.text) + 1, 0)
-        while self.lines and self.lines[-1] == "":
-            self.lines.pop()
-        return "".join(line.rstrip() + "\n" for line in _align_comments(self.lines))
+        while self.out and self.out[-1] == ("", None):
+            self.out.pop()
+        return "".join(line.rstrip() + "\n" for line in _align_comments(self.out))
 
 
-def _align_comments(lines: list[str]) -> list[str]:
+def _align_comments(lines: list[tuple[str, str | None]]) -> list[str]:
     """Trailing comments on consecutive lines start in one column, two spaces after the
     longest code of the run."""
-    out, run = [], []
+    out: list[str] = []
+    run: list[tuple[str, str]] = []
 
     def flush() -> None:
-        column = max(len(line.split(TRAILING)[0].rstrip()) for line in run) + 2 if run else 0
-        for line in run:
-            code, comment = line.split(TRAILING, 1)
-            out.append(code.rstrip().ljust(column) + comment)
+        column = max((len(code.rstrip()) for code, _ in run), default=0) + 2
+        out.extend(code.rstrip().ljust(column) + comment for code, comment in run)
         run.clear()
 
-    for line in lines:
-        if TRAILING in line:
-            run.append(line)
+    for code, comment in lines:
+        if comment is not None:
+            run.append((code, comment))
             continue
         flush()
-        out.append(line)
+        out.append(code)
     flush()
     return out
 

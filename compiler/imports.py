@@ -53,11 +53,10 @@ def std_source(module: str) -> SourceFile | None:
 
 
 def display_path(path: Path) -> str:
-    """Paths in diagnostics: relative to the working directory when below it."""
-    try:
-        return os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        return str(path)
+    """Paths in diagnostics: relative to the working directory when below it, else absolute."""
+    path = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
 
 
 class _Loader:

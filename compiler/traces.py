@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 LAYOUTS = (
@@ -45,12 +45,23 @@ def _timestamp(text: str) -> float:
         pass
     main, _, fraction = text.strip().partition(".")
     moment = datetime.fromisoformat(main)
+    if moment.tzinfo is None:  # naive times are read as UTC: local clocks jump at DST changes
+        moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp() + (float("0." + fraction) if fraction else 0.0)
 
 
-@functools.lru_cache(maxsize=16)
 def read_trace(path: Path) -> Trace:
-    """Read and validate a trace. Raises TraceError with the line of the first bad row."""
+    """Read and validate a trace. Raises TraceError with the line of the first bad row.
+    Cached per file version, so an edited trace is read again."""
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise TraceError(f"cannot read the file: {error.strerror}") from None
+    return _read_trace(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_trace(path: Path, mtime_ns: int, size: int) -> Trace:
     try:
         handle = open(path, newline="", encoding="utf-8")
     except OSError as error:

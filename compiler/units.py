@@ -188,20 +188,23 @@ class Value:
 def format_value(value: Value) -> str:
     """Print a value with the unit that states it exactly and most briefly; parsing the result
     gives back the same value."""
-    candidates = [u for u in UNITS.values() if u.dim == value.dim and u.symbol != "\u00b5s"]
-    if value.dim == NUMBER:
-        candidates = []
-    best: tuple[int, str] | None = None
-    for unit in candidates:
-        text = _decimal(value.magnitude / unit.scale)
-        if text is None or (value.magnitude and abs(value.magnitude / unit.scale) < 1):
-            continue
-        rendered = f"{text} {unit.symbol}"
-        key = (len(text.replace(".", "")), rendered)
-        if best is None or key < best:
-            best = key
-    if best is not None:
-        return best[1]
+    # Rates read per second and prices per hour where that is exact: `3 TB/min` is exact but
+    # surprising for 50 GB/s. Other rates fall back to the per-minute and per-hour units.
+    per = "/h" if value.dim == PRICE else "/s"
+    units = [u for u in UNITS.values() if u.dim == value.dim and u.symbol != "\u00b5s" and value.dim != NUMBER]
+    preferred = [u for u in units if "/" not in u.symbol or u.symbol.endswith(per)]
+    for candidates in (preferred, units):
+        best: tuple[int, str] | None = None
+        for unit in candidates:
+            text = _decimal(value.magnitude / unit.scale)
+            if text is None or (value.magnitude and abs(value.magnitude / unit.scale) < 1):
+                continue
+            rendered = f"{text} {unit.symbol}"
+            key = (len(text.replace(".", "")), rendered)
+            if best is None or key < best:
+                best = key
+        if best is not None:
+            return best[1]
     text = _decimal(value.magnitude)
     if text is not None:
         return text if value.dim == NUMBER else f"{text} {_base_symbol(value.dim)}"

@@ -26,9 +26,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    # The global flags are accepted before and after the command; on the commands they default
+    # to SUPPRESS so that `flowc --json check` is not undone by the command's own default.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--no-color", action="store_true", help="no ANSI colors (also: NO_COLOR=1)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output on stdout")
+    common.add_argument("--no-color", action="store_true", default=argparse.SUPPRESS,
+                        help="no ANSI colors (also: NO_COLOR=1)")
     parser = _Parser(prog="flowc", description="Compile .flow deployment specs into plans.", parents=[common])
     parser.add_argument("--version", action="version", version=f"flowc {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -190,6 +194,7 @@ COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "sche
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.json, args.no_color = getattr(args, "json", False), getattr(args, "no_color", False)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

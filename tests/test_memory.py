@@ -1,0 +1,133 @@
+"""The memory model: parameter counts against published totals, KV-cache and weight bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+import flowc
+from flowc.compiler.memory import kv_bytes_per_token, param_counts, weight_bytes
+from flowc.stdlib_listing import stdlib_spec
+from reference_models import DERIVED_PARAMS, PUBLISHED_PARAMS
+
+# Totals the formulas reproduce exactly: every published safetensors count, the exact
+# DeepSeek-V3 count from config.json, and the HF GPTJForCausalLM count (see reference_models).
+EXACT = {name: count for name, (count, source) in PUBLISHED_PARAMS.items() if "safetensors total" in source}
+EXACT.update({
+    "mixtral-8x22b": PUBLISHED_PARAMS["mixtral-8x22b"][0],
+    "deepseek-v3": 671_026_419_200,
+    "gpt-j-6b": 6_050_882_784,
+    "tiny-llama": DERIVED_PARAMS["tiny-llama"][0],
+})
+
+
+@pytest.fixture(scope="module")
+def models():
+    return stdlib_spec().models
+
+
+def test_every_reference_model_is_in_the_stdlib(models):
+    assert set(PUBLISHED_PARAMS) | set(DERIVED_PARAMS) <= set(models)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_param_count_within_half_a_percent_of_the_published_total(models, name):
+    published, _ = PUBLISHED_PARAMS[name]
+    total = param_counts(models[name]).total
+    assert abs(total - published) / published < 0.005, f"{name}: {total:,} vs published {published:,}"
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_param_count_exact(models, name):
+    assert param_counts(models[name]).total == EXACT[name]
+
+
+def test_gptj_and_deepseek_differences_from_the_published_figures(models):
+    # gpt-j-6b: the model card counts 2,498,560 more than the HF module; deepseek-v3: 671B is rounded.
+    assert PUBLISHED_PARAMS["gpt-j-6b"][0] - param_counts(models["gpt-j-6b"]).total == 2_498_560
+    assert param_counts(models["deepseek-v3"]).total - PUBLISHED_PARAMS["deepseek-v3"][0] == 26_419_200
+
+
+def test_llama_3_1_70b_breakdown(models):
+    m = models["llama-3.1-70b"]
+    counts = param_counts(m)
+    attention = 80 * (8192 * 64 * 128 + 2 * 8192 * 8 * 128 + 64 * 128 * 8192)
+    mlp = 80 * 3 * 8192 * 28672
+    assert counts.attention == attention == 12_079_595_520
+    assert counts.mlp == mlp == 56_371_445_760
+    assert counts.experts == counts.router == 0
+    assert counts.embedding == counts.lm_head == 128256 * 8192
+    assert counts.norms == 80 * 2 * 8192 + 8192
+    assert counts.total == 70_553_706_496
+    assert counts.active(m) == counts.total
+
+
+def test_moe_active_parameters(models):
+    m = models["mixtral-8x7b"]
+    counts = param_counts(m)
+    assert counts.experts == 32 * 8 * 3 * 4096 * 14336
+    assert counts.router == 32 * 4096 * 8
+    assert counts.active(m) == counts.total - counts.experts + counts.experts * 2 // 8
+    deepseek = models["deepseek-v3"]
+    d = param_counts(deepseek)
+    assert d.router == 58 * (7168 * 256 + 256)
+    assert 36e9 < d.active(deepseek) < 38e9  # "37B active"
+
+
+def test_kv_bytes_per_token(models):
+    assert kv_bytes_per_token(models["llama-3.1-70b"]) == 80 * 2 * 8 * 128 * 2 == 327_680
+    assert kv_bytes_per_token(models["llama-3.1-8b"]) == 32 * 2 * 8 * 128 * 2 == 131_072
+    assert kv_bytes_per_token(models["llama-2-7b"]) == 32 * 2 * 32 * 128 * 2 == 524_288
+    # MLA caches the compressed latent plus the decoupled RoPE key, once per layer.
+    assert kv_bytes_per_token(models["deepseek-v3"]) == 61 * (512 + 64) * 2 == 70_272
+    assert kv_bytes_per_token(models["tiny-llama"]) == 2 * 2 * 2 * 16 * 2 == 256
+
+
+def test_kv_bytes_follow_the_kv_dtype(models):
+    m = models["llama-3.1-70b"]
+    assert kv_bytes_per_token(m.model_copy(update={"kv": "fp8"})) == 163_840
+    assert kv_bytes_per_token(m.model_copy(update={"kv": "fp32"})) == 655_360
+
+
+def test_weight_bytes(models):
+    m = models["llama-3.1-70b"]
+    counts = param_counts(m)
+    linear = 12_079_595_520 + 56_371_445_760
+    other = 2 * 128256 * 8192 + 80 * 2 * 8192 + 8192
+    assert counts.linear == linear
+    assert weight_bytes(m) == 2 * (linear + other) == 141_107_412_992
+    # fp8: linear layers 1 byte per parameter, embeddings, lm_head and norms stay at 2 bytes.
+    assert weight_bytes(m.model_copy(update={"weights": "fp8"})) == linear + 2 * other == 72_656_371_712
+    assert weight_bytes(m.model_copy(update={"weights": "int4"})) == linear // 2 + 2 * other
+    assert weight_bytes(m.model_copy(update={"weights": "fp32"})) == 4 * (linear + other)
+
+
+def test_deepseek_ships_fp8_weights(models):
+    m = models["deepseek-v3"]
+    counts = param_counts(m)
+    assert m.weights == "fp8"
+    assert weight_bytes(m) == counts.linear + 2 * (counts.total - counts.linear) == 672_987_229_184
+
+
+def test_deployment_override_changes_the_memory_figures():
+    spec = flowc.load("""\
+use std.gpus
+use std.models
+cluster c {
+  node x 1 { gpu h100-sxm x 8 }
+}
+workload w {
+  arrival poisson 1 req/s
+  prompt 100 tok
+  output 100 tok
+}
+slo s { ttft p90 <= 1 s }
+deploy d {
+  model llama-3.1-70b { weights fp8; kv fp8 }
+  on c
+  serve w under s
+}
+""")
+    model = spec.deployments["d"].model
+    assert weight_bytes(model) == 72_656_371_712
+    assert kv_bytes_per_token(model) == 163_840
+    assert weight_bytes(spec.models["llama-3.1-70b"]) == 141_107_412_992
