@@ -108,9 +108,8 @@ class _Block:
 
 
 class Checker:
-    def __init__(self, program: Program, *, check_files: bool = True):
+    def __init__(self, program: Program):
         self.program = program
-        self.check_files = check_files
         self.errors: list[Diagnostic] = []
         self.warnings: list[Diagnostic] = []
         self.decls: dict[str, dict[str, tuple[ast.Decl, str]]] = {kind: {} for kind in KINDS}
@@ -607,14 +606,21 @@ class Checker:
             return False
         return True
 
+    def _nested(self, stmt: ast.Statement, name: str) -> _Block | None:
+        """The body of `moe { ... }` or `mla { ... }`; None after reporting another shape."""
+        if stmt.body is None or stmt.args:
+            self.error("F0305", f"`{name}` takes a block", stmt.span, f"expected `{name} {{ ... }}`",
+                       f"write `{SCHEMAS['model'][name]}`")
+            return None
+        return self.block(stmt.body, name, stmt.key)
+
     def _moe(self, stmt: ast.Statement | None, ffn: int | None):
+        """The MoE settings, None without a `moe` block, False after an error."""
         if stmt is None:
             return None
-        if stmt.body is None or stmt.args:
-            self.error("F0305", "`moe` takes a block", stmt.span, "expected `moe { ... }`",
-                       f"write `{SCHEMAS['model']['moe']}`")
+        b = self._nested(stmt, "moe")
+        if b is None:
             return False
-        b = self.block(stmt.body, "moe", stmt.key)
         r = lambda key, required=False, minimum=1: self.one_value(  # noqa: E731
             b, key, "moe", lambda e: self.count(e, key, minimum), required, "moe")
         experts, top_k = r("experts", True), r("top_k", True)
@@ -625,13 +631,12 @@ class Checker:
                    dense_layers=dense or 0)
 
     def _mla(self, stmt: ast.Statement | None):
+        """The MLA settings, None without an `mla` block, False after an error."""
         if stmt is None:
             return None
-        if stmt.body is None or stmt.args:
-            self.error("F0305", "`mla` takes a block", stmt.span, "expected `mla { ... }`",
-                       f"write `{SCHEMAS['model']['mla']}`")
+        b = self._nested(stmt, "mla")
+        if b is None:
             return False
-        b = self.block(stmt.body, "mla", stmt.key)
         values = {key: self.one_value(b, key, "mla", lambda e, key=key: self.count(e, key), key != "q_lora_rank", "mla")
                   for key in SCHEMAS["mla"]}
         if any(v is None for k, v in values.items() if k != "q_lora_rank"):
@@ -695,8 +700,6 @@ class Checker:
             return None
         base = Path(self.module).parent if not self.module.startswith("<") else Path.cwd()
         path = (base / expr.value).resolve()
-        if not self.check_files:
-            return str(path)
         if path not in self.traces:
             if not path.is_file():
                 self.traces[path] = None  # reported once, however often it is referenced
@@ -1176,7 +1179,7 @@ def _module_ref(module: str) -> str:
     return f'"{module}"'
 
 
-def check(program: Program, *, check_files: bool = True) -> tuple[Spec, list[Diagnostic]]:
+def check(program: Program) -> tuple[Spec, list[Diagnostic]]:
     """Check a loaded program. Returns the spec and its warnings; raises FlowError on errors."""
-    checker = Checker(program, check_files=check_files)
+    checker = Checker(program)
     return checker.run(), checker.warnings

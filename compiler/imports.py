@@ -78,6 +78,9 @@ class _Loader:
         except UnicodeDecodeError:
             self.errors.append(Diagnostic("F0205", f"`{key}` is not a UTF-8 text file", via, "imported here"))
             return None
+        except OSError as error:
+            self.errors.append(Diagnostic("F0205", f"cannot read `{key}`: {error.strerror}", via, "imported here"))
+            return None
         self._load(SourceFile(key, text), root, via)
         return key
 
