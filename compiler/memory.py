@@ -109,3 +109,115 @@ def kv_bytes_per_token(m: Model) -> int:
     else:
         per_layer = 2 * m.kv_heads * m.head_dim
     return int(m.layers * per_layer * DTYPE_BYTES[m.kv])
+
+
+# ---------------------------------------------------------------------------------- per GPU
+
+GPU_MEMORY_UTILIZATION = 0.9  # share of device memory an engine takes (vLLM's default)
+# Runtime reserve per GPU: assumptions, not measurements. CUDA context and allocator slack
+# (~1 GiB), NCCL buffers when the instance spans GPUs, CUDA-graph memory pools.
+CONTEXT_RESERVE = 1 << 30
+NCCL_RESERVE = 256 << 20
+GRAPH_RESERVE = 512 << 20
+ACTIVATION_BYTES = 2  # activations in bf16
+LOGIT_BYTES = 4  # logits in fp32
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def kv_heads_per_rank(m: Model, tp: int) -> int:
+    """KV heads a TP rank holds: a share of them, or one replicated head when tp > kv_heads."""
+    return max(1, _ceil_div(m.kv_heads, tp))
+
+
+def weight_bytes_per_rank(m: Model, tp: int = 1, pp: int = 1) -> int:
+    """Weights on the fullest GPU of a TP x PP instance. Linear layers and the vocabulary are
+    split over TP (KV projections replicate when tp > kv_heads); layers are split evenly over
+    PP, the first stage holding the embedding and the last the LM head. Experts split over the
+    TP group whatever the EP degree (EP moves whole experts instead of slicing each)."""
+    counts = param_counts(m)
+    linear_bytes = DTYPE_BYTES[m.weights]
+    other_bytes = max(linear_bytes, 2.0)
+    kv_proj = 0
+    if m.mla is None:
+        # K and V projections: each rank keeps kv_heads_per_rank heads, not kv_heads / tp.
+        kv_proj = m.layers * 2 * m.hidden * m.head_dim * (kv_heads_per_rank(m, tp) - m.kv_heads / tp)
+    layer_linear = (counts.linear / tp + kv_proj) / pp
+    layer_other = (counts.router + counts.norms) / pp
+    vocab = (counts.embedding + counts.lm_head) / tp if pp == 1 else max(counts.embedding, counts.lm_head) / tp
+    return int(layer_linear * linear_bytes + (layer_other + vocab) * other_bytes)
+
+
+def kv_bytes_per_token_per_rank(m: Model, tp: int = 1, pp: int = 1) -> int:
+    """KV-cache bytes one GPU stores per token: its layers, its share of KV heads. MLA's
+    compressed latent is not split by heads, so every TP rank keeps it whole."""
+    layers = _ceil_div(m.layers, pp)
+    if m.mla is not None:
+        per_layer = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
+    else:
+        per_layer = 2 * kv_heads_per_rank(m, tp) * m.head_dim
+    return int(layers * per_layer * DTYPE_BYTES[m.kv])
+
+
+def activation_peak_bytes(m: Model, tp: int, max_batched_tokens: int, max_seqs: int) -> int:
+    """Peak transient memory of one iteration at the token budget: the residual stream and its
+    normalized copy, the widest intermediate of a layer on this rank, and fp32 logits of the
+    sequences that sample. An upper-bound estimate of what engines profile at startup."""
+    if m.mla is not None:
+        qkv = m.heads * (m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim) // tp + m.mla.kv_lora_rank
+    else:
+        qkv = (m.heads + 2 * m.kv_heads) * m.head_dim // tp
+    mlp = 2 * m.ffn // tp
+    if m.moe is not None:
+        mlp = max(mlp, m.moe.top_k * 2 * m.moe.expert_ffn // tp)
+    per_token = 2 * m.hidden + max(qkv, mlp)
+    logits = min(max_seqs, max_batched_tokens) * _ceil_div(m.vocab, tp) * LOGIT_BYTES
+    return int(max_batched_tokens * per_token * ACTIVATION_BYTES + logits)
+
+
+def runtime_reserve_bytes(gpus_per_instance: int) -> int:
+    return CONTEXT_RESERVE + GRAPH_RESERVE + (NCCL_RESERVE if gpus_per_instance > 1 else 0)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """How one GPU of an instance spends its memory, in bytes, and the instance's KV capacity."""
+
+    capacity: int
+    usable: int
+    weights: int
+    activations: int
+    reserve: int
+    kv: int  # bytes left for the KV cache on this GPU (negative: does not fit)
+    kv_bytes_per_token: int  # on this GPU
+    block_size: int
+    kv_blocks: int  # of the instance: every GPU holds its share of each block
+    kv_tokens: int
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_blocks > 0
+
+    def by_category(self) -> dict[str, int]:
+        free = self.capacity - self.weights - self.activations - self.reserve - max(self.kv, 0)
+        return {"weights": self.weights, "kv_cache": max(self.kv, 0), "activations": self.activations,
+                "reserve": self.reserve, "free": free}
+
+
+def memory_budget(m: Model, gpu_memory: int, *, tp: int = 1, pp: int = 1, max_batched_tokens: int = 8192,
+                  max_seqs: int = 256, block_size: int = 16,
+                  utilization: float = GPU_MEMORY_UTILIZATION) -> MemoryBudget:
+    """The one budget formula: the planner, the verifier and the runtime all size KV with it.
+    KV gets what is left of `utilization` x memory after weights, activations and reserve."""
+    usable = int(gpu_memory * utilization)
+    weights = weight_bytes_per_rank(m, tp, pp)
+    activations = activation_peak_bytes(m, tp, max_batched_tokens, max_seqs)
+    reserve = runtime_reserve_bytes(tp * pp)
+    kv = usable - weights - activations - reserve
+    per_token = kv_bytes_per_token_per_rank(m, tp, pp)
+    blocks = max(0, kv // (per_token * block_size))
+    return MemoryBudget(capacity=gpu_memory, usable=usable, weights=weights, activations=activations,
+                        reserve=reserve, kv=kv, kv_bytes_per_token=per_token, block_size=block_size,
+                        kv_blocks=blocks, kv_tokens=blocks * block_size)

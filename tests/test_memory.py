@@ -131,3 +131,69 @@ deploy d {
     assert weight_bytes(model) == 72_656_371_712
     assert kv_bytes_per_token(model) == 163_840
     assert weight_bytes(spec.models["llama-3.1-70b"]) == 141_107_412_992
+
+
+# ---------------------------------------------------------------------------------- per GPU
+
+from flowc.compiler.memory import (  # noqa: E402
+    activation_peak_bytes, kv_bytes_per_token_per_rank, memory_budget, runtime_reserve_bytes, weight_bytes_per_rank,
+)
+
+GiB = 2**30
+
+
+def test_weights_per_rank_llama_70b_tp4_by_hand(models):
+    m = models["llama-3.1-70b"]
+    linear = 80 * (8192 * 64 * 128 + 2 * 8192 * 8 * 128 + 64 * 128 * 8192) + 80 * 3 * 8192 * 28672
+    norms = 80 * 2 * 8192 + 8192
+    vocab = 2 * 128256 * 8192
+    assert weight_bytes_per_rank(m, tp=4) == linear // 4 * 2 + norms * 2 + vocab // 4 * 2 == 35_278_831_616
+
+
+def test_kv_heads_replicate_beyond_tp_equal_kv_heads(models):
+    m = models["llama-3.1-70b"]  # 8 KV heads: at tp 16 every rank still holds one whole head
+    assert kv_bytes_per_token_per_rank(m, tp=8) == 80 * 2 * 1 * 128 * 2 == 40_960
+    assert kv_bytes_per_token_per_rank(m, tp=16) == 40_960
+    extra_kv_proj = 80 * 2 * 8192 * 128 * (1 - 8 / 16)  # replicated half-heads of K and V projections
+    norm_bytes = (80 * 2 * 8192 + 8192) * 2  # replicated on every rank: halving tp 8 halved them
+    assert weight_bytes_per_rank(m, tp=16) - int(weight_bytes_per_rank(m, tp=8) / 2) == pytest.approx(
+        extra_kv_proj * 2 + norm_bytes / 2, abs=8)
+
+
+def test_mla_latent_is_not_split_by_tp(models):
+    m = models["deepseek-v3"]
+    assert kv_bytes_per_token_per_rank(m, tp=1) == kv_bytes_per_token_per_rank(m, tp=8) == 61 * (512 + 64) * 2
+
+
+def test_pipeline_stages_split_layers_and_vocabulary(models):
+    m = models["llama-3.1-8b"]
+    assert kv_bytes_per_token_per_rank(m, pp=2) == 16 * 2 * 8 * 128 * 2
+    counts = param_counts(m)
+    per_stage = (counts.linear / 2 + counts.norms / 2 + counts.embedding) * 2  # embedding == lm_head size
+    assert weight_bytes_per_rank(m, pp=2) == int(per_stage)
+
+
+def test_activation_peak_by_hand(models):
+    m = models["llama-3.1-8b"]
+    widest = max((32 + 2 * 8) * 128, 2 * 14336)
+    expected = 8192 * (2 * 4096 + widest) * 2 + 256 * 128256 * 4
+    assert activation_peak_bytes(m, 1, 8192, 256) == expected == 735_313_920
+
+
+def test_budget_llama_8b_on_h100(models):
+    m = models["llama-3.1-8b"]
+    budget = memory_budget(m, 80 * GiB)
+    assert budget.usable == int(80 * GiB * 0.9)
+    assert budget.reserve == runtime_reserve_bytes(1) == GiB + 512 * 2**20
+    kv = budget.usable - budget.weights - budget.activations - budget.reserve
+    assert budget.kv == kv
+    assert budget.kv_blocks == kv // (131_072 * 16)
+    assert budget.kv_tokens == budget.kv_blocks * 16 == 449_392
+    categories = budget.by_category()
+    assert sum(categories.values()) == 80 * GiB
+    assert categories["weights"] == weight_bytes(m)  # one GPU holds everything at tp 1
+
+
+def test_budget_that_does_not_fit(models):
+    budget = memory_budget(models["llama-3.1-70b"], 80 * GiB, tp=1)
+    assert not budget.fits and budget.kv < 0 and budget.kv_tokens == 0
