@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 from . import ast, units
 from .diagnostics import Diagnostic, FlowError, Label, did_you_mean, suggestion_help
 from .imports import Program, display_path
-from .memory import param_counts, weight_bytes
+from .memory import GPU_MEMORY_UTILIZATION, memory_budget, param_counts, weight_bytes
 from .spec import (
     DTYPE_BYTES, GPU, MLA, SEARCH_KNOBS, SLO, Arrival, Cluster, Deployment, Lengths, Link, Location,
     MoE, Model, NodeGroup, SLOTarget, Spec, Workload,
@@ -1081,16 +1081,24 @@ class Checker:
                            stmt.span, "no price to minimize", "add `price 98 usd/h` to each node group of the cluster")
         self._check_context(spec, d)
 
-    def _check_context(self, spec: Spec, d: Deployment) -> None:
-        workload = spec.workloads[d.workload]
-        longest = []
-        for lengths in (workload.prompt, workload.output):
+    def _length_bounds(self, workload: Workload) -> list[int | None]:
+        """The longest prompt and output the workload can produce (None: unbounded)."""
+        bounds = []
+        for lengths, column in ((workload.prompt, "prompt"), (workload.output, "output")):
             bound = lengths.upper_bound
             if lengths.kind == "trace" and lengths.max is None:
                 trace = self.traces.get(Path(lengths.trace))
-                if trace is not None:
-                    bound = max(trace.prompt if lengths is workload.prompt else trace.output)
-            longest.append(bound)
+                bound = max(getattr(trace, column)) if trace is not None else None
+            bounds.append(bound)
+        return bounds
+
+    def _longest_request(self, workload: Workload) -> int | None:
+        bounds = self._length_bounds(workload)
+        return None if None in bounds else sum(bounds)
+
+    def _check_context(self, spec: Spec, d: Deployment) -> None:
+        workload = spec.workloads[d.workload]
+        longest = self._length_bounds(workload)
         if None in longest or sum(longest) <= d.model.max_context:
             return
         stmt = self._deploy_stmt(d, "serve")
@@ -1130,6 +1138,9 @@ class Checker:
                            notes=(f"weights: {counts.total / 1e9:.2f} B parameters at {d.model.weights} = {_bytes(need)}",
                                   f"GPU memory: {hbm_note}"
                                   + (f"; host memory {_bytes(host)}" if d.allow_offload else "")))
+            for d in deployments:
+                if weight_bytes(d.model) <= hbm and not d.allow_offload:
+                    self._check_instances(spec, d, cluster)
             if fits_alone and len(deployments) > 1:
                 need = sum(weight_bytes(d.model) for d in deployments)
                 room = hbm + (host if all(d.allow_offload for d in deployments) else 0)
@@ -1141,6 +1152,52 @@ class Checker:
                                "move a deployment to another cluster, quantize, or add nodes",
                                notes=tuple(f"{d.name}: {d.model.name} at {d.model.weights} = {_bytes(weight_bytes(d.model))}"
                                            for d in deployments) + (f"GPU memory: {hbm_note}",))
+
+    def _instance_shapes(self, spec: Spec, d: Deployment, cluster: Cluster):
+        """Every (GPU, tp, pp) an instance of the deployment may take, with its memory budget at
+        the smallest token budget allowed (the most room for KV)."""
+        m = d.model
+        limit = min(d.max_gpus or cluster.total_gpus, cluster.total_gpus)
+        tps = d.search.get("tp") or [t for t in _divisors(m.heads)
+                                     if m.mla or m.kv_heads % t == 0 or t % m.kv_heads == 0]
+        pps = d.search.get("pp") or _divisors(m.layers)
+        tokens = min(d.search.get("max_batched_tokens", [2048]))
+        seqs = min(d.search.get("max_seqs", [256]))
+        block = min(d.search.get("block_size", [16]))
+        for gpu_name in dict.fromkeys(group.gpu for group in cluster.nodes):
+            domain = max(group.link_domain for group in cluster.nodes if group.gpu == gpu_name)
+            for tp in tps:
+                for pp in pps:
+                    if tp <= domain and tp * pp <= limit:
+                        budget = memory_budget(m, spec.gpus[gpu_name].memory, tp=tp, pp=pp, max_batched_tokens=tokens,
+                                               max_seqs=seqs, block_size=block)
+                        yield gpu_name, tp, pp, budget
+
+    def _check_instances(self, spec: Spec, d: Deployment, cluster: Cluster) -> None:
+        """F0503: no allowed instance shape holds the weights; F0504: none holds the KV of the
+        longest request."""
+        shapes = list(self._instance_shapes(spec, d, cluster))
+        if not shapes:
+            return
+        stmt = self._deploy_stmt(d, "model")
+        fitting = [shape for shape in shapes if shape[3].fits]
+        if not fitting:
+            gpu, tp, pp, b = max(shapes, key=lambda shape: shape[3].kv)
+            self.error("F0503", f"{d.model.name} does not fit on any instance the deployment allows",
+                       stmt.args[0].span, "too large per GPU",
+                       "allow a larger tp or pp (e.g. `tp in [2, 4, 8]`), quantize the weights, or `allow offload`",
+                       notes=(f"the roomiest allowed instance, tp {tp} x pp {pp} on {gpu}: weights {_bytes(b.weights)}"
+                              f" + activations {_bytes(b.activations)} + reserve {_bytes(b.reserve)}"
+                              f" > {_bytes(b.usable)} usable ({GPU_MEMORY_UTILIZATION:.0%} of {_bytes(b.capacity)})",))
+            return
+        longest = self._longest_request(spec.workloads[d.workload])
+        gpu, tp, pp, b = max(fitting, key=lambda shape: shape[3].kv_tokens)
+        if longest is not None and longest > b.kv_tokens:
+            self.error("F0504", f"a request of up to {longest} tokens cannot fit in the KV cache of any allowed instance",
+                       stmt.args[0].span, "KV cache too small",
+                       "allow a larger tp or pp, use `kv fp8`, or cap the request lengths with `max`",
+                       notes=(f"the largest KV cache, tp {tp} x pp {pp} on {gpu}: {_bytes(b.kv)} per GPU"
+                              f" / {b.kv_bytes_per_token:,} B per token = {b.kv_tokens:,} tokens",))
 
     def _warn_unused(self) -> None:
         """W0201: a definition in a spec given on the command line that no deployment uses."""
