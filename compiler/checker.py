@@ -16,7 +16,8 @@ from typing import Callable, Iterable
 from . import ast, units
 from .diagnostics import Diagnostic, FlowError, Label, did_you_mean, suggestion_help
 from .imports import Program, display_path
-from .memory import GPU_MEMORY_UTILIZATION, memory_budget, param_counts, weight_bytes
+from .candidates import divisors as _divisors, instance_shapes, valid_tp
+from .memory import GPU_MEMORY_UTILIZATION, param_counts, weight_bytes
 from .spec import (
     DTYPE_BYTES, GPU, MLA, SEARCH_KNOBS, SLO, Arrival, Cluster, Deployment, Lengths, Link, Location,
     MoE, Model, NodeGroup, SLOTarget, Spec, Workload,
@@ -1046,7 +1047,7 @@ class Checker:
         for tp in d.search.get("tp", []):
             kv_ok = m.mla is not None or m.kv_heads % tp == 0 or tp % m.kv_heads == 0
             if m.heads % tp or not kv_ok:
-                valid = [t for t in _divisors(m.heads) if m.mla or m.kv_heads % t == 0 or t % m.kv_heads == 0]
+                valid = valid_tp(m)
                 self.error("F0401", f"tp {tp} cannot split {m.name}'s {m.heads} attention heads "
                            f"({m.kv_heads} KV heads)", self._knob_span(d, "tp", tp), "uneven split",
                            "tensor parallel degrees for this model: " + ", ".join(map(str, valid)))
@@ -1140,7 +1141,7 @@ class Checker:
                                   + (f"; host memory {_bytes(host)}" if d.allow_offload else "")))
             for d in deployments:
                 if weight_bytes(d.model) <= hbm and not d.allow_offload:
-                    self._check_instances(spec, d, cluster)
+                    self._check_instances(spec, d)
             if fits_alone and len(deployments) > 1:
                 need = sum(weight_bytes(d.model) for d in deployments)
                 room = hbm + (host if all(d.allow_offload for d in deployments) else 0)
@@ -1153,50 +1154,32 @@ class Checker:
                                notes=tuple(f"{d.name}: {d.model.name} at {d.model.weights} = {_bytes(weight_bytes(d.model))}"
                                            for d in deployments) + (f"GPU memory: {hbm_note}",))
 
-    def _instance_shapes(self, spec: Spec, d: Deployment, cluster: Cluster):
-        """Every (GPU, tp, pp) an instance of the deployment may take, with its memory budget at
-        the smallest token budget allowed (the most room for KV)."""
-        m = d.model
-        limit = min(d.max_gpus or cluster.total_gpus, cluster.total_gpus)
-        tps = d.search.get("tp") or [t for t in _divisors(m.heads)
-                                     if m.mla or m.kv_heads % t == 0 or t % m.kv_heads == 0]
-        pps = d.search.get("pp") or _divisors(m.layers)
-        tokens = min(d.search.get("max_batched_tokens", [2048]))
-        seqs = min(d.search.get("max_seqs", [256]))
-        block = min(d.search.get("block_size", [16]))
-        for gpu_name in dict.fromkeys(group.gpu for group in cluster.nodes):
-            domain = max(group.link_domain for group in cluster.nodes if group.gpu == gpu_name)
-            for tp in tps:
-                for pp in pps:
-                    if tp <= domain and tp * pp <= limit:
-                        budget = memory_budget(m, spec.gpus[gpu_name].memory, tp=tp, pp=pp, max_batched_tokens=tokens,
-                                               max_seqs=seqs, block_size=block)
-                        yield gpu_name, tp, pp, budget
-
-    def _check_instances(self, spec: Spec, d: Deployment, cluster: Cluster) -> None:
+    def _check_instances(self, spec: Spec, d: Deployment) -> None:
         """F0503: no allowed instance shape holds the weights; F0504: none holds the KV of the
         longest request."""
-        shapes = list(self._instance_shapes(spec, d, cluster))
+        shapes = instance_shapes(spec, d)
         if not shapes:
             return
         stmt = self._deploy_stmt(d, "model")
-        fitting = [shape for shape in shapes if shape[3].fits]
+        fitting = [shape for shape in shapes if shape.budget.fits]
         if not fitting:
-            gpu, tp, pp, b = max(shapes, key=lambda shape: shape[3].kv)
+            best = max(shapes, key=lambda shape: shape.budget.kv)
+            b = best.budget
             self.error("F0503", f"{d.model.name} does not fit on any instance the deployment allows",
                        stmt.args[0].span, "too large per GPU",
                        "allow a larger tp or pp (e.g. `tp in [2, 4, 8]`), quantize the weights, or `allow offload`",
-                       notes=(f"the roomiest allowed instance, tp {tp} x pp {pp} on {gpu}: weights {_bytes(b.weights)}"
-                              f" + activations {_bytes(b.activations)} + reserve {_bytes(b.reserve)}"
+                       notes=(f"the roomiest allowed instance, tp {best.tp} x pp {best.pp} on {best.gpu}: weights "
+                              f"{_bytes(b.weights)} + activations {_bytes(b.activations)} + reserve {_bytes(b.reserve)}"
                               f" > {_bytes(b.usable)} usable ({GPU_MEMORY_UTILIZATION:.0%} of {_bytes(b.capacity)})",))
             return
         longest = self._longest_request(spec.workloads[d.workload])
-        gpu, tp, pp, b = max(fitting, key=lambda shape: shape[3].kv_tokens)
+        best = max(fitting, key=lambda shape: shape.budget.kv_tokens)
+        b = best.budget
         if longest is not None and longest > b.kv_tokens:
             self.error("F0504", f"a request of up to {longest} tokens cannot fit in the KV cache of any allowed instance",
                        stmt.args[0].span, "KV cache too small",
                        "allow a larger tp or pp, use `kv fp8`, or cap the request lengths with `max`",
-                       notes=(f"the largest KV cache, tp {tp} x pp {pp} on {gpu}: {_bytes(b.kv)} per GPU"
+                       notes=(f"the largest KV cache, tp {best.tp} x pp {best.pp} on {best.gpu}: {_bytes(b.kv)} per GPU"
                               f" / {b.kv_bytes_per_token:,} B per token = {b.kv_tokens:,} tokens",))
 
     def _warn_unused(self) -> None:
@@ -1214,10 +1197,6 @@ class Checker:
 def _plural(counts: tuple[int, ...]) -> str:
     words = " or ".join(str(c) for c in counts)
     return f"{words} value" + ("" if counts == (1,) else "s")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _bytes(n: int) -> str:
