@@ -1,0 +1,875 @@
+"""A discrete-event simulator of LLM serving: continuous batching, paged KV, preemption,
+chunked prefill, pipeline parallelism, prefill/decode disaggregation and replicas.
+
+Every plan is judged by it, so it must be fast: 100k requests in well under two seconds.
+The time of an iteration comes from a `StepCost` (the cost model); this module knows nothing
+else about the hardware.
+
+The scheduler (one rule, like vLLM v1)
+--------------------------------------
+Each iteration of an engine:
+1. every decoding sequence gets its next token; when one needs a new KV block and none is
+   free, the most recently admitted sequence is preempted by recompute (its blocks are freed,
+   it goes back to the head of the waiting queue and later prefills prompt + the tokens it
+   generated so far). In an iteration with a preemption nothing new is admitted.
+2. the rest of the token budget (`max_batched_tokens` minus the decodes) goes to prefill
+   chunks in FCFS order: first the partially prefilled sequence, then the waiting queue.
+   A chunk is admitted only if the KV blocks for its tokens are free and, for a new sequence,
+   fewer than `max_seqs` are running; otherwise prefill stops for this iteration (FCFS, no
+   skipping). Without chunked prefill a prompt must fit the remaining budget whole (a recompute
+   longer than the whole budget may run alone as the first prefill of an iteration).
+3. the iteration takes `cost.step_time(...)`; the iteration that completes a prefill produces
+   the first token (TTFT); each decode iteration one more token.
+
+KV accounting. A sequence whose KV holds `c` tokens uses ceil(c/B) blocks; a prefill of
+prompt P produces token 1 with c = P, and the decode that produces token k+1 writes position
+P+k-1, so a request's peak is P + output - 1 tokens. A request whose peak can never fit in the
+instance's blocks (`kv_capacity_tokens // block_size`) is rejected at arrival, as is, without
+chunked prefill, a prompt longer than `max_batched_tokens`.
+
+Why it is fast: O(1) per iteration
+----------------------------------
+Decoding sequences are not visited each iteration. An engine keeps aggregates: the number of
+decoding sequences, the sum of their contexts (which grows by that number each iteration), a
+heap of finishes keyed by the engine's iteration index at which each sequence will have
+produced all its tokens, and, per block-phase, how many sequences will cross a block boundary
+at a given iteration (all decoding sequences advance in lockstep, so a sequence with context
+c0 at iteration d0 needs a new block at iteration d exactly when (c0 - d0 + d) % B == 0: a
+histogram over (c0 - d0) % B answers "how many new blocks now" in O(1)). KV blocks are counts,
+not objects. Only rare events touch a single sequence: admission, prefill completion, finish,
+preemption. Stale heap and stack entries are skipped lazily.
+
+Pipeline parallelism (the model, kept simple)
+---------------------------------------------
+An instance with pp stages runs pp virtual engines (like vLLM's virtual engines), each with
+its own queues and its own `max_batched_tokens` per micro-batch, sharing the instance's KV
+block pool and its `max_seqs`. A micro-batch of one virtual engine takes
+pp x step_time + (pp-1) x pp_hop_time(tokens) from start to end (step_time is one stage's
+time, stages are taken as balanced), and the first stage accepts a new micro-batch only
+every step_time (of the micro-batch before), so up to pp micro-batches are in flight; a
+virtual engine decides its micro-batch when its previous one ends, even if the first stage
+takes it a little later. An arrival goes to the instance's virtual engine with the least
+outstanding work. A virtual engine that needs a block preempts its own most recent sequence;
+when partial prefills on several idle virtual engines hold the blocks each other needs, the
+most recent one is preempted (see `_Engine._unstick`).
+
+Disaggregation
+--------------
+`role="prefill"` instances only prefill: the iteration that completes a prompt produces the
+first token (TTFT); then the router picks a decode instance and the KV moves there in
+`kv_transfer_time(prompt)` (transfers do not contend with each other); the prefill instance
+keeps the blocks until the transfer ends. The decode instance admits the request, FCFS with
+its recomputes, when it has room (blocks for the prompt and a free sequence slot) and decodes
+the rest; one preempted there is recomputed there.
+
+Routers: `round_robin` over the instances that accept arrivals (colocated or prefill), and
+over decode instances for transfers; `least_work` picks the instance with the fewest
+outstanding tokens (prefill tokens left + decode tokens left, kept as a running total).
+
+Closed loop: `closed_loop_concurrency=N` starts N requests at t=0 and starts the next one
+whenever one finishes or is rejected, ignoring `requests.arrival`.
+
+Events at the same instant are handled together (iteration ends, KV transfers, arrivals)
+before any engine starts its next iteration; an arrival during an iteration waits for its end.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol, Sequence, Union
+
+import numpy as np
+
+from . import spec
+from .workload import Requests, base_rate, sample_requests
+
+
+class StepCost(Protocol):
+    def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
+        """Seconds for ONE pipeline stage to run one engine iteration. tokens: prefill-chunk tokens
+        plus one per decoding sequence; prefill_attn_pairs: sum over prefill chunks of chunk x
+        keys attended (chunk x (past + chunk)); decode_seqs, decode_kv_tokens: count and total
+        context (keys attended, the new token included) of the decoding sequences."""
+        ...
+
+    def pp_hop_time(self, tokens: int) -> float:
+        """Activation hop between two pipeline stages for a micro-batch of `tokens` tokens."""
+        ...
+
+    def kv_transfer_time(self, tokens: int) -> float:
+        """Moving one request's KV of `tokens` tokens from a prefill to a decode instance."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceConfig:
+    cost: StepCost
+    pp: int = 1
+    kv_capacity_tokens: int
+    block_size: int = 16
+    max_batched_tokens: int = 8192
+    max_seqs: int = 256
+    chunked_prefill: bool = True
+    role: Literal["colocated", "prefill", "decode"] = "colocated"
+
+    def __post_init__(self):
+        if self.pp < 1 or self.block_size < 1 or self.max_batched_tokens < 1 or self.max_seqs < 1:
+            raise ValueError("pp, block_size, max_batched_tokens and max_seqs must be at least 1")
+        if self.kv_capacity_tokens < 0:
+            raise ValueError("kv_capacity_tokens cannot be negative")
+        if self.role not in ("colocated", "prefill", "decode"):
+            raise ValueError(f"unknown role {self.role!r}")
+
+    @property
+    def kv_blocks(self) -> int:
+        return self.kv_capacity_tokens // self.block_size
+
+
+# Request states.
+_WAITING, _PREFILL, _DECODE, _TRANSFER, _KV_READY, _DONE, _REJECTED = range(7)
+_INF = math.inf
+
+
+class _Instance:
+    """One instance: a KV block pool shared by its pp virtual engines."""
+
+    __slots__ = ("index", "cfg", "free", "held", "n_run", "stage_free", "engines")
+
+    def __init__(self, index: int, cfg: InstanceConfig):
+        self.index = index
+        self.cfg = cfg
+        self.free = cfg.kv_blocks
+        self.held = 0  # blocks held by requests whose KV is being transferred out
+        self.n_run = 0  # admitted sequences (prefilling or decoding), for max_seqs
+        self.stage_free = 0.0  # when the first pipeline stage can take the next micro-batch
+        self.engines: list[_Engine] = []
+
+    def work(self) -> int:
+        return sum(e.work for e in self.engines)
+
+
+class _Engine:
+    """One scheduler (a virtual engine when pp > 1). See the module docstring."""
+
+    __slots__ = ("sim", "inst", "cfg", "B", "budget", "max_seqs", "chunked", "role", "pp", "step_time", "hop",
+                 "d", "n_dec", "kv_sum", "cnt", "fin_heap", "stack", "waiting", "completing",
+                 "work", "busy", "tokens_out", "preemptions", "iterations", "pending_tokens")
+
+    def __init__(self, sim: "_Sim", inst: _Instance):
+        cfg = inst.cfg
+        self.sim, self.inst, self.cfg = sim, inst, cfg
+        self.B, self.budget, self.max_seqs = cfg.block_size, cfg.max_batched_tokens, cfg.max_seqs
+        self.chunked, self.role, self.pp = cfg.chunked_prefill, cfg.role, cfg.pp
+        self.step_time, self.hop = cfg.cost.step_time, cfg.cost.pp_hop_time
+        self.d = 0  # index of the next iteration
+        self.n_dec = 0  # decoding sequences
+        self.kv_sum = 0  # sum of the decoding sequences' contexts before the next iteration
+        self.cnt = [0] * self.B  # decoding sequences per block phase (c0 - d0) % B
+        self.fin_heap: list[tuple[int, int]] = []  # (iteration of the last token, request)
+        self.stack: list[tuple[int, int]] = []  # (admission id, request), admission order
+        self.waiting: deque[int] = deque()  # FCFS; a partially prefilled sequence stays at the head
+        self.completing: list[int] = []  # prefills that complete in the running iteration
+        self.work = 0  # outstanding tokens (prefill + decode) of the requests routed here
+        self.busy = False
+        self.tokens_out = 0  # output tokens produced
+        self.preemptions = 0
+        self.iterations = 0
+        self.pending_tokens = 0  # tokens of the running iteration
+
+    # ---------------------------------------------------------------- one iteration
+
+    def start(self, now: float) -> float | None:
+        """Schedule and start the next iteration at `now`; its end time, or None when idle."""
+        B = self.B
+        inst = self.inst
+        d = self.d
+        n_dec = self.n_dec
+        preempted = False
+        # 1. decodes: blocks for the sequences crossing a block boundary now
+        if n_dec:
+            need = self.cnt[-d % B]
+            if need > inst.free:
+                need = self._preempt(need)
+                preempted = True
+                n_dec = self.n_dec
+            inst.free -= need
+        # 2. prefill chunks, FCFS
+        tokens = 0
+        pairs = 0
+        waiting = self.waiting
+        if waiting and not preempted:
+            sim = self.sim
+            state, prompt, pre_done, pre_total = sim.state, sim.prompt, sim.pre_done, sim.pre_total
+            left = self.budget - n_dec
+            first = True
+            while waiting and left > 0:
+                rid = waiting[0]
+                st = state[rid]
+                if st == _KV_READY:  # transferred KV: admit straight into decoding
+                    if inst.n_run >= self.max_seqs:
+                        break
+                    p = prompt[rid]
+                    blocks = p // B + 1  # the prompt's KV and the position this iteration writes
+                    if blocks > inst.free:
+                        break
+                    inst.free -= blocks
+                    waiting.popleft()
+                    self._admit(rid)
+                    self._start_decode(rid, d, p)
+                    n_dec += 1
+                    left -= 1
+                    first = False
+                    continue
+                done = pre_done[rid]
+                rest = pre_total[rid] - done
+                if st == _WAITING and inst.n_run >= self.max_seqs:
+                    break
+                if self.chunked:
+                    chunk = rest if rest < left else left
+                elif rest <= left or (first and rest > self.budget):
+                    chunk = rest
+                else:
+                    break
+                blocks = (done + chunk + B - 1) // B - (done + B - 1) // B
+                if blocks > inst.free:
+                    break
+                inst.free -= blocks
+                if st == _WAITING:
+                    self._admit(rid)
+                pre_done[rid] = done + chunk
+                tokens += chunk
+                pairs += chunk * (done + chunk)
+                left -= chunk
+                first = False
+                if chunk == rest:
+                    waiting.popleft()
+                    self.completing.append(rid)
+                else:
+                    break
+        tokens += n_dec
+        if tokens == 0:
+            self.busy = False
+            if waiting and self.pp > 1:
+                self._unstick(now)
+            return None
+        dt = self.step_time(tokens, pairs, n_dec, self.kv_sum + n_dec)
+        self.busy = True
+        self.pending_tokens = tokens
+        if self.pp == 1:
+            return now + dt
+        begin = now if now > inst.stage_free else inst.stage_free
+        inst.stage_free = begin + dt
+        return begin + self.pp * dt + (self.pp - 1) * self.hop(tokens)
+
+    def finish(self, now: float) -> None:
+        """End the running iteration at `now`: tokens out, finishes, prefill completions."""
+        sim = self.sim
+        d = self.d
+        n_dec = self.n_dec
+        self.busy = False
+        self.iterations += 1
+        self.work -= self.pending_tokens
+        self.tokens_out += n_dec + len(self.completing)
+        self.kv_sum += n_dec
+        heap = self.fin_heap
+        if heap and heap[0][0] <= d:
+            state, c0s, d0s, fkey = sim.state, sim.c0, sim.d0, sim.fkey
+            B = self.B
+            cnt = self.cnt
+            inst = self.inst
+            while heap and heap[0][0] <= d:
+                key, rid = heapq.heappop(heap)
+                if state[rid] != _DECODE or fkey[rid] != key:
+                    continue  # stale: preempted since
+                c = c0s[rid] + d - d0s[rid] + 1  # context after this iteration
+                cnt[(c0s[rid] - d0s[rid]) % B] -= 1
+                self.n_dec -= 1
+                inst.n_run -= 1
+                self.kv_sum -= c
+                inst.free += (c + B - 1) // B
+                sim.finish_request(rid, now)
+        if self.completing:
+            completing = self.completing
+            self.completing = []
+            for rid in completing:
+                self._prefill_done(rid, now, d)
+        self.d = d + 1
+
+    # ---------------------------------------------------------------- rare events
+
+    def _admit(self, rid: int) -> None:
+        sim = self.sim
+        sim.state[rid] = _PREFILL
+        sim.adm_counter += 1
+        sim.adm[rid] = sim.adm_counter
+        self.stack.append((sim.adm_counter, rid))
+        self.inst.n_run += 1
+
+    def _start_decode(self, rid: int, d0: int, c0: int) -> None:
+        """rid decodes from iteration d0 on with c0 tokens of KV; it has sim.gen[rid] tokens."""
+        sim = self.sim
+        sim.state[rid] = _DECODE
+        sim.c0[rid] = c0
+        sim.d0[rid] = d0
+        key = d0 + sim.output[rid] - sim.gen[rid] - 1
+        sim.fkey[rid] = key
+        heapq.heappush(self.fin_heap, (key, rid))
+        self.cnt[(c0 - d0) % self.B] += 1
+        self.n_dec += 1
+        self.kv_sum += c0
+
+    def _prefill_done(self, rid: int, now: float, d: int) -> None:
+        sim = self.sim
+        total = sim.pre_total[rid]
+        gen = total - sim.prompt[rid] + 1
+        sim.gen[rid] = gen
+        if sim.first_token[rid] < 0:
+            sim.first_token[rid] = now
+        if gen >= sim.output[rid]:
+            self.inst.n_run -= 1
+            self.inst.free += (total + self.B - 1) // self.B
+            sim.finish_request(rid, now)
+        elif self.role == "prefill":
+            self.inst.n_run -= 1
+            sim.state[rid] = _TRANSFER
+            sim.start_transfer(rid, self, now, (total + self.B - 1) // self.B)
+        else:
+            self._start_decode(rid, d + 1, total)
+
+    def _unstick(self, now: float) -> None:
+        """pp > 1: virtual engines share the block pool, so partial prefills on several of them
+        can each hold blocks the others wait for. When every virtual engine is idle (nothing in
+        flight, no decoders) and no KV transfer will return blocks, preempt the most recently
+        admitted partial prefill and restart the engine of the oldest one at once, before the
+        others (which are restarted next): the oldest always progresses."""
+        inst, sim = self.inst, self.sim
+        if inst.held or any(e.busy for e in inst.engines):
+            return
+        state, adm = sim.state, sim.adm
+        partials = sorted((adm[e.waiting[0]], e) for e in inst.engines
+                          if e.waiting and state[e.waiting[0]] == _PREFILL)
+        if len(partials) < 2:
+            return  # one partial alone always fits: nothing else holds blocks
+        owner = partials[-1][1]
+        victim = owner.waiting[0]
+        done = sim.pre_done[victim]
+        inst.free += (done + owner.B - 1) // owner.B
+        owner.work += done
+        sim.pre_done[victim] = 0
+        state[victim] = _WAITING
+        inst.n_run -= 1
+        owner.preemptions += 1
+        sim.launch(partials[0][1], now)
+        sim.touched.extend(e for e in inst.engines if not e.busy)
+
+    def _preempt(self, need: int) -> int:
+        """Preempt the most recently admitted sequences until `need` new blocks are free;
+        returns the blocks still needed."""
+        sim = self.sim
+        state, adm, c0s, d0s = sim.state, sim.adm, sim.c0, sim.d0
+        B = self.B
+        d = self.d
+        inst = self.inst
+        stack = self.stack
+        victims = []
+        while need > inst.free:
+            adm_id, rid = stack.pop()
+            st = state[rid]
+            if adm[rid] != adm_id or (st != _DECODE and st != _PREFILL):
+                continue  # stale entry
+            if st == _DECODE:
+                c = c0s[rid] + d - d0s[rid]
+                gen = sim.gen[rid] + d - d0s[rid]
+                sim.gen[rid] = gen
+                self.cnt[(c0s[rid] - d0s[rid]) % B] -= 1
+                self.n_dec -= 1
+                self.kv_sum -= c
+                inst.free += (c + B - 1) // B
+                if c % B == 0:
+                    need -= 1
+                sim.pre_total[rid] = sim.prompt[rid] + gen
+                self.work += sim.prompt[rid] + gen - 1
+                victims.append(rid)
+            else:  # the partially prefilled head of the waiting queue
+                done = sim.pre_done[rid]
+                inst.free += (done + B - 1) // B
+                self.work += done
+                assert self.waiting and self.waiting[0] == rid
+            sim.pre_done[rid] = 0
+            state[rid] = _WAITING
+            self.inst.n_run -= 1
+            self.preemptions += 1
+        for rid in victims:  # the oldest victim ends at the head
+            self.waiting.appendleft(rid)
+        return need
+
+
+class _Sim:
+    """Global state: per-request lists (indexed by request id), instances, events."""
+
+    def __init__(self, requests: Requests, configs: Sequence[InstanceConfig], router: str,
+                 closed_loop_concurrency: int | None):
+        if not configs:
+            raise ValueError("simulate needs at least one instance")
+        if router not in ("round_robin", "least_work"):
+            raise ValueError(f"unknown router {router!r}")
+        n = len(requests)
+        self.n = n
+        self.router = router
+        self.prompt = requests.prompt.tolist()
+        self.output = requests.output.tolist()
+        self.closed = closed_loop_concurrency
+        if closed_loop_concurrency is not None:
+            if closed_loop_concurrency < 1:
+                raise ValueError("closed_loop_concurrency must be at least 1")
+            k = min(n, closed_loop_concurrency)
+            self.arrival = [0.0] * k + [_INF] * (n - k)
+            self.filled = k
+        else:
+            self.arrival = requests.arrival.tolist()
+            self.filled = n
+        self.state = [_WAITING] * n
+        self.gen = [0] * n
+        self.pre_done = [0] * n
+        self.pre_total = list(self.prompt)
+        self.c0 = [0] * n
+        self.d0 = [0] * n
+        self.fkey = [0] * n
+        self.adm = [0] * n
+        self.adm_counter = 0
+        self.first_token = [-1.0] * n
+        self.finish_time = [-1.0] * n
+        self.served_by = [-1] * n
+        self.decoded_by = [-1] * n
+        self.held = [0] * n  # blocks a prefill instance keeps during the transfer
+        self.done = 0
+        self.transfers: list[tuple[float, int, int, _Engine, _Engine]] = []
+        self.xfer_seq = 0
+        self.instances = [_Instance(i, cfg) for i, cfg in enumerate(configs)]
+        for inst in self.instances:
+            inst.engines = [_Engine(self, inst) for _ in range(inst.cfg.pp)]
+        self.front = [i for i in self.instances if i.cfg.role != "decode"]
+        self.back = [i for i in self.instances if i.cfg.role == "decode"]
+        has_prefill = any(i.cfg.role == "prefill" for i in self.instances)
+        if not self.front:
+            raise ValueError("no instance accepts arrivals: add a colocated or prefill instance")
+        if has_prefill and not self.back:
+            raise ValueError("prefill instances need at least one decode instance")
+        self.back_tokens = min((i.cfg.kv_blocks * i.cfg.block_size for i in self.back), default=0)
+        self.rr_front = 0
+        self.rr_back = 0
+        self.heap: list[tuple[float, int, _Engine]] = []
+        self.touched: list[_Engine] = []
+        self.counter = itertools.count()  # tie-breaker of the event heap
+
+    # ---------------------------------------------------------------- routing
+
+    def _pick(self, candidates: list[_Instance], rr_attr: str) -> _Instance:
+        if len(candidates) == 1:
+            return candidates[0]
+        if self.router == "round_robin":
+            i = getattr(self, rr_attr)
+            setattr(self, rr_attr, i + 1)
+            return candidates[i % len(candidates)]
+        return min(candidates, key=_Instance.work)
+
+    @staticmethod
+    def _engine_of(inst: _Instance) -> _Engine:
+        engines = inst.engines
+        return engines[0] if len(engines) == 1 else min(engines, key=lambda e: e.work)
+
+    def route_arrival(self, rid: int) -> _Engine | None:
+        inst = self._pick(self.front, "rr_front")
+        cfg = inst.cfg
+        p, o = self.prompt[rid], self.output[rid]
+        B = cfg.block_size  # the peak fits in whole blocks
+        peak = p if cfg.role == "prefill" else p + o - 1
+        fits = peak <= cfg.kv_blocks * B and (cfg.chunked_prefill or p <= cfg.max_batched_tokens)
+        if fits and cfg.role == "prefill" and o > 1:
+            fits = p + o - 1 <= self.back_tokens  # it must fit whichever decode instance it goes to
+        self.served_by[rid] = inst.index
+        if not fits:
+            self.state[rid] = _REJECTED
+            self.done += 1
+            return None
+        engine = self._engine_of(inst)
+        engine.work += p if cfg.role == "prefill" else p + o - 1
+        engine.waiting.append(rid)
+        return engine
+
+    def start_transfer(self, rid: int, source: _Engine, now: float, blocks: int) -> None:
+        inst = self._pick(self.back, "rr_back")
+        engine = self._engine_of(inst)
+        engine.work += self.output[rid] - 1
+        self.decoded_by[rid] = inst.index
+        self.held[rid] = blocks
+        source.inst.held += blocks
+        t = now + source.cfg.cost.kv_transfer_time(self.prompt[rid])
+        self.xfer_seq += 1
+        heapq.heappush(self.transfers, (t, self.xfer_seq, rid, source, engine))
+
+    def launch(self, engine: _Engine, now: float) -> None:
+        """Start `engine`'s next iteration at `now` and schedule its end."""
+        end = engine.start(now)
+        if end is not None:
+            heapq.heappush(self.heap, (end, next(self.counter), engine))
+
+    def finish_request(self, rid: int, now: float) -> None:
+        self.state[rid] = _DONE
+        self.finish_time[rid] = now
+        self.done += 1
+
+    # ---------------------------------------------------------------- the event loop
+
+    def run(self) -> None:
+        """Process events in time order. All events at one instant are handled together
+        (iteration ends, then KV transfers, then arrivals) before any engine starts its next
+        iteration, so requests arriving at the same time share an iteration. Fast path: an
+        engine whose next iteration ends before any other event runs ahead without the heap."""
+        heap = self.heap
+        transfers = self.transfers
+        arrival = self.arrival
+        n = self.n
+        closed = self.closed
+        nxt = 0
+        counter = self.counter
+        push, pop = heapq.heappush, heapq.heappop
+        while True:
+            t = heap[0][0] if heap else _INF
+            tx = transfers[0][0] if transfers else _INF
+            ta = arrival[nxt] if nxt < n else _INF
+            if t < tx and t < ta:
+                engine = pop(heap)[2]
+                if engine.pp == 1 and (not heap or heap[0][0] > t):
+                    other = heap[0][0] if heap else _INF  # other engines do not change meanwhile
+                    touched = None
+                    while True:
+                        engine.finish(t)
+                        if closed is not None:
+                            self._refill(t)
+                        limit = other
+                        if transfers and transfers[0][0] < limit:
+                            limit = transfers[0][0]
+                        if nxt < n and arrival[nxt] < limit:
+                            limit = arrival[nxt]
+                        if limit <= t:  # something else happens now: the general path
+                            touched = [engine]
+                            break
+                        end = engine.start(t)
+                        if end is None:
+                            break
+                        if end >= limit:
+                            push(heap, (end, next(counter), engine))
+                            break
+                        t = end
+                    if touched is None:
+                        continue
+                else:
+                    engine.finish(t)
+                    touched = [engine]
+                    if engine.pp > 1:
+                        touched.extend(engine.inst.engines)
+            else:
+                if tx < t:
+                    t = tx
+                if ta < t:
+                    t = ta
+                if t == _INF:
+                    break
+                touched = []
+            self.touched = touched  # engines to start at t; _unstick adds to it
+            while heap and heap[0][0] <= t:
+                engine = pop(heap)[2]
+                engine.finish(t)
+                touched.append(engine)
+                if engine.pp > 1:
+                    touched.extend(engine.inst.engines)
+            while transfers and transfers[0][0] <= t:
+                _, _, rid, source, target = pop(transfers)
+                source.inst.free += self.held[rid]
+                source.inst.held -= self.held[rid]
+                self.held[rid] = 0
+                touched.extend(source.inst.engines)
+                self.state[rid] = _KV_READY
+                target.waiting.append(rid)
+                touched.append(target)
+            if closed is not None:
+                self._refill(t)
+            while nxt < n and arrival[nxt] <= t:
+                engine = self.route_arrival(nxt)
+                nxt += 1
+                if engine is not None:
+                    touched.append(engine)
+                elif closed is not None:
+                    self._refill(t)
+            for engine in touched:
+                if not engine.busy:
+                    end = engine.start(t)
+                    if end is not None:
+                        push(heap, (end, next(counter), engine))
+
+    def _refill(self, t: float) -> None:
+        """Closed loop: one new arrival at `t` for each request done."""
+        target = min(self.n, self.closed + self.done)
+        while self.filled < target:
+            self.arrival[self.filled] = t
+            self.filled += 1
+
+    def result(self) -> "SimResult":
+        arrival = np.array(self.arrival, dtype=np.float64)
+        first = np.array(self.first_token, dtype=np.float64)
+        finish = np.array(self.finish_time, dtype=np.float64)
+        output = np.array(self.output, dtype=np.int64)
+        state = np.array(self.state)
+        finished = state == _DONE
+        rejected = state == _REJECTED
+        ttft = np.where(first >= 0, first - arrival, _INF)
+        e2e = np.where(finished, finish - arrival, _INF)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(output > 1, (e2e - ttft) / np.maximum(output - 1, 1), np.nan)
+        tpot = np.where(finished | (output <= 1), tpot, _INF)
+        engines = [e for inst in self.instances for e in inst.engines]
+        return SimResult(
+            ttft=ttft, tpot=tpot, e2e=e2e, finished=finished, rejected=rejected, arrival=arrival,
+            finish=np.where(finished, finish, np.nan), output=output,
+            instance=np.array(self.served_by, dtype=np.int64), decode_instance=np.array(self.decoded_by, dtype=np.int64),
+            preemptions=sum(e.preemptions for e in engines), iterations=sum(e.iterations for e in engines),
+            tokens_generated=sum(e.tokens_out for e in engines),
+            kv_blocks_in_use=[inst.cfg.kv_blocks - inst.free for inst in self.instances],
+        )
+
+
+def simulate(requests: Requests, instances: Sequence[InstanceConfig], *,
+             router: Literal["round_robin", "least_work"] = "round_robin",
+             closed_loop_concurrency: int | None = None) -> "SimResult":
+    """Simulate serving `requests` on `instances` (see the module docstring for the model)."""
+    sim = _Sim(requests, instances, router, closed_loop_concurrency)
+    sim.run()
+    stuck = sum(1 for st in sim.state if st != _DONE and st != _REJECTED)
+    if stuck:  # a scheduler bug, never a property of the input: fail loudly rather than report it
+        raise RuntimeError(f"simulator: {stuck} requests neither finished nor rejected (please report)")
+    return sim.result()
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def _label(target: spec.SLOTarget) -> str:
+    return target.metric if target.percentile is None else f"{target.metric} p{target.percentile:g}"
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Per-request metrics (seconds) and totals. A request never served has ttft/e2e/tpot inf
+    (it counts as missing every limit); tpot is nan for one-token outputs (it has no TPOT and
+    is left out of TPOT statistics)."""
+
+    ttft: np.ndarray
+    tpot: np.ndarray
+    e2e: np.ndarray
+    finished: np.ndarray  # bool
+    rejected: np.ndarray  # bool: could never fit the instance's KV cache (or token budget)
+    arrival: np.ndarray  # effective arrival times (closed loop: when each request was started)
+    finish: np.ndarray  # finish times, nan if not finished
+    output: np.ndarray
+    instance: np.ndarray  # the instance each request was routed to at arrival
+    decode_instance: np.ndarray  # disaggregated: the decode instance, else -1
+    preemptions: int
+    iterations: int
+    tokens_generated: int
+    kv_blocks_in_use: list[int] = field(default_factory=list)  # per instance, at the end
+
+    def __len__(self) -> int:
+        return len(self.ttft)
+
+    @property
+    def makespan(self) -> float:
+        """From the first arrival to the last finish."""
+        if not self.finished.any():
+            return 0.0
+        return float(np.nanmax(self.finish) - self.arrival.min())
+
+    @property
+    def output_throughput(self) -> float:
+        """Output tokens of finished requests per second of makespan."""
+        span = self.makespan
+        return float(self.output[self.finished].sum()) / span if span > 0 else 0.0
+
+    @property
+    def request_throughput(self) -> float:
+        span = self.makespan
+        return float(self.finished.sum()) / span if span > 0 else 0.0
+
+    def _values(self, metric: str) -> np.ndarray:
+        values = {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e}[metric]
+        return values[~np.isnan(values)]
+
+    def mean(self, metric: str) -> float:
+        """Mean of `metric` over the requests that have it (inf if one was never served)."""
+        values = self._values(metric)
+        return float(values.mean()) if len(values) else float("nan")
+
+    def percentile(self, metric: str, p: float) -> float:
+        """The p-th percentile of `metric` ("ttft", "tpot", "e2e"), as the smallest value that
+        at least p% of the requests do not exceed (numpy's inverted_cdf): so pNN <= limit
+        exactly when at least NN% of the requests meet the limit. Unserved requests count as inf;
+        one-token outputs have no TPOT and are left out of TPOT."""
+        values = self._values(metric)
+        if len(values) == 0:
+            return float("nan")
+        return float(np.percentile(values, p, method="inverted_cdf"))
+
+    def attainment(self, slo: spec.SLO) -> dict:
+        """How the requests fare against `slo`.
+
+        report[metric] ("ttft", "tpot", "e2e", for each metric the SLO names): "share" of the
+        requests meeting every limit on that metric, "met" (all its targets met), and "targets":
+        one dict per target with "percentile", "limit", "value" (the percentile's value, or the
+        maximum for a target without percentile), "share" and "met"; the first target's
+        "percentile", "limit" and "value" are repeated at the metric's level.
+        report["joint"]: "share" of the requests meeting every limit of the SLO, "met" (share >=
+        slo.attainment, True without attainment).
+        A target with a percentile is met when its percentile value is <= the limit; a target
+        without one when the joint share reaches `slo.attainment` (without attainment: when
+        every request meets it). Requests without a TPOT (one output token) meet TPOT limits."""
+        n = len(self)
+        joint = np.ones(n, dtype=bool)
+        report: dict = {}
+        for target in slo.targets:
+            values = {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e}[target.metric]
+            ok = np.isnan(values) | (values <= target.limit)
+            joint &= ok
+            share = float(ok.mean()) if n else 1.0
+            if target.percentile is not None:
+                value = self.percentile(target.metric, target.percentile)
+                met = bool(math.isnan(value) or value <= target.limit)
+            else:
+                counted = values[~np.isnan(values)]
+                value = float(counted.max()) if len(counted) else float("nan")
+                met = None  # decided below, from the joint share
+            entry = {"percentile": target.percentile, "limit": target.limit, "value": value, "share": share,
+                     "met": met, "_ok": ok}
+            metric = report.setdefault(target.metric, {"targets": []})
+            metric["targets"].append(entry)
+        joint_share = float(joint.mean()) if n else 1.0
+        for metric in report.values():
+            for entry in metric["targets"]:
+                if entry["met"] is None:
+                    entry["met"] = joint_share >= slo.attainment if slo.attainment is not None else entry["share"] >= 1.0
+            all_ok = np.logical_and.reduce([entry.pop("_ok") for entry in metric["targets"]])
+            first = metric["targets"][0]
+            metric.update(percentile=first["percentile"], limit=first["limit"], value=first["value"],
+                          share=float(all_ok.mean()) if n else 1.0, met=all(e["met"] for e in metric["targets"]))
+        report["joint"] = {"share": joint_share,
+                           "met": slo.attainment is None or joint_share >= slo.attainment}
+        return report
+
+    def meets(self, slo: spec.SLO) -> bool:
+        """Every percentile target met; and the joint share >= slo.attainment when given (without
+        attainment, targets without a percentile must hold for every request)."""
+        report = self.attainment(slo)
+        return report["joint"]["met"] and all(report[t.metric]["met"] for t in slo.targets)
+
+
+# ------------------------------------------------------------------------------ goodput
+
+
+WorkloadLike = Union[spec.Workload, Callable[[float], Requests]]
+
+
+@dataclass(frozen=True)
+class GoodputSearch:
+    """The result of a goodput search: the goodput (req/s), the rates simulated with whether
+    each met the SLO, and the capacity probe (req/s) when `hi` was not given."""
+
+    goodput: float
+    trials: list[tuple[float, bool]]
+    capacity: float | None = None
+
+    @property
+    def simulations(self) -> int:
+        return len(self.trials) + (self.capacity is not None)
+
+
+def goodput(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo: float = 0.0, hi: float | None = None,
+            tol: float | None = None, seed: int = 0, n: int | None = None,
+            router: Literal["round_robin", "least_work"] = "least_work") -> float:
+    """The highest arrival rate (req/s) whose simulation meets `slo`; see `goodput_search`."""
+    return goodput_search(make_instances, workload, slo, lo=lo, hi=hi, tol=tol, seed=seed, n=n, router=router).goodput
+
+
+def goodput_search(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo: float = 0.0,
+                   hi: float | None = None, tol: float | None = None, seed: int = 0, n: int | None = None,
+                   router: Literal["round_robin", "least_work"] = "least_work") -> GoodputSearch:
+    """Bisection over a rate scale; bounds, tolerance and result in req/s.
+
+    make_instances: a list of InstanceConfig, or a callable () -> list.
+    workload: a spec.Workload, sampled once with `seed` (`n` requests, default as in
+    `sample_requests`) and replayed at every rate scale: the same requests, closer together;
+    or a callable rate_scale -> Requests (e.g. `lambda s: sample_requests(w, rate_scale=s)`).
+    A rate is scale x the base rate: the workload's nominal rate, or for a callable the mean
+    arrival rate of its requests at scale 1.
+
+    Bounds: `lo` (default 0) is assumed to pass; when lo > 0 it is simulated first and 0 is
+    returned if it fails. `hi` defaults to the capacity: the steady-state request throughput
+    of the same requests all arriving at t=0 (completions between the 10th and the 90th
+    percentile, so neither the ramp-up nor the drain counts; one simulation). Above the
+    capacity queues grow without bound, so a finite run that passes there is not trusted: when
+    `hi` passes it is returned as is (the goodput is capped at `hi`). Otherwise bisection until
+    the bracket [pass, fail] is at most `tol` wide (default 2% of hi), returning its lower end.
+    Simulations: [1 capacity probe] + [1 for lo > 0] + 1 for hi + ceil(log2((hi - lo) / tol)):
+    8 with the defaults.
+    """
+    instances = list(make_instances() if callable(make_instances) else make_instances)
+    if isinstance(workload, spec.Workload):
+        rate0 = base_rate(workload)
+        base = sample_requests(workload, n, seed=seed)
+
+        def requests_at(scale: float) -> Requests:
+            return base.scaled(scale)
+    else:
+        requests_at = workload
+        rate0 = requests_at(1.0).rate
+    if not (0 < rate0 < math.inf):
+        raise ValueError("the workload's requests need a finite, positive arrival rate")
+    trials: list[tuple[float, bool]] = []
+
+    def ok(rate: float) -> bool:
+        met = simulate(requests_at(rate / rate0), instances, router=router).meets(slo)
+        trials.append((rate, met))
+        return met
+
+    capacity = None
+    if hi is None:
+        probe = requests_at(1.0)
+        saturated = simulate(Requests(np.zeros(len(probe)), probe.prompt, probe.output), instances, router=router)
+        capacity = hi = _steady_throughput(saturated)
+        if not hi > 0:
+            return GoodputSearch(0.0, trials, capacity)
+    if tol is None:
+        tol = 0.02 * hi
+    if lo > 0 and not ok(lo):
+        return GoodputSearch(0.0, trials, capacity)
+    if ok(hi):
+        return GoodputSearch(hi, trials, capacity)
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return GoodputSearch(lo, trials, capacity)
+
+
+def _steady_throughput(result: SimResult) -> float:
+    """Requests/s between the 10th and the 90th percentile of completion times."""
+    finish = np.sort(result.finish[result.finished])
+    if len(finish) < 10:
+        return result.request_throughput
+    i, j = len(finish) // 10, len(finish) - 1 - len(finish) // 10
+    span = finish[j] - finish[i]
+    return (j - i) / span if span > 0 else result.request_throughput
