@@ -91,9 +91,14 @@ from .workload import Requests, base_rate, sample_requests
 class StepCost(Protocol):
     def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
         """Seconds for ONE pipeline stage to run one engine iteration. tokens: prefill-chunk tokens
-        plus one per decoding sequence; prefill_attn_pairs: sum over prefill chunks of chunk x
-        keys attended (chunk x (past + chunk)); decode_seqs, decode_kv_tokens: count and total
-        context (keys attended, the new token included) of the decoding sequences."""
+        plus one per decoding sequence; prefill_attn_pairs: sum over prefill chunks of their
+        (query, key) pairs, as `prefill_pairs` counts them; decode_seqs, decode_kv_tokens: count
+        and total context (keys attended, the new token included) of the decoding sequences."""
+        ...
+
+    def prefill_pairs(self, new_tokens: int, past_tokens: int) -> int:
+        """Causal (query, key) pairs of a prefill chunk of `new_tokens` after `past_tokens`
+        cached ones, under the model's attention pattern (e.g. a sliding window)."""
         ...
 
     def pp_hop_time(self, tokens: int) -> float:
@@ -155,7 +160,7 @@ class _Instance:
 class _Engine:
     """One scheduler (a virtual engine when pp > 1). See the module docstring."""
 
-    __slots__ = ("sim", "inst", "cfg", "B", "budget", "max_seqs", "chunked", "role", "pp", "step_time", "hop",
+    __slots__ = ("sim", "inst", "cfg", "B", "budget", "max_seqs", "chunked", "role", "pp", "step_time", "pair_count", "hop",
                  "d", "n_dec", "kv_sum", "cnt", "fin_heap", "stack", "waiting", "completing",
                  "work", "busy", "tokens_out", "preemptions", "iterations", "pending_tokens")
 
@@ -165,6 +170,7 @@ class _Engine:
         self.B, self.budget, self.max_seqs = cfg.block_size, cfg.max_batched_tokens, cfg.max_seqs
         self.chunked, self.role, self.pp = cfg.chunked_prefill, cfg.role, cfg.pp
         self.step_time, self.hop = cfg.cost.step_time, cfg.cost.pp_hop_time
+        self.pair_count = cfg.cost.prefill_pairs
         self.d = 0  # index of the next iteration
         self.n_dec = 0  # decoding sequences
         self.kv_sum = 0  # sum of the decoding sequences' contexts before the next iteration
@@ -206,6 +212,7 @@ class _Engine:
             state, prompt, pre_done, pre_total = sim.state, sim.prompt, sim.pre_done, sim.pre_total
             left = self.budget - n_dec
             first = True
+            pair_count = self.pair_count
             while waiting and left > 0:
                 rid = waiting[0]
                 st = state[rid]
@@ -242,7 +249,7 @@ class _Engine:
                     self._admit(rid)
                 pre_done[rid] = done + chunk
                 tokens += chunk
-                pairs += chunk * (done + chunk)
+                pairs += pair_count(chunk, done)
                 left -= chunk
                 first = False
                 if chunk == rest:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from flowc.api import load  # noqa: E402
+from flowc.api import load, simulate  # noqa: E402
 from flowc.compiler.diagnostics import Diagnostic, FlowError  # noqa: E402
 
-__all__ = ["load", "FlowError", "Diagnostic", "__version__"]
+
+def __getattr__(name: str):
+    # `estimate` pulls in the cost model and simulator (and numpy): load it on first use only.
+    if name == "estimate":
+        from flowc.compiler.estimate import estimate
+
+        return estimate
+    raise AttributeError(f"module 'flowc' has no attribute {name!r}")
+
+
+__all__ = ["load", "estimate", "simulate", "FlowError", "Diagnostic", "__version__"]

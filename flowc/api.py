@@ -55,4 +55,13 @@ def load(source: str | os.PathLike, *, allow_outside: bool = False) -> Spec:
     return check_sources(source, allow_outside=allow_outside).spec
 
 
-__all__ = ["load", "check_sources", "Checked", "FlowError"]
+def simulate(spec_or_plan: Spec | str | os.PathLike, workload=None, *, goodput: bool = False, seed: int = 0):
+    """Simulate every deployment of a spec (a Spec, a path or spec text); returns a report per
+    deployment. `workload` (a workload name or object) replaces each deployment's own."""
+    from flowc.compiler.serving import simulate_spec
+
+    spec = spec_or_plan if isinstance(spec_or_plan, Spec) else load(spec_or_plan)
+    return simulate_spec(spec, workload=workload, with_goodput=goodput, seed=seed)
+
+
+__all__ = ["load", "check_sources", "simulate", "Checked", "FlowError"]

@@ -50,6 +50,25 @@ def _build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", parents=[common], help="explain a diagnostic code, e.g. F0302")
     explain.add_argument("code")
 
+    estimate = commands.add_parser("estimate", parents=[common], help="predict one configuration (no search)")
+    estimate.add_argument("model", help="a standard library model, e.g. llama-3.1-70b")
+    estimate.add_argument("gpu", help="a standard library GPU, e.g. h100-sxm")
+    for flag in ("tp", "pp", "ep", "replicas"):
+        estimate.add_argument(f"--{flag}", type=int, default=1)
+    estimate.add_argument("--dtype", default="bf16", help="weight dtype (bf16, fp8, int4, ...)")
+    estimate.add_argument("--kv-dtype", default=None, help="KV-cache dtype (default: the model's)")
+    estimate.add_argument("--input-len", type=int, required=True, metavar="TOKENS")
+    estimate.add_argument("--output-len", type=int, required=True, metavar="TOKENS")
+    load = estimate.add_mutually_exclusive_group()
+    load.add_argument("--batch", type=int, help="closed loop at this concurrency")
+    load.add_argument("--rate", type=float, help="open-loop Poisson arrivals, requests/s")
+    estimate.add_argument("--disaggregated", type=int, nargs=2, metavar=("PREFILL", "DECODE"),
+                          help="prefill and decode instances instead of colocated replicas")
+
+    simulate = commands.add_parser("simulate", parents=[common], help="simulate every deployment of a spec")
+    simulate.add_argument("file", metavar="FILE")
+    simulate.add_argument("--goodput", action="store_true", help="also search the highest rate that meets the SLO")
+
     commands.add_parser("schema", parents=[common], help="print the JSON Schema of the spec IR")
     commands.add_parser("stdlib", parents=[common], help="list the standard library's GPUs and models")
     return parser
@@ -173,6 +192,50 @@ def _cmd_explain(args, out: _Output) -> int:
     return EXIT_OK
 
 
+def _cmd_estimate(args, out: _Output) -> int:
+    from flowc.compiler.diagnostics import FlowError
+    from flowc.compiler.estimate import estimate
+
+    try:
+        result = estimate(args.model, args.gpu, tp=args.tp, pp=args.pp, ep=args.ep, replicas=args.replicas,
+                          dtype=args.dtype, kv_dtype=args.kv_dtype, input_len=args.input_len,
+                          output_len=args.output_len, batch=args.batch, rate=args.rate,
+                          disaggregated=tuple(args.disaggregated) if args.disaggregated else None)
+    except FlowError as error:
+        out.diagnostics(error.diagnostics, error.sources)
+        return EXIT_INVALID
+    if out.json:
+        print(result.model_dump_json(indent=2))
+        return EXIT_OK
+    from flowc.reports import print_estimate
+
+    print_estimate(result)
+    return EXIT_OK
+
+
+def _cmd_simulate(args, out: _Output) -> int:
+    from flowc.api import check_sources
+    from flowc.compiler.diagnostics import FlowError
+    from flowc.compiler.serving import simulate_spec
+
+    missing = _missing_files([args.file], out)
+    if missing is not None:
+        return missing
+    try:
+        checked = check_sources(Path(args.file))
+        reports = simulate_spec(checked.spec, with_goodput=args.goodput)
+    except FlowError as error:
+        out.diagnostics(error.diagnostics, error.sources)
+        return EXIT_INVALID
+    if out.json:
+        print(json.dumps({name: report.model_dump() for name, report in reports.items()}, indent=2))
+        return EXIT_OK
+    from flowc.reports import print_simulation
+
+    print_simulation(reports)
+    return EXIT_OK
+
+
 def _cmd_schema(args, out: _Output) -> int:
     from flowc.compiler.spec import Spec
 
@@ -187,8 +250,8 @@ def _cmd_stdlib(args, out: _Output) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "schema": _cmd_schema,
-            "stdlib": _cmd_stdlib}
+COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "estimate": _cmd_estimate,
+            "simulate": _cmd_simulate, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
-from flowc.compiler.checker import check
-from flowc.compiler.imports import load_program, std_modules
+from flowc.compiler.library import stdlib_spec
 from flowc.compiler.memory import kv_bytes_per_token, param_counts, weight_bytes
-from flowc.compiler.source import SourceFile
 from flowc.compiler.spec import Spec
-
-
-def stdlib_spec() -> Spec:
-    text = "\n".join(f"use std.{module}" for module in std_modules()) + "\n"
-    spec, _ = check(load_program(text=SourceFile("<stdlib>", text)))
-    return spec
 
 
 def _gpu_rows(spec: Spec) -> list[dict]:
@@ -48,11 +39,11 @@ def stdlib_listing(*, as_json: bool, color: bool) -> None:
         print(json.dumps({"gpus": gpus, "models": models, "slos": sorted(spec.slos), "links": sorted(spec.links)},
                          indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    # Wide enough for every column when piped; a terminal keeps its own width.
-    console = Console(no_color=not color, highlight=False, width=None if sys.stdout.isatty() else 140)
+    from flowc.console import make_console
+
+    console = make_console(color)
     table = Table(title="GPUs (use std.gpus)", title_justify="left")
     for column in ("name", "memory", "HBM BW", "bf16", "fp8", "interconnect"):
         table.add_column(column, justify="left" if column in ("name", "interconnect") else "right")

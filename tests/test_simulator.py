@@ -24,6 +24,9 @@ class LinearCost:
     def pp_hop_time(self, tokens):
         return self.hop
 
+    def prefill_pairs(self, new_tokens, past_tokens):
+        return new_tokens * past_tokens + new_tokens * (new_tokens + 1) // 2  # causal, no window
+
     def kv_transfer_time(self, tokens):
         return self.xfer * tokens
 
@@ -104,10 +107,10 @@ def test_decode_cost_sees_the_growing_context():
 
 
 def test_prefill_attention_pairs_per_chunk():
-    # prompt 10 tokens, budget 4: chunks 4, 4, 2 attending 4, 8, 10 keys
+    # prompt 10 tokens, budget 4: chunks 4, 4, 2 after 0, 4, 8 cached tokens (causal pairs)
     e = 1.0
     result = simulate(fixed_requests(1, 10, 1), [instance(LinearCost(0.0, e=e), max_batched_tokens=4)])
-    assert result.ttft[0] == pytest.approx(4 * 4 + 4 * 8 + 2 * 10)
+    assert result.ttft[0] == pytest.approx((0 + 10) + (16 + 10) + (16 + 3))
 
 
 def test_chunked_prefill_takes_ceil_prompt_over_budget_iterations():
@@ -250,7 +253,7 @@ def naive_simulate(requests: Requests, cfg: InstanceConfig):
             if chunk < rest:
                 break
         tokens = len(decoders) + sum(c for _, c in chunks)
-        pairs = sum(c * (kv[r] + c) for r, c in chunks)
+        pairs = sum(c * kv[r] + c * (c + 1) // 2 for r, c in chunks)
         dt = cost.step_time(tokens, pairs, len(decoders), sum(kv[r] + 1 for r in decoders))
         now += dt
         iterations += 1

@@ -1,0 +1,171 @@
+"""`flowc.estimate`: predict one fixed configuration (no search) with the cost model, the
+memory model and the simulator.
+
+With `batch` the prediction is a closed-loop run at that concurrency; with `rate` an open-loop
+Poisson run; with neither, offline maximum throughput (every request queued at t = 0).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, Field
+
+from .candidates import valid_tp
+from .cost import CostModel, Parallelism
+from .diagnostics import Diagnostic, FlowError, suggestion_help
+from .library import stdlib_spec
+from .memory import memory_budget
+from .simulator import InstanceConfig, simulate
+from .spec import DTYPE_BYTES, GPU, Link, Model
+from .workload import fixed_requests
+
+# Requests simulated per estimate: enough for stable percentiles, few enough to stay fast.
+OPEN_LOOP_REQUESTS = 400
+CLOSED_LOOP_ROUNDS = 4
+OFFLINE_REQUESTS_MAX = 2048
+
+
+class LatencyStats(BaseModel):
+    """Milliseconds."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+
+class Estimate(BaseModel):
+    model: str
+    gpu: str
+    tp: int
+    pp: int
+    ep: int
+    replicas: int
+    disaggregated: Optional[tuple[int, int]] = Field(None, description="prefill and decode instances")
+    gpus: int
+    mode: Literal["closed_loop", "open_loop", "offline"]
+    input_len: int
+    output_len: int
+    ttft_ms: LatencyStats
+    tpot_ms: LatencyStats
+    e2e_ms: LatencyStats
+    output_tokens_per_s: float
+    output_tokens_per_s_per_gpu: float
+    requests_per_s: float
+    kv_capacity_tokens: int = Field(description="per instance")
+    max_concurrent_seqs: int = Field(description="per instance: sequences of input_len + output_len that fit at once")
+    memory_per_gpu: dict[str, int] = Field(description="bytes per category on one GPU")
+    requests_simulated: int
+    preemptions: int
+    calibrated: bool
+    calibration_source: str
+
+
+def _fail(code: str, message: str, help: str | None = None, notes: tuple[str, ...] = ()) -> FlowError:
+    return FlowError([Diagnostic(code, message, help=help, notes=notes)])
+
+
+def _resolve(name_or_object, table: dict, kind: str):
+    if not isinstance(name_or_object, str):
+        return name_or_object
+    if name_or_object in table:
+        return table[name_or_object]
+    raise _fail("F0201", f"unknown {kind} `{name_or_object}`",
+                suggestion_help(name_or_object, table, f"standard library {kind}s"))
+
+
+def _check_parallelism(m: Model, tp: int, pp: int, ep: int) -> None:
+    for name, value in (("tp", tp), ("pp", pp), ("ep", ep)):
+        if not isinstance(value, int) or value < 1:
+            raise _fail("F0307", f"{name} must be a whole number of at least 1, not {value!r}")
+    if tp not in valid_tp(m):
+        raise _fail("F0401", f"tp {tp} cannot split {m.name}'s {m.heads} attention heads ({m.kv_heads} KV heads)",
+                    "tensor parallel degrees for this model: " + ", ".join(map(str, valid_tp(m))))
+    if m.layers % pp:
+        raise _fail("F0402", f"pp {pp} cannot split {m.name}'s {m.layers} layers evenly")
+    if ep > 1 and (m.moe is None or m.moe.experts % ep or tp % ep):
+        why = "is dense" if m.moe is None else f"has {m.moe.experts} experts and tp {tp}"
+        raise _fail("F0403", f"ep {ep} is not possible: {m.name} {why}",
+                    "ep must divide both the number of experts and tp")
+
+
+def estimate(model: Union[str, Model], gpu: Union[str, GPU], *, tp: int = 1, pp: int = 1, ep: int = 1,
+             replicas: int = 1, dtype: str = "bf16", kv_dtype: Optional[str] = None, input_len: int,
+             output_len: int, batch: Optional[int] = None, rate: Optional[float] = None,
+             disaggregated: Optional[tuple[int, int]] = None, max_batched_tokens: int = 8192,
+             max_seqs: int = 256, block_size: int = 16, link: Optional[Link] = None, seed: int = 0) -> Estimate:
+    """Predict one configuration. Raises FlowError (never a traceback) for an unknown model or
+    GPU, a parallelism the model cannot take, or a configuration that does not fit in memory.
+
+    `disaggregated=(p, d)` runs p prefill and d decode instances instead of `replicas`
+    colocated ones; `link` is the link between an instance's GPUs (default: the GPU's own)."""
+    stdlib = stdlib_spec()
+    m = _resolve(model, stdlib.models, "model")
+    g = _resolve(gpu, stdlib.gpus, "GPU")
+    for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype or m.kv)):
+        if value not in DTYPE_BYTES:
+            raise _fail("F0306", f"unknown {name} `{value}`", suggestion_help(value, DTYPE_BYTES, "dtypes"))
+    m = m.model_copy(update={"weights": dtype, "kv": kv_dtype or m.kv})
+    _check_parallelism(m, tp, pp, ep)
+    if batch is not None and rate is not None:
+        raise ValueError("give `batch` (closed loop) or `rate` (open loop), not both")
+    if input_len < 1 or output_len < 1:
+        raise _fail("F0307", "input_len and output_len must be at least 1 token")
+    budget = memory_budget(m, g.memory, tp=tp, pp=pp, max_batched_tokens=max_batched_tokens, max_seqs=max_seqs,
+                           block_size=block_size)
+    if not budget.fits:
+        raise _fail("F0503", f"{m.name} at {m.weights} does not fit on {tp * pp} x {g.name} (tp {tp}, pp {pp})",
+                    "use a larger tp or pp, or quantize the weights",
+                    (f"per GPU: weights {budget.weights / 2**30:.1f} GiB + activations "
+                     f"{budget.activations / 2**30:.1f} GiB + reserve {budget.reserve / 2**30:.1f} GiB > "
+                     f"{budget.usable / 2**30:.1f} GiB usable",))
+    blocks_per_request = -(-(input_len + output_len) // block_size)
+    concurrent = min(max_seqs, budget.kv_blocks // blocks_per_request)
+    if concurrent < 1:
+        raise _fail("F0504", f"one request of {input_len + output_len} tokens needs {blocks_per_request} KV blocks; "
+                    f"the instance holds {budget.kv_blocks}", "use a larger tp or pp, or `kv_dtype='fp8'`")
+    if batch is not None and batch > concurrent:
+        raise _fail("F0504", f"a batch of {batch} sequences of {input_len + output_len} tokens does not fit in the "
+                    f"KV cache: at most {concurrent} fit at once",
+                    f"use batch <= {concurrent}, a larger tp or pp, or `kv_dtype='fp8'`",
+                    (f"KV cache: {budget.kv_tokens:,} tokens per instance "
+                     f"({budget.kv / 2**30:.1f} GiB per GPU / {budget.kv_bytes_per_token:,} B per token)",))
+
+    cost = CostModel(m, g, link or stdlib.links[g.interconnect], parallelism=Parallelism(tp=tp, pp=pp, ep=ep))
+    base = dict(cost=cost, pp=pp, kv_capacity_tokens=budget.kv_tokens, block_size=block_size,
+                max_batched_tokens=max_batched_tokens, max_seqs=max_seqs)
+    if disaggregated:
+        prefill, decode = disaggregated
+        instances = ([InstanceConfig(**base, role="prefill")] * prefill + [InstanceConfig(**base, role="decode")] * decode)
+    else:
+        instances = [InstanceConfig(**base)] * replicas
+
+    if batch is not None:
+        mode, n = "closed_loop", max(batch * CLOSED_LOOP_ROUNDS * len(instances), 32)
+        requests = fixed_requests(n, input_len, output_len)
+        result = simulate(requests, instances, router="least_work", closed_loop_concurrency=batch * len(instances))
+    elif rate is not None:
+        mode = "open_loop"
+        requests = fixed_requests(OPEN_LOOP_REQUESTS, input_len, output_len, rate=rate, seed=seed)
+        result = simulate(requests, instances, router="least_work")
+    else:
+        mode, n = "offline", min(OFFLINE_REQUESTS_MAX, max(2 * concurrent * len(instances), 32))
+        result = simulate(fixed_requests(n, input_len, output_len), instances, router="least_work")
+
+    gpus = tp * pp * len(instances)
+
+    def stats(metric: str) -> LatencyStats:
+        return LatencyStats(mean=result.mean(metric) * 1e3,
+                            **{f"p{p}": result.percentile(metric, p) * 1e3 for p in (50, 90, 99)})
+
+    return Estimate(
+        model=m.name, gpu=g.name, tp=tp, pp=pp, ep=ep, replicas=len(instances), disaggregated=disaggregated,
+        gpus=gpus, mode=mode, input_len=input_len, output_len=output_len,
+        ttft_ms=stats("ttft"), tpot_ms=stats("tpot"), e2e_ms=stats("e2e"),
+        output_tokens_per_s=result.output_throughput, output_tokens_per_s_per_gpu=result.output_throughput / gpus,
+        requests_per_s=result.request_throughput, kv_capacity_tokens=budget.kv_tokens,
+        max_concurrent_seqs=concurrent, memory_per_gpu=budget.by_category(),
+        requests_simulated=int(result.finished.sum()), preemptions=result.preemptions,
+        calibrated=cost.calibrated, calibration_source=cost.calibration_source,
+    )

@@ -1,0 +1,18 @@
+"""The whole standard library, checked once per process: what names like `h100-sxm` or
+`llama-3.1-70b` mean outside a spec (`flowc.estimate`, `flowc stdlib`)."""
+
+from __future__ import annotations
+
+import functools
+
+from .checker import check
+from .imports import load_program, std_modules
+from .source import SourceFile
+from .spec import Spec
+
+
+@functools.cache
+def stdlib_spec() -> Spec:
+    text = "\n".join(f"use std.{module}" for module in std_modules()) + "\n"
+    spec, _ = check(load_program(text=SourceFile("<stdlib>", text)))
+    return spec

@@ -1,0 +1,123 @@
+"""`flowc.simulate`: run every deployment of a checked spec through the simulator.
+
+Until the optimizer chooses configurations, each deployment runs a baseline: the instance shape
+with the fewest GPUs that holds the weights and the longest request, replicated over the
+deployment's share of the cluster (its `max_gpus`, or an equal split among the deployments
+that share the cluster).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel
+
+from .candidates import Shape, instance_shapes
+from .cost import CostModel, Parallelism
+from .diagnostics import Diagnostic, FlowError, suggestion_help
+from .estimate import LatencyStats
+from .simulator import InstanceConfig, SimResult, goodput, simulate
+from .spec import Deployment, Spec, Workload
+from .workload import sample_requests
+
+
+class TargetReport(BaseModel):
+    metric: str
+    percentile: Optional[float]
+    limit_ms: float
+    value_ms: Optional[float]  # the percentile's value (None for a bare limit)
+    share_meeting: float  # of requests under the limit
+    met: bool
+
+
+class DeploymentReport(BaseModel):
+    deployment: str
+    model: str
+    gpu: str
+    tp: int
+    pp: int
+    replicas: int
+    gpus: int
+    kv_capacity_tokens: int
+    requests: int
+    finished: int
+    preemptions: int
+    ttft_ms: LatencyStats
+    tpot_ms: LatencyStats
+    e2e_ms: LatencyStats
+    output_tokens_per_s: float
+    output_tokens_per_s_per_gpu: float
+    targets: list[TargetReport]
+    joint_attainment: float
+    meets_slo: bool
+    goodput_req_s: Optional[float] = None
+    goodput_req_s_per_gpu: Optional[float] = None
+    calibrated: bool
+    note: str = "baseline configuration: the smallest instance that fits, replicated over the deployment's GPUs"
+
+
+def _baseline(spec: Spec, d: Deployment, longest: int) -> Shape:
+    shapes = [s for s in instance_shapes(spec, d) if s.budget.fits and s.budget.kv_tokens >= longest]
+    if not shapes:  # the checker's F0503/F0504 make this unreachable for checked specs
+        raise FlowError([Diagnostic("F0503", f"no instance of {d.model.name} fits deployment `{d.name}`")])
+    return min(shapes, key=lambda s: (s.gpus, -s.budget.kv_tokens))
+
+
+def _gpu_share(spec: Spec, d: Deployment) -> int:
+    sharing = [other for other in spec.deployments.values() if other.cluster == d.cluster]
+    return d.max_gpus or spec.clusters[d.cluster].total_gpus // len(sharing)
+
+
+def _stats(result: SimResult, metric: str) -> LatencyStats:
+    return LatencyStats(mean=result.mean(metric) * 1e3,
+                        **{f"p{p}": result.percentile(metric, p) * 1e3 for p in (50, 90, 99)})
+
+
+def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None = None, with_goodput: bool = False,
+                        seed: int = 0) -> DeploymentReport:
+    workload, slo = workload or spec.workloads[d.workload], spec.slos[d.slo]
+    requests = sample_requests(workload, seed=seed)
+    longest = int((requests.prompt + requests.output).max())
+    shape = _baseline(spec, d, longest)
+    gpu = spec.gpus[shape.gpu]
+    link = next(group.link for group in spec.clusters[d.cluster].nodes if group.gpu == shape.gpu)
+    cost = CostModel(d.model, gpu, link, parallelism=Parallelism(tp=shape.tp, pp=shape.pp))
+    replicas = max(1, _gpu_share(spec, d) // shape.gpus)
+    instance = InstanceConfig(cost=cost, pp=shape.pp, kv_capacity_tokens=shape.budget.kv_tokens,
+                              block_size=shape.budget.block_size)
+
+    def instances(_rate_scale: float = 1.0) -> list[InstanceConfig]:
+        return [instance] * replicas
+
+    result = simulate(requests, instances(), router="least_work")
+    attainment = result.attainment(slo)
+    targets = [TargetReport(metric=t.metric, percentile=t.percentile, limit_ms=t.limit * 1e3,
+                            value_ms=None if t.percentile is None else result.percentile(t.metric, t.percentile) * 1e3,
+                            share_meeting=attainment[t.metric]["share"], met=attainment[t.metric]["met"])
+               for t in slo.targets]
+    gpus = replicas * shape.gpus
+    rate = None
+    if with_goodput:
+        rate = goodput(instances, lambda scale: sample_requests(workload, seed=seed, rate_scale=scale), slo)
+    return DeploymentReport(
+        deployment=d.name, model=d.model.name, gpu=shape.gpu, tp=shape.tp, pp=shape.pp, replicas=replicas, gpus=gpus,
+        kv_capacity_tokens=shape.budget.kv_tokens, requests=len(requests.arrival),
+        finished=int(result.finished.sum()), preemptions=result.preemptions,
+        ttft_ms=_stats(result, "ttft"), tpot_ms=_stats(result, "tpot"), e2e_ms=_stats(result, "e2e"),
+        output_tokens_per_s=result.output_throughput, output_tokens_per_s_per_gpu=result.output_throughput / gpus,
+        targets=targets, joint_attainment=attainment["joint"]["share"], meets_slo=result.meets(slo),
+        goodput_req_s=rate, goodput_req_s_per_gpu=None if rate is None else rate / gpus, calibrated=cost.calibrated,
+    )
+
+
+def simulate_spec(spec: Spec, *, workload: Workload | str | None = None, with_goodput: bool = False,
+                  seed: int = 0) -> dict[str, DeploymentReport]:
+    """Simulate every deployment, each under its own workload or under `workload` (a name in
+    the spec or a Workload)."""
+    if isinstance(workload, str):
+        if workload not in spec.workloads:
+            raise FlowError([Diagnostic("F0201", f"unknown workload `{workload}`",
+                                        help=suggestion_help(workload, spec.workloads, "workloads"))])
+        workload = spec.workloads[workload]
+    return {name: simulate_deployment(spec, d, workload=workload, with_goodput=with_goodput, seed=seed)
+            for name, d in spec.deployments.items()}

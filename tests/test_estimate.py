@@ -1,0 +1,104 @@
+"""flowc.estimate and flowc.simulate: one configuration and whole specs, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import flowc
+from flowc.cli import main
+from flowc.compiler.cost import CostModel, Parallelism
+from flowc.compiler.library import stdlib_spec
+from flowc.compiler.memory import memory_budget
+
+GiB = 2**30
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def std():
+    return stdlib_spec()
+
+
+def test_estimate_reports_memory_and_capacity_from_the_memory_model(std):
+    e = flowc.estimate("llama-3.1-70b", "h100-sxm", tp=4, input_len=1024, output_len=256, batch=8)
+    budget = memory_budget(std.models["llama-3.1-70b"], 80 * GiB, tp=4)
+    assert e.kv_capacity_tokens == budget.kv_tokens
+    assert e.memory_per_gpu == budget.by_category()
+    assert sum(e.memory_per_gpu.values()) == 80 * GiB
+    # 1280 tokens = 80 blocks of 16 per sequence; the 256-sequence cap binds first.
+    assert e.max_concurrent_seqs == min(256, budget.kv_blocks // 80)
+    assert e.gpus == 4 and e.mode == "closed_loop"
+    assert e.output_tokens_per_s_per_gpu == pytest.approx(e.output_tokens_per_s / 4)
+    assert e.requests_simulated > 0 and e.preemptions == 0
+
+
+def test_batch_one_tpot_is_the_cost_models_decode_step(std):
+    """With one sequence in flight every output token is one decode step of that sequence."""
+    m, g = std.models["llama-3.1-8b"], std.gpus["h100-sxm"]
+    e = flowc.estimate(m, g, input_len=512, output_len=64, batch=1)
+    cost = CostModel(m, g, std.links[g.interconnect], parallelism=Parallelism())
+    steps = [cost.step_time(1, 0, 1, 512 + i + 1) for i in range(1, 64)]
+    assert e.tpot_ms.mean == pytest.approx(sum(steps) / len(steps) * 1e3, rel=0.02)
+    prefill = cost.step_time(512, 512 * 513 // 2, 0, 0)
+    assert e.ttft_ms.p50 == pytest.approx(prefill * 1e3, rel=0.05)
+
+
+def test_more_load_means_more_latency_and_offline_means_most_throughput():
+    common = dict(tp=1, input_len=512, output_len=128)
+    light = flowc.estimate("llama-3.1-8b", "h100-sxm", rate=1.0, **common)
+    heavy = flowc.estimate("llama-3.1-8b", "h100-sxm", rate=40.0, **common)
+    offline = flowc.estimate("llama-3.1-8b", "h100-sxm", **common)
+    assert heavy.tpot_ms.p50 > light.tpot_ms.p50
+    assert offline.output_tokens_per_s > heavy.output_tokens_per_s > light.output_tokens_per_s
+    assert offline.mode == "offline" and light.mode == "open_loop"
+
+
+def test_replicas_and_disaggregation_count_gpus():
+    two = flowc.estimate("llama-3.1-8b", "h100-sxm", replicas=2, input_len=256, output_len=64, rate=4.0)
+    split = flowc.estimate("llama-3.1-8b", "h100-sxm", input_len=256, output_len=64, rate=4.0, disaggregated=(1, 2))
+    assert two.gpus == 2 and split.gpus == 3 and split.disaggregated == (1, 2)
+
+
+@pytest.mark.parametrize("kwargs, code, words", [
+    (dict(model="llama-3.1-70", gpu="h100-sxm"), "F0201", "llama-3.1-70b"),
+    (dict(model="llama-3.1-8b", gpu="h100"), "F0201", "h100-sxm"),
+    (dict(model="llama-3.1-70b", gpu="h100-sxm", tp=3), "F0401", "1, 2, 4, 8"),
+    (dict(model="llama-3.1-70b", gpu="h100-sxm", pp=3), "F0402", "80 layers"),
+    (dict(model="llama-3.1-8b", gpu="h100-sxm", ep=2), "F0403", "dense"),
+    (dict(model="llama-3.1-405b", gpu="h100-sxm", tp=1), "F0503", "usable"),
+    (dict(model="llama-3.1-70b", gpu="h100-sxm", tp=2, batch=200), "F0504", "at most"),
+    (dict(model="llama-3.1-8b", gpu="h100-sxm", dtype="fp9"), "F0306", "fp8"),
+])
+def test_bad_configurations_are_diagnostics(kwargs, code, words):
+    kwargs = {"input_len": 1024, "output_len": 256, **kwargs}
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.estimate(kwargs.pop("model"), kwargs.pop("gpu"), **kwargs)
+    assert caught.value.codes == [code]
+    assert words in str(caught.value)
+
+
+def test_cli_estimate_json_and_errors(capsys):
+    assert main(["estimate", "llama-3.1-8b", "h100-sxm", "--input-len", "256", "--output-len", "32", "--batch", "4",
+                 "--json"]) == 0
+    document = capsys.readouterr().out
+    assert '"kv_capacity_tokens"' in document and '"tpot_ms"' in document
+    assert main(["estimate", "llama-3.1-70b", "h100-sxm", "--tp", "3", "--input-len", "8", "--output-len", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "error[F0401]" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as caught:  # --batch and --rate exclude each other: a usage error
+        main(["estimate", "llama-3.1-8b", "h100-sxm", "--input-len", "8", "--output-len", "8", "--batch", "1",
+              "--rate", "2"])
+    assert caught.value.code == 2
+
+
+def test_simulate_a_whole_spec(capsys):
+    reports = flowc.simulate(EXAMPLES / "shared-cluster.flow")
+    assert set(reports) == {"small", "large"}
+    small = reports["small"]
+    assert small.gpus <= 2 and small.finished == small.requests == 1000
+    assert [t.metric for t in small.targets] == [t.metric for t in flowc.load(EXAMPLES / "shared-cluster.flow").slos["chat"].targets]
+    assert 0 <= small.joint_attainment <= 1
+    assert main(["simulate", str(EXAMPLES / "chat-70b.flow")]) == 0
+    assert "deploy chatbot" in capsys.readouterr().out
