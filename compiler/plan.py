@@ -1,0 +1,139 @@
+"""The plan: the one contract between the compiler and the runtime.
+
+A versioned pydantic document (`format_version` "MAJOR.MINOR"; minor bumps only add fields).
+For each deployment: its mode, its instance groups (role, TP, PP, EP and the exact GPUs of each
+instance), the scheduler settings, a memory map per GPU, the predicted metrics, the
+alternatives considered with the reason each lost, and the constraints that bind.
+
+A GPU is named by `GpuRef(node, index)`: `node` counts the cluster's nodes in declaration order
+(node groups expanded, `node x 2` is nodes 0 and 1), `index` the GPU within its node.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = "1.0"
+
+
+class PlanModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GpuRef(PlanModel):
+    node: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"n{self.node}g{self.index}"
+
+
+class Instance(PlanModel):
+    """One engine: tp x pp GPUs; `gpus[stage * tp + rank]` is the GPU of TP rank `rank` in
+    pipeline stage `stage`."""
+
+    gpus: list[GpuRef]
+
+
+class Scheduler(PlanModel):
+    max_batched_tokens: int
+    chunk_size: int = Field(description="largest prefill chunk; equals max_batched_tokens when chunking is off")
+    max_seqs: int
+    block_size: int
+
+
+class MemoryMap(PlanModel):
+    """Bytes on one GPU of an instance, from the single memory model (compiler/memory.py)."""
+
+    capacity: int
+    weights: int
+    kv_cache: int
+    kv_blocks: int = Field(description="blocks of the instance's KV cache (each GPU holds its share of every block)")
+    activations: int = Field(description="the activation arena")
+    reserve: int
+    free: int
+    offloaded: dict[str, int] = Field(default_factory=dict, description="bytes kept in host memory, by category")
+    arena_offsets: dict[str, int] = Field(default_factory=dict,
+                                          description="offset of each activation buffer in the arena")
+
+
+class InstanceGroup(PlanModel):
+    role: Literal["colocated", "prefill", "decode"]
+    gpu: str = Field(description="GPU type (stdlib or spec name)")
+    tp: int
+    pp: int
+    ep: int = 1
+    instances: list[Instance]
+    scheduler: Scheduler
+    memory: MemoryMap
+    capacity_rps: float = Field(description="requests/s one instance sustains under the SLO (simulated)")
+
+    @property
+    def replicas(self) -> int:
+        return len(self.instances)
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+
+class Percentiles(PlanModel):
+    """Milliseconds."""
+
+    p50: float
+    p90: float
+    p99: float
+
+
+class Predicted(PlanModel):
+    ttft_ms: Percentiles
+    tpot_ms: Percentiles
+    e2e_ms: Percentiles
+    output_tokens_per_s: float
+    goodput_rps: float = Field(description="highest arrival rate meeting the SLO, for the whole deployment")
+    goodput_rps_per_gpu: float
+    attainment: float = Field(description="joint SLO attainment at the workload's rate")
+    meets_slo: bool
+
+
+class Alternative(PlanModel):
+    summary: str = Field(description="e.g. `tp 2 x 4 replicas, colocated`")
+    objective_value: Optional[float] = None
+    reason: str = Field(description="why it lost")
+
+
+class DeploymentPlan(PlanModel):
+    name: str
+    cluster: str
+    model: str
+    weights: str
+    kv: str
+    mode: Literal["colocated", "disaggregated"]
+    objective: str
+    groups: list[InstanceGroup]
+    predicted: Predicted
+    alternatives: list[Alternative] = Field(default_factory=list)
+    binding: list[str] = Field(default_factory=list, description="constraints that limit the plan")
+
+    @property
+    def gpus(self) -> int:
+        return sum(g.replicas * g.gpus_per_instance for g in self.groups)
+
+
+class SolverStatus(PlanModel):
+    status: Literal["optimal", "feasible"]
+    objective: float
+    bound: float
+    gap: float = Field(description="relative gap between objective and bound")
+    wall_s: float
+
+
+class Plan(PlanModel):
+    format_version: str = FORMAT_VERSION
+    flowc_version: str
+    spec_files: list[str]
+    deployments: list[DeploymentPlan]
+    solver: SolverStatus
+    compile_s: float
