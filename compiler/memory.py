@@ -162,19 +162,11 @@ def kv_bytes_per_token_per_rank(m: Model, tp: int = 1, pp: int = 1) -> int:
 
 
 def activation_peak_bytes(m: Model, tp: int, max_batched_tokens: int, max_seqs: int) -> int:
-    """Peak transient memory of one iteration at the token budget: the residual stream and its
-    normalized copy, the widest intermediate of a layer on this rank, and fp32 logits of the
-    sequences that sample. An upper-bound estimate of what engines profile at startup."""
-    if m.mla is not None:
-        qkv = m.heads * (m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim) // tp + m.mla.kv_lora_rank
-    else:
-        qkv = (m.heads + 2 * m.kv_heads) * m.head_dim // tp
-    mlp = 2 * m.ffn // tp
-    if m.moe is not None:
-        mlp = max(mlp, m.moe.top_k * 2 * m.moe.expert_ffn // tp)
-    per_token = 2 * m.hidden + max(qkv, mlp)
-    logits = min(max_seqs, max_batched_tokens) * _ceil_div(m.vocab, tp) * LOGIT_BYTES
-    return int(max_batched_tokens * per_token * ACTIVATION_BYTES + logits)
+    """Peak transient memory of one iteration at the token budget on one TP rank: the peak of
+    live bytes of the step's buffer graph (compiler/arena.py), which the arena packing reaches."""
+    from .arena import lower_bound, step_buffers  # arena.py builds on this module's constants
+
+    return lower_bound(step_buffers(m, tp, max_batched_tokens, max_seqs))
 
 
 def runtime_reserve_bytes(gpus_per_instance: int) -> int:

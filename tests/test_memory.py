@@ -173,11 +173,16 @@ def test_pipeline_stages_split_layers_and_vocabulary(models):
     assert weight_bytes_per_rank(m, pp=2) == int(per_stage)
 
 
-def test_activation_peak_by_hand(models):
+def test_activation_peak_is_the_step_graphs_live_peak(models):
+    from flowc.compiler.arena import lower_bound, step_buffers
+
     m = models["llama-3.1-8b"]
-    widest = max((32 + 2 * 8) * 128, 2 * 14336)
-    expected = 8192 * (2 * 4096 + widest) * 2 + 256 * 128256 * 4
-    assert activation_peak_bytes(m, 1, 8192, 256) == expected == 735_313_920
+    peak = activation_peak_bytes(m, 1, 8192, 256)
+    assert peak == lower_bound(step_buffers(m, 1, 8192, 256))
+    # at least the residual stream, one normalized copy and the fp32 logits of the sampled rows
+    assert peak >= 8192 * 2 * 4096 * 2 + 256 * 128256 * 4
+    moe = models["mixtral-8x7b"]  # top-2 routing doubles the per-assignment tensors
+    assert activation_peak_bytes(moe, 1, 8192, 256) > activation_peak_bytes(models["llama-3.1-8b"], 1, 8192, 256)
 
 
 def test_budget_llama_8b_on_h100(models):
@@ -188,7 +193,7 @@ def test_budget_llama_8b_on_h100(models):
     kv = budget.usable - budget.weights - budget.activations - budget.reserve
     assert budget.kv == kv
     assert budget.kv_blocks == kv // (131_072 * 16)
-    assert budget.kv_tokens == budget.kv_blocks * 16 == 449_392
+    assert budget.kv_tokens == budget.kv_blocks * 16
     categories = budget.by_category()
     assert sum(categories.values()) == 80 * GiB
     assert categories["weights"] == weight_bytes(m)  # one GPU holds everything at tp 1
