@@ -19,7 +19,8 @@ FORMAT_VERSION = "1.0"
 
 
 class PlanModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Percentiles of a run with rejected requests are infinite: keep them as JSON's Infinity.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 
 class GpuRef(PlanModel):
@@ -39,7 +40,8 @@ class Instance(PlanModel):
 
 class Scheduler(PlanModel):
     max_batched_tokens: int
-    chunk_size: int = Field(description="largest prefill chunk; equals max_batched_tokens when chunking is off")
+    chunked_prefill: bool = True
+    chunk_size: int = Field(description="largest prefill chunk (at most max_batched_tokens)")
     max_seqs: int
     block_size: int
 

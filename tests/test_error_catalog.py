@@ -8,6 +8,13 @@ Layout (tests/error_catalog/):
   tests/error_catalog/ on the bare file name.
 - `CODE/main.flow` with `CODE/expected.txt` and `CODE/expected.json`: the same for codes that need
   several files (imports, traces), run inside CODE/.
+- `CODE/main.flow` with `CODE/plan.json` next to it (plan fixtures, the F052x codes of the
+  verifier): a valid spec and a plan whose first diagnostic is CODE. `CODE/expected.txt` is what
+  `flowc verify --no-color plan.json --against main.flow` prints (stderr, then stdout) and
+  `CODE/expected.json` what `flowc verify --json plan.json --against main.flow` prints on stdout,
+  run inside CODE/.
+- `CODE.flow` for the codes of `flowc compile` (COMPILE_CODES): a spec that checks clean and
+  fails to compile; the goldens are what `flowc compile` prints.
 - Other entries (such as `F0207_shared/`, a file that F0207's fixture imports from outside its
   tree) are not fixtures.
 
@@ -60,11 +67,17 @@ def _fixture(code: str) -> tuple[Path, str, Path, Path] | None:
     return None
 
 
+def _plan_fixture(code: str) -> bool:
+    return (CATALOG / code / "plan.json").is_file()
+
+
 def _fixtures() -> list[str]:
     found = {p.stem for p in CATALOG.glob("*.flow")} | {p.name for p in CATALOG.iterdir() if p.is_dir()}
     return sorted(code for code in found if CODE.fullmatch(code))
 
 
+# Codes that `flowc compile` raises on a spec that checks clean; the others come from `check`.
+COMPILE_CODES = {"F0510", "F0511"}
 DOCUMENTED = _documented()
 FIXTURES = _fixtures()
 
@@ -127,12 +140,44 @@ def _compare(golden: Path, actual: str) -> None:
     assert actual == golden.read_text(encoding="utf-8"), f"output differs from {golden.relative_to(ROOT)}"
 
 
-@pytest.mark.parametrize("code", FIXTURES)
+@pytest.mark.parametrize("code", [code for code in FIXTURES if _plan_fixture(code)])
+def test_plan_fixture(code, monkeypatch, capsys):
+    workdir, name, text_golden, json_golden = _fixture(code)
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        status = main(["verify", *args])
+        out, err = capsys.readouterr()
+        return status, _stable(out, workdir), _stable(err, workdir)
+
+    # the spec itself is valid: the mistake is in the plan
+    assert _run(["check", name], workdir, monkeypatch, capsys)[0] == 0
+
+    status, out, err = run(["--json", "plan.json", "--against", name])
+    document = json.loads(out)
+    assert status == 1
+    assert err == ""
+    assert document["diagnostics"], "the fixture produced no diagnostic"
+    assert document["diagnostics"][0]["code"] == code, "the first diagnostic is not the fixture's code"
+    _compare(json_golden, out)
+
+    status, out, err = run(["--no-color", "plan.json", "--against", name])
+    assert status == 1
+    assert re.match(rf"error\[{code}\]", err)
+    _compare(text_golden, err + out)
+
+
+@pytest.mark.parametrize("code", [code for code in FIXTURES if not _plan_fixture(code)])
 def test_fixture(code, monkeypatch, capsys):
     workdir, name, text_golden, json_golden = _fixture(code)
     expected_status = 0 if code.startswith("W") else 1
+    command = "compile" if code in COMPILE_CODES else "check"
+    if command == "compile":  # the spec itself is valid: only compiling it fails
+        assert _run(["check", name], workdir, monkeypatch, capsys)[0] == 0
 
-    status, out, err = _run(["check", "--json", name], workdir, monkeypatch, capsys)
+    status, out, err = _run([command, "--json", name], workdir, monkeypatch, capsys)
     document = json.loads(out)
     assert status == expected_status
     assert err == ""
@@ -140,7 +185,7 @@ def test_fixture(code, monkeypatch, capsys):
     assert document["diagnostics"][0]["code"] == code, "the first diagnostic is not the fixture's code"
     _compare(json_golden, out)
 
-    status, out, err = _run(["check", "--no-color", name], workdir, monkeypatch, capsys)
+    status, out, err = _run([command, "--no-color", name], workdir, monkeypatch, capsys)
     assert status == expected_status
     assert re.match(rf"(error|warning)\[{code}\]", err)
     _compare(text_golden, err + out)
