@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from flowc.api import load, simulate  # noqa: E402
+from flowc.api import compile, load, simulate  # noqa: E402,A004
 from flowc.compiler.diagnostics import Diagnostic, FlowError  # noqa: E402
 
 
@@ -17,4 +17,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'flowc' has no attribute {name!r}")
 
 
-__all__ = ["load", "estimate", "simulate", "FlowError", "Diagnostic", "__version__"]
+__all__ = ["load", "compile", "estimate", "simulate", "FlowError", "Diagnostic", "__version__"]

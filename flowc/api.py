@@ -64,4 +64,13 @@ def simulate(spec_or_plan: Spec | str | os.PathLike, workload=None, *, goodput: 
     return simulate_spec(spec, workload=workload, with_goodput=goodput, seed=seed)
 
 
-__all__ = ["load", "check_sources", "simulate", "Checked", "FlowError"]
+def compile(spec_or_path: Spec | str | os.PathLike, *, time_limit_s: float = 10.0, seed: int = 0):  # noqa: A001
+    """Compile a spec (a Spec, a path or spec text) into a Plan; raises FlowError when the
+    spec is invalid or no plan can serve it."""
+    from flowc.compiler.optimizer import compile_spec
+
+    spec = spec_or_path if isinstance(spec_or_path, Spec) else load(spec_or_path)
+    return compile_spec(spec, time_limit_s=time_limit_s, seed=seed)
+
+
+__all__ = ["load", "check_sources", "compile", "simulate", "Checked", "FlowError"]

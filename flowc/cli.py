@@ -65,9 +65,19 @@ def _build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--disaggregated", type=int, nargs=2, metavar=("PREFILL", "DECODE"),
                           help="prefill and decode instances instead of colocated replicas")
 
+    compile_ = commands.add_parser("compile", parents=[common], help="compile a spec into a plan")
+    compile_.add_argument("file", metavar="FILE")
+    compile_.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
+    compile_.add_argument("--explain", action="store_true", help="also print the alternatives and why each lost")
+    compile_.add_argument("--time-limit", type=float, default=10.0, metavar="SECONDS", help="CP-SAT time limit")
+
     simulate = commands.add_parser("simulate", parents=[common], help="simulate every deployment of a spec")
     simulate.add_argument("file", metavar="FILE")
     simulate.add_argument("--goodput", action="store_true", help="also search the highest rate that meets the SLO")
+
+    verify = commands.add_parser("verify", parents=[common], help="check a plan against its spec")
+    verify.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
+    verify.add_argument("--against", metavar="SPEC", help="the spec to check against (default: the plan's spec_files[0])")
 
     commands.add_parser("schema", parents=[common], help="print the JSON Schema of the spec IR")
     commands.add_parser("stdlib", parents=[common], help="list the standard library's GPUs and models")
@@ -213,6 +223,37 @@ def _cmd_estimate(args, out: _Output) -> int:
     return EXIT_OK
 
 
+def _cmd_compile(args, out: _Output) -> int:
+    from flowc.api import check_sources
+    from flowc.compiler.diagnostics import FlowError
+    from flowc.compiler.optimizer import compile_spec
+
+    missing = _missing_files([args.file], out)
+    if missing is not None:
+        return missing
+    try:
+        checked = check_sources(Path(args.file))
+        plan = compile_spec(checked.spec, time_limit_s=args.time_limit)
+    except FlowError as error:
+        out.diagnostics(error.diagnostics, error.sources)
+        return EXIT_INVALID
+    document = plan.model_dump_json(indent=2)
+    if args.output:
+        try:
+            Path(args.output).write_text(document + "\n", encoding="utf-8")
+        except OSError as error:
+            return out.usage_error(f"cannot write `{args.output}`: {error.strerror or error}")
+    if out.json:
+        print(document)
+        return EXIT_OK
+    from flowc.reports import print_plan
+
+    print_plan(plan, checked.spec, explain=args.explain)
+    if args.output:
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def _cmd_simulate(args, out: _Output) -> int:
     from flowc.api import check_sources
     from flowc.compiler.diagnostics import FlowError
@@ -236,6 +277,12 @@ def _cmd_simulate(args, out: _Output) -> int:
     return EXIT_OK
 
 
+def _cmd_verify(args, out: _Output) -> int:
+    from flowc.compiler.verify import cmd_verify
+
+    return cmd_verify(args, out)
+
+
 def _cmd_schema(args, out: _Output) -> int:
     from flowc.compiler.spec import Spec
 
@@ -250,7 +297,7 @@ def _cmd_stdlib(args, out: _Output) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "estimate": _cmd_estimate,
+COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "estimate": _cmd_estimate, "compile": _cmd_compile, "verify": _cmd_verify,
             "simulate": _cmd_simulate, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
 
 

@@ -63,3 +63,73 @@ def print_simulation(reports: dict[str, DeploymentReport], console: Console | No
                       f"({r.output_tokens_per_s_per_gpu:,.0f} per GPU)")
         if r.goodput_req_s is not None:
             console.print(f"  goodput: {r.goodput_req_s:,.2f} req/s ({r.goodput_req_s_per_gpu:,.3f} per GPU)")
+
+
+def _gpu_ranges(refs) -> str:
+    """`n0g0-3` for GPUs 0..3 of node 0."""
+    by_node: dict[int, list[int]] = {}
+    for ref in refs:
+        by_node.setdefault(ref.node, []).append(ref.index)
+    parts = []
+    for node, indices in by_node.items():
+        indices.sort()
+        runs, first, last = [], indices[0], indices[0]
+        for i in indices[1:]:
+            if i != last + 1:
+                runs.append((first, last))
+                first = i
+            last = i
+        runs.append((first, last))
+        parts.append(f"n{node}g" + ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs))
+    return " ".join(parts)
+
+
+def _target_text(target, predicted) -> str:
+    """`TTFT p90 212 ms (SLO 500)` when the plan predicts that percentile, else the limit."""
+    stats = getattr(predicted, f"{target.metric}_ms").model_dump()
+    key = f"p{target.percentile:g}" if target.percentile is not None else None
+    if key in stats:
+        return f"{target.metric.upper()} {key} {stats[key]:,.0f} ms (SLO {target.limit * 1e3:,.0f})"
+    return f"{target.metric.upper()} limit {target.limit * 1e3:,.0f} ms"
+
+
+def print_plan(plan, spec, *, explain: bool = False, console: Console | None = None) -> None:
+    """Terraform-style: a legend, one block per deployment, one summary line."""
+    console = console or make_console()
+    console.print("[dim]legend:[/] [green]+[/] instance group   [yellow]~[/] alternative   [red]![/] binding constraint\n")
+    for d in plan.deployments:
+        slo = spec.slos[spec.deployments[d.name].slo]
+        workload = spec.workloads[spec.deployments[d.name].workload]
+        console.print(f"[bold]deploy {d.name}[/] ({d.model}, {d.weights} weights, {d.kv} KV) on {d.cluster}: "
+                      f"{d.mode}, objective {d.objective.replace('_', ' ')}")
+        for g in d.groups:
+            console.print(f"  [green]+[/] {g.replicas} x (tp {g.tp} x pp {g.pp}{f' x ep {g.ep}' if g.ep > 1 else ''})"
+                          f" {g.gpu}, {g.role}: {g.capacity_rps:.2f} req/s each under the SLO")
+            for instance in g.instances:
+                console.print(f"      {_gpu_ranges(instance.gpus)}")
+            s, m = g.scheduler, g.memory
+            console.print(f"      scheduler: {s.max_batched_tokens} batched tokens, chunks of {s.chunk_size}, "
+                          f"{s.max_seqs} sequences, blocks of {s.block_size}")
+            console.print(f"      memory per GPU: weights {m.weights / GiB:.1f} GiB, KV {m.kv_cache / GiB:.1f} GiB "
+                          f"({m.kv_blocks:,} blocks), activations {m.activations / GiB:.2f} GiB, reserve "
+                          f"{m.reserve / GiB:.1f} GiB, free {m.free / GiB:.1f} GiB"
+                          + (f", offloaded {sum(m.offloaded.values()) / GiB:.1f} GiB" if m.offloaded else ""))
+        p = d.predicted
+        limits = ", ".join(_target_text(t, p) for t in slo.targets)
+        verdict = "[green]meets the SLO[/]" if p.meets_slo else "[red]misses the SLO[/]"
+        rate = workload.arrival.rate
+        console.print(f"  predicted{f' at {rate:g} req/s' if rate else ''}: {limits}; {verdict} "
+                      f"(attainment {p.attainment:.1%})")
+        console.print(f"  goodput {p.goodput_rps:,.2f} req/s ({p.goodput_rps_per_gpu:,.3f} per GPU), "
+                      f"{p.output_tokens_per_s:,.0f} output tok/s")
+        for constraint in d.binding:
+            console.print(f"  [red]![/] {constraint}")
+        if explain:
+            for a in d.alternatives:
+                value = f" ({a.objective_value:.3f} req/s per GPU)" if a.objective_value is not None else ""
+                console.print(f"  [yellow]~[/] {a.summary}{value}: {a.reason}")
+        console.print()
+    gpus = sum(d.gpus for d in plan.deployments)
+    s = plan.solver
+    console.print(f"Plan: {len(plan.deployments)} deployment{'s' if len(plan.deployments) != 1 else ''}, {gpus} GPUs; "
+                  f"solver {s.status} (gap {s.gap:.1%}) in {s.wall_s:.2f} s; compiled in {plan.compile_s:.1f} s.")

@@ -218,6 +218,7 @@ def test_cost_model_evaluates_the_same_forms_as_the_fit(calib, h100):
                             float(calib.collective_pred(coll, {"S": np.array([S]), "bw": 450e9})[0]), rel_tol=1e-9)
 
 
+@pytest.mark.slow  # refits every H100 family: ~40 s
 @needs_data
 def test_committed_json_is_what_the_script_writes_for_h100(calib):
     result = calib.Calibrator(DATA, verbose=False).run(["h100-sxm"])

@@ -63,7 +63,7 @@ def test_no_command_is_a_usage_error(capsys):
 
 def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
-        flowc.cli.main(["compile", "x.flow"])
+        flowc.cli.main(["frobnicate", "x.flow"])
     assert info.value.code == 2
 
 

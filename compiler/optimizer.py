@@ -1,0 +1,273 @@
+"""`flowc compile`: from a checked spec to the best plan the optimizer can prove.
+
+Percentiles under queueing are not linear, so the search has three steps:
+1. candidates: per deployment, every instance shape it allows (GPU type, TP, the smallest PP
+   that fits, scheduler settings) in each role it allows (colocated; prefill and decode with
+   disaggregation), and each candidate's capacity under the SLO: the goodput of one instance,
+   measured with the simulator (`_capacity`);
+2. placement: CP-SAT chooses how many instances of each candidate run and on which GPUs
+   (compiler/placement.py), for each deployment's objective;
+3. check: the chosen configuration is simulated end to end at the workload's rate and its
+   goodput measured again; the plan records those predictions, the alternatives and why
+   each lost, and the constraints that bind.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flowc import __version__
+
+from .candidates import Shape, instance_shapes
+from .cost import CostModel, Parallelism
+from .diagnostics import Diagnostic, FlowError
+from .memory import kv_bytes_per_token, memory_budget
+from .placement import Candidate, Demand, PlacementInfeasible, PlacementTimeout, solve_placement
+from .plan import (
+    Alternative, DeploymentPlan, Instance, InstanceGroup, MemoryMap, Percentiles, Plan, Predicted, Scheduler,
+    SolverStatus,
+)
+from .simulator import InstanceConfig, goodput_search, simulate
+from .spec import SLO, Deployment, Link, Spec
+from .verify import verify_plan
+from .workload import Requests, base_rate, sample_requests
+
+CAPACITY_REQUESTS = 400  # requests per simulation when measuring one candidate's capacity
+CHECK_REQUESTS = 1000  # requests when checking the chosen configuration end to end
+DEFAULT_BATCHED_TOKENS = 8192  # vLLM's default token budget with chunked prefill
+DISAGG_PARTNERS = 4
+LOW_LOAD_SCALE = 0.01  # arrivals 100x sparser than the workload's: latency without queueing  # instances of the other phase beside a prefill or decode candidate being measured
+
+
+@dataclass(frozen=True)
+class _Measured:
+    candidate: Candidate
+    shape: Shape
+    scheduler: Scheduler
+    cost: CostModel
+    link: Link
+
+
+def _link_of(spec: Spec, d: Deployment, gpu: str) -> Link:
+    return next(group.link for group in spec.clusters[d.cluster].nodes if group.gpu == gpu)
+
+
+def _shapes(spec: Spec, d: Deployment, longest: int) -> list[Shape]:
+    """Fitting shapes that hold the longest request; per (GPU, TP) only the smallest PP that
+    fits, since more stages add latency and only help memory."""
+    best: dict[tuple[str, int], Shape] = {}
+    for shape in instance_shapes(spec, d):
+        if not shape.budget.fits or shape.budget.kv_tokens < longest:
+            continue
+        key = (shape.gpu, shape.tp)
+        if key not in best or shape.pp < best[key].pp:
+            best[key] = shape
+    return sorted(best.values(), key=lambda s: (s.gpu, s.tp))
+
+
+def _slo_part(slo: SLO, metrics: set[str]) -> SLO:
+    """The SLO limited to some metrics: prefill instances answer for TTFT, decode for TPOT."""
+    return slo.model_copy(update={"targets": [t for t in slo.targets if t.metric in metrics]})
+
+
+def _capacity(instance: InstanceConfig, partner: InstanceConfig | None, role: str, requests: Requests,
+              slo: SLO, seed: int) -> float:
+    """Requests/s one instance of `role` sustains under the SLO. A prefill (decode) instance is
+    measured beside enough decode (prefill) instances not to be the bottleneck, against the
+    TTFT (TPOT and end-to-end) part of the SLO."""
+    if role == "colocated":
+        instances, part = [instance], slo
+    elif role == "prefill":
+        instances, part = [instance] + [partner] * DISAGG_PARTNERS, _slo_part(slo, {"ttft"})
+    else:
+        instances, part = [partner] * DISAGG_PARTNERS + [instance], _slo_part(slo, {"tpot", "e2e"})
+    if not part.targets:
+        part = slo
+    search = goodput_search(instances, lambda scale: requests.scaled(scale), part, seed=seed)
+    return search.goodput
+
+
+def _best_reachable(instance: InstanceConfig, requests: Requests, slo: SLO) -> str:
+    """What one instance reaches with requests arriving far apart: the floor of each limit."""
+    result = simulate(requests.scaled(LOW_LOAD_SCALE), [instance])
+    parts = []
+    for t in slo.targets:
+        p = t.percentile if t.percentile is not None else 50.0
+        parts.append(f"{t.metric} p{p:g} {result.percentile(t.metric, p) * 1e3:,.0f} ms at best, limit {t.limit * 1e3:,.0f} ms")
+    return "; ".join(parts)
+
+
+def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int) -> tuple[list[_Measured], list[Alternative]]:
+    slo = spec.slos[d.slo]
+    longest = int((requests.prompt + requests.output).max())
+    roles = ["colocated"] + (["prefill", "decode"] if d.allow_disaggregation else [])
+    tokens = d.search.get("max_batched_tokens") or [DEFAULT_BATCHED_TOKENS]
+    measured, rejected = [], []
+    mean_prompt = float(requests.prompt.mean())
+    for shape in _shapes(spec, d, longest):
+        gpu = spec.gpus[shape.gpu]
+        link = _link_of(spec, d, shape.gpu)
+        for ep in d.search.get("ep") or [1]:
+            if ep > shape.tp:
+                continue
+            cost = CostModel(d.model, gpu, link, parallelism=Parallelism(tp=shape.tp, pp=shape.pp, ep=ep),
+                             inter_link=spec.clusters[d.cluster].network)
+            for budget_tokens in tokens:
+                budget = memory_budget(d.model, gpu.memory, tp=shape.tp, pp=shape.pp,
+                                       max_batched_tokens=budget_tokens, block_size=shape.budget.block_size)
+                if budget.kv_tokens < longest:
+                    continue
+                scheduler = Scheduler(max_batched_tokens=budget_tokens, chunked_prefill=True, chunk_size=budget_tokens,
+                                      max_seqs=256, block_size=budget.block_size)
+                configs = {role: InstanceConfig(cost=cost, pp=shape.pp, kv_capacity_tokens=budget.kv_tokens,
+                                                block_size=budget.block_size, max_batched_tokens=budget_tokens,
+                                                role=role) for role in roles}
+                for role in roles:
+                    partner = configs.get({"prefill": "decode", "decode": "prefill"}.get(role, ""))
+                    capacity = _capacity(configs[role], partner, role, requests, slo, seed)
+                    summary = f"{shape.gpu} tp {shape.tp} x pp {shape.pp}" + (f" ep {ep}" if ep > 1 else "") + \
+                        f", {budget_tokens} batched tokens, {role}"
+                    if capacity <= 0:
+                        reach = _best_reachable(configs["colocated"], requests, slo)
+                        rejected.append(Alternative(summary=summary, reason=f"misses the SLO even at the lowest load ({reach})"))
+                        continue
+                    key = f"{d.name}/{shape.gpu}/tp{shape.tp}/pp{shape.pp}/ep{ep}/mbt{budget_tokens}/{role}"
+                    candidate = Candidate(deployment=d.name, key=key, gpu=shape.gpu, tp=shape.tp, pp=shape.pp,
+                                          role=role, capacity_rps=float(capacity),
+                                          kv_bytes_per_request=kv_bytes_per_token(d.model) * mean_prompt)
+                    shape_budget = Shape(shape.gpu, shape.tp, shape.pp, budget)
+                    measured.append(_Measured(candidate, shape_budget, scheduler, cost, link))
+    return measured, rejected
+
+
+def _percentiles(result, metric: str) -> Percentiles:
+    return Percentiles(**{f"p{p}": result.percentile(metric, p) * 1e3 for p in (50, 90, 99)})
+
+
+def _memory_map(m: _Measured) -> MemoryMap:
+    b = m.shape.budget
+    categories = b.by_category()
+    return MemoryMap(capacity=b.capacity, weights=b.weights, kv_cache=categories["kv_cache"], kv_blocks=b.kv_blocks,
+                     activations=b.activations, reserve=b.reserve, free=categories["free"])
+
+
+def _no_candidate(d: Deployment, rejected: list[Alternative]) -> FlowError:
+    notes = tuple(f"{a.summary}: {a.reason}" for a in rejected[:6])
+    return FlowError([Diagnostic(
+        "F0510", f"no instance of {d.model.name} meets the SLO of deployment `{d.name}` at any load",
+        help="relax the SLO, allow more GPUs per instance (tp, pp), or quantize the model",
+        notes=notes)])
+
+
+def _infeasible(error: PlacementInfeasible) -> FlowError:
+    """F0511 with the nearest relaxations: the load these GPUs can serve, the GPUs the load needs."""
+    name = error.deployment
+    load, reachable, needed = error.load_rps[name], error.max_goodput_rps.get(name), error.gpus_needed.get(name)
+    notes = [f"the load is {load:g} req/s"]
+    if reachable is not None:
+        notes.append(f"the GPUs available to it serve at most {reachable:.2f} req/s under the SLO")
+    if needed is not None:
+        notes.append(f"serving {load:g} req/s under the SLO needs {needed} GPUs of its types")
+    return FlowError([Diagnostic("F0511", f"deployment `{name}` cannot serve its load of {load:g} req/s under its SLO",
+                                 help="lower the load, relax the SLO, or give the deployment more GPUs",
+                                 notes=tuple(notes))])
+
+
+def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0) -> Plan:
+    """Compile every deployment of a checked spec into one plan."""
+    start = time.perf_counter()
+    measured: dict[str, _Measured] = {}
+    rejected: dict[str, list[Alternative]] = {}
+    requests: dict[str, Requests] = {}
+    for d in spec.deployments.values():
+        requests[d.name] = sample_requests(spec.workloads[d.workload], CAPACITY_REQUESTS, seed=seed)
+        found, rejected[d.name] = _candidates(spec, d, requests[d.name], seed)
+        if not found:
+            raise _no_candidate(d, rejected[d.name])
+        measured.update({m.candidate.key: m for m in found})
+
+    by_cluster: dict[str, list[Deployment]] = {}
+    for d in spec.deployments.values():
+        by_cluster.setdefault(d.cluster, []).append(d)
+    plans, statuses = [], []
+    for cluster_name, deployments in by_cluster.items():
+        demands = [Demand(deployment=d.name, objective=d.objective, load_rps=base_rate(spec.workloads[d.workload]),
+                          max_gpus=d.max_gpus) for d in deployments]
+        candidates = [m.candidate for m in measured.values() if m.candidate.deployment in {d.name for d in deployments}]
+        try:
+            placement = solve_placement(spec.clusters[cluster_name], spec.gpus, demands, candidates,
+                                        time_limit_s=time_limit_s)
+        except PlacementInfeasible as error:
+            raise _infeasible(error) from None
+        except PlacementTimeout:
+            raise FlowError([Diagnostic(
+                "F0511", f"no placement for the deployments on `{cluster_name}` was found within {time_limit_s:g} s",
+                help="raise the solver's time limit (`flowc compile --time-limit 60`) or narrow the search space")]) from None
+        statuses.append(placement)
+        for d in deployments:
+            plans.append(_deployment_plan(spec, d, placement, measured, rejected[d.name], seed))
+    solver = SolverStatus(status="optimal" if all(p.status == "optimal" for p in statuses) else "feasible",
+                          objective=sum(p.objective for p in statuses), bound=sum(p.bound for p in statuses),
+                          gap=max(p.gap for p in statuses), wall_s=sum(p.wall_s for p in statuses))
+    plan = Plan(flowc_version=__version__, spec_files=list(spec.files), deployments=plans, solver=solver,
+                compile_s=time.perf_counter() - start)
+    problems = [p for p in verify_plan(plan, spec) if p.severity == "error"]
+    if problems:  # the optimizer and the verifier disagree: a bug, never the user's spec
+        raise RuntimeError("the plan verifier rejected the optimizer's plan: "
+                           + "; ".join(f"{p.code} {p.message}" for p in problems))
+    return plan
+
+
+def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _Measured],
+                     rejected: list[Alternative], seed: int) -> DeploymentPlan:
+    chosen = placement.instances(d.name)
+    groups, configs = [], []
+    for key in dict.fromkeys(p.candidate_key for p in chosen):
+        m = measured[key]
+        c = m.candidate
+        instances = [Instance(gpus=p.gpus) for p in chosen if p.candidate_key == key]
+        groups.append(InstanceGroup(role=c.role, gpu=c.gpu, tp=c.tp, pp=c.pp, ep=m.cost.parallelism.ep,
+                                    instances=instances, scheduler=m.scheduler, memory=_memory_map(m),
+                                    capacity_rps=c.capacity_rps))
+        config = InstanceConfig(cost=m.cost, pp=c.pp, kv_capacity_tokens=m.shape.budget.kv_tokens,
+                                block_size=m.scheduler.block_size, max_batched_tokens=m.scheduler.max_batched_tokens,
+                                max_seqs=m.scheduler.max_seqs, role=c.role)
+        configs.extend([config] * len(instances))
+    workload, slo = spec.workloads[d.workload], spec.slos[d.slo]
+    requests = sample_requests(workload, CHECK_REQUESTS, seed=seed)
+    result = simulate(requests, configs, router="least_work")
+    rate = base_rate(workload)
+    # Start the bisection at the workload's rate when the plan meets the SLO there, so a coarse
+    # step cannot report a goodput below the load the plan was just shown to carry.
+    search = goodput_search(configs, lambda scale: requests.scaled(scale), slo, seed=seed,
+                            lo=rate if result.meets(slo) else 0.0)
+    gpus = sum(g.replicas * g.gpus_per_instance for g in groups)
+    predicted = Predicted(ttft_ms=_percentiles(result, "ttft"), tpot_ms=_percentiles(result, "tpot"),
+                          e2e_ms=_percentiles(result, "e2e"), output_tokens_per_s=result.output_throughput,
+                          goodput_rps=search.goodput, goodput_rps_per_gpu=search.goodput / gpus,
+                          attainment=result.attainment(slo)["joint"]["share"], meets_slo=result.meets(slo))
+    used = {p.candidate_key for p in chosen}
+    best_ratio = max((g.capacity_rps / g.gpus_per_instance for g in groups), default=0.0)
+    alternatives = [
+        Alternative(summary=_summary(m), objective_value=m.candidate.capacity_rps / m.candidate.gpus,
+                    reason=_why_not(m, best_ratio))
+        for key, m in measured.items() if m.candidate.deployment == d.name and key not in used
+    ] + rejected
+    return DeploymentPlan(
+        name=d.name, cluster=d.cluster, model=d.model.name, weights=d.model.weights, kv=d.model.kv,
+        mode="disaggregated" if any(g.role != "colocated" for g in groups) else "colocated",
+        objective=d.objective, groups=groups, predicted=predicted, alternatives=alternatives,
+        binding=[b for b in placement.binding if f"deployment {d.name}" in b or "deployment " not in b])
+
+
+def _summary(m: _Measured) -> str:
+    c = m.candidate
+    return f"{c.gpu} tp {c.tp} x pp {c.pp}, {m.scheduler.max_batched_tokens} batched tokens, {c.role}"
+
+
+def _why_not(m: _Measured, best_ratio: float) -> str:
+    ratio = m.candidate.capacity_rps / m.candidate.gpus
+    if ratio < best_ratio:
+        return f"serves fewer requests per GPU under the SLO than the chosen {best_ratio:.3f}"
+    return "not needed by the optimal placement (GPU count, domains or the other deployments' needs)"
