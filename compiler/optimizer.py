@@ -15,10 +15,11 @@ Percentiles under queueing are not linear, so the search has three steps:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flowc import __version__
 
+from .arena import pack, step_buffers
 from .candidates import Shape, instance_shapes
 from .cost import CostModel, Parallelism
 from .diagnostics import Diagnostic, FlowError
@@ -33,10 +34,13 @@ from .spec import SLO, Deployment, Link, Spec
 from .verify import verify_plan
 from .workload import Requests, base_rate, sample_requests
 
-CAPACITY_REQUESTS = 400  # requests per simulation when measuring one candidate's capacity
+CAPACITY_REQUESTS = 400  # requests per instance and simulation when measuring a candidate's capacity
+POOL_GPUS = 8  # capacity is measured on a pool of about this many GPUs: replicas share load like a real fleet
 CHECK_REQUESTS = 1000  # requests when checking the chosen configuration end to end
 DEFAULT_BATCHED_TOKENS = 8192  # vLLM's default token budget with chunked prefill
 DISAGG_PARTNERS = 4
+RECHECK_ROUNDS = 4  # place -> simulate end to end -> derate -> place again
+DERATE_FLOOR = 0.2  # at most divide a capacity by five per round
 LOW_LOAD_SCALE = 0.01  # arrivals 100x sparser than the workload's: latency without queueing  # instances of the other phase beside a prefill or decode candidate being measured
 
 
@@ -71,21 +75,24 @@ def _slo_part(slo: SLO, metrics: set[str]) -> SLO:
     return slo.model_copy(update={"targets": [t for t in slo.targets if t.metric in metrics]})
 
 
-def _capacity(instance: InstanceConfig, partner: InstanceConfig | None, role: str, requests: Requests,
-              slo: SLO, seed: int) -> float:
-    """Requests/s one instance of `role` sustains under the SLO. A prefill (decode) instance is
-    measured beside enough decode (prefill) instances not to be the bottleneck, against the
-    TTFT (TPOT and end-to-end) part of the SLO."""
+def _capacity(instance: InstanceConfig, partner: InstanceConfig | None, role: str, workload, slo: SLO,
+              seed: int, pool: int) -> float:
+    """Requests/s one instance of `role` sustains under the SLO, measured on `pool` replicas
+    behind a router (one instance alone has a worse tail than the same instance in a fleet, so
+    per-GPU figures of shapes of different sizes compare only at equal GPU counts). A prefill
+    (decode) pool is measured beside enough decode (prefill) instances not to be the
+    bottleneck, against the TTFT (TPOT and end-to-end) part of the SLO."""
     if role == "colocated":
-        instances, part = [instance], slo
-    elif role == "prefill":
-        instances, part = [instance] + [partner] * DISAGG_PARTNERS, _slo_part(slo, {"ttft"})
+        instances, part = [instance] * pool, slo
+    elif role == "prefill":  # a decode instance serves many prefill instances' output: a few suffice
+        instances, part = [instance] * pool + [partner] * max(1, pool // 2), _slo_part(slo, {"ttft"})
     else:
-        instances, part = [partner] * DISAGG_PARTNERS + [instance], _slo_part(slo, {"tpot", "e2e"})
+        instances, part = [partner] * DISAGG_PARTNERS * pool + [instance] * pool, _slo_part(slo, {"tpot", "e2e"})
     if not part.targets:
         part = slo
+    requests = sample_requests(workload, CAPACITY_REQUESTS * pool, seed=seed)
     search = goodput_search(instances, lambda scale: requests.scaled(scale), part, seed=seed)
-    return search.goodput
+    return search.goodput / pool
 
 
 def _best_reachable(instance: InstanceConfig, requests: Requests, slo: SLO) -> str:
@@ -125,7 +132,8 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int) -> tup
                                                 role=role) for role in roles}
                 for role in roles:
                     partner = configs.get({"prefill": "decode", "decode": "prefill"}.get(role, ""))
-                    capacity = _capacity(configs[role], partner, role, requests, slo, seed)
+                    pool = max(1, POOL_GPUS // shape.gpus)
+                    capacity = _capacity(configs[role], partner, role, spec.workloads[d.workload], slo, seed, pool)
                     summary = f"{shape.gpu} tp {shape.tp} x pp {shape.pp}" + (f" ep {ep}" if ep > 1 else "") + \
                         f", {budget_tokens} batched tokens, {role}"
                     if capacity <= 0:
@@ -145,11 +153,17 @@ def _percentiles(result, metric: str) -> Percentiles:
     return Percentiles(**{f"p{p}": result.percentile(metric, p) * 1e3 for p in (50, 90, 99)})
 
 
-def _memory_map(m: _Measured) -> MemoryMap:
+def _memory_map(model, m: _Measured) -> MemoryMap:
+    """The GPU's budget from the memory model, with every activation buffer of a step placed in
+    the arena it reserves (packed to the live-bytes peak, which the budget already counts)."""
     b = m.shape.budget
     categories = b.by_category()
+    layout = pack(step_buffers(model, m.candidate.tp, m.scheduler.max_batched_tokens, m.scheduler.max_seqs))
+    if layout.size > b.activations:  # the packing missed its bound: the budget would under-reserve
+        raise RuntimeError(f"activation arena of {layout.size} B exceeds the {b.activations} B the budget reserves")
     return MemoryMap(capacity=b.capacity, weights=b.weights, kv_cache=categories["kv_cache"], kv_blocks=b.kv_blocks,
-                     activations=b.activations, reserve=b.reserve, free=categories["free"])
+                     activations=b.activations, reserve=b.reserve, free=categories["free"],
+                     arena_offsets=layout.offsets)
 
 
 def _no_candidate(d: Deployment, rejected: list[Alternative]) -> FlowError:
@@ -192,21 +206,10 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0) -> Pl
         by_cluster.setdefault(d.cluster, []).append(d)
     plans, statuses = [], []
     for cluster_name, deployments in by_cluster.items():
-        demands = [Demand(deployment=d.name, objective=d.objective, load_rps=base_rate(spec.workloads[d.workload]),
-                          max_gpus=d.max_gpus) for d in deployments]
-        candidates = [m.candidate for m in measured.values() if m.candidate.deployment in {d.name for d in deployments}]
-        try:
-            placement = solve_placement(spec.clusters[cluster_name], spec.gpus, demands, candidates,
-                                        time_limit_s=time_limit_s)
-        except PlacementInfeasible as error:
-            raise _infeasible(error) from None
-        except PlacementTimeout:
-            raise FlowError([Diagnostic(
-                "F0511", f"no placement for the deployments on `{cluster_name}` was found within {time_limit_s:g} s",
-                help="raise the solver's time limit (`flowc compile --time-limit 60`) or narrow the search space")]) from None
+        placement, cluster_plans = _place_and_check(spec, cluster_name, deployments, measured, rejected, time_limit_s,
+                                                    seed)
         statuses.append(placement)
-        for d in deployments:
-            plans.append(_deployment_plan(spec, d, placement, measured, rejected[d.name], seed))
+        plans.extend(cluster_plans)
     solver = SolverStatus(status="optimal" if all(p.status == "optimal" for p in statuses) else "feasible",
                           objective=sum(p.objective for p in statuses), bound=sum(p.bound for p in statuses),
                           gap=max(p.gap for p in statuses), wall_s=sum(p.wall_s for p in statuses))
@@ -219,6 +222,51 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0) -> Pl
     return plan
 
 
+def _place_and_check(spec: Spec, cluster_name: str, deployments: list[Deployment], measured: dict[str, _Measured],
+                     rejected: dict[str, list[Alternative]], time_limit_s: float, seed: int):
+    """Place, then simulate the placement end to end. A deployment that misses its SLO at its
+    load as a whole (the fleet behaves worse than its candidates measured apart, e.g. a
+    disaggregated pair under bursts) gets its candidates' capacities derated by what the whole
+    achieved, and the cluster is placed again, up to RECHECK_ROUNDS times."""
+    measured = dict(measured)
+    for _ in range(RECHECK_ROUNDS):
+        demands = [Demand(deployment=d.name, objective=d.objective,
+                          load_rps=base_rate(spec.workloads[d.workload]), max_gpus=d.max_gpus) for d in deployments]
+        names = {d.name for d in deployments}
+        candidates = [m.candidate for m in measured.values() if m.candidate.deployment in names]
+        try:
+            placement = solve_placement(spec.clusters[cluster_name], spec.gpus, demands, candidates,
+                                        time_limit_s=time_limit_s)
+        except PlacementInfeasible as error:
+            raise _infeasible(error) from None
+        except PlacementTimeout:
+            raise FlowError([Diagnostic(
+                "F0511", f"no placement for the deployments on `{cluster_name}` was found within {time_limit_s:g} s",
+                help="raise the solver's time limit (`flowc compile --time-limit 60`) or narrow the search space")]) from None
+        plans = [_deployment_plan(spec, d, placement, measured, rejected[d.name], seed) for d in deployments]
+        short = [(d, p) for d, p in zip(deployments, plans)
+                 if not p.predicted.meets_slo or p.predicted.goodput_rps < base_rate(spec.workloads[d.workload])]
+        if not short:
+            return placement, plans
+        for d, p in short:
+            # What the fleet achieved against what its candidates promised together.
+            promised = placement.deployments[d.name].goodput_rps
+            factor = min(0.95, max(DERATE_FLOOR, 0.95 * p.predicted.goodput_rps / promised))
+            # Derate every candidate of the deployment: the fleet effect is not the chosen
+            # shapes' alone, and derating only those would make the solver swap shapes instead.
+            for key, m in measured.items():
+                if m.candidate.deployment == d.name:
+                    measured[key] = replace(m, candidate=replace(m.candidate,
+                                                                 capacity_rps=m.candidate.capacity_rps * factor))
+    d, p = short[0]
+    load = base_rate(spec.workloads[d.workload])
+    raise FlowError([Diagnostic(
+        "F0511", f"deployment `{d.name}` cannot serve its load of {load:g} req/s under its SLO",
+        help="lower the load, relax the SLO, or give the deployment more GPUs",
+        notes=(f"the best configuration found, {p.gpus} GPUs, serves {p.predicted.goodput_rps:.2f} req/s under the "
+               f"SLO when simulated end to end",))])
+
+
 def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _Measured],
                      rejected: list[Alternative], seed: int) -> DeploymentPlan:
     chosen = placement.instances(d.name)
@@ -228,14 +276,14 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
         c = m.candidate
         instances = [Instance(gpus=p.gpus) for p in chosen if p.candidate_key == key]
         groups.append(InstanceGroup(role=c.role, gpu=c.gpu, tp=c.tp, pp=c.pp, ep=m.cost.parallelism.ep,
-                                    instances=instances, scheduler=m.scheduler, memory=_memory_map(m),
+                                    instances=instances, scheduler=m.scheduler, memory=_memory_map(d.model, m),
                                     capacity_rps=c.capacity_rps))
         config = InstanceConfig(cost=m.cost, pp=c.pp, kv_capacity_tokens=m.shape.budget.kv_tokens,
                                 block_size=m.scheduler.block_size, max_batched_tokens=m.scheduler.max_batched_tokens,
                                 max_seqs=m.scheduler.max_seqs, role=c.role)
         configs.extend([config] * len(instances))
     workload, slo = spec.workloads[d.workload], spec.slos[d.slo]
-    requests = sample_requests(workload, CHECK_REQUESTS, seed=seed)
+    requests = sample_requests(workload, max(CHECK_REQUESTS, CAPACITY_REQUESTS * len(configs)), seed=seed)
     result = simulate(requests, configs, router="least_work")
     rate = base_rate(workload)
     # Start the bisection at the workload's rate when the plan meets the SLO there, so a coarse
@@ -246,7 +294,8 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
     predicted = Predicted(ttft_ms=_percentiles(result, "ttft"), tpot_ms=_percentiles(result, "tpot"),
                           e2e_ms=_percentiles(result, "e2e"), output_tokens_per_s=result.output_throughput,
                           goodput_rps=search.goodput, goodput_rps_per_gpu=search.goodput / gpus,
-                          attainment=result.attainment(slo)["joint"]["share"], meets_slo=result.meets(slo))
+                          attainment=result.attainment(slo)["joint"]["share"], meets_slo=result.meets(slo),
+                          requests=len(requests))
     used = {p.candidate_key for p in chosen}
     best_ratio = max((g.capacity_rps / g.gpus_per_instance for g in groups), default=0.0)
     alternatives = [

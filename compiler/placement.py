@@ -447,6 +447,7 @@ class _Model:
     def __init__(self, p: _Problem, active: list[str], enforce_load: set[str], *, need_instance: set[str] = frozenset()):
         self.p = p
         self.active = active
+        self.enforce_load = enforce_load
         self.m = cp_model.CpModel()
         self.vars: list = []
         self.ub: dict[int, int] = {}
@@ -887,6 +888,8 @@ class _Model:
         """Whether deployment d could possibly serve its load from a single node (an upper bound
         from the best capacity per GPU of each role); if not, its KV always crosses nodes."""
         p = self.p
+        if d not in self.enforce_load:
+            return True  # (diagnosis: any goodput counts)
         load = _scale_load(p.demands[d].load_rps)
         cs = [c for c in self.cands if c.dep == d]
         for v in p.relevant_nodes():

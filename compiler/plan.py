@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: Predicted.requests, Scheduler.chunked_prefill
 
 
 class PlanModel(BaseModel):
@@ -98,6 +98,8 @@ class Predicted(PlanModel):
     goodput_rps_per_gpu: float
     attainment: float = Field(description="joint SLO attainment at the workload's rate")
     meets_slo: bool
+    requests: Optional[int] = Field(None, description="requests simulated (the workload sampled with seed 0); "
+                                    "None: the workload's default count")
 
 
 class Alternative(PlanModel):

@@ -861,6 +861,8 @@ def goodput_search(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo:
         tol = 0.02 * hi
     if lo > 0 and not ok(lo):
         return GoodputSearch(0.0, trials, capacity)
+    if hi <= lo:  # the probe underestimates a rate already shown to pass
+        return GoodputSearch(lo, trials, capacity)
     if ok(hi):
         return GoodputSearch(hi, trials, capacity)
     while hi - lo > tol:

@@ -148,14 +148,14 @@ class _Verifier:
                 out.append(_Node(len(out), group))
         return out
 
-    def requests(self, workload_name: str):
-        """The workload sampled once with the prediction seed (numpy is imported here only)."""
-        if workload_name not in self._workload_cache:
+    def requests(self, workload_name: str, n: Optional[int] = None):
+        """The workload sampled once per count with the prediction seed (numpy is imported here only)."""
+        if (workload_name, n) not in self._workload_cache:
             from .workload import sample_requests
 
-            self._workload_cache[workload_name] = sample_requests(self.spec.workloads[workload_name],
-                                                                  seed=PREDICTION_SEED)
-        return self._workload_cache[workload_name]
+            self._workload_cache[workload_name, n] = sample_requests(self.spec.workloads[workload_name], n,
+                                                                     seed=PREDICTION_SEED)
+        return self._workload_cache[workload_name, n]
 
     def rate(self, workload_name: str) -> float:
         from .workload import base_rate
@@ -677,7 +677,7 @@ class _Verifier:
         pred = dp.predicted
         slo = self.spec.slos[d.slo]
         rate = self.rate(d.workload)
-        requests = self.requests(d.workload)
+        requests = self.requests(d.workload, pred.requests)
         again = "compile the plan again: its predictions do not follow from its configuration"
 
         def run(reqs):
