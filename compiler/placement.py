@@ -39,24 +39,41 @@ units of max(bandwidth, KV load)/1e6 bytes/s, traffic rounded up and bandwidth d
 
 Model
 -----
-One integer n_c per candidate (instances are interchangeable, so counts, not booleans) and,
-per deployment, K_d (GPUs), G_d (goodput), cost_d. Two placement layers, both exact for the
-rules above:
+One integer n_c per candidate (instances of a candidate are interchangeable: counts, never
+per-instance booleans) and, per deployment, K_d (GPUs), G_d (goodput), cost_d. Three
+placement layers, all exact for the rules above (checked against brute force in the tests):
 
-* aggregated (used whenever no KV constraint can bind and stages may cross nodes, or only one
-  node can host anything): per (candidate, node group) stage counts x_cg, sum_g x_cg =
-  pp_c * n_c. Identical nodes of a group are one pool, which removes their symmetry. The
-  domains of a group are packed per class of equal domain size: when the TP sizes form a
-  divisibility chain that divides the domain size (1, 2, 4, 8 in 8), a capacity row is exact
-  (divisible sizes pack perfectly); otherwise integer counts of the domains using each
-  maximal pattern (multiset of TP sizes that fits a domain); beyond PATTERN_LIMIT patterns,
-  per-domain counts ordered by load.
-* per node (used when a KV constraint may bind, or without a network when a pipelined
-  candidate could otherwise span nodes): TP-group counts y_vjc per domain, stage counts per
-  node, instance counts per node without a network, and the KV rows above with a boolean
-  "deployment on one node" per disaggregated deployment. Symmetry of identical nodes is
-  broken by ordering consecutive nodes of a group by a weighted load key, and equal domains
-  of a node by GPUs used (both orderings hold together: the key is symmetric in domains).
+* aggregated: used when no KV row can bind (no disaggregated deployment, or the sum of
+  kv * load of all of them fits every node's NIC) and stages may cross nodes (a network, or
+  no pipelined candidate with more than one node of its type). Per (candidate, node group)
+  stage counts x_cg with sum_g x_cg = pp_c * n_c: identical nodes of a group are one pool,
+  so they carry no symmetry at all. Per class of equal-size domains of a group: when the TP
+  sizes form a divisibility chain dividing the domain size (1, 2, 4, 8 in 8) one capacity row
+  is exact (divisible sizes pack perfectly, first fit decreasing); otherwise integer counts
+  of domains using each maximal pattern (multiset of TP sizes filling a domain); beyond
+  PATTERN_LIMIT patterns, per-domain counts ordered by load.
+* configs (node configurations, Gilmore-Gomory style): used otherwise when it fits.
+  "Node-bound" candidates are those whose node matters: prefill/decode of a deployment with
+  KV rows, and without a network the pipelined ones. Every filling of one node with
+  node-bound TP groups that packs into its domains, forms whole instances where it must and
+  obeys the node's KV rule is enumerated (per group, up to CONFIG_LIMIT); z_gQ counts the
+  nodes of group g using configuration Q. A configuration also exists in "local" variants
+  where some deployments live on this node only (KV free; a boolean per deployment allows at
+  most one such node and then no other node of it); local variants that are worse in goodput
+  for the same GPUs and the same other content are dropped. The other ("pooled") candidates
+  take the room the configurations leave: with TP sizes in a divisibility chain, one row per
+  size s, sum_{tp >= s} tp * x_cg <= sum_Q z_gQ * sum_domains s * floor(free / s), is exact
+  (the room at each size level does not depend on where the larger groups went). Its LP is
+  the configuration LP, tight where the per-node model's is weak (bin packing of instances
+  under per-node KV limits: 64 nodes near the limit solve in 0.1 s instead of timing out).
+* per node (the fallback when configurations are too many or the pooled TP sizes are not a
+  chain): node-bound TP groups per (node, domain, candidate), pooled slots per (node, domain,
+  TP size), instance counts per node without a network, and linear KV rows per node and
+  direction (the min with kv * load is kept only where it can matter) with the one-node
+  boolean; a row's right-hand side is lowered to the largest sum its stages can reach. No
+  explicit ordering of identical nodes: it hid the symmetry from CP-SAT's own detection,
+  which with the "max_lp_sym" subsolver (added to the portfolio) closes bounds the default
+  2-worker portfolio does not (measured: 20 s -> 0.04 s on a 64-node instance).
 
 Objectives and several deployments
 ----------------------------------
@@ -68,7 +85,9 @@ priority). For each in turn, with the earlier ones' results locked as constraint
 * max_goodput_per_gpu: maximize G_d / K_d exactly by Dinkelbach's method: from a feasible
   ratio a/b, maximize b*G_d - a*K_d; a positive optimum gives a better ratio, zero proves
   a/b optimal (each step is an integer CP-SAT solve, so the ratio is exact in the scaled
-  units); then (tie-break) minimize K_d at that ratio. The deployment needs >= 1 instance.
+  units; typically 2-3 steps); then (tie-break) minimize K_d at that ratio. The deployment
+  needs >= 1 instance. With `ratio_tolerance` t > 0 the tie-break takes the fewest GPUs with
+  ratio >= (1 - t) * best, then the most goodput at those GPUs.
 
 Locks: K_d <= k*, G_d >= g*, cost_d <= c*, b*G_d >= a*K_d. Guarantee (when every solve is
 OPTIMAL): the result is the lexicographic optimum over (deployment 1 objective, its
@@ -77,7 +96,25 @@ its objective by moving only its own instances while the others keep theirs; a l
 deployment's optimum is conditional on the earlier ones being optimal. When the time limit
 cuts a solve, the best solution found is locked instead, status is "feasible" and the gap is
 reported per deployment (for a ratio: from the last Dinkelbach step's bound,
-ratio <= a/b + UB / (b * K_min)).
+ratio <= a/b + UB / (b * K_min), K_min >= load / best instance ratio). Time: each deployment
+gets an equal share of what is left; the first feasible solution may use all of it.
+Placement.objective/bound are the first deployment's; Placement.gap is the largest gap.
+
+Exact GPUs: after solving, counts become GPUs deterministically: patterns or configurations
+go to nodes in node order, TP groups are laid out largest first from the domain's first GPU,
+an instance's stages stay on one node whenever a node has room for all of them. With
+workers > 1 CP-SAT may return a different optimum of equal value from run to run (not seen
+in the benchmarks); workers=1 is deterministic.
+
+Binding constraints (`Placement.binding`) are tight constraints, not a sensitivity analysis:
+a GPU type fully used, free GPUs that no candidate fits (link domains), max_gpus leaving no
+room for another instance, a deployment kept on one node by the KV rule, NICs >= 80% used.
+
+Infeasible: PlacementInfeasible names the first deployment that cannot be served: one that
+cannot reach its load alone on the cluster, else the first in priority order that cannot
+reach it next to the ones before it (served at their loads); with its largest servable load
+(max goodput, solved) and the GPUs its load needs given enough nodes (a knapsack over its
+candidates, ignoring the cluster size, max_gpus and KV rows).
 """
 
 from __future__ import annotations
@@ -99,6 +136,7 @@ COST_SCALE = 10_000  # prices in 1e-4 usd/h
 PATTERN_LIMIT = 2000  # domain patterns per class before falling back to per-domain counts
 CONFIG_LIMIT = 4000  # node configurations per group before falling back to the per-node layer
 _LAYER: Optional[str] = None  # tests force a layer ("per-node" or "configs") where both apply
+TOLERANCE_STEPS = 10_000  # ratio_tolerance resolution: 1e-4
 KV_UNITS = 1_000_000  # the largest KV quantity (bandwidth or load) maps to this many units
 
 Role = Literal["colocated", "prefill", "decode"]
@@ -644,6 +682,7 @@ class _Model:
                     return None
                 per_size[size] = ms
             configs: list[_Config] = []
+            local_best: dict[tuple, list[tuple[tuple[int, ...], _Config]]] = {}
             domains = node.domains
             tried = 0
 
@@ -653,7 +692,7 @@ class _Model:
                     tried += 1
                     if tried > 50 * CONFIG_LIMIT:
                         return False
-                    self._add_config(configs, [per_size[domains[i][1]][k] for i, k in enumerate(chosen)],
+                    self._add_config(configs, local_best, [per_size[domains[i][1]][k] for i, k in enumerate(chosen)],
                                      domains, node.nic, single_capable)
                     return len(configs) <= CONFIG_LIMIT
                 size = domains[j][1]
@@ -668,11 +707,19 @@ class _Model:
 
             if not rec(0, 0, []):
                 return None
+            configs += [q for kept in local_best.values() for _, q in kept]
+            if len(configs) > CONFIG_LIMIT:
+                return None
             out[g.index] = configs
         return out
 
-    def _add_config(self, configs: list[_Config], per_domain: list[tuple[tuple[int, int], ...]], domains,
-                    nic: float, single_capable: frozenset) -> None:
+    def _add_config(self, configs: list[_Config], local_best: dict, per_domain: list[tuple[tuple[int, int], ...]],
+                    domains, nic: float, single_capable: frozenset) -> None:
+        """Add the variants of one node filling: with every KV deployment's traffic counted, or
+        with some deployments kept local (the whole deployment on this node, its KV free). Of
+        the local variants that differ only in the local deployments' stages, keep those whose
+        goodputs min(prefill, decode) are Pareto-best for the same GPUs: the others are worse
+        for every objective and tie-break."""
         p = self.p
         stages: dict[int, int] = defaultdict(int)
         for ms in per_domain:
@@ -688,10 +735,35 @@ class _Model:
             for local in map(frozenset, itertools.combinations(options, r)):
                 if any(k <= local for k in kept):
                     continue
+                if any(k % p.cands[ci].pp for ci, k in stages.items() if p.cands[ci].dep in local):
+                    continue  # a local deployment's instances are whole on this node
                 if self._node_kv_ok(stages, local, nic):
                     kept.append(local)
         for local in kept:
-            configs.append(_Config(tuple(per_domain), tuple(sorted(stages.items())), residual, local, present))
+            q = _Config(tuple(per_domain), tuple(sorted(stages.items())), residual, local, present)
+            if not local:
+                configs.append(q)
+                continue
+            deps = sorted(local)
+            signature = (tuple(deps), tuple((ci, k) for ci, k in q.stages if p.cands[ci].dep not in local), residual,
+                         tuple(sum(p.cands[ci].tp * k for ci, k in q.stages if p.cands[ci].dep == d) for d in deps))
+            values, mixed = [], False
+            for d in deps:
+                caps = {"colocated": 0, "prefill": 0, "decode": 0}
+                roles = {p.cands[ci].role for ci, _ in q.stages if p.cands[ci].dep == d}
+                mixed = mixed or ("colocated" in roles and len(roles) > 1)
+                for ci, k in q.stages:
+                    c = p.cands[ci]
+                    if c.dep == d:
+                        caps[c.role] += c.cap * (k // c.pp)
+                values.append(caps["colocated"] if roles == {"colocated"} else min(caps["prefill"], caps["decode"]))
+            if mixed:
+                continue  # mixes a deployment's modes: never feasible
+            values = tuple(values)
+            front = local_best.setdefault(signature, [])
+            if any(all(a >= b for a, b in zip(other, values)) for other, _ in front):
+                continue
+            front[:] = [(o, x) for o, x in front if not all(a <= b for a, b in zip(o, values))] + [(values, q)]
 
     def _configs_layer(self, configs: dict[int, list[_Config]]) -> None:
         p, m = self.p, self.m
@@ -958,8 +1030,9 @@ class _Lex:
     (its primary objective up to 80% of the share, the tie-break the rest; unused time passes
     on); the very first solution may use the whole time limit."""
 
-    def __init__(self, model: _Model, deadline: float, workers: int):
+    def __init__(self, model: _Model, deadline: float, workers: int, ratio_tolerance: float = 0.0):
         self.model, self.deadline, self.workers = model, deadline, workers
+        self.ratio_tolerance = ratio_tolerance
         self.cur: Optional[dict[int, int]] = None
         self.solves = 0
 
@@ -1031,9 +1104,15 @@ class _Lex:
                     a, b = g1, k1
                 break
             a, b = g1, k1
-        m.add(b * G >= a * K)
+        # lock the ratio (within the tolerance, in steps of 1e-4) and take the fewest GPUs at it
+        slack = min(TOLERANCE_STEPS, max(0, round(self.ratio_tolerance * TOLERANCE_STEPS)))
+        m.add(TOLERANCE_STEPS * b * G >= (TOLERANCE_STEPS - slack) * a * K)
         opt2, k, _ = self.phase("min", K, lambda s: s[K.index], until)
         m.add(K <= k)
+        if slack:  # the best ratio at those GPUs
+            opt3, g, _ = self.phase("max", G, lambda s: s[G.index], until)
+            m.add(G >= g)
+            opt2 = opt2 and opt3
         value = self.cur[G.index] / self.cur[K.index]
         return _Outcome(value / RPS_SCALE, max(upper, value) / RPS_SCALE, optimal and opt2)
 
@@ -1049,14 +1128,6 @@ def _carve(node: int, start: int, items: list[tuple[int, object]]) -> list[tuple
         out.append((tag, [GpuRef(node=node, index=offset + i) for i in range(size)]))
         offset += size
     return out
-
-
-def _slot_value(expr, vals: dict[int, int]) -> int:
-    if isinstance(expr, int):
-        return expr
-    if hasattr(expr, "index") and hasattr(expr, "proto"):
-        return vals[expr.index]
-    raise TypeError
 
 
 class _Materializer:
@@ -1280,7 +1351,7 @@ def _check(p: _Problem, placed: dict[int, list[list[GpuRef]]], counts: dict[int,
                 seen.add((g.node, g.index))
 
 
-def kv_traffic(p: "_Problem", placed: dict[int, list[list[GpuRef]]]) -> tuple[dict[int, float], dict[int, float], set[str]]:
+def _kv_traffic(p: "_Problem", placed: dict[int, list[list[GpuRef]]]) -> tuple[dict[int, float], dict[int, float], set[str]]:
     """Bytes/s leaving and entering each node under the documented KV model, and the
     disaggregated deployments that sit on one node (no network traffic)."""
     out: dict[int, float] = defaultdict(float)
@@ -1348,7 +1419,7 @@ def _binding(p: _Problem, placed: dict[int, list[list[GpuRef]]], gpus_of: dict[s
         if d.max_gpus is not None and cs and d.max_gpus - gpus_of[name] < min(c.gpus for c in cs):
             out.append(f"max_gpus {d.max_gpus} of deployment {name}")
     if p.kv_deps:
-        traffic_out, traffic_in, single = kv_traffic(p, placed)
+        traffic_out, traffic_in, single = _kv_traffic(p, placed)
         nic = p.groups[0].nic
         for name in p.kv_deps:
             if name in single and p.kv_out[name] > nic * (1 - 1e-9) and any(p.cands[ci].dep == name and insts
@@ -1362,10 +1433,11 @@ def _binding(p: _Problem, placed: dict[int, list[list[GpuRef]]], gpus_of: dict[s
                                f"the KV traffic of deployment {name} ({_gbps(p.kv_out[name])}): its prefill and "
                                f"decode instances share node {node}")
         peak = max(list(traffic_out.values()) + list(traffic_in.values()) + [0.0])
-        spread = [n for n in p.kv_deps if n not in single]
-        if nic > 0 and spread and peak >= 0.8 * nic:
-            out.append(f"network bandwidth between nodes carries the KV traffic of {', '.join(spread)} "
-                       f"(up to {100 * peak / nic:.0f}% of a node's {_gbps(nic)} per direction)")
+        if nic > 0 and peak >= 0.8 * nic:
+            for name in p.kv_deps:
+                if name not in single and any(p.cands[ci].dep == name and insts for ci, insts in placed.items()):
+                    out.append(f"network bandwidth between nodes carries the KV traffic of deployment {name} "
+                               f"(the busiest node uses {100 * peak / nic:.0f}% of its {_gbps(nic)} per direction)")
     return out
 
 
@@ -1492,8 +1564,14 @@ def _diagnose(p: _Problem, oversized: list[Candidate], deadline: float, workers:
 
 
 def solve_placement(cluster: spec.Cluster, gpus: dict[str, spec.GPU], demands: list[Demand],
-                    candidates: list[Candidate], *, time_limit_s: float = 10.0, workers: int = 2) -> Placement:
-    """Choose instance counts and exact GPUs for every deployment (see the module docstring)."""
+                    candidates: list[Candidate], *, time_limit_s: float = 10.0, workers: int = 2,
+                    ratio_tolerance: float = 0.0) -> Placement:
+    """Choose instance counts and exact GPUs for every deployment (see the module docstring).
+
+    `ratio_tolerance` (max_goodput_per_gpu only, default 0 = exact): after the best ratio r* is
+    found, take the fewest GPUs whose ratio is >= (1 - ratio_tolerance) * r*. The exact optimum of a
+    disaggregated deployment can need a large prefill/decode mix to balance the two sums, far
+    above the load; a tolerance of about 1% trades that for a plan sized near the load."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit_s
     p = _Problem(cluster, gpus, demands, candidates)
@@ -1503,7 +1581,7 @@ def solve_placement(cluster: spec.Cluster, gpus: dict[str, spec.GPU], demands: l
     oversized = [c for c in p.unplaceable if c.tp <= type_domain.get(c.gpu, 0)]
     need = {n for n in p.order if p.demands[n].objective == "max_goodput_per_gpu"}
     model = _Model(p, p.order, set(p.order), need_instance=need)
-    lex = _Lex(model, deadline, workers)
+    lex = _Lex(model, deadline, workers, ratio_tolerance)
     try:
         outcomes = lex.run()
     except _Infeasible:
@@ -1534,11 +1612,11 @@ def solve_placement(cluster: spec.Cluster, gpus: dict[str, spec.GPU], demands: l
         n_gpus = sum(len(i.gpus) for i in insts)
         gpus_of[name] = n_gpus
         o = outcomes[name]
-        gap = 0.0 if o.optimal or o.bound == o.value else abs(o.bound - o.value) / max(abs(o.bound), abs(o.value), 1e-12)
+        gap = 0.0 if o.bound == o.value else abs(o.bound - o.value) / max(abs(o.bound), abs(o.value), 1e-12)
         deployments[name] = DeploymentPlacement(
             deployment=name, objective=d.objective, mode=mode, instances=insts,
             goodput_rps=col + (min(pre, dec) if mode == "disaggregated" else 0.0), gpus=n_gpus,
-            cost_per_hour=cost if priced else None, objective_value=o.value, bound=o.bound if not o.optimal else o.value,
+            cost_per_hour=cost if priced else None, objective_value=o.value, bound=o.bound,
             gap=gap, optimal=o.optimal, prefill_rps=pre, decode_rps=dec)
     first = deployments[p.order[0]] if p.order else None
     return Placement(

@@ -93,3 +93,57 @@ def test_infeasible_specs_are_diagnostics_not_crashes(tmp_path, capsys):
         flowc.compile(text)
     assert caught.value.codes == ["F0511"]
     assert "needs" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------- random specs
+
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+RANDOM_SPEC = """
+use std.gpus
+use std.models
+
+cluster c {{
+  node x {nodes} {{
+    gpu {gpu} x {per_node}
+  }}
+  network ib-ndr x 4
+}}
+
+workload w {{
+  arrival poisson {rate} req/s
+  prompt lognormal(median {prompt} tok, sigma 0.5) max 320 tok
+  output lognormal(median {output} tok, sigma 0.5) max 160 tok
+}}
+
+slo s {{
+  ttft p90 <= {ttft} ms
+  tpot p90 <= {tpot} ms
+}}
+
+deploy d {{
+  model {model}
+  on c
+  serve w under s
+  objective {objective}
+  {disagg}
+}}
+"""
+
+
+@settings(max_examples=8, deadline=None, phases=[Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+@given(nodes=st.integers(1, 2), per_node=st.sampled_from([4, 8]), gpu=st.sampled_from(["h100-sxm", "a100-sxm-80g"]),
+       model=st.sampled_from(["llama-3.1-8b", "qwen2.5-7b", "tiny-llama"]), rate=st.sampled_from([1, 5, 40, 400]),
+       prompt=st.sampled_from([64, 256]), output=st.sampled_from([32, 128]), ttft=st.sampled_from([20, 300, 2000]),
+       tpot=st.sampled_from([5, 30, 100]), objective=st.sampled_from(["min gpus", "max goodput_per_gpu"]),
+       disagg=st.sampled_from(["", "allow disaggregation"]))
+def test_random_specs_compile_to_verified_plans_or_planning_diagnostics(**values):
+    spec = flowc.load(RANDOM_SPEC.format(**values))
+    try:
+        plan = flowc.compile(spec, time_limit_s=5)
+    except flowc.FlowError as error:
+        assert error.codes and all(code.startswith("F05") for code in error.codes)
+        return
+    assert verify_plan(plan, spec) == []
+    assert all(d.predicted.meets_slo for d in plan.deployments)

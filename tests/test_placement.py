@@ -409,6 +409,29 @@ def test_domain_patterns_and_per_domain_fallback(monkeypatch):
         monkeypatch.setattr(P, "PATTERN_LIMIT", 2000)
 
 
+@pytest.mark.parametrize("tolerance", [0.0, 0.02, 0.1])
+def test_ratio_tolerance_against_brute_force(tolerance):
+    # balancing prefill (3.0) and decode (1.1) exactly takes many instances; a tolerance stops early
+    c = cluster(group(2, 8, 8), network=50e9)
+    cands = [cand("a", 1, 1, 3.0, "prefill", kv=1e6), cand("a", 1, 1, 1.1, "decode", kv=1e6),
+             cand("a", 2, 1, 2.3, "decode", kv=1e6)]
+    demands = [Demand("a", "max_goodput_per_gpu", 2.0)]
+    b = Brute(c, demands, cands)
+    feasible = [r["a"] for r in (b.evaluate(x, ["a"], {"a"}) for x in b.combos()) if r is not None]
+    best = max(Fraction(g, k) for k, g, _ in feasible)
+    ok = [(k, g) for k, g, _ in feasible if Fraction(g, k) >= best * (1 - Fraction(tolerance).limit_denominator(10000))]
+    k_min = min(k for k, _ in ok)
+    g_max = max(g for k, g in ok if k == k_min)
+    r = solve_placement(c, GPUS, demands, cands, ratio_tolerance=tolerance)
+    dp = r.deployments["a"]
+    check_valid(c, demands, cands, r)
+    assert (dp.gpus, _milli(dp.goodput_rps)) == (k_min, g_max)
+    assert dp.bound == pytest.approx(float(best) / 1000) and r.status == "optimal"
+    assert dp.gap == pytest.approx(1 - g_max / k_min / float(best), abs=1e-12)
+    if tolerance == 0.1:
+        assert dp.gpus < 8
+
+
 # ----------------------------------------------------------------------------------------------
 # infeasibility
 
