@@ -223,20 +223,30 @@ def _cmd_estimate(args, out: _Output) -> int:
     return EXIT_OK
 
 
-def _cmd_compile(args, out: _Output) -> int:
+def _on_checked_spec(path: str, out: _Output, work):
+    """Check the spec at `path`, then run `work(spec)`. Returns (spec, result) or the exit code
+    after printing the diagnostics of either step."""
     from flowc.api import check_sources
     from flowc.compiler.diagnostics import FlowError
-    from flowc.compiler.optimizer import compile_spec
 
-    missing = _missing_files([args.file], out)
+    missing = _missing_files([path], out)
     if missing is not None:
         return missing
     try:
-        checked = check_sources(Path(args.file))
-        plan = compile_spec(checked.spec, time_limit_s=args.time_limit)
+        spec = check_sources(Path(path)).spec
+        return spec, work(spec)
     except FlowError as error:
         out.diagnostics(error.diagnostics, error.sources)
         return EXIT_INVALID
+
+
+def _cmd_compile(args, out: _Output) -> int:
+    from flowc.compiler.optimizer import compile_spec
+
+    done = _on_checked_spec(args.file, out, lambda spec: compile_spec(spec, time_limit_s=args.time_limit))
+    if isinstance(done, int):
+        return done
+    spec, plan = done
     document = plan.model_dump_json(indent=2)
     if args.output:
         try:
@@ -248,26 +258,19 @@ def _cmd_compile(args, out: _Output) -> int:
         return EXIT_OK
     from flowc.reports import print_plan
 
-    print_plan(plan, checked.spec, explain=args.explain)
+    print_plan(plan, spec, explain=args.explain)
     if args.output:
         print(f"wrote {args.output}")
     return EXIT_OK
 
 
 def _cmd_simulate(args, out: _Output) -> int:
-    from flowc.api import check_sources
-    from flowc.compiler.diagnostics import FlowError
     from flowc.compiler.serving import simulate_spec
 
-    missing = _missing_files([args.file], out)
-    if missing is not None:
-        return missing
-    try:
-        checked = check_sources(Path(args.file))
-        reports = simulate_spec(checked.spec, with_goodput=args.goodput)
-    except FlowError as error:
-        out.diagnostics(error.diagnostics, error.sources)
-        return EXIT_INVALID
+    done = _on_checked_spec(args.file, out, lambda spec: simulate_spec(spec, with_goodput=args.goodput))
+    if isinstance(done, int):
+        return done
+    _, reports = done
     if out.json:
         print(json.dumps({name: report.model_dump() for name, report in reports.items()}, indent=2))
         return EXIT_OK
