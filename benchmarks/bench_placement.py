@@ -9,6 +9,8 @@ Loads scale with the cluster so that about 70% of its GPUs are needed. Extra row
   disagg a disaggregated chat deployment (10 prefill + 10 decode candidates) next to code,
          once with a fast network (aggregated model) and once with a network too slow for
          its KV traffic (per-node model with the KV rows).
+Rows marked "per-node layer" force the fallback layer where the configuration layer applies;
+"ratio_tolerance 1%" shows the plan size when the best ratio may be missed by 1%.
 Each row prints the model used, status, gap, CP-SAT solves and wall time against the
 targets (512 GPUs: < 60 s; a 70B model on 8 or 16 GPUs: < 1 s). A script, not a test.
 """
@@ -20,6 +22,7 @@ import random
 import time
 
 from flowc.compiler import spec
+from flowc.compiler import placement
 from flowc.compiler.placement import Candidate, Demand, PlacementInfeasible, solve_placement
 
 NVLINK = spec.Link(name="nvlink4", kind="nvlink", bandwidth=450e9)
@@ -64,13 +67,18 @@ def disagg_candidates(rng: random.Random, kv_bytes: float) -> list[Candidate]:
     return out
 
 
-def run(label: str, c: spec.Cluster, demands: list[Demand], cands: list[Candidate], args, target: float | None) -> None:
+def run(label: str, c: spec.Cluster, demands: list[Demand], cands: list[Candidate], args, target: float | None,
+        layer: str | None = None, **kw) -> None:
     t0 = time.perf_counter()
+    placement._LAYER = layer
     try:
-        r = solve_placement(c, {"h100-sxm": H100}, demands, cands, time_limit_s=args.time_limit, workers=args.workers)
+        r = solve_placement(c, {"h100-sxm": H100}, demands, cands, time_limit_s=args.time_limit, workers=args.workers,
+                            **kw)
     except PlacementInfeasible as e:
         print(f"{label:<40} infeasible: {e}")
         return
+    finally:
+        placement._LAYER = None
     wall = time.perf_counter() - t0
     mark = "" if target is None else ("  ok" if wall < target else "  SLOW") + f" (target < {target:g} s)"
     per = ", ".join(f"{n}: {d.gpus} GPUs {d.goodput_rps:.1f} req/s" for n, d in r.deployments.items())
@@ -103,6 +111,16 @@ def main() -> None:
         # a network that carries a few prefill instances' KV per node but not the whole load
         run(f"{gpus:>3} GPUs, disaggregated, slow network", cluster(nodes, network_gbps=8.0, nics=1), demands,
             dis + code, args, 60.0 if gpus == 512 else None)
+        if gpus == 512:
+            run("512 GPUs, slow network, per-node layer", cluster(nodes, network_gbps=8.0, nics=1), demands,
+                dis + code, args, 60.0, layer="per-node")
+            near = [Demand("chat", "max_goodput_per_gpu", 320.0), demands[1]]  # near the KV limit (~331)
+            run("512 GPUs, slow network, near KV limit", cluster(nodes, network_gbps=8.0, nics=1), near,
+                dis + code, args, 60.0)
+            run("512 GPUs, ... same, per-node layer", cluster(nodes, network_gbps=8.0, nics=1), near,
+                dis + code, args, 60.0, layer="per-node")
+            run("512 GPUs, fast network, ratio_tolerance 1%", cluster(nodes), demands, dis + code, args, None,
+                ratio_tolerance=0.01)
 
 
 if __name__ == "__main__":

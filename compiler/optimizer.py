@@ -197,6 +197,12 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0) -> Pl
     for d in spec.deployments.values():
         requests[d.name] = sample_requests(spec.workloads[d.workload], CAPACITY_REQUESTS, seed=seed)
         found, rejected[d.name] = _candidates(spec, d, requests[d.name], seed)
+        if not found and not any(shape.budget.fits for shape in instance_shapes(spec, d)):
+            # only reachable with `allow offload`: the checker's F0503 covers the rest
+            raise FlowError([Diagnostic(
+                "F0503", f"{d.model.name} does not fit in the GPU memory of any instance deployment `{d.name}` allows",
+                help="allow larger tp or pp, or quantize the weights; flowc does not plan offloaded weights yet, "
+                     "so `allow offload` cannot make room")])
         if not found:
             raise _no_candidate(d, rejected[d.name])
         measured.update({m.candidate.key: m for m in found})

@@ -482,7 +482,8 @@ class _Config:
 
 
 class _Model:
-    def __init__(self, p: _Problem, active: list[str], enforce_load: set[str], *, need_instance: set[str] = frozenset()):
+    def __init__(self, p: _Problem, active: list[str], enforce_load: set[str], *,
+                 need_instance: set[str] = frozenset()):
         self.p = p
         self.active = active
         self.enforce_load = enforce_load
@@ -921,8 +922,9 @@ class _Model:
                         m.add(s == 0).only_enforce_if(~h)
                 nic = math.floor(v.nic / unit + 1e-9)
                 for direction, role, cap in (("out", "prefill", p.kv_out[d]), ("in", "decode", p.kv_in[d])):
-                    terms = [(c.tp, s, math.ceil(c.c.kv_bytes_per_request * min(c.c.capacity_rps, load) / c.pp / unit - 1e-9),
-                              self.s_ub[(v.index, c.idx)]) for c, s in here if c.role == role]
+                    terms = [(c.tp, s, math.ceil(c.c.kv_bytes_per_request * min(c.c.capacity_rps, load) / c.pp / unit
+                                                 - 1e-9), self.s_ub[(v.index, c.idx)])
+                             for c, s in here if c.role == role]
                     terms = [t for t in terms if t[2] > 0]
                     if not terms:
                         continue
@@ -1138,7 +1140,8 @@ class _Materializer:
         return self.vals[var.index]
 
     def instances(self) -> dict[int, list[list[GpuRef]]]:
-        return {"per-node": self._per_node, "configs": self._configs, "aggregated": self._aggregated}[self.model.layer]()
+        layers = {"per-node": self._per_node, "configs": self._configs, "aggregated": self._aggregated}
+        return layers[self.model.layer]()
 
     def _aggregated(self) -> dict[int, list[list[GpuRef]]]:
         mdl, p = self.model, self.p
@@ -1351,7 +1354,7 @@ def _check(p: _Problem, placed: dict[int, list[list[GpuRef]]], counts: dict[int,
                 seen.add((g.node, g.index))
 
 
-def _kv_traffic(p: "_Problem", placed: dict[int, list[list[GpuRef]]]) -> tuple[dict[int, float], dict[int, float], set[str]]:
+def _kv_traffic(p: _Problem, placed: dict[int, list[list[GpuRef]]]) -> tuple[dict, dict, set[str]]:
     """Bytes/s leaving and entering each node under the documented KV model, and the
     disaggregated deployments that sit on one node (no network traffic)."""
     out: dict[int, float] = defaultdict(float)

@@ -673,7 +673,6 @@ def test_many_nodes_with_a_binding_kv_network_solve_fast():
     assert traffic and max(traffic) <= 1e9 * (1 + 1e-9)
 
 
-@pytest.mark.slow
 def test_512_gpus_per_node_layer_fallback():
     c = cluster(group(64, 8, 8), network=1e9)
     cands = two_deployments(random.Random(3), disagg=True)
