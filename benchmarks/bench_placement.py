@@ -119,7 +119,7 @@ def main() -> None:
                 dis + code, args, 60.0)
             run("512 GPUs, ... same, per-node layer", cluster(nodes, network_gbps=8.0, nics=1), near,
                 dis + code, args, 60.0, layer="per-node")
-            run("512 GPUs, fast network, ratio_tolerance 1%", cluster(nodes), demands, dis + code, args, None,
+            run("512 GPUs, fast network, tolerance 1%", cluster(nodes), demands, dis + code, args, None,
                 ratio_tolerance=0.01)
 
 

@@ -39,6 +39,7 @@ POOL_GPUS = 8  # capacity is measured on a pool of about this many GPUs: replica
 CHECK_REQUESTS = 1000  # requests when checking the chosen configuration end to end
 DEFAULT_BATCHED_TOKENS = 8192  # vLLM's default token budget with chunked prefill
 DISAGG_PARTNERS = 4
+RATIO_TOLERANCE = 0.01
 RECHECK_ROUNDS = 4  # place -> simulate end to end -> derate -> place again
 DERATE_FLOOR = 0.2  # at most divide a capacity by five per round
 LOW_LOAD_SCALE = 0.01  # arrivals 100x sparser than the workload's: latency without queueing  # instances of the other phase beside a prefill or decode candidate being measured
@@ -241,8 +242,10 @@ def _place_and_check(spec: Spec, cluster_name: str, deployments: list[Deployment
         names = {d.name for d in deployments}
         candidates = [m.candidate for m in measured.values() if m.candidate.deployment in names]
         try:
+            # 1% off the exact goodput/GPU ratio: balancing prefill against decode exactly can
+            # take a large mix of instances that serves twice the load (placement.py, ratio_tolerance)
             placement = solve_placement(spec.clusters[cluster_name], spec.gpus, demands, candidates,
-                                        time_limit_s=time_limit_s)
+                                        time_limit_s=time_limit_s, ratio_tolerance=RATIO_TOLERANCE)
         except PlacementInfeasible as error:
             raise _infeasible(error) from None
         except PlacementTimeout:

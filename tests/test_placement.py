@@ -307,6 +307,30 @@ def random_instance(rng: random.Random):
     return c, demands, cands
 
 
+def random_kv_instance(rng: random.Random):
+    """Mostly disaggregated deployments on 2-4 small nodes with networks near the KV traffic."""
+    nodes, per = rng.choice([2, 3, 4]), rng.choice([2, 4])
+    domain = rng.choice([d for d in (1, 2, 4) if d <= per])
+    c = cluster(group(nodes, per, domain, price=rng.choice([None, 8.0])), network=rng.choice([None, 3e8, 6e8, 1e9, 2e9]),
+                nics=rng.choice([1, 2]))
+    deps = ["a", "b"][:rng.choice([1, 2])]
+    cands, demands = [], []
+    for name in deps:
+        disagg = rng.random() < 0.8
+        for j in range(rng.randint(2, 4 if len(deps) == 1 else 3)):
+            tp, pp = rng.choice([t for t in (1, 2) if t <= domain]), rng.choice([1, 1, 2])
+            if disagg:
+                role = ("prefill", "decode")[j] if j < 2 else rng.choice(["prefill", "decode", "colocated"])
+            else:
+                role = "colocated"
+            cands.append(cand(name, tp, pp, rng.randint(300, 3000) / 1000, role,
+                              kv=rng.choice([1e8, 3e8, 1e9]) if disagg else 0.0, tag=f"/v{j}"))
+        total = nodes * per
+        demands.append(Demand(name, rng.choice(OBJECTIVES), round(rng.uniform(0.1, 1.0) * total / len(deps) / 2, 3),
+                              rng.choice([None, None, rng.randint(2, total)])))
+    return c, demands, cands
+
+
 def expected_values(b: Brute, demands: list[Demand], best) -> dict[str, tuple]:
     out = {}
     for d in demands:
@@ -364,12 +388,13 @@ def check_against_brute(c, demands, cands, b: Brute, layer=None) -> str:
         P._LAYER = None
 
 
-def test_brute_force_random_instances():
+@pytest.mark.parametrize("generator, count", [(random_instance, 80), (random_kv_instance, 40)])
+def test_brute_force_random_instances(generator, count):
     rng = random.Random(20240611)
     seen = {"aggregated": 0, "configs": 0, "per-node": 0, "infeasible": 0}
     done = 0
-    while done < 36:
-        c, demands, cands = random_instance(rng)
+    while done < count:
+        c, demands, cands = generator(rng)
         b = Brute(c, demands, cands)
         if b.size() > 4000:
             continue
@@ -673,13 +698,23 @@ def test_many_nodes_with_a_binding_kv_network_solve_fast():
     assert traffic and max(traffic) <= 1e9 * (1 + 1e-9)
 
 
-def test_512_gpus_per_node_layer_fallback():
+def test_512_gpus_per_node_fallback_layer_returns_a_valid_plan():
+    # the fallback layer on the configuration layer's instance: same optimum, or a valid plan
+    # with a gap when its weaker LP runs out of time
     c = cluster(group(64, 8, 8), network=1e9)
     cands = two_deployments(random.Random(3), disagg=True)
     demands = [Demand("chat", "max_goodput_per_gpu", 300.0), Demand("code", "min_gpus", 1000.0)]
+    exact = solve_placement(c, GPUS, demands, cands, time_limit_s=30)
     P._LAYER = "per-node"
     try:
-        r = solve_placement(c, GPUS, demands, cands, time_limit_s=60)
+        r = solve_placement(c, GPUS, demands, cands, time_limit_s=5)
     finally:
         P._LAYER = None
+    assert r.model == "per-node"
     check_valid(c, demands, cands, r)
+    assert max(kv_per_node(r, demands, cands)) <= 1e9 * (1 + 1e-9)
+    if r.status == "optimal":
+        for name in ("chat", "code"):
+            assert r.deployments[name].objective_value == pytest.approx(exact.deployments[name].objective_value)
+    else:
+        assert r.deployments["chat"].bound >= exact.deployments["chat"].objective_value - 1e-9
