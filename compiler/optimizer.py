@@ -38,11 +38,11 @@ CAPACITY_REQUESTS = 400  # requests per instance and simulation when measuring a
 POOL_GPUS = 8  # capacity is measured on a pool of about this many GPUs: replicas share load like a real fleet
 CHECK_REQUESTS = 1000  # requests when checking the chosen configuration end to end
 DEFAULT_BATCHED_TOKENS = 8192  # vLLM's default token budget with chunked prefill
-DISAGG_PARTNERS = 4
+DISAGG_PARTNERS = 4  # prefill instances per decode instance when measuring a decode pool
 RATIO_TOLERANCE = 0.01
 RECHECK_ROUNDS = 4  # place -> simulate end to end -> derate -> place again
 DERATE_FLOOR = 0.2  # at most divide a capacity by five per round
-LOW_LOAD_SCALE = 0.01  # arrivals 100x sparser than the workload's: latency without queueing  # instances of the other phase beside a prefill or decode candidate being measured
+LOW_LOAD_SCALE = 0.01  # arrivals 100x sparser than the workload's: latency without queueing
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,6 @@ class _Measured:
     shape: Shape
     scheduler: Scheduler
     cost: CostModel
-    link: Link
 
 
 def _link_of(spec: Spec, d: Deployment, gpu: str) -> Link:
@@ -146,7 +145,7 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int) -> tup
                                           role=role, capacity_rps=float(capacity),
                                           kv_bytes_per_request=kv_bytes_per_token(d.model) * mean_prompt)
                     shape_budget = Shape(shape.gpu, shape.tp, shape.pp, budget)
-                    measured.append(_Measured(candidate, shape_budget, scheduler, cost, link))
+                    measured.append(_Measured(candidate, shape_budget, scheduler, cost))
     return measured, rejected
 
 
