@@ -86,10 +86,8 @@ def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None 
     instance = InstanceConfig(cost=cost, pp=shape.pp, kv_capacity_tokens=shape.budget.kv_tokens,
                               block_size=shape.budget.block_size)
 
-    def instances(_rate_scale: float = 1.0) -> list[InstanceConfig]:
-        return [instance] * replicas
-
-    result = simulate(requests, instances(), router="least_work")
+    instances = [instance] * replicas
+    result = simulate(requests, instances, router="least_work")
     attainment = result.attainment(slo)
     targets = [TargetReport(metric=t.metric, percentile=t.percentile, limit_ms=t.limit * 1e3,
                             value_ms=None if t.percentile is None else result.percentile(t.metric, t.percentile) * 1e3,
