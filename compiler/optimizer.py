@@ -4,7 +4,10 @@ Percentiles under queueing are not linear, so the search has three steps:
 1. candidates: per deployment, every instance shape it allows (GPU type, TP, the smallest PP
    that fits, scheduler settings) in each role it allows (colocated; prefill and decode with
    disaggregation), and each candidate's capacity under the SLO: the goodput of one instance,
-   measured with the simulator (`_capacity`);
+   measured with the simulator (`_capacity`). With `allow offload`, pp = 1 shapes whose HBM
+   cannot hold the weights and the longest request are candidates too: compiler/offload.py
+   places part of the weights in host memory (`_offload_candidates`), and the instance's step
+   time carries the streaming overhead (`OffloadedStepCost`);
 2. placement: CP-SAT chooses how many instances of each candidate run and on which GPUs
    (compiler/placement.py), for each deployment's objective;
 3. check: the chosen configuration is simulated end to end at the workload's rate and its
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from flowc import __version__
 
@@ -24,6 +28,7 @@ from .candidates import Shape, instance_shapes
 from .cost import CostModel, Parallelism
 from .diagnostics import Diagnostic, FlowError
 from .memory import kv_bytes_per_token, memory_budget
+from .offload import OffloadInfeasible, OffloadPlan, plan_offload
 from .placement import Candidate, Demand, PlacementInfeasible, PlacementTimeout, solve_placement
 from .plan import (
     Alternative, DeploymentPlan, Instance, InstanceGroup, MemoryMap, Percentiles, Plan, Predicted, Scheduler,
@@ -43,6 +48,35 @@ RATIO_TOLERANCE = 0.01
 RECHECK_ROUNDS = 4  # place -> simulate end to end -> derate -> place again
 DERATE_FLOOR = 0.2  # at most divide a capacity by five per round
 LOW_LOAD_SCALE = 0.01  # arrivals 100x sparser than the workload's: latency without queueing
+OFFLOAD_KV_REQUESTS = 8  # an offloaded instance keeps KV for this many longest requests in HBM ...
+OFFLOAD_KV_SHARE = 0.5  # ... but at most this share of the HBM left for weights and KV (never below one)
+OFFLOAD_SLACK = 1 << 20  # bytes the offload LP's HBM budget is kept under (solver tolerance), counted in reserve
+
+
+@dataclass(frozen=True)
+class OffloadedStepCost:
+    """The step cost of an instance whose weights partly stream from host memory: the cost
+    model's step plus `overhead` seconds on every iteration. The overhead is what the offload
+    LP's placement adds to a decode step at the batch it was planned for (its decode step with
+    the streamed units' max(compute, transfer) minus the cost model's step at that batch). It
+    is constant per iteration: the streamed bytes are the same whatever the batch, and a larger
+    batch's extra compute hides a little more of the transfer, so a prefill-heavy iteration is
+    charged slightly more than it would take. Everything else delegates to the cost model."""
+
+    base: CostModel
+    overhead: float
+
+    def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
+        return self.base.step_time(tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens) + self.overhead
+
+    def prefill_pairs(self, new_tokens: int, past_tokens: int) -> int:
+        return self.base.prefill_pairs(new_tokens, past_tokens)
+
+    def pp_hop_time(self, tokens: int) -> float:
+        return self.base.pp_hop_time(tokens)
+
+    def kv_transfer_time(self, tokens: int) -> float:
+        return self.base.kv_transfer_time(tokens)
 
 
 @dataclass(frozen=True)
@@ -51,6 +85,16 @@ class _Measured:
     shape: Shape
     scheduler: Scheduler
     cost: CostModel
+    offload: Optional[OffloadPlan] = None  # the weights' placement, when part of them is in host memory
+    offload_step_s: float = 0.0
+    kv_tokens: Optional[int] = None  # KV tokens the instance holds (None: the budget's)
+
+    def step_cost(self):
+        return OffloadedStepCost(self.cost, self.offload_step_s) if self.offload is not None else self.cost
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_tokens if self.kv_tokens is not None else self.shape.budget.kv_tokens
 
 
 def _link_of(spec: Spec, d: Deployment, gpu: str) -> Link:
@@ -105,14 +149,55 @@ def _best_reachable(instance: InstanceConfig, requests: Requests, slo: SLO) -> s
     return "; ".join(parts)
 
 
-def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int) -> tuple[list[_Measured], list[Alternative]]:
+def _offload_shapes(spec: Spec, d: Deployment, longest: int) -> list[Shape]:
+    """pp = 1 shapes whose HBM does not hold the weights and the longest request: with
+    `allow offload` they are candidates with part of the weights in host memory."""
+    if not d.allow_offload:
+        return []
+    return sorted((shape for shape in instance_shapes(spec, d)
+                   if shape.pp == 1 and (not shape.budget.fits or shape.budget.kv_tokens < longest)),
+                  key=lambda s: (s.gpu, s.tp))
+
+
+def _offload_kv_tokens(budget, longest: int) -> int:
+    """K, the KV tokens an offloaded instance keeps in HBM (whole blocks): OFFLOAD_KV_REQUESTS
+    longest requests, capped at OFFLOAD_KV_SHARE of the HBM left for weights and KV (every byte
+    of KV is a byte of weights streamed each step), never below one longest request."""
+    room = budget.usable - budget.activations - budget.reserve
+    cap = int(room * OFFLOAD_KV_SHARE) // max(budget.kv_bytes_per_token, 1)
+    k = max(longest, min(OFFLOAD_KV_REQUESTS * longest, cap))
+    return -(-k // budget.block_size) * budget.block_size
+
+
+def _plan_offload(spec: Spec, d: Deployment, shape: Shape, cost: CostModel, budget, max_batched_tokens: int,
+                  longest: int, max_seqs: int):
+    """(offload plan, KV tokens, seconds added per iteration) of one pp = 1 shape; raises
+    OffloadInfeasible. The node group's host memory is split evenly over its GPUs."""
+    group = next(g for g in spec.clusters[d.cluster].nodes if g.gpu == shape.gpu)
+    host = (group.host_memory or 0) // group.gpus_per_node * shape.tp
+    k = _offload_kv_tokens(budget, longest)
+    plan = plan_offload(d.model, spec.gpus[shape.gpu], group.host_link, host, tp=shape.tp, pp=1,
+                        max_batched_tokens=max_batched_tokens, kv_tokens_needed=k,
+                        cost=cost, max_seqs=max_seqs, block_size=budget.block_size,
+                        activation_bytes=budget.activations + OFFLOAD_SLACK)
+    seqs = max(1, min(max_seqs, k))  # the decode step the LP planned (offload.plan_offload)
+    base = cost.step_time(seqs, 0, seqs, max(k, seqs))
+    return plan, k, max(0.0, plan.step_time_decode - base)
+
+
+def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
+                ) -> tuple[list[_Measured], list[Alternative], list[str]]:
+    """Measured candidates, rejected alternatives, and why offloaded shapes could not be placed."""
     slo = spec.slos[d.slo]
     longest = int((requests.prompt + requests.output).max())
     roles = ["colocated"] + (["prefill", "decode"] if d.allow_disaggregation else [])
     tokens = d.search.get("max_batched_tokens") or [DEFAULT_BATCHED_TOKENS]
-    measured, rejected = [], []
+    measured, rejected, infeasible = [], [], []
     mean_prompt = float(requests.prompt.mean())
-    for shape in _shapes(spec, d, longest):
+    max_seqs = 256
+    shapes = [(shape, False) for shape in _shapes(spec, d, longest)] + \
+        [(shape, True) for shape in _offload_shapes(spec, d, longest)]
+    for shape, offloaded in shapes:
         gpu = spec.gpus[shape.gpu]
         link = _link_of(spec, d, shape.gpu)
         for ep in d.search.get("ep") or [1]:
@@ -122,31 +207,45 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int) -> tup
                              inter_link=spec.clusters[d.cluster].network)
             for budget_tokens in tokens:
                 budget = memory_budget(d.model, gpu.memory, tp=shape.tp, pp=shape.pp,
-                                       max_batched_tokens=budget_tokens, block_size=shape.budget.block_size)
-                if budget.kv_tokens < longest:
+                                       max_batched_tokens=budget_tokens, max_seqs=max_seqs,
+                                       block_size=shape.budget.block_size)
+                offload, kv_tokens, overhead = None, budget.kv_tokens, 0.0
+                if offloaded:
+                    try:
+                        offload, kv_tokens, overhead = _plan_offload(spec, d, shape, cost, budget, budget_tokens,
+                                                                     longest, max_seqs)
+                    except OffloadInfeasible as error:
+                        infeasible.append(f"{shape.gpu} tp {shape.tp}, {budget_tokens} batched tokens: {error}")
+                        continue
+                elif budget.kv_tokens < longest:
                     continue
                 scheduler = Scheduler(max_batched_tokens=budget_tokens, chunked_prefill=True, chunk_size=budget_tokens,
-                                      max_seqs=256, block_size=budget.block_size)
-                configs = {role: InstanceConfig(cost=cost, pp=shape.pp, kv_capacity_tokens=budget.kv_tokens,
+                                      max_seqs=max_seqs, block_size=budget.block_size)
+                step = OffloadedStepCost(cost, overhead) if offload is not None else cost
+                configs = {role: InstanceConfig(cost=step, pp=shape.pp, kv_capacity_tokens=kv_tokens,
                                                 block_size=budget.block_size, max_batched_tokens=budget_tokens,
-                                                role=role) for role in roles}
+                                                max_seqs=max_seqs, role=role) for role in roles}
                 for role in roles:
                     partner = configs.get({"prefill": "decode", "decode": "prefill"}.get(role, ""))
                     pool = max(1, POOL_GPUS // shape.gpus)
                     capacity = _capacity(configs[role], partner, role, spec.workloads[d.workload], slo, seed, pool)
                     summary = f"{shape.gpu} tp {shape.tp} x pp {shape.pp}" + (f" ep {ep}" if ep > 1 else "") + \
-                        f", {budget_tokens} batched tokens, {role}"
+                        f", {budget_tokens} batched tokens, {role}" + (
+                            f", {offload.offloaded_bytes / 2**30:.1f} GiB offloaded" if offload is not None else "")
                     if capacity <= 0:
                         reach = _best_reachable(configs["colocated"], requests, slo)
                         rejected.append(Alternative(summary=summary, reason=f"misses the SLO even at the lowest load ({reach})"))
                         continue
-                    key = f"{d.name}/{shape.gpu}/tp{shape.tp}/pp{shape.pp}/ep{ep}/mbt{budget_tokens}/{role}"
+                    key = f"{d.name}/{shape.gpu}/tp{shape.tp}/pp{shape.pp}/ep{ep}/mbt{budget_tokens}/{role}" + (
+                        "/offload" if offload is not None else "")
                     candidate = Candidate(deployment=d.name, key=key, gpu=shape.gpu, tp=shape.tp, pp=shape.pp,
                                           role=role, capacity_rps=float(capacity),
                                           kv_bytes_per_request=kv_bytes_per_token(d.model) * mean_prompt)
                     shape_budget = Shape(shape.gpu, shape.tp, shape.pp, budget)
-                    measured.append(_Measured(candidate, shape_budget, scheduler, cost))
-    return measured, rejected
+                    measured.append(_Measured(candidate, shape_budget, scheduler, cost, offload=offload,
+                                              offload_step_s=overhead,
+                                              kv_tokens=kv_tokens if offload is not None else None))
+    return measured, rejected, infeasible
 
 
 def _percentiles(result, metric: str) -> Percentiles:
@@ -161,6 +260,18 @@ def _memory_map(model, m: _Measured) -> MemoryMap:
     layout = pack(step_buffers(model, m.candidate.tp, m.scheduler.max_batched_tokens, m.scheduler.max_seqs))
     if layout.size > b.activations:  # the packing missed its bound: the budget would under-reserve
         raise RuntimeError(f"activation arena of {layout.size} B exceeds the {b.activations} B the budget reserves")
+    if m.offload is not None:
+        # weights on the GPU: the memory model's less what host memory holds; KV: the K tokens
+        # the offload LP kept in HBM; reserve: the runtime's plus the streaming buffer and slack
+        o = m.offload
+        weights = b.weights - o.offloaded.get("weights", 0) - o.offloaded.get("experts", 0)
+        kv_blocks = m.kv_capacity_tokens // b.block_size
+        kv_cache = kv_blocks * b.kv_bytes_per_token * b.block_size
+        reserve = b.reserve + o.staging_bytes + OFFLOAD_SLACK
+        return MemoryMap(capacity=b.capacity, weights=weights, kv_cache=kv_cache, kv_blocks=kv_blocks,
+                         activations=b.activations, reserve=reserve,
+                         free=b.capacity - weights - kv_cache - b.activations - reserve,
+                         offloaded=dict(o.offloaded), offload_step_s=m.offload_step_s, arena_offsets=layout.offsets)
     return MemoryMap(capacity=b.capacity, weights=b.weights, kv_cache=categories["kv_cache"], kv_blocks=b.kv_blocks,
                      activations=b.activations, reserve=b.reserve, free=categories["free"],
                      arena_offsets=layout.offsets)
@@ -196,13 +307,16 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0) -> Pl
     requests: dict[str, Requests] = {}
     for d in spec.deployments.values():
         requests[d.name] = sample_requests(spec.workloads[d.workload], CAPACITY_REQUESTS, seed=seed)
-        found, rejected[d.name] = _candidates(spec, d, requests[d.name], seed)
-        if not found and not any(shape.budget.fits for shape in instance_shapes(spec, d)):
-            # only reachable with `allow offload`: the checker's F0503 covers the rest
+        found, rejected[d.name], infeasible = _candidates(spec, d, requests[d.name], seed)
+        if not found and not any(shape.budget.fits for shape in instance_shapes(spec, d)) and not rejected[d.name]:
+            # only reachable with `allow offload` (the checker's F0503 covers the rest): offloading
+            # to host memory could not place the weights of any pp = 1 shape either
             raise FlowError([Diagnostic(
-                "F0503", f"{d.model.name} does not fit in the GPU memory of any instance deployment `{d.name}` allows",
-                help="allow larger tp or pp, or quantize the weights; flowc does not plan offloaded weights yet, "
-                     "so `allow offload` cannot make room")])
+                "F0503", f"{d.model.name} does not fit in the GPU memory of any instance deployment `{d.name}` "
+                f"allows, even with weights offloaded to host memory",
+                help="allow larger tp or pp, quantize the weights, or declare more `host_memory` for the nodes "
+                     "(flowc offloads weights of single-stage instances only)",
+                notes=tuple(infeasible[:6]))])
         if not found:
             raise _no_candidate(d, rejected[d.name])
         measured.update({m.candidate.key: m for m in found})
@@ -286,7 +400,7 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
         groups.append(InstanceGroup(role=c.role, gpu=c.gpu, tp=c.tp, pp=c.pp, ep=m.cost.parallelism.ep,
                                     instances=instances, scheduler=m.scheduler, memory=_memory_map(d.model, m),
                                     capacity_rps=c.capacity_rps))
-        config = InstanceConfig(cost=m.cost, pp=c.pp, kv_capacity_tokens=m.shape.budget.kv_tokens,
+        config = InstanceConfig(cost=m.step_cost(), pp=c.pp, kv_capacity_tokens=m.kv_capacity_tokens,
                                 block_size=m.scheduler.block_size, max_batched_tokens=m.scheduler.max_batched_tokens,
                                 max_seqs=m.scheduler.max_seqs, role=c.role)
         configs.extend([config] * len(instances))
@@ -320,7 +434,8 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
 
 def _summary(m: _Measured) -> str:
     c = m.candidate
-    return f"{c.gpu} tp {c.tp} x pp {c.pp}, {m.scheduler.max_batched_tokens} batched tokens, {c.role}"
+    return f"{c.gpu} tp {c.tp} x pp {c.pp}, {m.scheduler.max_batched_tokens} batched tokens, {c.role}" + (
+        f", {m.offload.offloaded_bytes / 2**30:.1f} GiB offloaded" if m.offload is not None else "")
 
 
 def _why_not(m: _Measured, best_ratio: float) -> str:

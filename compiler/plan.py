@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = "1.1"  # 1.1: Predicted.requests, Scheduler.chunked_prefill
+FORMAT_VERSION = "1.2"  # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s
 
 
 class PlanModel(BaseModel):
@@ -47,7 +47,15 @@ class Scheduler(PlanModel):
 
 
 class MemoryMap(PlanModel):
-    """Bytes on one GPU of an instance, from the single memory model (compiler/memory.py)."""
+    """Bytes on one GPU of an instance, from the single memory model (compiler/memory.py).
+
+    With offloaded weights (compiler/offload.py, pp = 1 instances): `weights` is what stays on
+    the GPU, `offloaded` what lives in host memory ("weights": all but routed experts,
+    "experts", "kv"), the two weight categories adding up to the memory model's weights;
+    `reserve` includes the double-buffered streaming buffer (and a 1 MiB margin for the
+    offload LP's tolerance); `offload_step_s` is the seconds that streaming adds to every
+    engine iteration (the offload plan's decode step minus the cost model's at the same batch),
+    which the simulator and the verifier add to the instance's step time."""
 
     capacity: int
     weights: int
@@ -57,6 +65,7 @@ class MemoryMap(PlanModel):
     reserve: int
     free: int
     offloaded: dict[str, int] = Field(default_factory=dict, description="bytes kept in host memory, by category")
+    offload_step_s: float = Field(0.0, description="seconds streaming offloaded bytes adds to every iteration (1.2)")
     arena_offsets: dict[str, int] = Field(default_factory=dict,
                                           description="offset of each activation buffer in the arena")
 

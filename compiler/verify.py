@@ -40,7 +40,8 @@ Checks, one code each (F052x: planning):
   activation hops that cross nodes are charged to the network the same way.
 - F0526 predictions. Claims first: percentiles are non-negative, attainment a share, a plan
   that meets the SLO claims a goodput of at least the workload's rate, goodput per GPU is
-  goodput / GPUs. Then the deployment is re-simulated from the plan (see `_simulate`) on the
+  goodput / GPUs. Then the deployment is re-simulated from the plan (see `_simulate`; a group
+  with offloaded weights adds its memory map's `offload_step_s` to every step) on the
   workload sampled with seed `PREDICTION_SEED`: `meets_slo` must agree (unless the run is
   within `BORDERLINE` of a limit), joint attainment within `ATTAINMENT_TOLERANCE`, p50 TTFT and
   TPOT within `TOLERANCE` (relative, or `ABS_TOLERANCE_MS`); the claimed goodput must not exceed
@@ -434,7 +435,8 @@ class _Verifier:
             def fail(message: str, help: str, at: str = gat, notes=()) -> None:
                 self.error("F0524", f"{where}: {message}", help, at=at, notes=notes, dep=dep)
 
-            negative = [k for k in ("capacity", "weights", "kv_cache", "kv_blocks", "activations", "reserve", "free")
+            negative = [k for k in ("capacity", "weights", "kv_cache", "kv_blocks", "activations", "reserve", "free",
+                                    "offload_step_s")
                         if getattr(mm, k) < 0] + [f"offloaded.{k}" for k, v in mm.offloaded.items() if v < 0]
             if negative:
                 fail("negative " + ", ".join(negative) + " in the memory map", "compile the plan again")
@@ -769,6 +771,26 @@ def _borderline(result, slo) -> bool:
     return False
 
 
+class _Streamed:
+    """A step cost plus the seconds streaming offloaded weights adds to every iteration
+    (MemoryMap.offload_step_s); the rest is the cost model's."""
+
+    def __init__(self, base, extra: float):
+        self.base, self.extra = base, extra
+
+    def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
+        return self.base.step_time(tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens) + self.extra
+
+    def prefill_pairs(self, new_tokens: int, past_tokens: int) -> int:
+        return self.base.prefill_pairs(new_tokens, past_tokens)
+
+    def pp_hop_time(self, tokens: int) -> float:
+        return self.base.pp_hop_time(tokens)
+
+    def kv_transfer_time(self, tokens: int) -> float:
+        return self.base.kv_transfer_time(tokens)
+
+
 def _simulate(spec: Spec, dep: _Deployment, requests):
     """Re-simulate a deployment from its plan.
 
@@ -776,7 +798,8 @@ def _simulate(spec: Spec, dep: _Deployment, requests):
     inter_link is the cluster's network when the instance's stages span nodes, or when it is a
     prefill instance and a decode instance is not on its (single) node; and `InstanceConfig`
     with `kv_capacity_tokens = kv_blocks x block_size`, the scheduler's block size, token budget,
-    max_seqs and chunked-prefill switch, and the group's role.
+    max_seqs and chunked-prefill switch, and the group's role. A group with offloaded weights
+    adds its memory map's `offload_step_s` to every step (`_Streamed`).
     Router: least_work (as flowc.simulate and goodput searches use)."""
     from .cost import CostModel, Parallelism
     from .simulator import InstanceConfig, simulate
@@ -798,7 +821,8 @@ def _simulate(spec: Spec, dep: _Deployment, requests):
             if key not in costs:
                 costs[key] = CostModel(d.model, gpu, link, parallelism=Parallelism(tp=g.tp, pp=g.pp, ep=g.ep),
                                        inter_link=inter)
-            instances.append(InstanceConfig(cost=costs[key], pp=g.pp,
+            cost = costs[key] if g.memory.offload_step_s <= 0 else _Streamed(costs[key], g.memory.offload_step_s)
+            instances.append(InstanceConfig(cost=cost, pp=g.pp,
                                             kv_capacity_tokens=g.memory.kv_blocks * s.block_size,
                                             block_size=s.block_size, max_batched_tokens=s.max_batched_tokens,
                                             max_seqs=s.max_seqs,
