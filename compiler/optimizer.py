@@ -43,6 +43,8 @@ CAPACITY_REQUESTS = 400  # requests per instance and simulation when measuring a
 POOL_GPUS = 8  # capacity is measured on a pool of about this many GPUs: replicas share load like a real fleet
 CHECK_REQUESTS = 1000  # requests when checking the chosen configuration end to end
 DEFAULT_BATCHED_TOKENS = 8192  # vLLM's default token budget with chunked prefill
+DEFAULT_MAX_SEQS = 256  # vLLM's default max_num_seqs
+DEFAULT_BLOCK_SIZE = 16  # vLLM's default KV block size
 DISAGG_PARTNERS = 4  # prefill instances per decode instance when measuring a decode pool
 RATIO_TOLERANCE = 0.01
 RECHECK_ROUNDS = 4  # place -> simulate end to end -> derate -> place again
@@ -185,6 +187,18 @@ def _plan_offload(spec: Spec, d: Deployment, shape: Shape, cost: CostModel, budg
     return plan, k, max(0.0, plan.step_time_decode - base)
 
 
+def _scheduler_knobs(d: Deployment, tokens: list[int]):
+    """(token budget, max sequences, block size, chunk size) combinations the deployment allows;
+    knobs it leaves open take the engine defaults (256 sequences, blocks of 16, chunks as large
+    as the budget)."""
+    for budget in tokens:
+        for max_seqs in d.search.get("max_seqs") or [DEFAULT_MAX_SEQS]:
+            for block in d.search.get("block_size") or [DEFAULT_BLOCK_SIZE]:
+                for chunk in d.search.get("chunk_size") or [budget]:
+                    if chunk <= budget:
+                        yield budget, max_seqs, block, chunk
+
+
 def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
                 ) -> tuple[list[_Measured], list[Alternative], list[str]]:
     """Measured candidates, rejected alternatives, and why offloaded shapes could not be placed."""
@@ -194,7 +208,6 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
     tokens = d.search.get("max_batched_tokens") or [DEFAULT_BATCHED_TOKENS]
     measured, rejected, infeasible = [], [], []
     mean_prompt = float(requests.prompt.mean())
-    max_seqs = 256
     shapes = [(shape, False) for shape in _shapes(spec, d, longest)] + \
         [(shape, True) for shape in _offload_shapes(spec, d, longest)]
     for shape, offloaded in shapes:
@@ -205,10 +218,9 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
                 continue
             cost = CostModel(d.model, gpu, link, parallelism=Parallelism(tp=shape.tp, pp=shape.pp, ep=ep),
                              inter_link=spec.clusters[d.cluster].network)
-            for budget_tokens in tokens:
+            for budget_tokens, max_seqs, block_size, chunk in _scheduler_knobs(d, tokens):
                 budget = memory_budget(d.model, gpu.memory, tp=shape.tp, pp=shape.pp,
-                                       max_batched_tokens=budget_tokens, max_seqs=max_seqs,
-                                       block_size=shape.budget.block_size)
+                                       max_batched_tokens=budget_tokens, max_seqs=max_seqs, block_size=block_size)
                 offload, kv_tokens, overhead = None, budget.kv_tokens, 0.0
                 if offloaded:
                     try:
@@ -219,24 +231,26 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
                         continue
                 elif budget.kv_tokens < longest:
                     continue
-                scheduler = Scheduler(max_batched_tokens=budget_tokens, chunked_prefill=True, chunk_size=budget_tokens,
+                scheduler = Scheduler(max_batched_tokens=budget_tokens, chunked_prefill=True, chunk_size=chunk,
                                       max_seqs=max_seqs, block_size=budget.block_size)
                 step = OffloadedStepCost(cost, overhead) if offload is not None else cost
                 configs = {role: InstanceConfig(cost=step, pp=shape.pp, kv_capacity_tokens=kv_tokens,
                                                 block_size=budget.block_size, max_batched_tokens=budget_tokens,
-                                                max_seqs=max_seqs, role=role) for role in roles}
+                                                max_seqs=max_seqs, chunk_size=chunk, role=role) for role in roles}
                 for role in roles:
                     partner = configs.get({"prefill": "decode", "decode": "prefill"}.get(role, ""))
                     pool = max(1, POOL_GPUS // shape.gpus)
                     capacity = _capacity(configs[role], partner, role, spec.workloads[d.workload], slo, seed, pool)
                     summary = f"{shape.gpu} tp {shape.tp} x pp {shape.pp}" + (f" ep {ep}" if ep > 1 else "") + \
-                        f", {budget_tokens} batched tokens, {role}" + (
+                        f", {budget_tokens} batched tokens" + (f" in chunks of {chunk}" if chunk < budget_tokens else "") + \
+                        f", {role}" + (
                             f", {offload.offloaded_bytes / 2**30:.1f} GiB offloaded" if offload is not None else "")
                     if capacity <= 0:
                         reach = _best_reachable(configs["colocated"], requests, slo)
                         rejected.append(Alternative(summary=summary, reason=f"misses the SLO even at the lowest load ({reach})"))
                         continue
-                    key = f"{d.name}/{shape.gpu}/tp{shape.tp}/pp{shape.pp}/ep{ep}/mbt{budget_tokens}/{role}" + (
+                    key = f"{d.name}/{shape.gpu}/tp{shape.tp}/pp{shape.pp}/ep{ep}/mbt{budget_tokens}/" \
+                        f"seqs{max_seqs}/block{block_size}/chunk{chunk}/{role}" + (
                         "/offload" if offload is not None else "")
                     candidate = Candidate(deployment=d.name, key=key, gpu=shape.gpu, tp=shape.tp, pp=shape.pp,
                                           role=role, capacity_rps=float(capacity),
@@ -402,7 +416,7 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
                                     capacity_rps=c.capacity_rps))
         config = InstanceConfig(cost=m.step_cost(), pp=c.pp, kv_capacity_tokens=m.kv_capacity_tokens,
                                 block_size=m.scheduler.block_size, max_batched_tokens=m.scheduler.max_batched_tokens,
-                                max_seqs=m.scheduler.max_seqs, role=c.role)
+                                max_seqs=m.scheduler.max_seqs, chunk_size=m.scheduler.chunk_size, role=c.role)
         configs.extend([config] * len(instances))
     workload, slo = spec.workloads[d.workload], spec.slos[d.slo]
     requests = sample_requests(workload, max(CHECK_REQUESTS, CAPACITY_REQUESTS * len(configs)), seed=seed)
@@ -433,8 +447,10 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
 
 
 def _summary(m: _Measured) -> str:
-    c = m.candidate
-    return f"{c.gpu} tp {c.tp} x pp {c.pp}, {m.scheduler.max_batched_tokens} batched tokens, {c.role}" + (
+    c, s = m.candidate, m.scheduler
+    chunks = f" in chunks of {s.chunk_size}" if s.chunk_size < s.max_batched_tokens else ""
+    return (f"{c.gpu} tp {c.tp} x pp {c.pp}, {s.max_batched_tokens} batched tokens{chunks}, {s.max_seqs} sequences, "
+            f"blocks of {s.block_size}, {c.role}") + (
         f", {m.offload.offloaded_bytes / 2**30:.1f} GiB offloaded" if m.offload is not None else "")
 
 

@@ -80,7 +80,7 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol, Sequence, Union
+from typing import Callable, Literal, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -119,9 +119,12 @@ class InstanceConfig:
     max_batched_tokens: int = 8192
     max_seqs: int = 256
     chunked_prefill: bool = True
+    chunk_size: Optional[int] = None  # largest prefill chunk of one request per iteration (None: the budget)
     role: Literal["colocated", "prefill", "decode"] = "colocated"
 
     def __post_init__(self):
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
         if self.pp < 1 or self.block_size < 1 or self.max_batched_tokens < 1 or self.max_seqs < 1:
             raise ValueError("pp, block_size, max_batched_tokens and max_seqs must be at least 1")
         if self.kv_capacity_tokens < 0:
@@ -160,7 +163,7 @@ class _Instance:
 class _Engine:
     """One scheduler (a virtual engine when pp > 1). See the module docstring."""
 
-    __slots__ = ("sim", "inst", "cfg", "B", "budget", "max_seqs", "chunked", "role", "pp", "step_time", "pair_count", "hop",
+    __slots__ = ("sim", "inst", "cfg", "B", "budget", "chunk", "max_seqs", "chunked", "role", "pp", "step_time", "pair_count", "hop",
                  "d", "n_dec", "kv_sum", "cnt", "fin_heap", "stack", "waiting", "completing",
                  "work", "busy", "tokens_out", "preemptions", "iterations", "pending_tokens")
 
@@ -168,6 +171,7 @@ class _Engine:
         cfg = inst.cfg
         self.sim, self.inst, self.cfg = sim, inst, cfg
         self.B, self.budget, self.max_seqs = cfg.block_size, cfg.max_batched_tokens, cfg.max_seqs
+        self.chunk = min(cfg.chunk_size or cfg.max_batched_tokens, cfg.max_batched_tokens)
         self.chunked, self.role, self.pp = cfg.chunked_prefill, cfg.role, cfg.pp
         self.step_time, self.hop = cfg.cost.step_time, cfg.cost.pp_hop_time
         self.pair_count = cfg.cost.prefill_pairs
@@ -236,7 +240,7 @@ class _Engine:
                 if st == _WAITING and inst.n_run >= self.max_seqs:
                     break
                 if self.chunked:
-                    chunk = rest if rest < left else left
+                    chunk = min(rest, left, self.chunk)
                 elif rest <= left or (first and rest > self.budget):
                     chunk = rest
                 else:

@@ -826,7 +826,7 @@ def _simulate(spec: Spec, dep: _Deployment, requests):
                                             kv_capacity_tokens=g.memory.kv_blocks * s.block_size,
                                             block_size=s.block_size, max_batched_tokens=s.max_batched_tokens,
                                             max_seqs=s.max_seqs,
-                                            chunked_prefill=s.chunked_prefill,
+                                            chunked_prefill=s.chunked_prefill, chunk_size=s.chunk_size,
                                             role=g.role))
     return simulate(requests, instances, router=ROUTER)
 

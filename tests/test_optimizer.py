@@ -197,3 +197,14 @@ def test_without_offload_or_host_memory_the_model_does_not_fit(capsys, tmp_path)
         flowc.compile(OFFLOAD_SPEC.format(host="60 GiB", offload="; allow offload"))
     assert caught.value.codes == ["F0503"]
     assert "even with weights offloaded" in str(caught.value)
+
+
+def test_scheduler_knobs_come_from_the_spec_search_space():
+    text = (EXAMPLES[0]).read_text().replace(
+        "  tp in [2, 4, 8]", "  tp in [2, 4, 8]\n  max_seqs in [64, 128]\n  block_size 32 tok\n  chunk_size 2048 tok")
+    spec = flowc.load(text)
+    plan = flowc.compile(spec)
+    assert verify_plan(plan, spec) == []
+    for group in plan.deployments[0].groups:
+        s = group.scheduler
+        assert s.max_seqs in (64, 128) and s.block_size == 32 and s.chunk_size == 2048

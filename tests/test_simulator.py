@@ -501,3 +501,14 @@ def test_goodput_with_an_explicit_bracket_and_a_callable_workload():
 def test_goodput_is_zero_when_even_the_lowest_rate_fails():
     w = workload(spec.Arrival(kind="poisson", rate=1.0), fixed(100), fixed(10), requests=50)
     assert goodput([instance(LinearCost(1.0))], w, slo(("ttft", 50, 0.5)), lo=0.1, hi=10.0) == 0.0
+
+
+def test_chunk_size_caps_one_requests_prefill_per_iteration():
+    # budget 8 but chunks of at most 3: a 10-token prompt takes ceil(10 / 3) = 4 iterations
+    result = simulate(fixed_requests(1, 10, 2), [instance(max_batched_tokens=8, chunk_size=3)])
+    assert result.ttft[0] == 4 and result.e2e[0] == 5
+    # two 6-token prompts: a partial prefill ends the iteration's prefills (FCFS), so r0 takes
+    # 3 + 3 (first token after iteration 2), r1 starts with the 5 left of iteration 2's budget,
+    # capped at 3, and finishes in iteration 3
+    both = simulate(fixed_requests(2, 6, 1), [instance(max_batched_tokens=8, chunk_size=3)])
+    np.testing.assert_array_equal(both.ttft, [2, 3])
