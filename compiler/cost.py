@@ -47,7 +47,7 @@ from . import spec
 from .memory import ACTIVATION_BYTES, kv_bytes_per_token, kv_heads_per_rank
 from .spec import DTYPE_BYTES
 
-__all__ = ["CostModel", "Operators", "Parallelism", "operators", "calibration", "causal_pairs", "FAMILIES"]
+__all__ = ["CostModel", "StreamedCost", "Operators", "Parallelism", "operators", "calibration", "causal_pairs", "FAMILIES"]
 
 # Breakdown families, in the order `CostModel.breakdown` reports them.
 FAMILIES = ("gemm", "moe", "attention_prefill", "attention_decode", "elementwise", "embedding", "lm_head",
@@ -817,3 +817,27 @@ class CostModel:
         """Keys one decoding sequence reads with `context` tokens cached (new token included)."""
         w = self.model.sliding_window
         return min(context, w) if w else context
+
+
+@dataclass(frozen=True)
+class StreamedCost:
+    """A step cost plus the seconds that streaming offloaded weights from host memory adds to
+    every iteration (the offload LP's overhead, recorded in a plan as MemoryMap.offload_step_s).
+    The overhead is constant per iteration: the streamed bytes do not depend on the batch, and
+    a larger batch hides a little more of the transfer, so prefill-heavy iterations are charged
+    slightly more than they take. Everything else is the base cost model's."""
+
+    base: "CostModel"
+    overhead: float
+
+    def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
+        return self.base.step_time(tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens) + self.overhead
+
+    def prefill_pairs(self, new_tokens: int, past_tokens: int) -> int:
+        return self.base.prefill_pairs(new_tokens, past_tokens)
+
+    def pp_hop_time(self, tokens: int) -> float:
+        return self.base.pp_hop_time(tokens)
+
+    def kv_transfer_time(self, tokens: int) -> float:
+        return self.base.kv_transfer_time(tokens)

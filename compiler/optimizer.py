@@ -7,7 +7,7 @@ Percentiles under queueing are not linear, so the search has three steps:
    measured with the simulator (`_capacity`). With `allow offload`, pp = 1 shapes whose HBM
    cannot hold the weights and the longest request are candidates too: compiler/offload.py
    places part of the weights in host memory (`_offload_candidates`), and the instance's step
-   time carries the streaming overhead (`OffloadedStepCost`);
+   time carries the streaming overhead (`cost.StreamedCost`);
 2. placement: CP-SAT chooses how many instances of each candidate run and on which GPUs
    (compiler/placement.py), for each deployment's objective;
 3. check: the chosen configuration is simulated end to end at the workload's rate and its
@@ -25,7 +25,7 @@ from flowc import __version__
 
 from .arena import pack, step_buffers
 from .candidates import Shape, instance_shapes
-from .cost import CostModel, Parallelism
+from .cost import CostModel, Parallelism, StreamedCost
 from .diagnostics import Diagnostic, FlowError
 from .memory import kv_bytes_per_token, memory_budget
 from .offload import OffloadInfeasible, OffloadPlan, plan_offload
@@ -56,32 +56,6 @@ OFFLOAD_SLACK = 1 << 20  # bytes the offload LP's HBM budget is kept under (solv
 
 
 @dataclass(frozen=True)
-class OffloadedStepCost:
-    """The step cost of an instance whose weights partly stream from host memory: the cost
-    model's step plus `overhead` seconds on every iteration. The overhead is what the offload
-    LP's placement adds to a decode step at the batch it was planned for (its decode step with
-    the streamed units' max(compute, transfer) minus the cost model's step at that batch). It
-    is constant per iteration: the streamed bytes are the same whatever the batch, and a larger
-    batch's extra compute hides a little more of the transfer, so a prefill-heavy iteration is
-    charged slightly more than it would take. Everything else delegates to the cost model."""
-
-    base: CostModel
-    overhead: float
-
-    def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
-        return self.base.step_time(tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens) + self.overhead
-
-    def prefill_pairs(self, new_tokens: int, past_tokens: int) -> int:
-        return self.base.prefill_pairs(new_tokens, past_tokens)
-
-    def pp_hop_time(self, tokens: int) -> float:
-        return self.base.pp_hop_time(tokens)
-
-    def kv_transfer_time(self, tokens: int) -> float:
-        return self.base.kv_transfer_time(tokens)
-
-
-@dataclass(frozen=True)
 class _Measured:
     candidate: Candidate
     shape: Shape
@@ -92,7 +66,7 @@ class _Measured:
     kv_tokens: Optional[int] = None  # KV tokens the instance holds (None: the budget's)
 
     def step_cost(self):
-        return OffloadedStepCost(self.cost, self.offload_step_s) if self.offload is not None else self.cost
+        return StreamedCost(self.cost, self.offload_step_s) if self.offload is not None else self.cost
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -233,7 +207,7 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
                     continue
                 scheduler = Scheduler(max_batched_tokens=budget_tokens, chunked_prefill=True, chunk_size=chunk,
                                       max_seqs=max_seqs, block_size=budget.block_size)
-                step = OffloadedStepCost(cost, overhead) if offload is not None else cost
+                step = StreamedCost(cost, overhead) if offload is not None else cost
                 configs = {role: InstanceConfig(cost=step, pp=shape.pp, kv_capacity_tokens=kv_tokens,
                                                 block_size=budget.block_size, max_batched_tokens=budget_tokens,
                                                 max_seqs=max_seqs, chunk_size=chunk, role=role) for role in roles}

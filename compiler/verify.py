@@ -771,26 +771,6 @@ def _borderline(result, slo) -> bool:
     return False
 
 
-class _Streamed:
-    """A step cost plus the seconds streaming offloaded weights adds to every iteration
-    (MemoryMap.offload_step_s); the rest is the cost model's."""
-
-    def __init__(self, base, extra: float):
-        self.base, self.extra = base, extra
-
-    def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
-        return self.base.step_time(tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens) + self.extra
-
-    def prefill_pairs(self, new_tokens: int, past_tokens: int) -> int:
-        return self.base.prefill_pairs(new_tokens, past_tokens)
-
-    def pp_hop_time(self, tokens: int) -> float:
-        return self.base.pp_hop_time(tokens)
-
-    def kv_transfer_time(self, tokens: int) -> float:
-        return self.base.kv_transfer_time(tokens)
-
-
 def _simulate(spec: Spec, dep: _Deployment, requests):
     """Re-simulate a deployment from its plan.
 
@@ -799,9 +779,9 @@ def _simulate(spec: Spec, dep: _Deployment, requests):
     prefill instance and a decode instance is not on its (single) node; and `InstanceConfig`
     with `kv_capacity_tokens = kv_blocks x block_size`, the scheduler's block size, token budget,
     max_seqs and chunked-prefill switch, and the group's role. A group with offloaded weights
-    adds its memory map's `offload_step_s` to every step (`_Streamed`).
+    adds its memory map's `offload_step_s` to every step (`cost.StreamedCost`).
     Router: least_work (as flowc.simulate and goodput searches use)."""
-    from .cost import CostModel, Parallelism
+    from .cost import CostModel, Parallelism, StreamedCost
     from .simulator import InstanceConfig, simulate
 
     dp, d, cluster = dep.plan, dep.spec, dep.cluster
@@ -821,7 +801,7 @@ def _simulate(spec: Spec, dep: _Deployment, requests):
             if key not in costs:
                 costs[key] = CostModel(d.model, gpu, link, parallelism=Parallelism(tp=g.tp, pp=g.pp, ep=g.ep),
                                        inter_link=inter)
-            cost = costs[key] if g.memory.offload_step_s <= 0 else _Streamed(costs[key], g.memory.offload_step_s)
+            cost = costs[key] if g.memory.offload_step_s <= 0 else StreamedCost(costs[key], g.memory.offload_step_s)
             instances.append(InstanceConfig(cost=cost, pp=g.pp,
                                             kv_capacity_tokens=g.memory.kv_blocks * s.block_size,
                                             block_size=s.block_size, max_batched_tokens=s.max_batched_tokens,
