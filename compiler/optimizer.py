@@ -415,6 +415,7 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
     ] + rejected
     return DeploymentPlan(
         name=d.name, cluster=d.cluster, model=d.model.name, weights=d.model.weights, kv=d.model.kv,
+        model_spec=d.model.model_copy(update={"location": None}),
         mode="disaggregated" if any(g.role != "colocated" for g in groups) else "colocated",
         objective=d.objective, groups=groups, predicted=predicted, alternatives=alternatives,
         binding=[b for b in placement.binding if f"deployment {d.name}" in b or "deployment " not in b])

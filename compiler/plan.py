@@ -15,7 +15,11 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_VERSION = "1.2"  # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s
+from .spec import Model
+
+# 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s;
+# 1.3: DeploymentPlan.model_spec
+FORMAT_VERSION = "1.3"
 
 
 class PlanModel(BaseModel):
@@ -123,6 +127,8 @@ class DeploymentPlan(PlanModel):
     model: str
     weights: str
     kv: str
+    model_spec: Optional[Model] = Field(None, description="the model as deployed (dtype overrides applied), "
+                                        "what the runtime builds (1.3)")
     mode: Literal["colocated", "disaggregated"]
     objective: str
     groups: list[InstanceGroup]

@@ -234,6 +234,10 @@ class _Verifier:
                 self.error("F0520", f"deployment `{dp.name}`: the plan keeps {what} in {planned}, the spec's "
                            f"deployment in {wanted}", "compile the plan again from this spec",
                            at=f"{at}.{what}", dep=dep, structural=True)
+        if dp.model_spec is not None and dp.model_spec != d.model.model_copy(update={"location": None}):
+            self.error("F0520", f"deployment `{dp.name}`: the plan's copy of model `{dp.model}` differs from the "
+                       "spec's", "compile the plan again from this spec", at=f"{at}.model_spec", dep=dep,
+                       structural=True)
         if not dep.ok:
             return
         dep.spec, dep.cluster = d, spec.clusters[d.cluster]
