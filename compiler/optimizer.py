@@ -42,7 +42,10 @@ from .workload import Requests, base_rate, sample_requests
 CAPACITY_REQUESTS = 400  # requests per instance and simulation when measuring a candidate's capacity
 POOL_GPUS = 8  # capacity is measured on a pool of about this many GPUs: replicas share load like a real fleet
 CHECK_REQUESTS = 1000  # requests when checking the chosen configuration end to end
-DEFAULT_BATCHED_TOKENS = 8192  # vLLM's default token budget with chunked prefill
+# Token budgets tried when a spec leaves max_batched_tokens open: vLLM's default with chunked
+# prefill (8192) and the smaller budget vLLM uses for latency-bound serving (2048), which bounds
+# how long a prefill chunk stalls the decodes batched with it.
+DEFAULT_BATCHED_TOKENS = (2048, 8192)
 DEFAULT_MAX_SEQS = 256  # vLLM's default max_num_seqs
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default KV block size
 DISAGG_PARTNERS = 4  # prefill instances per decode instance when measuring a decode pool
@@ -163,8 +166,8 @@ def _plan_offload(spec: Spec, d: Deployment, shape: Shape, cost: CostModel, budg
 
 def _scheduler_knobs(d: Deployment, tokens: list[int]):
     """(token budget, max sequences, block size, chunk size) combinations the deployment allows;
-    knobs it leaves open take the engine defaults (256 sequences, blocks of 16, chunks as large
-    as the budget)."""
+    knobs it leaves open take the engine defaults (budgets of DEFAULT_BATCHED_TOKENS, 256
+    sequences, blocks of 16, chunks as large as the budget)."""
     for budget in tokens:
         for max_seqs in d.search.get("max_seqs") or [DEFAULT_MAX_SEQS]:
             for block in d.search.get("block_size") or [DEFAULT_BLOCK_SIZE]:
@@ -173,13 +176,21 @@ def _scheduler_knobs(d: Deployment, tokens: list[int]):
                         yield budget, max_seqs, block, chunk
 
 
+def _default_ep(model, tp: int) -> list[int]:
+    """Expert parallelism a spec leaves open: experts split across the TP ranks (each rank runs
+    whole experts) or every expert's FFN split over them (ep 1), when the experts divide evenly."""
+    if model.moe is None or tp == 1 or model.moe.experts % tp:
+        return [1]
+    return [1, tp]
+
+
 def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
                 ) -> tuple[list[_Measured], list[Alternative], list[str]]:
     """Measured candidates, rejected alternatives, and why offloaded shapes could not be placed."""
     slo = spec.slos[d.slo]
     longest = int((requests.prompt + requests.output).max())
     roles = ["colocated"] + (["prefill", "decode"] if d.allow_disaggregation else [])
-    tokens = d.search.get("max_batched_tokens") or [DEFAULT_BATCHED_TOKENS]
+    tokens = d.search.get("max_batched_tokens") or list(DEFAULT_BATCHED_TOKENS)
     measured, rejected, infeasible = [], [], []
     mean_prompt = float(requests.prompt.mean())
     shapes = [(shape, False) for shape in _shapes(spec, d, longest)] + \
@@ -187,7 +198,7 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
     for shape, offloaded in shapes:
         gpu = spec.gpus[shape.gpu]
         link = _link_of(spec, d, shape.gpu)
-        for ep in d.search.get("ep") or [1]:
+        for ep in d.search.get("ep") or _default_ep(d.model, shape.tp):
             if ep > shape.tp:
                 continue
             cost = CostModel(d.model, gpu, link, parallelism=Parallelism(tp=shape.tp, pp=shape.pp, ep=ep),
@@ -424,7 +435,8 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
 def _summary(m: _Measured) -> str:
     c, s = m.candidate, m.scheduler
     chunks = f" in chunks of {s.chunk_size}" if s.chunk_size < s.max_batched_tokens else ""
-    return (f"{c.gpu} tp {c.tp} x pp {c.pp}, {s.max_batched_tokens} batched tokens{chunks}, {s.max_seqs} sequences, "
+    ep = f" ep {m.cost.parallelism.ep}" if m.cost.parallelism.ep > 1 else ""
+    return (f"{c.gpu} tp {c.tp} x pp {c.pp}{ep}, {s.max_batched_tokens} batched tokens{chunks}, {s.max_seqs} sequences, "
             f"blocks of {s.block_size}, {c.role}") + (
         f", {m.offload.offloaded_bytes / 2**30:.1f} GiB offloaded" if m.offload is not None else "")
 
