@@ -396,7 +396,7 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, _
         m = measured[key]
         c = m.candidate
         instances = [Instance(gpus=p.gpus) for p in chosen if p.candidate_key == key]
-        groups.append(InstanceGroup(role=c.role, gpu=c.gpu, tp=c.tp, pp=c.pp, ep=m.cost.parallelism.ep,
+        groups.append(InstanceGroup(role=c.role, gpu=c.gpu, vendor=spec.gpus[c.gpu].vendor, tp=c.tp, pp=c.pp, ep=m.cost.parallelism.ep,
                                     instances=instances, scheduler=m.scheduler, memory=_memory_map(d.model, m),
                                     capacity_rps=c.capacity_rps))
         config = InstanceConfig(cost=m.step_cost(), pp=c.pp, kv_capacity_tokens=m.kv_capacity_tokens,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .spec import Model
 
 # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s;
-# 1.3: DeploymentPlan.model_spec
+# 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor
 FORMAT_VERSION = "1.3"
 
 
@@ -77,6 +77,8 @@ class MemoryMap(PlanModel):
 class InstanceGroup(PlanModel):
     role: Literal["colocated", "prefill", "decode"]
     gpu: str = Field(description="GPU type (stdlib or spec name)")
+    vendor: Literal["nvidia", "amd", "cpu"] = Field("nvidia", description="the GPU type's vendor: which device "
+                                                    "the runtime runs on (1.3)")
     tp: int
     pp: int
     ep: int = 1

@@ -272,6 +272,11 @@ class _Verifier:
                            suggestion_help(g.gpu, self.spec.gpus, "GPU types"), at=f"{gat}.gpu", dep=dep,
                            structural=True)
                 ok = False
+            elif g.vendor != self.spec.gpus[g.gpu].vendor:
+                self.error("F0520", f"deployment `{dp.name}`, group {j}: the plan says {g.gpu} is a {g.vendor} device, "
+                           f"the spec says {self.spec.gpus[g.gpu].vendor}", "compile the plan again from this spec",
+                           at=f"{gat}.vendor", dep=dep, structural=True)
+                ok = False
             s = g.scheduler
             bad = [k for k in ("max_batched_tokens", "chunk_size", "max_seqs", "block_size") if getattr(s, k) < 1]
             if bad:
@@ -926,3 +931,23 @@ def cmd_verify(args, out) -> int:
         else:
             print(f"verified {plan_name}{against}: ok")
     return 1 if errors else 0
+
+
+def simulate_instance(spec: Spec, dp: DeploymentPlan, group_index: int, requests):
+    """Simulate `requests` on ONE instance of the plan's group `group_index`, as the verifier
+    models it (its GPU's cost model, the plan's scheduler and KV pool, offload overhead): what
+    the plan predicts for a replay of those requests on that instance (`flowc run --replay`)."""
+    from .cost import CostModel, Parallelism, StreamedCost
+    from .simulator import InstanceConfig, simulate
+
+    d, g = spec.deployments[dp.name], dp.groups[group_index]
+    cluster = spec.clusters[d.cluster]
+    node = _Verifier.nodes(cluster)[g.instances[0].gpus[0].node]
+    cost = CostModel(d.model, spec.gpus[g.gpu], node.group.link, parallelism=Parallelism(tp=g.tp, pp=g.pp, ep=g.ep))
+    if g.memory.offload_step_s > 0:
+        cost = StreamedCost(cost, g.memory.offload_step_s)
+    s = g.scheduler
+    instance = InstanceConfig(cost=cost, pp=g.pp, kv_capacity_tokens=g.memory.kv_blocks * s.block_size,
+                              block_size=s.block_size, max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
+                              chunked_prefill=s.chunked_prefill, chunk_size=s.chunk_size, role=g.role)
+    return simulate(requests, [instance])
