@@ -1,0 +1,221 @@
+"""Continuous batching: which sequences compute how many tokens in the next step.
+
+The one rule: a sequence gets tokens until its computed tokens catch up with its known tokens
+(prompt + outputs), within the step's token budget (`max_batched_tokens`) and at most
+`chunk_size` tokens per sequence per step. A sequence samples in a step exactly when that step
+brings its computed tokens up to its known tokens. Prefill, chunked prefill, decode, mixed
+prefill/decode batches and recompute after preemption are all this rule.
+
+Order, FCFS by arrival: running sequences first, then waiting ones admitted (through the
+block manager, reusing cached prefix blocks) while the budget, `max_seqs` and the free blocks
+allow; admission stops at the first that does not fit (no skipping). Invariant: running
+sequences all arrived before waiting ones, so both stay in arrival order by appending.
+
+Preemption (recompute): when a running sequence cannot get its blocks, the most recently
+arrived running sequence is preempted (blocks freed, num_computed_tokens = 0, outputs kept as
+known tokens, back to the front of the waiting queue) until the blocks fit or the sequence
+preempted itself. A step with a preemption admits nothing new, so the preempted do not
+bounce straight back.
+
+Without chunked prefill, a waiting sequence is admitted only if all its remaining tokens fit
+the remaining budget (chunk_size is ignored). The one exception is a preempted sequence whose
+prompt + outputs now exceed max_batched_tokens: it is recomputed in budget-sized pieces.
+
+Requests that can never run are finished by `schedule` itself with finish_reason "abort" and
+a message for the user in `seq.error`, and handed to the engine by `take_aborted()` (call it
+after every step; `has_work()` stays true until they are taken): a sequence whose known tokens
+need more KV blocks than the whole pool (a prompt too long for the cache, or a generation that
+outgrew it), and, without chunked prefill, a prompt longer than max_batched_tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from .block_manager import BlockManager
+from .sequence import RequestError, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's work in a step: compute its known tokens [start, start + num_tokens)
+    (start = num_computed_tokens before the step); sample the next token iff `samples`."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    samples: bool
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batched_tokens: int, max_seqs: int, chunk_size: int,
+                 chunked_prefill: bool = True):
+        if min(max_batched_tokens, max_seqs, chunk_size) < 1:
+            raise ValueError(f"max_batched_tokens, max_seqs and chunk_size must be >= 1, "
+                             f"got {max_batched_tokens}, {max_seqs}, {chunk_size}")
+        self.block_manager = block_manager
+        self.max_batched_tokens = max_batched_tokens
+        self.max_seqs = max_seqs
+        self.chunk_size = chunk_size
+        self.chunked_prefill = chunked_prefill
+        self.running: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self._by_id: dict[str, Sequence] = {}
+        self._aborted: list[Sequence] = []  # finished by schedule(), until take_aborted()
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request (status WAITING, holding no blocks) behind every earlier one."""
+        if seq.request_id in self._by_id:
+            raise RequestError(f"request id {seq.request_id!r} is already in flight")
+        if seq.status is not SequenceStatus.WAITING or seq.block_ids:
+            raise ValueError(f"sequence {seq.request_id!r} is not a new request")
+        self._by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Optional[Sequence]:
+        """Finish a request in flight with finish_reason "abort", releasing its blocks; returns
+        it, or None if no such request is in flight."""
+        seq = self._by_id.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        return seq
+
+    def has_work(self) -> bool:
+        """Whether a request is waiting, running, or aborted by schedule() and not yet taken."""
+        return bool(self.running or self.waiting or self._aborted)
+
+    def take_aborted(self) -> list[Sequence]:
+        """The sequences schedule() aborted (never fitting; see seq.error) since the last call."""
+        aborted, self._aborted = self._aborted, []
+        return aborted
+
+    def schedule(self) -> list[ScheduledSeq]:
+        """Decide the next step (see the module docstring); grows the block tables to hold the
+        slots the step writes."""
+        bm = self.block_manager
+        scheduled: list[ScheduledSeq] = []
+        budget = self.max_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if self._never_fits(seq):  # it outgrew the pool: preempting others would not help
+                self.running.pop(i)
+                bm.free(seq)
+                continue
+            num = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self.chunked_prefill:
+                num = min(num, self.chunk_size)
+            # Victims come from the tail, which is not scheduled yet (or is seq itself).
+            while not bm.can_grow(seq, num):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.WAITING:
+                break
+            bm.grow(seq, num)
+            scheduled.append(self._scheduled(seq, num))
+            budget -= num
+            i += 1
+        if preempted:
+            return scheduled
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            if self._never_fits(seq):
+                self.waiting.popleft()
+                continue
+            remaining = seq.num_tokens - bm.admit(seq)
+            if self.chunked_prefill:
+                num = min(remaining, self.chunk_size, budget)
+            elif remaining <= budget or remaining > self.max_batched_tokens:
+                num = min(remaining, budget)  # the latter: an oversized recompute, see the docstring
+            else:
+                num = 0
+            if num == 0 or not bm.can_grow(seq, num):
+                bm.free(seq)  # undo the admission: its prefix blocks go back to the cache
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                break
+            bm.grow(seq, num)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(self._scheduled(seq, num))
+            budget -= num
+        return scheduled
+
+    def _scheduled(self, seq: Sequence, num: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        return ScheduledSeq(seq, start, num, samples=start + num == seq.num_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _never_fits(self, seq: Sequence) -> bool:
+        """Finish (abort) seq if it can never be scheduled; say whether it was."""
+        bm = self.block_manager
+        needed = bm.blocks_for(seq.num_tokens)
+        if needed > bm.num_blocks:
+            error = (f"the request needs {needed} KV-cache blocks for its {seq.num_tokens} tokens "
+                     f"but the cache has only {bm.num_blocks} blocks of {bm.block_size} tokens")
+        elif not self.chunked_prefill and not seq.output_token_ids and seq.num_tokens > self.max_batched_tokens:
+            error = (f"the prompt has {seq.num_tokens} tokens, more than max_batched_tokens "
+                     f"({self.max_batched_tokens}), and chunked prefill is off")
+        else:
+            return False
+        del self._by_id[seq.request_id]
+        seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, "abort", error
+        self._aborted.append(seq)
+        return True
+
+    def postprocess(self, scheduled: list[ScheduledSeq], sampled: list[int], now: float) -> list[Sequence]:
+        """Apply a step's results: `sampled` holds one token per ScheduledSeq with samples=True,
+        in order. Advances computed tokens, appends outputs (timed at `now`), finishes sequences
+        on a stop token ("stop"; the token is kept) or at max_tokens ("length"), commits full
+        blocks to the prefix cache and frees finished sequences' blocks. Returns the sequences
+        this step finished."""
+        num_samples = sum(s.samples for s in scheduled)
+        if len(sampled) != num_samples:
+            raise ValueError(f"got {len(sampled)} sampled tokens for {num_samples} sampling sequences")
+        finished: list[Sequence] = []
+        tokens = iter(sampled)
+        for s in scheduled:
+            seq = s.seq
+            token = next(tokens) if s.samples else None
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens = s.start + s.num_tokens
+            self.block_manager.commit(seq)
+            if token is None:
+                continue
+            seq.output_token_ids.append(token)
+            seq.token_times.append(now)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            params = seq.params
+            if token in params.stop_token_ids or (not params.ignore_eos and token in seq.eos_token_ids):
+                seq.finish_reason = "stop"
+            elif len(seq.output_token_ids) >= params.max_tokens:
+                seq.finish_reason = "length"
+            else:
+                continue
+            seq.status = SequenceStatus.FINISHED
+            self.block_manager.free(seq)
+            del self._by_id[seq.request_id]
+            finished.append(seq)
+        if finished:
+            self.running = [seq for seq in self.running if not seq.is_finished]
+        return finished
