@@ -1,0 +1,135 @@
+"""Model parallelism: which slice of the model a rank holds, the collectives between the
+tensor-parallel ranks, and a launcher of local gloo process groups (tests, CPU runs).
+
+Tensor parallelism is Megatron style: attention heads and MLP columns split over the TP
+ranks (column-parallel in, row-parallel out with an all-reduce), the vocabulary split over
+them for the embedding and the LM head. KV heads split too, and are replicated when
+tp > kv_heads (`compiler.memory.kv_heads_per_rank`, the plan's arithmetic). Pipeline
+parallelism gives each stage a contiguous range of layers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..compiler.memory import kv_heads_per_rank
+from .config import ModelConfig
+
+__all__ = ["Parallel", "RankLayout", "launch", "free_port"]
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """One rank's slice of each split dimension (ranges of full-model indices).
+    `vocab` holds the embedding rows this rank owns; every rank allocates `vocab_padded`
+    rows (ceil(vocab / tp), the plan's V), the last rank's tail being padding."""
+
+    heads: range
+    kv_heads: range
+    ffn: range  # of the dense MLP, or of each expert (expert_ffn) in MoE models
+    vocab: range
+    vocab_padded: int
+    layers: range
+    first_stage: bool
+    last_stage: bool
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This rank's place: `tp_rank` of `tp_size` in the TP `group` (None: the default process
+    group), and pipeline stage `pp_rank` of `pp_size`."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    group: Any = None
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    def __post_init__(self):
+        if not (0 <= self.tp_rank < self.tp_size and 0 <= self.pp_rank < self.pp_size):
+            raise ValueError(f"rank out of range: tp {self.tp_rank}/{self.tp_size}, pp {self.pp_rank}/{self.pp_size}")
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over the TP ranks, in place; returns `t`."""
+        if self.tp_size > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The TP ranks' `t` concatenated along `dim`, in rank order (`t` itself at tp 1)."""
+        if self.tp_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.tp_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def layout(self, config: ModelConfig) -> RankLayout:
+        """This rank's slices of `config`; ValueError when a dimension does not split."""
+        tp, r = self.tp_size, self.tp_rank
+        ffn_name, ffn = ("expert_ffn", config.expert_ffn) if config.is_moe else ("ffn", config.ffn)
+        for name, n in (("heads", config.heads), (ffn_name, ffn)):
+            if n % tp:
+                raise ValueError(f"{name} ({n}) does not split over tp {tp}")
+        if config.kv_heads % tp and tp % config.kv_heads:
+            raise ValueError(f"kv_heads ({config.kv_heads}) and tp ({tp}): one must divide the other")
+        if config.layers < self.pp_size:
+            raise ValueError(f"{config.layers} layers cannot fill {self.pp_size} pipeline stages")
+        h = config.heads // tp
+        group = config.heads // config.kv_heads  # query heads per KV head
+        # kv_heads_per_rank reads only kv_heads, which ModelConfig shares with spec.Model.
+        kv = kv_heads_per_rank(config, tp)  # type: ignore[arg-type]
+        kv_start = r * h // group  # the KV head of this rank's first query head
+        f = ffn // tp
+        vp = -(-config.vocab // tp)
+        layers = config.layers
+        return RankLayout(
+            heads=range(r * h, (r + 1) * h),
+            kv_heads=range(kv_start, kv_start + kv),
+            ffn=range(r * f, (r + 1) * f),
+            vocab=range(min(r * vp, config.vocab), min((r + 1) * vp, config.vocab)),
+            vocab_padded=vp,
+            layers=range(self.pp_rank * layers // self.pp_size, (self.pp_rank + 1) * layers // self.pp_size),
+            first_stage=self.pp_rank == 0,
+            last_stage=self.pp_rank == self.pp_size - 1,
+        )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it for a socket bound to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0) -> list[Any]:
+    """Run `fn(Parallel(tp_rank=r, tp_size=world_size), *args)` in `world_size` local processes
+    joined in one gloo group (TP over the whole world), and return each rank's result, in rank
+    order. `fn` and `args` must be picklable (a module-level function); results go through
+    torch.save. A rank that raises makes `launch` raise, and the others are terminated;
+    collectives give up after `timeout_s`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(_rank_main, args=(fn, world_size, free_port(), tmp, timeout_s, args),
+                                    nprocs=world_size, join=True)
+        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, tmp: str, timeout_s: float,
+               args: tuple) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    # The ranks share this host's cores: without a cap each would start one thread per core.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        result = fn(Parallel(tp_rank=rank, tp_size=world_size), *args)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(tmp, f"{rank}.pt"))
