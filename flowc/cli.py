@@ -79,6 +79,10 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
     verify.add_argument("--against", metavar="SPEC", help="the spec to check against (default: the plan's spec_files[0])")
 
+    from flowc.run_cmd import add_arguments
+
+    add_arguments(commands.add_parser("run", parents=[common], help="execute a plan with the flowc runtime"))
+
     commands.add_parser("schema", parents=[common], help="print the JSON Schema of the spec IR")
     commands.add_parser("stdlib", parents=[common], help="list the standard library's GPUs and models")
     return parser
@@ -286,6 +290,12 @@ def _cmd_verify(args, out: _Output) -> int:
     return cmd_verify(args, out)
 
 
+def _cmd_run(args, out: _Output) -> int:
+    from flowc.run_cmd import cmd_run
+
+    return cmd_run(args, out)
+
+
 def _cmd_schema(args, out: _Output) -> int:
     from flowc.compiler.spec import Spec
 
@@ -301,7 +311,7 @@ def _cmd_stdlib(args, out: _Output) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "estimate": _cmd_estimate, "compile": _cmd_compile, "verify": _cmd_verify,
-            "simulate": _cmd_simulate, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
+            "simulate": _cmd_simulate, "run": _cmd_run, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,19 @@
-"""The flowc runtime: executes compiled plans (engine, scheduler, KV cache, kernels)."""
+"""The flowc runtime: executes compiled plans (engine, scheduler, KV cache, kernels).
+
+`from flowc.runtime import Engine, Request, SamplingParams`; torch is imported on first use,
+so `import flowc.runtime` alone stays cheap.
+"""
+
+_EXPORTS = {"Engine": "engine", "EngineError": "engine", "Request": "engine", "RequestOutput": "engine",
+            "TokenEvent": "engine", "SamplingParams": "sequence", "RequestError": "sequence"}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'flowc.runtime' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+__all__ = list(_EXPORTS)

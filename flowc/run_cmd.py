@@ -1,0 +1,241 @@
+"""`flowc run`: execute a plan with the flowc runtime.
+
+Two modes:
+  * `--prompts FILE.jsonl`: one request per line, `{"prompt_token_ids": [...]}` (or `"prompt":
+    "text"` when the weights directory has a tokenizer) plus optional sampling fields
+    (`max_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop_token_ids`, `ignore_eos`, `id`).
+    Prints one JSON line per request on stdout. A bad line is that request's error; the others
+    still run; the exit code is 1 when any request failed.
+  * `--replay`: the spec's workload (or trace), sampled as the compiler samples it, submitted
+    at its arrival times stretched by `--time-scale`, with random prompt tokens and exactly the
+    sampled output lengths. Prints measured TTFT, TPOT and throughput next to what the plan's
+    cost model predicts for the same requests on one instance of the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos")
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
+    parser.add_argument("--weights", metavar="DIR", help="a local Hugging Face model directory (default: random "
+                        "weights from --seed)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompts", metavar="FILE.jsonl", help="requests to run, one JSON object per line")
+    mode.add_argument("--replay", action="store_true", help="replay the spec's workload at its arrival times")
+    parser.add_argument("--time-scale", type=float, default=1.0, metavar="X",
+                        help="stretch replay arrival times by X (X > 1 replays slower than the spec)")
+    parser.add_argument("--requests", type=int, default=64, metavar="N", help="requests to replay (default 64)")
+    parser.add_argument("--deployment", metavar="NAME", help="the deployment to run (when the plan has several)")
+    parser.add_argument("--against", metavar="SPEC", help="the spec for --replay (default: the plan's spec_files[0])")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="kernels: Triton on GPUs, the torch reference on CPU (auto)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="override the plan's dtypes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights and replay prompts")
+
+
+def cmd_run(args, out) -> int:
+    try:
+        from flowc.runtime.engine import Engine, EngineError
+    except ImportError as error:
+        return out.usage_error(f"the flowc runtime needs torch ({error})",
+                               'install it with `pip install "flowc[runtime]"`')
+    for path, what in ((args.plan, "plan"), (args.prompts, "prompts file")):
+        if path is not None and not Path(path).is_file():
+            return out.usage_error(f"`{path}` does not exist", f"give the path of a {what}")
+    if args.time_scale <= 0 or not math.isfinite(args.time_scale):
+        return out.usage_error(f"--time-scale must be a positive number (got {args.time_scale})")
+    if args.requests < 1:
+        return out.usage_error(f"--requests must be at least 1 (got {args.requests})")
+    try:
+        engine = Engine.from_plan(args.plan, args.weights, deployment=args.deployment, dtype=args.dtype,
+                                  backend=args.backend, seed=args.seed)
+    except (EngineError, ValueError) as error:  # WeightsError and UnsupportedModel are ValueErrors
+        sys.stderr.write(f"error: {error}\n")
+        return EXIT_INVALID
+    with engine:
+        if args.replay:
+            return _replay(args, engine, out)
+        return _prompts(args, engine)
+
+
+# ---------------------------------------------------------------------------------- prompts
+
+
+def _tokenizer(weights: str | None):
+    """The weights directory's tokenizer (tokenizer.json via the `tokenizers` package), or None."""
+    if weights is None or not (Path(weights) / "tokenizer.json").is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_file(str(Path(weights) / "tokenizer.json"))
+
+
+def _request(line: str, number: int, tokenizer):
+    """A Request from one JSONL line; ValueError with the reason when the line is not one."""
+    from flowc.runtime.engine import Request
+    from flowc.runtime.sequence import SamplingParams
+
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(item, dict):
+        raise ValueError("each line must be a JSON object")
+    unknown = sorted(set(item) - {"id", "prompt", "prompt_token_ids", *SAMPLING_FIELDS})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r} (fields: id, prompt, prompt_token_ids, "
+                         f"{', '.join(SAMPLING_FIELDS)})")
+    if "prompt_token_ids" in item:
+        tokens = item["prompt_token_ids"]
+        if not isinstance(tokens, list):
+            raise ValueError("prompt_token_ids must be a list of token ids")
+    elif "prompt" in item:
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: give --weights a directory with tokenizer.json "
+                             "(and `pip install tokenizers`), or give prompt_token_ids")
+        tokens = tokenizer.encode(str(item["prompt"])).ids
+    else:
+        raise ValueError("give prompt_token_ids (or prompt)")
+    fields = {k: item[k] for k in SAMPLING_FIELDS if k in item}
+    if "stop_token_ids" in fields:
+        fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    try:
+        params = SamplingParams(**fields)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    return Request(prompt_token_ids=tokens, params=params, request_id=str(item.get("id", number)))
+
+
+def _prompts(args, engine) -> int:
+    tokenizer = _tokenizer(args.weights)
+    requests, failed = [], 0
+    lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            requests.append(_request(line, number, tokenizer))
+        except ValueError as error:
+            failed += 1
+            print(json.dumps({"id": str(number), "error": f"{args.prompts}:{number}: {error}"}))
+    for output in engine.generate(requests):
+        line = {"id": output.request_id, "output_token_ids": output.output_token_ids,
+                "finish_reason": output.finish_reason}
+        if tokenizer is not None and output.output_token_ids:
+            line["text"] = tokenizer.decode(output.output_token_ids)
+        if output.error:
+            failed += 1
+            line["error"] = output.error
+        if output.ttft_s is not None:
+            line["ttft_ms"] = round(output.ttft_s * 1e3, 3)
+        if output.tpot_s is not None:
+            line["tpot_ms"] = round(output.tpot_s * 1e3, 3)
+        print(json.dumps(line))
+    sys.stderr.write(f"ran {len(requests)} requests" + (f", {failed} failed" if failed else "") + "\n")
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------------- replay
+
+
+def replay_requests(workload, n: int, vocab: int, seed: int, context: int):
+    """The spec's workload as engine requests: the compiler's sampled arrivals and lengths
+    (clipped to the model's context), random prompt tokens, exact output lengths."""
+    import numpy as np
+
+    from flowc.compiler.workload import Requests, sample_requests
+    from flowc.runtime.engine import Request
+    from flowc.runtime.sequence import SamplingParams
+
+    sampled = sample_requests(workload, n, seed=seed)
+    prompt = np.minimum(sampled.prompt, context - 1)
+    output = np.minimum(sampled.output, context - prompt)
+    rng = np.random.default_rng(seed)
+    requests = [Request(prompt_token_ids=rng.integers(0, vocab, int(p)).tolist(),
+                        params=SamplingParams(max_tokens=int(o), ignore_eos=True), request_id=str(i),
+                        arrival_time=float(a))
+                for i, (a, p, o) in enumerate(zip(sampled.arrival, prompt, output))]
+    return requests, Requests(sampled.arrival, prompt, output)
+
+
+def _replay(args, engine, out) -> int:
+    from flowc.api import check_sources
+    from flowc.compiler.diagnostics import FlowError
+    from flowc.compiler.verify import simulate_instance
+
+    plan, dp = engine.plan_document, engine.plan
+    spec_path = Path(args.against or plan.spec_files[0])
+    if not spec_path.is_file():
+        return out.usage_error(f"the plan's spec `{spec_path}` does not exist", "give it with --against SPEC")
+    try:
+        spec = check_sources(spec_path).spec
+    except FlowError as error:
+        out.diagnostics(error.diagnostics, error.sources)
+        return EXIT_INVALID
+    if dp.name not in spec.deployments:
+        return out.usage_error(f"`{spec_path}` has no deployment `{dp.name}`", "give the plan's spec with --against")
+    workload = spec.workloads[spec.deployments[dp.name].workload]
+    requests, sampled = replay_requests(workload, args.requests, engine.config.vocab, args.seed,
+                                        engine.config.max_context)
+    outputs = engine.generate(requests, replay=True, time_scale=args.time_scale)
+    group = dp.groups.index(engine.group)
+    predicted = simulate_instance(spec, dp, group, sampled.scaled(1 / args.time_scale))
+    report = replay_report(outputs, predicted)
+    if out.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_replay(report, args, dp.name)
+    return EXIT_OK if not report["errors"] else EXIT_INVALID
+
+
+def replay_report(outputs, predicted) -> dict:
+    """Measured vs predicted mean, p50 and p90 TTFT and TPOT (ms) and output throughput."""
+    import numpy as np
+
+    done = [o for o in outputs if o.error is None and o.first_token_time is not None]
+    ttft = np.array([o.ttft_s for o in done]) * 1e3
+    tpot = np.array([o.tpot_s for o in done if o.tpot_s is not None]) * 1e3
+    span = max(o.finish_time for o in done) - min(o.arrival_time for o in done) if done else 0.0
+    tokens = sum(len(o.output_token_ids) for o in done)
+
+    def stats(values, metric):
+        measured = {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+                    "p90": float(np.percentile(values, 90))} if len(values) else {}
+        model = {"mean": predicted.mean(metric) * 1e3, "p50": predicted.percentile(metric, 50) * 1e3,
+                 "p90": predicted.percentile(metric, 90) * 1e3}
+        return {"measured": measured, "predicted": model}
+
+    return {"requests": len(outputs), "errors": [o.error for o in outputs if o.error],
+            "ttft_ms": stats(ttft, "ttft"), "tpot_ms": stats(tpot, "tpot"),
+            "output_tokens_per_s": {"measured": tokens / span if span > 0 else 0.0,
+                                    "predicted": predicted.output_throughput}}
+
+
+def print_replay(report: dict, args, name: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"replay of `{name}`: {report['requests']} requests, arrivals x {args.time_scale:g}")
+    for column in ("metric", "measured", "predicted", "measured / predicted"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for metric in ("ttft_ms", "tpot_ms"):
+        for stat in ("mean", "p50", "p90"):
+            m, p = report[metric]["measured"].get(stat), report[metric]["predicted"][stat]
+            table.add_row(f"{metric[:4].upper()} {stat} (ms)", f"{m:,.2f}" if m is not None else "-", f"{p:,.2f}",
+                          f"{m / p:.2f}" if m is not None and p > 0 else "-")
+    tput = report["output_tokens_per_s"]
+    table.add_row("output tok/s", f"{tput['measured']:,.1f}", f"{tput['predicted']:,.1f}",
+                  f"{tput['measured'] / tput['predicted']:.2f}" if tput["predicted"] > 0 else "-")
+    Console(no_color=bool(args.no_color)).print(table)
+    for error in report["errors"]:
+        print(f"error: {error}", file=sys.stderr)

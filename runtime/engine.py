@@ -1,0 +1,330 @@
+"""The engine: runs one instance of a compiled plan, exactly as the plan says.
+
+`Engine.from_plan(plan, weights=None)` reads the deployment's model (`model_spec`), its
+colocated instance group (TP degree, scheduler settings, memory map) and builds:
+  * the model (`model.CausalLM`) with weights from a local Hugging Face directory, or random
+    ones (seeded) for tests and demos;
+  * the paged KV pool with the plan's block size, block count and KV dtype, and an activation
+    workspace laid out by the plan's arena (`workspace.Workspace`);
+  * the block manager, the scheduler with the plan's token budget, chunk size and max
+    sequences, and the sampler.
+
+A step is: schedule -> prepare inputs -> run the model -> sample -> postprocess. Requests are
+validated on submission; a bad request gets its own error and never disturbs the others.
+Tensor parallelism runs one process per rank over torch.distributed (`runner.py`); this
+process is rank 0 and drives the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence as Seq
+
+import torch
+
+from ..compiler.plan import DeploymentPlan, InstanceGroup, Plan
+from .block_manager import BlockManager
+from .config import ModelConfig
+from .runner import RunnerSpec, make_runner
+from .sampler import Sampler
+from .scheduler import Scheduler, ScheduledSeq
+from .sequence import RequestError, SamplingParams, Sequence
+from .weights import load_config
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class EngineError(ValueError):
+    """The plan or the weights cannot run here; the message says why and what to do."""
+
+
+@dataclass
+class Request:
+    """One generation request. `arrival_time` (seconds after the start) is used by `replay`."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: Optional[str] = None
+    arrival_time: float = 0.0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: Optional[str]  # "stop" | "length" | "abort"; None for a rejected request
+    error: Optional[str] = None  # why the request was rejected or aborted
+    arrival_time: float = 0.0
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def ttft_s(self) -> Optional[float]:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot_s(self) -> Optional[float]:
+        """Mean time per output token after the first."""
+        if self.first_token_time is None or self.finish_time is None or len(self.output_token_ids) < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (len(self.output_token_ids) - 1)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed token (or a rejection: token_id None and `error` set)."""
+
+    request_id: str
+    token_id: Optional[int]
+    index: int
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+def load_plan(plan: Plan | str | Path) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    path = Path(plan)
+    try:
+        return Plan.model_validate_json(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise EngineError(f"cannot read plan {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise EngineError(f"{path} is not a flowc plan (run `flowc verify {path}` for details): "
+                          f"{str(e).splitlines()[0]}") from None
+
+
+def _deployment(plan: Plan, name: Optional[str]) -> DeploymentPlan:
+    names = [d.name for d in plan.deployments]
+    if name is None:
+        if len(names) != 1:
+            raise EngineError(f"the plan has {len(names)} deployments ({', '.join(names)}); choose one with "
+                              "`--deployment NAME`")
+        return plan.deployments[0]
+    for d in plan.deployments:
+        if d.name == name:
+            return d
+    raise EngineError(f"the plan has no deployment `{name}` (it has {', '.join(names)})")
+
+
+def _colocated_group(dp: DeploymentPlan) -> InstanceGroup:
+    for g in dp.groups:
+        if g.role == "colocated":
+            return g
+    raise EngineError(f"deployment `{dp.name}` is disaggregated (prefill and decode instances); the flowc "
+                      "runtime runs colocated instances only: compile without `allow disaggregation`")
+
+
+def _device_for(group: InstanceGroup) -> torch.device:
+    if group.vendor == "cpu":
+        return torch.device("cpu")
+    if group.vendor != "nvidia" or not torch.cuda.is_available():
+        raise EngineError(f"the plan runs on {group.vendor} {group.gpu} GPUs and this machine has no such device "
+                          "(torch sees no CUDA device): compile the spec for `cpu-local` to run here")
+    return torch.device("cuda")
+
+
+def _dtype(name: str, what: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise EngineError(f"the plan keeps {what} in {name}; the flowc runtime runs {', '.join(DTYPES)} only")
+    return DTYPES[name]
+
+
+class Engine:
+    """Continuous-batching engine for one instance of a plan (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, plan: Plan, dp: DeploymentPlan, group: InstanceGroup, *,
+                 weights: Optional[Path], dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device, backend: str,
+                 seed: int):
+        self.config, self.plan_document, self.plan, self.group = config, plan, dp, group
+        s = group.scheduler
+        self.runner = make_runner(RunnerSpec(config=config, model_spec=dp.model_spec, tp=group.tp, weights=weights,
+                                             dtype=dtype, kv_dtype=kv_dtype, device=str(device), backend=backend,
+                                             seed=seed, num_blocks=group.memory.kv_blocks, block_size=s.block_size,
+                                             max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
+                                             arena_offsets=dict(group.memory.arena_offsets)))
+        self.block_manager = BlockManager(group.memory.kv_blocks, s.block_size)
+        self.scheduler = Scheduler(self.block_manager, max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
+                                   chunk_size=s.chunk_size, chunked_prefill=s.chunked_prefill)
+        self.sampler = Sampler()
+        self._ids = itertools.count()
+        self._clock_start = time.perf_counter()
+
+    @classmethod
+    def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
+                  dtype: Optional[str] = None, backend: str = "auto", seed: int = 0) -> "Engine":
+        """The engine for `plan`'s colocated instance. `weights`: a local Hugging Face model
+        directory (config.json + safetensors) whose shapes must match the plan's model; None
+        draws random weights from `seed`. `dtype` ("fp32", "bf16", "fp16") overrides the plan's
+        weight, activation and KV dtype, for exact comparisons; block counts stay the plan's."""
+        p = load_plan(plan)
+        dp = _deployment(p, deployment)
+        if dp.model_spec is None:
+            raise EngineError(f"plan format {p.format_version} does not carry the model; compile the spec again "
+                              "with this flowc")
+        group = _colocated_group(dp)
+        if group.pp > 1:
+            raise EngineError(f"deployment `{dp.name}` uses pipeline parallelism (pp {group.pp}); the flowc runtime "
+                              "runs pp 1 only: restrict the spec with `pp in [1]`")
+        if group.memory.offloaded:
+            raise EngineError(f"deployment `{dp.name}` offloads weights to host memory; the flowc runtime keeps "
+                              "every weight on the device: compile with `forbid offload`")
+        config = ModelConfig.from_spec(dp.model_spec)
+        weights_dir = None
+        if weights is not None:
+            weights_dir = Path(weights)
+            config = _hf_config(weights_dir, dp)
+        device = _device_for(group)
+        w_dtype = DTYPES[dtype] if dtype else _dtype(dp.weights, "weights")
+        kv_dtype = DTYPES[dtype] if dtype else _dtype(dp.kv, "the KV cache")
+        return cls(config, p, dp, group, weights=weights_dir, dtype=w_dtype, kv_dtype=kv_dtype, device=device,
+                   backend=backend, seed=seed)
+
+    # ------------------------------------------------------------------ requests
+
+    def _sequence(self, request: Request) -> Sequence:
+        """A validated sequence for `request`; RequestError says what is wrong with it."""
+        prompt, params, c = request.prompt_token_ids, request.params, self.config
+        if not isinstance(params, SamplingParams):
+            raise RequestError("params must be a SamplingParams")
+        if not prompt:
+            raise RequestError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < c.vocab]
+        if bad:
+            raise RequestError(f"prompt token {bad[0]!r} is not a token id of this model (0 to {c.vocab - 1})")
+        params.validate(c.vocab)
+        if len(prompt) + params.max_tokens > c.max_context:
+            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the "
+                               f"model's context of {c.max_context} tokens; shorten the prompt or lower max_tokens")
+        # the last sampled token is never fed back, so the peak is prompt + max_tokens - 1 tokens
+        blocks = self.block_manager.blocks_for(len(prompt) + params.max_tokens - 1)
+        if blocks > self.block_manager.num_blocks:
+            raise RequestError(f"the request needs {blocks} KV blocks; the plan's pool has "
+                               f"{self.block_manager.num_blocks}")
+        request_id = request.request_id if request.request_id is not None else str(next(self._ids))
+        seq = Sequence(request_id=request_id, prompt_token_ids=list(prompt), params=params,
+                       eos_token_ids=c.eos_token_ids, arrival_time=self.now())
+        return seq
+
+    def now(self) -> float:
+        return time.perf_counter() - self._clock_start
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> tuple[list[ScheduledSeq], list[Sequence]]:
+        """One iteration: the sequences it ran and those that finished."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return [], []
+        logits = self.runner.run(self._inputs(scheduled))
+        sampling = [s.seq for s in scheduled if s.samples]
+        sampled = self.sampler.sample(logits, sampling) if sampling else []
+        finished = self.scheduler.postprocess(scheduled, sampled, self.now())
+        return scheduled, finished
+
+    def _inputs(self, scheduled: list[ScheduledSeq]) -> dict[str, list]:
+        """The step's inputs as plain lists (the runner copies them into its workspace)."""
+        bm = self.block_manager
+        ids, positions, slots, tables, seq_lens, starts, rows = [], [], [], [], [], [0], []
+        for s in scheduled:
+            tokens = s.seq.token_ids
+            span = range(s.start, s.start + s.num_tokens)
+            ids.extend(tokens[p] for p in span)
+            positions.extend(span)
+            slots.extend(bm.slot(s.seq, p) for p in span)
+            tables.append(list(s.seq.block_ids))
+            seq_lens.append(s.start + s.num_tokens)
+            starts.append(starts[-1] + s.num_tokens)
+            if s.samples:
+                rows.append(starts[-1] - 1)
+        return {"input_ids": ids, "positions": positions, "slot_mapping": slots, "block_tables": tables,
+                "seq_lens": seq_lens, "query_start_loc": starts, "logits_indices": rows}
+
+    # ------------------------------------------------------------------ the API
+
+    def stream(self, requests: Iterable[Request], *, replay: bool = False, time_scale: float = 1.0
+               ) -> Iterator[TokenEvent]:
+        """Run `requests` to completion, yielding each token as it is sampled. With `replay`,
+        each request is submitted at `arrival_time * time_scale` seconds after the start."""
+        pending = sorted(requests, key=lambda r: r.arrival_time) if replay else list(requests)
+        self.outputs: dict[str, RequestOutput] = {}
+        start = self.now()
+        queue = iter(pending)
+        upcoming = next(queue, None)
+        while upcoming is not None or self.scheduler.has_work():
+            while upcoming is not None and (not replay or self.now() - start >= upcoming.arrival_time * time_scale):
+                yield from self._submit(upcoming)
+                upcoming = next(queue, None)
+            if not self.scheduler.has_work():
+                if upcoming is not None:  # idle until the next arrival
+                    time.sleep(max(0.0, start + upcoming.arrival_time * time_scale - self.now()))
+                continue
+            scheduled, finished = self.step()
+            done = {id(seq) for seq in finished}
+            for s in scheduled:
+                if s.samples:
+                    seq = s.seq
+                    reason = seq.finish_reason if id(seq) in done else None
+                    yield TokenEvent(seq.request_id, seq.output_token_ids[-1], len(seq.output_token_ids) - 1, reason)
+            for seq in finished:
+                self._record(seq)
+            for seq in self.scheduler.take_aborted():
+                self._record(seq)
+                yield TokenEvent(seq.request_id, None, len(seq.output_token_ids), "abort", seq.error)
+
+    def _submit(self, request: Request) -> Iterator[TokenEvent]:
+        try:
+            seq = self._sequence(request)
+        except RequestError as e:
+            request_id = request.request_id if request.request_id is not None else str(next(self._ids))
+            self.outputs[request_id] = RequestOutput(request_id, list(request.prompt_token_ids or []), [], None,
+                                                     error=str(e), arrival_time=self.now())
+            yield TokenEvent(request_id, None, 0, None, str(e))
+            return
+        if seq.request_id in self.outputs:
+            raise RequestError(f"duplicate request id {seq.request_id!r}")
+        self.outputs[seq.request_id] = RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, None,
+                                                     arrival_time=seq.arrival_time)
+        self.scheduler.add(seq)
+
+    def _record(self, seq: Sequence):
+        out = self.outputs[seq.request_id]
+        out.output_token_ids = list(seq.output_token_ids)
+        out.finish_reason = seq.finish_reason
+        out.first_token_time = seq.first_token_time
+        out.finish_time = seq.token_times[-1] if seq.token_times else None
+        out.num_cached_tokens = seq.num_cached_tokens
+        out.num_preemptions = seq.num_preemptions
+        out.error = getattr(seq, "error", None)
+
+    def generate(self, requests: Seq[Request], *, replay: bool = False, time_scale: float = 1.0
+                 ) -> list[RequestOutput]:
+        """Run `requests` to completion; one output per request, in the order given."""
+        for _ in self.stream(requests, replay=replay, time_scale=time_scale):
+            pass
+        return list(self.outputs.values())
+
+    def close(self):
+        self.runner.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _hf_config(weights: Path, dp: DeploymentPlan) -> ModelConfig:
+    """The model config of a local HF directory, refused when it is not the plan's model."""
+    config = load_config(weights)
+    differences = config.mismatches(dp.model_spec)
+    if differences:
+        raise EngineError(f"the weights in {weights} are not the plan's model `{dp.model}`: "
+                          + "; ".join(differences) + "; compile a plan for this model or give its weights")
+    return config

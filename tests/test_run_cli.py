@@ -1,0 +1,83 @@
+"""`flowc run`: the tiny-cpu example compiled by the real compiler and executed by the engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import flowc.cli
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("torch")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = flowc.cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory) -> Path:
+    """examples/tiny-cpu.flow compiled into a plan next to a copy of the spec."""
+    folder = tmp_path_factory.mktemp("tiny")
+    spec = folder / "tiny-cpu.flow"
+    shutil.copy(ROOT / "examples" / "tiny-cpu.flow", spec)
+    path = folder / "plan.json"
+    assert flowc.cli.main(["compile", str(spec), "-o", str(path)]) == 0
+    return path
+
+
+def test_prompts_file(capsys, plan, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([
+        json.dumps({"id": "a", "prompt_token_ids": [1, 2, 3, 4], "max_tokens": 6}),
+        json.dumps({"id": "b", "prompt_token_ids": [9, 8, 7], "max_tokens": 4, "temperature": 0.7, "seed": 5}),
+        "",
+        "{not json",
+        json.dumps({"id": "c", "prompt_token_ids": [1], "temperature": -2}),
+        json.dumps({"id": "d", "prompt_token_ids": [1], "colour": "red"}),
+    ]) + "\n")
+    code, out, err = run(capsys, "run", str(plan), "--prompts", str(prompts))
+    lines = {item["id"]: item for item in map(json.loads, out.splitlines())}
+    assert code == 1  # some requests failed
+    assert lines["a"]["finish_reason"] == "length" and len(lines["a"]["output_token_ids"]) == 6
+    assert len(lines["b"]["output_token_ids"]) == 4 and lines["b"]["ttft_ms"] > 0
+    assert lines["4"]["error"].startswith(f"{prompts}:4: not JSON")
+    assert "temperature" in lines["c"]["error"]
+    assert "unknown field 'colour'" in lines["6"]["error"]
+    assert "ran 3 requests, 3 failed" in err
+
+
+def test_greedy_output_is_reproducible(capsys, plan, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [5, 6, 7], "max_tokens": 8}) + "\n")
+    first = run(capsys, "run", str(plan), "--prompts", str(prompts))
+    second = run(capsys, "run", str(plan), "--prompts", str(prompts), "--seed", "0")
+    assert first[0] == 0
+    assert json.loads(first[1])["output_token_ids"] == json.loads(second[1])["output_token_ids"]
+
+
+def test_replay_reports_measured_next_to_predicted(capsys, plan):
+    code, out, err = run(capsys, "--json", "run", str(plan), "--replay", "--requests", "6", "--time-scale", "0.1")
+    report = json.loads(out)
+    assert code == 0, err
+    assert report["requests"] == 6 and report["errors"] == []
+    for metric in ("ttft_ms", "tpot_ms"):
+        assert report[metric]["measured"]["mean"] > 0
+        assert report[metric]["predicted"]["p90"] >= report[metric]["predicted"]["p50"] > 0
+    assert report["output_tokens_per_s"]["measured"] > 0
+
+
+def test_user_mistakes_are_diagnosed(capsys, plan, tmp_path):
+    code, _, err = run(capsys, "run", str(tmp_path / "nope.json"), "--replay")
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "run", str(plan), "--prompts", str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "run", str(plan), "--replay", "--time-scale", "0")
+    assert code == 2 and "--time-scale" in err
+    code, _, err = run(capsys, "run", str(plan), "--replay", "--weights", str(tmp_path))
+    assert code == 1 and "config.json" in err and "Traceback" not in err
