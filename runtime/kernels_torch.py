@@ -65,33 +65,65 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                     sliding_window: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention of q [T, h, d] over each sequence's paged cache (which already holds
-    this step's keys and values). One definition for prefill, decode and mixed batches."""
-    heads, kv_heads = q.shape[1], k_cache.shape[2]
-    block_size = k_cache.shape[1]
+    this step's keys and values). One definition for prefill, decode and mixed batches.
+    Sequences with one new token (decodes) are computed together, the others one by one."""
     if out is None:
         out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        lo, hi = starts[b], starts[b + 1]
-        if hi == lo:
-            continue
-        n_blocks = -(-seq_len // block_size)
-        table = block_tables[b, :n_blocks].long()
-        keys = k_cache[table].reshape(-1, kv_heads, k_cache.shape[-1])[:seq_len].float()
-        values = v_cache[table].reshape(-1, kv_heads, v_cache.shape[-1])[:seq_len].float()
-        if heads != kv_heads:
-            keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-            values = values.repeat_interleave(heads // kv_heads, dim=1)
-        query_pos = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)[:, None]
-        key_pos = torch.arange(seq_len, device=q.device)[None, :]
-        visible = key_pos <= query_pos
-        if sliding_window is not None:
-            visible &= key_pos > query_pos - sliding_window
-        scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), keys) * scale
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, values).to(out.dtype)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
+    decodes = [b for b, n in enumerate(q_lens) if n == 1]
+    if decodes:
+        _attend_decodes(q, k_cache, v_cache, block_tables, [starts[b] for b in decodes], [lens[b] for b in decodes],
+                        decodes, scale, sliding_window, out)
+    for b, n in enumerate(q_lens):
+        if n > 1:
+            _attend_one(q, k_cache, v_cache, block_tables[b], starts[b], n, lens[b], scale, sliding_window, out)
     return out
+
+
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[..., h, d] -> [..., kv, h / kv, d]: the query heads that share each KV head (GQA)."""
+    return x.reshape(*x.shape[:-2], kv_heads, x.shape[-2] // kv_heads, x.shape[-1])
+
+
+def _attend_one(q, k_cache, v_cache, table, start: int, q_len: int, seq_len: int, scale: float,
+                sliding_window: Optional[int], out: torch.Tensor) -> None:
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    blocks = table[:-(-seq_len // block_size)].long()
+    keys = k_cache[blocks].flatten(0, 1)[:seq_len].float()  # [s, kv, d]
+    values = v_cache[blocks].flatten(0, 1)[:seq_len].float()
+    query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+    key_pos = torch.arange(seq_len, device=q.device)[None, :]
+    visible = key_pos <= query_pos
+    if sliding_window is not None:
+        visible &= key_pos > query_pos - sliding_window
+    scores = torch.einsum("qkgd,skd->kgqs", _grouped(q[start:start + q_len].float(), kv_heads), keys) * scale
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    result = torch.einsum("kgqs,skd->qkgd", probs, values)
+    out[start:start + q_len] = result.flatten(1, 2).to(out.dtype)
+
+
+def _attend_decodes(q, k_cache, v_cache, block_tables, rows: list[int], seq_lens: list[int], seqs: list[int],
+                    scale: float, sliding_window: Optional[int], out: torch.Tensor) -> None:
+    """Decode rows at once: every sequence's cache gathered up to the longest, the tail masked."""
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    longest = max(seq_lens)
+    tables = block_tables[seqs, :-(-longest // block_size)].long()  # rows past a sequence's blocks: masked below
+    keys = k_cache[tables].flatten(1, 2).float()  # [D, t, kv, d]
+    values = v_cache[tables].flatten(1, 2).float()
+    lens = torch.tensor(seq_lens, device=q.device)[:, None]
+    key_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
+    visible = key_pos < lens
+    if sliding_window is not None:
+        visible &= key_pos > lens - 1 - sliding_window
+    # slots past a sequence's end may hold anything, even NaN: their scores are masked to -inf
+    # below, but their values must be zeroed too (a zero probability times NaN is NaN)
+    values = values.masked_fill(~visible[:, :, None, None], 0.0)
+    index = torch.tensor(rows, device=q.device)
+    scores = torch.einsum("bkgd,btkd->bkgt", _grouped(q[index].float(), kv_heads), keys) * scale
+    probs = torch.softmax(scores.masked_fill(~visible[:, None, None, :], float("-inf")), dim=-1)
+    result = torch.einsum("bkgt,btkd->bkgd", probs, values)
+    out[index] = result.flatten(1, 2).to(out.dtype)
 
 
 def silu_and_mul(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
