@@ -172,6 +172,9 @@ class Engine:
         if group.pp > 1:
             raise EngineError(f"deployment `{dp.name}` uses pipeline parallelism (pp {group.pp}); the flowc runtime "
                               "runs pp 1 only: restrict the spec with `pp in [1]`")
+        if group.ep > 1:
+            raise EngineError(f"deployment `{dp.name}` uses expert parallelism (ep {group.ep}); the flowc runtime "
+                              "splits every expert over the TP ranks instead: restrict the spec with `ep in [1]`")
         if group.memory.offloaded:
             raise EngineError(f"deployment `{dp.name}` offloads weights to host memory; the flowc runtime keeps "
                               "every weight on the device: compile with `forbid offload`")
