@@ -44,7 +44,7 @@ def _config(measured, role=None):
 def baselines(spec, deployment, gpus: int) -> tuple[float | None, float | None]:
     requests = sample_requests(spec.workloads[deployment.workload], CAPACITY_REQUESTS)
     slo = spec.slos[deployment.slo]
-    measured, _ = _candidates(spec, deployment, requests, seed=0)
+    measured, _, _ = _candidates(spec, deployment, requests, seed=0)
     colocated = [m for m in measured if m.candidate.role == "colocated"]
     vllm = None
     if colocated:
