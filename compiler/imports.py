@@ -4,7 +4,6 @@ the root spec's directory tree are errors (F0205-F0207)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 from flowc import __version__
 
@@ -56,6 +56,14 @@ LOW_LOAD_SCALE = 0.01  # arrivals 100x sparser than the workload's: latency with
 OFFLOAD_KV_REQUESTS = 8  # an offloaded instance keeps KV for this many longest requests in HBM ...
 OFFLOAD_KV_SHARE = 0.5  # ... but at most this share of the HBM left for weights and KV (never below one)
 OFFLOAD_SLACK = 1 << 20  # bytes the offload LP's HBM budget is kept under (solver tolerance), counted in reserve
+
+# on_progress(what, done, total): called before each step of a compile (total None: not known yet).
+# The CLI passes flowc.progress's bar; the compiler never imports rich or flowc for it.
+Progress = Callable[[str, int, Optional[int]], None]
+
+
+def _quiet(what: str, done: int, total: Optional[int]) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,7 @@ def _default_ep(model, tp: int) -> list[int]:
     return [1, tp]
 
 
-def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
+def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int, on_progress: Progress = _quiet
                 ) -> tuple[list[_Measured], list[Alternative], list[str]]:
     """Measured candidates, rejected alternatives, and why offloaded shapes could not be placed."""
     slo = spec.slos[d.slo]
@@ -195,7 +203,8 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int
     mean_prompt = float(requests.prompt.mean())
     shapes = [(shape, False) for shape in _shapes(spec, d, longest)] + \
         [(shape, True) for shape in _offload_shapes(spec, d, longest)]
-    for shape, offloaded in shapes:
+    for done, (shape, offloaded) in enumerate(shapes):
+        on_progress(f"measuring `{d.name}` on {shape.gpu} tp {shape.tp} x pp {shape.pp}", done, len(shapes))
         gpu = spec.gpus[shape.gpu]
         link = _link_of(spec, d, shape.gpu)
         for ep in d.search.get("ep") or _default_ep(d.model, shape.tp):
@@ -298,15 +307,17 @@ def _infeasible(error: PlacementInfeasible) -> FlowError:
                                  notes=tuple(notes))])
 
 
-def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0) -> Plan:
-    """Compile every deployment of a checked spec into one plan."""
+def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0,
+                 on_progress: Progress = _quiet) -> Plan:
+    """Compile every deployment of a checked spec into one plan; `on_progress` hears of each
+    candidate shape measured and each placement round."""
     start = time.perf_counter()
     measured: dict[str, _Measured] = {}
     rejected: dict[str, list[Alternative]] = {}
     requests: dict[str, Requests] = {}
     for d in spec.deployments.values():
         requests[d.name] = sample_requests(spec.workloads[d.workload], CAPACITY_REQUESTS, seed=seed)
-        found, rejected[d.name], infeasible = _candidates(spec, d, requests[d.name], seed)
+        found, rejected[d.name], infeasible = _candidates(spec, d, requests[d.name], seed, on_progress)
         if not found and not any(shape.budget.fits for shape in instance_shapes(spec, d)) and not rejected[d.name]:
             # only reachable with `allow offload` (the checker's F0503 covers the rest): offloading
             # to host memory could not place the weights of any pp = 1 shape either
@@ -326,7 +337,7 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0) -> Pl
     plans, statuses = [], []
     for cluster_name, deployments in by_cluster.items():
         placement, cluster_plans = _place_and_check(spec, cluster_name, deployments, measured, rejected, time_limit_s,
-                                                    seed)
+                                                    seed, on_progress)
         statuses.append(placement)
         plans.extend(cluster_plans)
     solver = SolverStatus(status="optimal" if all(p.status == "optimal" for p in statuses) else "feasible",
@@ -342,13 +353,16 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0) -> Pl
 
 
 def _place_and_check(spec: Spec, cluster_name: str, deployments: list[Deployment], measured: dict[str, _Measured],
-                     rejected: dict[str, list[Alternative]], time_limit_s: float, seed: int):
+                     rejected: dict[str, list[Alternative]], time_limit_s: float, seed: int,
+                     on_progress: Progress = _quiet):
     """Place, then simulate the placement end to end. A deployment that misses its SLO at its
     load as a whole (the fleet behaves worse than its candidates measured apart, e.g. a
     disaggregated pair under bursts) gets its candidates' capacities derated by what the whole
     achieved, and the cluster is placed again, up to RECHECK_ROUNDS times."""
     measured = dict(measured)
-    for _ in range(RECHECK_ROUNDS):
+    for round_ in range(RECHECK_ROUNDS):
+        # RECHECK_ROUNDS is an upper bound: most clusters are placed and checked in one round
+        on_progress(f"placing and checking `{cluster_name}` (round {round_ + 1})", round_, RECHECK_ROUNDS)
         demands = [Demand(deployment=d.name, objective=d.objective,
                           load_rps=base_rate(spec.workloads[d.workload]), max_gpus=d.max_gpus) for d in deployments]
         names = {d.name for d in deployments}

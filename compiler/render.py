@@ -21,7 +21,7 @@ from rich.tree import Tree
 
 from .plan import DeploymentPlan, GpuRef, Instance, InstanceGroup, Plan
 from .spec import NodeGroup, Spec
-from .verify import _Verifier
+from .verify import cluster_nodes
 
 # Okabe-Ito, colorblind-safe; its black is left out so that no GPU is filled black.
 DEPLOYMENT_COLORS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7"]
@@ -135,7 +135,7 @@ class _Builder:
         self.prefix = {name: "" if len(names) == 1 else f"c{i}_" for i, name in enumerate(names)}
         self.clusters = {name: spec.clusters.get(name) if spec is not None else None for name in names}
         self.node_groups: dict[str, list[NodeGroup]] = {
-            name: [n.group for n in _Verifier.nodes(c)] if c is not None else [] for name, c in self.clusters.items()}
+            name: [n.group for n in cluster_nodes(c)] if c is not None else [] for name, c in self.clusters.items()}
         self.edges: list[_Edge] = []
         self.boxes: dict[tuple[str, int], dict[str, _Box]] = {}  # (cluster, node) -> box id -> box
         self.gpu_types: dict[tuple[str, int], list[str]] = {}  # (cluster, node) -> GPU types the plan puts there

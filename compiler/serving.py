@@ -8,7 +8,7 @@ that share the cluster).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from pydantic import BaseModel
 
@@ -109,13 +109,19 @@ def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None 
 
 
 def simulate_spec(spec: Spec, *, workload: Workload | str | None = None, with_goodput: bool = False,
-                  seed: int = 0) -> dict[str, DeploymentReport]:
+                  seed: int = 0, on_progress: Optional[Callable[[str, int, Optional[int]], None]] = None
+                  ) -> dict[str, DeploymentReport]:
     """Simulate every deployment, each under its own workload or under `workload` (a name in
-    the spec or a Workload)."""
+    the spec or a Workload); `on_progress(what, done, total)` hears of each deployment."""
     if isinstance(workload, str):
         if workload not in spec.workloads:
             raise FlowError([Diagnostic("F0201", f"unknown workload `{workload}`",
                                         help=suggestion_help(workload, spec.workloads, "workloads"))])
         workload = spec.workloads[workload]
-    return {name: simulate_deployment(spec, d, workload=workload, with_goodput=with_goodput, seed=seed)
-            for name, d in spec.deployments.items()}
+    reports = {}
+    for done, (name, d) in enumerate(spec.deployments.items()):
+        if on_progress is not None:
+            on_progress(f"simulating `{name}`" + (" and its goodput" if with_goodput else ""), done,
+                        len(spec.deployments))
+        reports[name] = simulate_deployment(spec, d, workload=workload, with_goodput=with_goodput, seed=seed)
+    return reports

@@ -40,7 +40,7 @@ Checks, one code each (F052x: planning):
   activation hops that cross nodes are charged to the network the same way.
 - F0526 predictions. Claims first: percentiles are non-negative, attainment a share, a plan
   that meets the SLO claims a goodput of at least the workload's rate, goodput per GPU is
-  goodput / GPUs. Then the deployment is re-simulated from the plan (see `_simulate`; a group
+  goodput / GPUs. Then the deployment is re-simulated from the plan (see `simulate_plan_deployment`; a group
   with offloaded weights adds its memory map's `offload_step_s` to every step) on the
   workload sampled with seed `PREDICTION_SEED`: `meets_slo` must agree (unless the run is
   within `BORDERLINE` of a limit), joint attainment within `ATTAINMENT_TOLERANCE`, p50 TTFT and
@@ -124,6 +124,15 @@ class _Deployment:
     checked: bool = False  # its structure was checked: memory can be checked group by group
 
 
+def cluster_nodes(cluster: Cluster) -> list[_Node]:
+    """The cluster's nodes in plan order: node groups expanded (`node x 2` is nodes 0 and 1)."""
+    out = []
+    for group in cluster.nodes:
+        for _ in range(group.count):
+            out.append(_Node(len(out), group))
+    return out
+
+
 class _Verifier:
     def __init__(self, plan: Plan, spec: Spec):
         self.plan, self.spec = plan, spec
@@ -140,14 +149,6 @@ class _Verifier:
             dep.clean = False
             if structural:
                 dep.ok = False
-
-    @staticmethod
-    def nodes(cluster: Cluster) -> list[_Node]:
-        out = []
-        for group in cluster.nodes:
-            for _ in range(group.count):
-                out.append(_Node(len(out), group))
-        return out
 
     def requests(self, workload_name: str, n: Optional[int] = None):
         """The workload sampled once per count with the prediction seed (numpy is imported here only)."""
@@ -312,7 +313,7 @@ class _Verifier:
     def check_structure(self, dep: _Deployment) -> None:
         dp, d, cluster = dep.plan, dep.spec, dep.cluster
         m = d.model
-        nodes = self.nodes(cluster)
+        nodes = cluster_nodes(cluster)
         for j, g in enumerate(dp.groups):
             gat = f"deployments[{dep.index}].groups[{j}]"
             where = f"deployment `{dp.name}`, group {j}"
@@ -524,7 +525,7 @@ class _Verifier:
     def check_host_memory(self, deps: list[_Deployment], host: dict[tuple[str, int], list[tuple[str, int]]]) -> None:
         for (cluster_name, node), uses in sorted(host.items()):
             cluster = self.spec.clusters[cluster_name]
-            nodes = self.nodes(cluster)
+            nodes = cluster_nodes(cluster)
             if not 0 <= node < len(nodes):
                 continue  # reported as F0521
             capacity = nodes[node].group.host_memory or 0
@@ -556,7 +557,7 @@ class _Verifier:
             requests = self.requests(d.workload)
             mean_prompt = float(requests.prompt.mean()) if len(requests) else 0.0
             mean_output = float(requests.output.mean()) if len(requests) else 0.0
-            nodes = self.nodes(cluster)
+            nodes = cluster_nodes(cluster)
 
             def cross(gpus_from: list[GpuRef], gpus_to: list[GpuRef], bps: float, kind: str) -> None:
                 for refs, table in ((gpus_from, egress), (gpus_to, ingress)):
@@ -649,7 +650,6 @@ class _Verifier:
         at = f"deployments[{dep.index}].predicted"
         where = f"deployment `{dp.name}`"
         pred = dp.predicted
-        slo = self.spec.slos[d.slo]
         rate = self.rate(d.workload)
 
         def fail(message: str, help: str, sub: str = "", notes=()) -> None:
@@ -692,7 +692,7 @@ class _Verifier:
         again = "compile the plan again: its predictions do not follow from its configuration"
 
         def run(reqs):
-            return _simulate(self.spec, dep, reqs)
+            return simulate_plan_deployment(self.spec, dep.plan, reqs)
 
         result = run(requests)
         meets = result.meets(slo)
@@ -780,8 +780,8 @@ def _borderline(result, slo) -> bool:
     return False
 
 
-def _simulate(spec: Spec, dep: _Deployment, requests):
-    """Re-simulate a deployment from its plan.
+def simulate_plan_deployment(spec: Spec, dp: DeploymentPlan, requests):
+    """Re-simulate a deployment from its plan (what the verifier checks predictions against).
 
     Each instance: `CostModel(model, gpu, node link, Parallelism(tp, pp, ep), inter_link)` where
     inter_link is the cluster's network when the instance's stages span nodes, or when it is a
@@ -793,8 +793,9 @@ def _simulate(spec: Spec, dep: _Deployment, requests):
     from .cost import CostModel, Parallelism, StreamedCost
     from .simulator import InstanceConfig, simulate
 
-    dp, d, cluster = dep.plan, dep.spec, dep.cluster
-    nodes = _Verifier.nodes(cluster)
+    d = spec.deployments[dp.name]
+    cluster = spec.clusters[d.cluster]
+    nodes = cluster_nodes(cluster)
     decode_nodes = [{ref.node for ref in inst.gpus} for g in dp.groups if g.role == "decode" for inst in g.instances]
     costs: dict[tuple[int, Optional[str]], object] = {}
     instances = []
@@ -828,7 +829,7 @@ def verify_plan(plan: Plan, spec: Spec) -> list[Diagnostic]:
     return _Verifier(plan, spec).run()
 
 
-def _load_plan(path: Path) -> tuple[Optional[Plan], list[Diagnostic]]:
+def load_plan_file(path: Path) -> tuple[Optional[Plan], list[Diagnostic]]:
     """The plan in a JSON file, or F0520 diagnostics (never a traceback). OSError propagates."""
     text = path.read_text(encoding="utf-8")
     name = path.name
@@ -876,7 +877,7 @@ def verify_file_with_sources(plan_path, spec_path=None):
     plan_path = Path(plan_path)
     if not plan_path.is_file():
         raise FileNotFoundError(f"no such file: {plan_path}")
-    plan, problems = _load_plan(plan_path)
+    plan, problems = load_plan_file(plan_path)
     if plan is None:
         return problems, {}
     if spec_path is None:
@@ -942,7 +943,7 @@ def simulate_instance(spec: Spec, dp: DeploymentPlan, group_index: int, requests
 
     d, g = spec.deployments[dp.name], dp.groups[group_index]
     cluster = spec.clusters[d.cluster]
-    node = _Verifier.nodes(cluster)[g.instances[0].gpus[0].node]
+    node = cluster_nodes(cluster)[g.instances[0].gpus[0].node]
     cost = CostModel(d.model, spec.gpus[g.gpu], node.group.link, parallelism=Parallelism(tp=g.tp, pp=g.pp, ep=g.ep))
     if g.memory.offload_step_s > 0:
         cost = StreamedCost(cost, g.memory.offload_step_s)

@@ -79,9 +79,13 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
     verify.add_argument("--against", metavar="SPEC", help="the spec to check against (default: the plan's spec_files[0])")
 
-    from flowc.run_cmd import add_arguments
+    from flowc import export_cmd, run_cmd, viz_cmd
 
-    add_arguments(commands.add_parser("run", parents=[common], help="execute a plan with the flowc runtime"))
+    run_cmd.add_arguments(commands.add_parser("run", parents=[common], help="execute a plan with the flowc runtime"))
+    viz_cmd.add_arguments(commands.add_parser("viz", parents=[common],
+                                              help="draw a plan: HTML report, Graphviz DOT, Mermaid or a tree"))
+    export_cmd.add_arguments(commands.add_parser("export", parents=[common],
+                                                 help="launch scripts for vLLM or SGLang from a plan"))
 
     commands.add_parser("schema", parents=[common], help="print the JSON Schema of the spec IR")
     commands.add_parser("stdlib", parents=[common], help="list the standard library's GPUs and models")
@@ -246,8 +250,11 @@ def _on_checked_spec(path: str, out: _Output, work):
 
 def _cmd_compile(args, out: _Output) -> int:
     from flowc.compiler.optimizer import compile_spec
+    from flowc.progress import progress
 
-    done = _on_checked_spec(args.file, out, lambda spec: compile_spec(spec, time_limit_s=args.time_limit))
+    with progress("compiling", enabled=not out.json, color=out.color) as bar:
+        done = _on_checked_spec(args.file, out,
+                                lambda spec: compile_spec(spec, time_limit_s=args.time_limit, on_progress=bar))
     if isinstance(done, int):
         return done
     spec, plan = done
@@ -270,8 +277,11 @@ def _cmd_compile(args, out: _Output) -> int:
 
 def _cmd_simulate(args, out: _Output) -> int:
     from flowc.compiler.serving import simulate_spec
+    from flowc.progress import progress
 
-    done = _on_checked_spec(args.file, out, lambda spec: simulate_spec(spec, with_goodput=args.goodput))
+    with progress("simulating", enabled=not out.json, color=out.color) as bar:
+        done = _on_checked_spec(args.file, out,
+                                lambda spec: simulate_spec(spec, with_goodput=args.goodput, on_progress=bar))
     if isinstance(done, int):
         return done
     _, reports = done
@@ -296,6 +306,18 @@ def _cmd_run(args, out: _Output) -> int:
     return cmd_run(args, out)
 
 
+def _cmd_viz(args, out: _Output) -> int:
+    from flowc.viz_cmd import cmd_viz
+
+    return cmd_viz(args, out)
+
+
+def _cmd_export(args, out: _Output) -> int:
+    from flowc.export_cmd import cmd_export
+
+    return cmd_export(args, out)
+
+
 def _cmd_schema(args, out: _Output) -> int:
     from flowc.compiler.spec import Spec
 
@@ -311,7 +333,7 @@ def _cmd_stdlib(args, out: _Output) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "estimate": _cmd_estimate, "compile": _cmd_compile, "verify": _cmd_verify,
-            "simulate": _cmd_simulate, "run": _cmd_run, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
+            "simulate": _cmd_simulate, "run": _cmd_run, "viz": _cmd_viz, "export": _cmd_export, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,124 @@
+"""`flowc export PLAN --target vllm|sglang`: launch scripts for a serving engine from a plan.
+
+One bash script per engine instance (DEPLOYMENT/gGROUP-ROLE-INSTANCE.sh) and, with --k8s, a
+Kubernetes manifest (kubernetes.yaml) with one Deployment per instance, placed on the node
+labelled flowc.dev/node="<node index>". Written under `-o DIR`, else printed on stdout between
+`==> PATH <==` lines; --json prints a JSON list of {path, content}. The mapping lives in
+compiler/export.py, the engines' flag lists in compiler/engines/.
+
+Exit codes: 0 ok, 1 not a plan or a plan the engine version cannot run (every reason is named;
+--allow-degrade turns the droppable ones into `# DEGRADED` comments and warnings), 2 usage or
+I/O (an unknown --version lists the known ones).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_INVALID = 0, 1
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
+    # compiler/export.py's TARGETS, not imported here: every command builds this parser
+    parser.add_argument("--target", required=True, choices=("vllm", "sglang"), help="the serving engine")
+    parser.add_argument("--version", dest="engine_version", metavar="X",
+                        help="the engine's version (default: the newest flowc knows)")
+    parser.add_argument("--k8s", action="store_true", help="also write a Kubernetes manifest (kubernetes.yaml)")
+    parser.add_argument("-o", "--output", metavar="DIR", help="write the files under DIR (default: print them)")
+    parser.add_argument("--model-path", action="append", default=[], metavar="[MODEL=]PATH",
+                        help="the checkpoint (directory or Hugging Face repo id) to serve for MODEL, or for the "
+                             "plan's only model (default: the repo the standard library names)")
+    parser.add_argument("--allow-degrade", action="store_true",
+                        help="drop what the engine cannot run as planned, with a comment in the script, "
+                             "instead of refusing")
+
+
+def cmd_export(args, out) -> int:
+    from flowc.compiler.export import ExportError, UnknownVersion, export_plan
+    from flowc.compiler.verify import load_plan_file
+
+    plan_path = Path(args.plan)
+    if not plan_path.is_file():
+        state = "is a directory" if plan_path.is_dir() else "does not exist"
+        return out.usage_error(f"`{args.plan}` {state}", "give a plan written by `flowc compile -o PLAN.json`")
+    try:
+        plan, problems = load_plan_file(plan_path)
+    except (OSError, UnicodeDecodeError) as error:
+        return out.usage_error(f"cannot read `{args.plan}`: {getattr(error, 'strerror', None) or error}")
+    if plan is None:
+        out.diagnostics(problems, {})
+        return EXIT_INVALID
+    model_paths = _model_paths(args.model_path, {d.model for d in plan.deployments})
+    if isinstance(model_paths, str):
+        return out.usage_error(model_paths, "give `--model-path PATH` for a plan of one model, else "
+                               "`--model-path MODEL=PATH` for each model")
+    try:
+        export = export_plan(plan, target=args.target, version=args.engine_version, k8s=args.k8s,
+                             model_paths=model_paths, allow_degrade=args.allow_degrade, plan_name=args.plan)
+    except UnknownVersion as error:
+        known = ", ".join(f"{v} (default)" if k == 0 else v for k, v in enumerate(error.known))
+        return out.usage_error(str(error), f"known {args.target} versions: {known}")
+    except ExportError as error:
+        return _refuse(error.problems, out)
+    for warning in export.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.output:
+        written = _write(export.files, Path(args.output))
+        if written is not None:
+            return out.usage_error(written)
+    if out.json:
+        print(json.dumps([{"path": path, "content": content} for path, content in export.files], indent=2))
+    elif args.output:
+        print(f"wrote {len(export.files)} files under {args.output}")
+    else:
+        sys.stdout.write("\n".join(f"==> {path} <==\n{content}" for path, content in export.files))
+    return EXIT_OK
+
+
+def _model_paths(given: list[str], models: set[str]) -> dict[str, str] | str:
+    """{model: path} from `MODEL=PATH` and `PATH` (key "*": the plan's only model), or the
+    usage error's message."""
+    paths = {}
+    served = ", ".join(sorted(models))
+    for entry in given:
+        model, sep, path = entry.partition("=")
+        if sep and model not in models:
+            return f"`--model-path {entry}`: the plan has no model `{model}` (it serves {served})"
+        if not sep and len(models) > 1:
+            return f"`--model-path {entry}` names no model, and the plan serves several ({served})"
+        paths[model if sep else "*"] = path if sep else entry
+    return paths
+
+
+def _write(files: list[tuple[str, str]], root: Path) -> str | None:
+    """Write the files under `root` (scripts executable); the error's message on failure."""
+    try:
+        for path, content in files:
+            target = root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content, encoding="utf-8")
+            if path.endswith(".sh"):
+                target.chmod(0o755)
+    except OSError as error:
+        return f"cannot write under `{root}`: {error.strerror or error}"
+    return None
+
+
+def _refuse(problems, out) -> int:
+    """Every refused problem, shaped like a diagnostic (no code: they are about the engine)."""
+    def note(p) -> str:
+        return "--allow-degrade drops it with a comment in the script" if p.degradable else ""
+
+    if out.json:
+        document = {"format_version": "1.0", "valid": False, "error_count": len(problems), "warning_count": 0,
+                    "diagnostics": [{"severity": "error", "code": None, "summary": p.message,
+                                     "detail": p.help, "notes": [note(p)] if note(p) else []} for p in problems]}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return EXIT_INVALID
+    for p in problems:
+        sys.stderr.write(f"error: {p.message}\n" + (f"  = note: {note(p)}\n" if note(p) else "")
+                         + f"  = help: {p.help}\n")
+    return EXIT_INVALID
