@@ -45,7 +45,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "gpu": {
         "vendor": "vendor nvidia", "memory": "memory 80 GiB", "memory_bandwidth": "memory_bandwidth 3.35 TB/s",
         "flops": "flops bf16 989 TFLOP/s", "interconnect": "interconnect nvlink4", "host_link": "host_link pcie5",
-        "price": "price 2.5 usd/h",
+        "price": "price 2.5 usd/h", "overhead": "overhead step 0.3 ms",
     },
     "cluster": {"node": "node x 2 { gpu h100-sxm x 8 }", "network": "network ib-ndr x 8"},
     "node": {
@@ -81,7 +81,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     },
     "override": {"weights": "weights fp8", "kv": "kv fp8", "max_context": "max_context 32768 tok"},
 }
-REPEATABLE = {("gpu", "flops"), ("cluster", "node"), ("deploy", "allow"), ("deploy", "forbid")}
+OVERHEAD_KINDS = ("step", "layer", "sequence", "token")
+REPEATABLE = {("gpu", "flops"), ("gpu", "overhead"), ("cluster", "node"), ("deploy", "allow"), ("deploy", "forbid")}
 
 
 def _describe(expr: ast.Expr) -> str:
@@ -451,10 +452,21 @@ class Checker:
                 flops[dtype] = peak
         if not b.all("flops"):
             self.required(b, "flops", "gpu", "gpu")
+        overheads: dict[str, float] = {}
+        for stmt in b.all("overhead"):
+            args = self.args(stmt, "gpu", 2)
+            if not args:
+                continue
+            kind = self.word(args[0], OVERHEAD_KINDS, "overhead")
+            seconds = self.quantity(args[1], units.TIME)
+            if kind in overheads:
+                self.error("F0311", f"`overhead {kind}` is given twice", args[0].span, "given again here")
+            elif kind and seconds is not None:
+                overheads[kind] = float(seconds)
         if None in (vendor, memory, bandwidth, interconnect, host_link) or not flops:
             return None
         return GPU(name=decl.name.text, vendor=vendor, memory=memory, memory_bandwidth=bandwidth, flops=flops,
-                   interconnect=interconnect.name, host_link=host_link.name,
+                   interconnect=interconnect.name, host_link=host_link.name, overheads=overheads,
                    price=None if price is None else float(price * 3600), doc=decl.doc, location=self._location(decl))
 
     def _link_arg(self, stmt: ast.Statement, schema: str, kinds: tuple[str, ...], what: str) -> Link | None:

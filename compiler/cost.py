@@ -28,6 +28,9 @@ The functional forms (identical in tools/calibrate.py, which fits them with nump
     send/recv  t = t0 + bytes / (eff BW) (1 + (S0 / bytes)^c)
     elementwise t = t0 + bytes / (em W)
 
+    overhead   t = step + layer x layers + sequence x rows + token x tokens   (gpu `overhead`: engine
+               time outside the kernels, measured by `flowc calibrate`; zero when not declared)
+
 P is the GPU's dense peak for the compute dtype, W its HBM bandwidth, BW the link's bandwidth
 per direction. GPUs without fitted data borrow the curves of the closest calibrated GPU
 (`FALLBACK`) as efficiencies relative to their own peaks, and `CostModel.calibrated` is False.
@@ -51,7 +54,7 @@ __all__ = ["CostModel", "StreamedCost", "Operators", "Parallelism", "operators",
 
 # Breakdown families, in the order `CostModel.breakdown` reports them.
 FAMILIES = ("gemm", "moe", "attention_prefill", "attention_decode", "elementwise", "embedding", "lm_head",
-            "tp_allreduce", "ep_alltoall")
+            "tp_allreduce", "ep_alltoall", "overhead")
 
 # Uncalibrated GPUs borrow the curves of the closest calibrated one (efficiencies are relative
 # to each GPU's own peaks, so borrowing keeps the GPU's own FLOP/s and bandwidth):
@@ -237,6 +240,10 @@ class Operators:
             return fam[key]["params"]
         if fam:  # nearest key of the family (e.g. fp8 KV on a GPU measured in bf16 only)
             return next(iter(fam.values()))["params"]
+        if self.gpu.vendor == "cpu":
+            # a CPU profile states achieved FLOP/s and bandwidth (what `flowc calibrate`
+            # measures), not datasheet peaks: apply them at full efficiency
+            return {**generic, **{k: 1.0 for k in ("ec", "em", "eff") if k in generic}}
         return generic
 
     # -- GEMM
@@ -493,6 +500,10 @@ class CostModel:
         self._bf16 = ops.gemm_mode("bf16")
         kvb = DTYPE_BYTES[m.kv]
         self._layer_share = m.layers / p.pp
+        # engine time outside the kernels (gpu `overhead`): per step and layer, per sequence, per token
+        o = gpu.overheads
+        self._overhead = (o.get("step", 0.0) + o.get("layer", 0.0) * self._layer_share, o.get("sequence", 0.0),
+                          o.get("token", 0.0))
         if m.moe is not None:
             self._moe_share = (m.layers - m.moe.dense_layers) / p.pp
             self._dense_share = m.moe.dense_layers / p.pp
@@ -736,7 +747,8 @@ class CostModel:
                                        self._dec_flops_per_key * decode_kv_tokens,
                                        self._dec_bytes_per_key * decode_kv_tokens
                                        + self._dec_bytes_per_seq * decode_seqs, self._attn_peak, self.ops.bw)
-        return t + a * self._layer_share
+        o_step, o_seq, o_tok = self._overhead
+        return t + a * self._layer_share + o_step + o_seq * rows + o_tok * tokens
 
     def breakdown(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int,
                   decode_kv_tokens: int) -> dict[str, float]:
@@ -753,6 +765,8 @@ class CostModel:
         pf, dec = self._attention(max(tokens - decode_seqs, 1), prefill_attn_pairs, decode_seqs, decode_kv_tokens)
         out["attention_prefill"] += pf
         out["attention_decode"] += dec
+        o_step, o_seq, o_tok = self._overhead
+        out["overhead"] = o_step + o_seq * rows + o_tok * tokens
         return out
 
     def _counts(self, tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens) -> tuple[float, float]:

@@ -155,6 +155,7 @@ class Engine:
         self.sampler = Sampler()
         self._ids = itertools.count()
         self._clock_start = time.perf_counter()
+        self.outputs: dict[str, RequestOutput] = {}
 
     @classmethod
     def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
@@ -256,7 +257,7 @@ class Engine:
         """Run `requests` to completion, yielding each token as it is sampled. With `replay`,
         each request is submitted at `arrival_time * time_scale` seconds after the start."""
         pending = sorted(requests, key=lambda r: r.arrival_time) if replay else list(requests)
-        self.outputs: dict[str, RequestOutput] = {}
+        self.outputs = {}
         start = self.now()
         queue = iter(pending)
         upcoming = next(queue, None)
@@ -281,20 +282,27 @@ class Engine:
                 self._record(seq)
                 yield TokenEvent(seq.request_id, None, len(seq.output_token_ids), "abort", seq.error)
 
-    def _submit(self, request: Request) -> Iterator[TokenEvent]:
-        try:
-            seq = self._sequence(request)
-        except RequestError as e:
-            request_id = request.request_id if request.request_id is not None else str(next(self._ids))
-            self.outputs[request_id] = RequestOutput(request_id, list(request.prompt_token_ids or []), [], None,
-                                                     error=str(e), arrival_time=self.now())
-            yield TokenEvent(request_id, None, 0, None, str(e))
-            return
+    def add_request(self, request: Request) -> Sequence:
+        """Validate `request` and queue it for the next steps (RequestError when it is invalid);
+        `stream` and `generate` call this, and so can code that drives `step` itself."""
+        seq = self._sequence(request)
         if seq.request_id in self.outputs:
             raise RequestError(f"duplicate request id {seq.request_id!r}")
         self.outputs[seq.request_id] = RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, None,
                                                      arrival_time=seq.arrival_time)
         self.scheduler.add(seq)
+        return seq
+
+    def _submit(self, request: Request) -> Iterator[TokenEvent]:
+        try:
+            self.add_request(request)
+        except RequestError as e:
+            request_id = request.request_id if request.request_id is not None else str(next(self._ids))
+            if request_id in self.outputs:  # a duplicate id: keep the first request's output
+                request_id = f"{request_id} (duplicate {next(self._ids)})"
+            self.outputs[request_id] = RequestOutput(request_id, list(request.prompt_token_ids or []), [], None,
+                                                     error=str(e), arrival_time=self.now())
+            yield TokenEvent(request_id, None, 0, None, str(e))
 
     def _record(self, seq: Sequence):
         out = self.outputs[seq.request_id]

@@ -114,6 +114,15 @@ def test_bad_requests_get_their_own_errors_and_do_not_disturb_others(saved):
     assert [o.output_token_ids for o in mixed[len(bad):]] == [o.output_token_ids for o in alone]
 
 
+def test_a_duplicate_request_id_is_that_request_s_error(saved):
+    plan = instance_plan(tiny_spec("llama"))
+    with Engine.from_plan(plan, saved("llama")) as engine:
+        first, second = engine.generate([Request([1, 2, 3], SamplingParams(max_tokens=4), request_id="a"),
+                                         Request([4, 5], SamplingParams(max_tokens=4), request_id="a")])
+    assert first.request_id == "a" and len(first.output_token_ids) == 4 and first.error is None
+    assert second.request_id.startswith("a (duplicate") and "duplicate request id 'a'" in second.error
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(saved):
     spec = tiny_spec("llama")
     plan = instance_plan(spec, max_batched_tokens=64)
