@@ -1,0 +1,78 @@
+"""Calibrate this machine, then check the plan's predictions against a replay on it.
+
+1. `flowc calibrate` writes a hardware profile of the local device (profile.flow).
+2. The tiny-cpu example's spec, with its device replaced by the profile's, is compiled.
+3. `flowc run --replay` replays the spec's workload on the engine and simulates the same
+   requests on the plan's instance; printed: measured and predicted mean TTFT and TPOT and
+   the relative error of each (target: within 20%), before calibration (the example's own
+   estimated device) and after.
+
+Run: python benchmarks/bench_calibration.py [--requests 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import flowc  # noqa: E402
+import flowc.cli  # noqa: E402
+from flowc.calibrate import calibrate, summary  # noqa: E402
+
+
+def calibrated_spec(example: str, profile_file: str, gpu: str) -> str:
+    """The example with its own `gpu` block replaced by `use` of the profile."""
+    without = re.sub(r"\ngpu [\w-]+ \{.*?\n\}\n", "\n", example, flags=re.S)
+    old = re.search(r"\ngpu ([\w-]+) \{", example).group(1)
+    return without.replace("use std.links", f'use std.links\nuse "{profile_file}"').replace(
+        f"gpu {old} x", f"gpu {gpu} x")
+
+
+def replay(spec: Path, requests: int, capsys_file: Path) -> dict:
+    plan = spec.with_suffix(".json")
+    plan.write_text(flowc.compile(spec).model_dump_json())
+    stdout = sys.stdout
+    with capsys_file.open("w") as out:
+        sys.stdout = out
+        try:
+            flowc.cli.main(["--json", "run", str(plan), "--replay", "--requests", str(requests)])
+        finally:
+            sys.stdout = stdout
+    return json.loads(capsys_file.read_text())
+
+
+def show(title: str, report: dict) -> None:
+    print(title)
+    for metric in ("ttft_ms", "tpot_ms"):
+        m, p = report[metric]["measured"]["mean"], report[metric]["predicted"]["mean"]
+        print(f"  mean {metric[:4].upper()}: measured {m:7.2f} ms, predicted {p:7.2f} ms, error {(p - m) / m:+6.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        example = (ROOT / "examples" / "tiny-cpu.flow").read_text()
+        before = folder / "before.flow"
+        before.write_text(example)
+        show("before calibration (the example's estimated device):", replay(before, args.requests,
+                                                                           folder / "out.json"))
+        profile = calibrate(name="this-cpu", repeats=args.repeats)
+        print("\n" + summary(profile))
+        (folder / "profile.flow").write_text(profile.to_flow())
+        after = folder / "after.flow"
+        after.write_text(calibrated_spec(example, "profile.flow", "this-cpu"))
+        show("\nafter `flowc calibrate`:", replay(after, args.requests, folder / "out.json"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""`flowc calibrate`: measure the local device with the runtime's own kernels and engine, and
+write a hardware profile (a `.flow` file with one `link` and one `gpu`) the cost model uses.
+
+Measured (each the best or the median of repeated runs, so background noise inflates nothing):
+  * `flops fp32` / `flops bf16`: the best torch.mm throughput over a sweep of square and
+    skinny GEMMs (the linear layers of the runtime's model are torch.mm);
+  * `memory_bandwidth`: a large tensor copy (bytes read + written per second);
+  * the link between ranks: gloo all-reduce between two local processes at several sizes,
+    fitted to latency + bytes / bandwidth (what tensor parallelism on this machine uses);
+  * `overhead step|layer|sequence|token`: the engine's time per iteration outside the kernels.
+    Tiny random-weight Llama models with 2 and 6 layers run prefill and decode steps of many
+    shapes through the real engine (scheduler, inputs, model, sampler); each step's wall time
+    minus what the cost model predicts for its kernels (with the peaks above) is fitted by
+    least squares to step + layer x layers + sequence x sequences + token x tokens, with
+    non-negative coefficients.
+The device is the CPU here (`--device local` runs on CUDA when torch sees a GPU, where the
+same steps run on the Triton kernels). The profile's `memory` is what the engine may use: the
+GPU's memory, or `--memory-gib` of the host's RAM for a CPU (default 2 GiB).
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+OVERHEAD_KINDS = ("step", "layer", "sequence", "token")
+GEMM_SHAPES = ((256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (64, 2048, 2048), (2048, 2048, 512))
+COPY_BYTES = 256 * 2**20
+ALLREDUCE_BYTES = (4 * 2**10, 64 * 2**10, 1 * 2**20, 8 * 2**20)
+PROBE_LAYERS = (2, 6)  # two depths separate the per-layer overhead from the per-step one
+
+
+@dataclass
+class Profile:
+    name: str
+    device: str
+    vendor: str
+    memory: int
+    flops: dict[str, float]  # dtype -> FLOP/s
+    memory_bandwidth: float  # B/s
+    link_bandwidth: Optional[float] = None  # B/s of the gloo/NCCL all-reduce fit (None: not measured)
+    link_latency: Optional[float] = None  # s
+    overheads: dict[str, float] = field(default_factory=dict)  # kind -> s
+    fit_error: float = 0.0  # median relative error of the step-time fit on its own samples
+    steps: int = 0  # engine steps the overhead fit used
+
+    def to_flow(self) -> str:
+        """The profile as a .flow file: a `link` for the ranks' collectives and the `gpu`."""
+        link = f"{self.name}-link"
+        host = "cpu-memory" if self.vendor == "cpu" else "pcie5"
+        lines = [f"## Hardware profile of {self.device}, measured by `flowc calibrate` on "
+                 f"{datetime.date.today().isoformat()}",
+                 "## (re-run it after changing the machine, drivers or torch; see flowc/calibrate.py)",
+                 "use std.links", ""]
+        if self.link_bandwidth:
+            kind = "memory" if self.vendor == "cpu" else "pcie"
+            lines += [f"link {link} {{  # all-reduce between local ranks (gloo on CPU, NCCL on GPUs)",
+                      f"  kind {kind}",
+                      f"  bandwidth {self.link_bandwidth / 1e9:.3g} GB/s",
+                      f"  latency {self.link_latency * 1e6:.3g} us",
+                      "}", ""]
+        interconnect = link if self.link_bandwidth else host
+        lines += [f"gpu {self.name} {{",
+                  f"  vendor {self.vendor}",
+                  f"  memory {self.memory} B" if self.memory % 2**30 else f"  memory {self.memory // 2**30} GiB",
+                  f"  memory_bandwidth {self.memory_bandwidth / 1e9:.3g} GB/s  # measured: tensor copy"]
+        lines += [f"  flops {dtype} {peak / 1e9:.3g} GFLOP/s  # measured: best torch.mm"
+                  for dtype, peak in sorted(self.flops.items())]
+        lines += [f"  interconnect {interconnect}", f"  host_link {host}"]
+        lines += [f"  overhead {kind} {self.overheads.get(kind, 0.0) * 1e6:.3g} us"
+                  + ("  # measured: engine steps outside the kernels" if kind == "step" else "")
+                  for kind in OVERHEAD_KINDS]
+        lines += ["}", ""]
+        return "\n".join(lines)
+
+
+Progress = Callable[[str, int, Optional[int]], None]
+
+
+def _quiet(what: str, done: int, total: Optional[int]) -> None:
+    pass
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm up (allocations, thread pools)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_gemm(device, dtype, repeats: int) -> float:
+    """Best FLOP/s of torch.mm over GEMM_SHAPES."""
+    import torch
+
+    best = 0.0
+    for m, n, k in GEMM_SHAPES:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        seconds = _best_time(lambda: (torch.mm(a, b, out=out), _sync(device)), repeats)
+        best = max(best, 2 * m * n * k / seconds)
+    return best
+
+
+def measure_copy(device, repeats: int) -> float:
+    """Bytes read + written per second by a large tensor copy."""
+    import torch
+
+    src = torch.ones(COPY_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = _best_time(lambda: (dst.copy_(src), _sync(device)), repeats)
+    return 2 * COPY_BYTES / seconds
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _allreduce_rank(parallel, sizes: tuple[int, ...], repeats: int) -> list[float]:
+    """Run in each of two processes: best time of an all-reduce of each size (rank 0's)."""
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for nbytes in sizes:
+        t = torch.ones(nbytes // 4)
+        dist.barrier()
+        times.append(_best_time(lambda: dist.all_reduce(t), repeats))
+    return times
+
+
+def measure_allreduce(repeats: int) -> tuple[float, float]:
+    """(bandwidth B/s, latency s) of a two-rank gloo all-reduce: t = latency + bus_bytes / bw,
+    bus bytes = 2 (n - 1) / n x bytes = bytes for n = 2 (the cost model's convention)."""
+    import numpy as np
+
+    from flowc.runtime.parallel import launch
+
+    times = launch(_allreduce_rank, 2, ALLREDUCE_BYTES, repeats)[0]
+    slope, intercept = np.polyfit(np.array(ALLREDUCE_BYTES, dtype=float), np.array(times), 1)
+    return 1.0 / max(slope, 1e-15), max(intercept, 0.0)
+
+
+def _probe_model(layers: int):
+    from flowc.compiler.spec import Model
+
+    return Model(name=f"probe-{layers}", architecture="llama", layers=layers, hidden=64, heads=4, kv_heads=2,
+                 head_dim=16, ffn=128, vocab=256, max_context=1024, weights="fp32", kv="fp32")
+
+
+def _step_shape(scheduled) -> tuple[int, int, int, int, int]:
+    """(tokens, prefill pairs, decode sequences, decode keys, sequences) of one engine step."""
+    from flowc.compiler.cost import causal_pairs
+
+    tokens = pairs = decodes = keys = 0
+    for s in scheduled:
+        tokens += s.num_tokens
+        if s.start > 0 and s.num_tokens == 1:
+            decodes += 1
+            keys += s.start + 1
+        else:
+            pairs += causal_pairs(s.num_tokens, s.start)
+    return tokens, pairs, decodes, keys, len(scheduled)
+
+
+def engine_steps(layers: int, device_name: str, repeats: int) -> list[tuple[tuple, float]]:
+    """(step shape, seconds) of engine iterations of a tiny random model: prefills of several
+    lengths and decode batches of several sizes, each `repeats` times. An iteration's seconds
+    are the time from the end of the previous step to the end of this one while `generate`
+    runs, so the loop's own bookkeeping (streamed events, finished requests) is counted as the
+    engine's overhead, as it is in every token's latency."""
+    from flowc.compiler.plan import instance_plan
+    from flowc.runtime import Engine, Request, SamplingParams
+
+    vendor = "cpu" if device_name == "cpu" else "nvidia"
+    plan = instance_plan(_probe_model(layers), vendor=vendor, max_batched_tokens=512, max_seqs=64, kv_blocks=2048)
+    samples = []
+    rng = random.Random(0)  # distinct prompts: a prefix-cache hit would skip the work being timed
+    with Engine.from_plan(plan) as engine:
+        step = engine.step
+        ends: list[tuple[tuple, float]] = []
+
+        def timed_step():
+            scheduled, finished = step()
+            _sync(device_name)
+            ends.append((_step_shape(scheduled), time.perf_counter()))
+            return scheduled, finished
+
+        engine.step = timed_step
+        for batch, prompt in ((1, 16), (1, 128), (1, 480), (4, 32), (16, 32), (48, 16)):
+            for _ in range(repeats):
+                requests = [Request([rng.randrange(1, 256) for _ in range(prompt)],
+                                    SamplingParams(max_tokens=8, ignore_eos=True)) for _ in range(batch)]
+                ends.clear()
+                start = time.perf_counter()
+                engine.generate(requests)
+                previous = start
+                for shape, end in ends:
+                    samples.append((shape, end - previous))
+                    previous = end
+    return samples
+
+
+def fit_overheads(samples: list[tuple[int, tuple, float]], kernel_time: Callable[[int, tuple], float]
+                  ) -> tuple[dict[str, float], float]:
+    """Non-negative least squares of (measured - kernels) on [1, layers, sequences, tokens]:
+    coefficients that come out negative are dropped and the rest refitted. Returns the
+    overheads and the median relative error of the fitted step times."""
+    import numpy as np
+
+    rows = np.array([[1.0, layers, shape[4], shape[0]] for layers, shape, _ in samples])
+    kernels = np.array([kernel_time(layers, shape) for layers, shape, _ in samples])
+    measured = np.array([seconds for _, _, seconds in samples])
+    target = np.maximum(measured - kernels, 0.0)
+    active = list(range(4))
+    while True:
+        coef, *_ = np.linalg.lstsq(rows[:, active], target, rcond=None)
+        if (coef >= 0).all():
+            break
+        active = [a for a, c in zip(active, coef) if c >= 0]
+    full = np.zeros(4)
+    full[active] = coef
+    predicted = kernels + rows @ full
+    error = float(np.median(np.abs(predicted - measured) / measured))
+    return dict(zip(OVERHEAD_KINDS, map(float, full))), error
+
+
+def calibrate(*, name: str = "local", memory: Optional[int] = None, repeats: int = 5, collectives: bool = True,
+              on_progress: Progress = _quiet) -> Profile:
+    """Measure this machine's device (the first CUDA GPU if torch sees one, else the CPU)."""
+    import torch
+
+    from flowc.compiler.cost import CostModel, Parallelism
+    from flowc.compiler.spec import GPU, Link
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    steps = 4 + (1 if collectives and not cuda else 0)
+    on_progress("GEMM throughput", 0, steps)
+    flops = {"fp32": measure_gemm(device, torch.float32, repeats)}
+    flops["bf16"] = measure_gemm(device, torch.bfloat16, repeats)
+    on_progress("memory bandwidth", 1, steps)
+    bandwidth = measure_copy(device, repeats)
+    link_bw = link_latency = None
+    if collectives and not cuda:  # NCCL needs two GPUs; one lent GPU cannot measure it
+        on_progress("gloo all-reduce between two processes", 2, steps)
+        link_bw, link_latency = measure_allreduce(repeats)
+    if memory is None:
+        memory = torch.cuda.get_device_properties(0).total_memory if cuda else 2 * 2**30
+    vendor = "nvidia" if cuda else "cpu"
+    bare = GPU(name=name, vendor=vendor, memory=memory, memory_bandwidth=bandwidth, flops=flops,
+               interconnect="local", host_link="local")
+    link = Link(name="local", kind="memory", bandwidth=link_bw or bandwidth)
+    costs = {layers: CostModel(_probe_model(layers), bare, link, parallelism=Parallelism()) for layers in PROBE_LAYERS}
+    samples = []
+    for i, layers in enumerate(PROBE_LAYERS):
+        on_progress(f"engine steps, {layers}-layer model", steps - 2 + i, steps)
+        samples += [(layers, shape, seconds) for shape, seconds in engine_steps(layers, device, max(1, repeats // 2))]
+    overheads, error = fit_overheads(samples, lambda layers, shape: costs[layers].step_time(*shape[:4]))
+    on_progress("done", steps, steps)
+    device_name = torch.cuda.get_device_name(0) if cuda else f"this machine's CPU ({torch.get_num_threads()} threads)"
+    return Profile(name=name, device=device_name, vendor=vendor, memory=memory, flops=flops,
+                   memory_bandwidth=bandwidth, link_bandwidth=link_bw, link_latency=link_latency,
+                   overheads=overheads, fit_error=error, steps=len(samples))
+
+
+def summary(profile: Profile) -> str:
+    o = profile.overheads
+    text = [f"{profile.device}:",
+            "  GEMM " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in sorted(profile.flops.items())),
+            f"  copy {profile.memory_bandwidth / 1e9:.1f} GB/s"]
+    if profile.link_bandwidth:
+        text.append(f"  all-reduce {profile.link_bandwidth / 1e9:.2f} GB/s + {profile.link_latency * 1e6:.0f} us")
+    text.append(f"  engine overhead: step {o['step'] * 1e6:.0f} us + layer {o['layer'] * 1e6:.0f} us + sequence "
+                f"{o['sequence'] * 1e6:.1f} us + token {o['token'] * 1e6:.2f} us "
+                f"(median fit error {profile.fit_error:.1%} over {profile.steps} steps)")
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", choices=("local",), default="local",
+                        help="the device to measure: this machine's GPU if torch sees one, else its CPU")
+    parser.add_argument("--out", metavar="PROFILE.flow", help="write the hardware profile here (default: print it)")
+    parser.add_argument("--name", default="local", help="the profile's gpu name (default: local)")
+    parser.add_argument("--memory-gib", type=float, metavar="N",
+                        help="GiB the engine may use on a CPU device (default 2; a GPU's own memory otherwise)")
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions of each measurement (default 5)")
+
+
+def cmd_calibrate(args, out) -> int:
+    import re
+    from pathlib import Path
+
+    try:
+        import torch  # noqa: F401
+    except ImportError as error:
+        return out.usage_error(f"calibration runs the flowc runtime, which needs torch ({error})",
+                               'install it with `pip install "flowc[runtime]"`')
+    if not re.fullmatch(r"[A-Za-z_][\w-]*", args.name):
+        return out.usage_error(f"--name {args.name!r} is not a valid name", "use letters, digits, `-` and `_`")
+    if args.repeats < 1:
+        return out.usage_error(f"--repeats must be at least 1 (got {args.repeats})")
+    if args.memory_gib is not None and not args.memory_gib > 0:
+        return out.usage_error(f"--memory-gib must be positive (got {args.memory_gib})")
+    memory = None if args.memory_gib is None else int(args.memory_gib * 2**30)
+    from flowc.progress import progress
+
+    with progress("calibrating", enabled=not out.json, color=out.color) as bar:
+        profile = calibrate(name=args.name, memory=memory, repeats=args.repeats, on_progress=bar)
+    text = profile.to_flow()
+    if args.out:
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as error:
+            return out.usage_error(f"cannot write `{args.out}`: {error.strerror or error}")
+    if out.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(profile), indent=2))
+        return 0
+    print(summary(profile))
+    if args.out:
+        print(f"wrote {args.out}: `use \"{args.out}\"` in a spec and place `gpu {args.name} x 1` in a node")
+    else:
+        print(text)
+    return 0
