@@ -38,19 +38,11 @@ def add_arguments(parser) -> None:
 
 def cmd_export(args, out) -> int:
     from flowc.compiler.export import ExportError, UnknownVersion, export_plan
-    from flowc.compiler.verify import load_plan_file
+    from flowc.plan_io import read_plan
 
-    plan_path = Path(args.plan)
-    if not plan_path.is_file():
-        state = "is a directory" if plan_path.is_dir() else "does not exist"
-        return out.usage_error(f"`{args.plan}` {state}", "give a plan written by `flowc compile -o PLAN.json`")
-    try:
-        plan, problems = load_plan_file(plan_path)
-    except (OSError, UnicodeDecodeError) as error:
-        return out.usage_error(f"cannot read `{args.plan}`: {getattr(error, 'strerror', None) or error}")
-    if plan is None:
-        out.diagnostics(problems, {})
-        return EXIT_INVALID
+    plan = read_plan(args.plan, out)
+    if isinstance(plan, int):
+        return plan
     model_paths = _model_paths(args.model_path, {d.model for d in plan.deployments})
     if isinstance(model_paths, str):
         return out.usage_error(model_paths, "give `--model-path PATH` for a plan of one model, else "
