@@ -300,13 +300,12 @@ def add_arguments(parser) -> None:
 
 
 def cmd_calibrate(args, out) -> int:
+    import importlib.util
     import re
     from pathlib import Path
 
-    try:
-        import torch  # noqa: F401
-    except ImportError as error:
-        return out.usage_error(f"calibration runs the flowc runtime, which needs torch ({error})",
+    if importlib.util.find_spec("torch") is None:
+        return out.usage_error("calibration runs the flowc runtime, which needs torch",
                                'install it with `pip install "flowc[runtime]"`')
     if not re.fullmatch(r"[A-Za-z_][\w-]*", args.name):
         return out.usage_error(f"--name {args.name!r} is not a valid name", "use letters, digits, `-` and `_`")
