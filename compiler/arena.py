@@ -414,6 +414,10 @@ def pack(buffers: list[Buffer], time_limit_s: float = 5.0, alignment: int = ALIG
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.num_workers = workers or min(8, os.cpu_count() or 1)
+    # By default CP-SAT installs a C handler for SIGINT that ends the search as if out of time (a
+    # wrong result, silently) and stays installed after the solve, where a Ctrl-C exits the
+    # process without Python's cleanup: leave Ctrl-C to Python, a KeyboardInterrupt after the solve.
+    solver.parameters.catch_sigint_signal = False
     t0 = time.perf_counter()
     status = solver.solve(model)
     elapsed = time.perf_counter() - t0

@@ -991,6 +991,7 @@ class _Model:
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = max(0.01, time_s)
         solver.parameters.num_workers = max(1, workers)
+        solver.parameters.catch_sigint_signal = False  # Ctrl-C is Python's (see compiler/arena.py)
         if self.layer == "per-node":
             # the per-node model is symmetric in identical nodes: the LP with symmetry
             # (orbitopes) closes bounds that the default portfolio of 2 workers does not reach
@@ -1490,6 +1491,7 @@ def _gpus_needed(p: _Problem, name: str, oversized: list[Candidate], time_s: flo
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.5, time_s)
     solver.parameters.num_workers = max(1, workers)
+    solver.parameters.catch_sigint_signal = False  # Ctrl-C is Python's (see compiler/arena.py)
     status = solver.solve(m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None

@@ -3,7 +3,8 @@
 `render_report(plan, spec)` draws the cluster (GPUs colored by deployment and role, links with
 the traffic the plan puts on them), a memory map per instance group, TTFT and TPOT CDFs and
 the SLO against arrival rate from simulations of the plan, and lists the alternatives, the
-binding constraints, the solver status and the spec's source text.
+binding constraints, the solver status and the spec's source text; with `autotune=` (a
+`flowc autotune` result document) also the autotuned trials and their Pareto frontier.
 
 Charts are matplotlib figures saved as inline SVG with glyphs drawn as paths, so the file
 references no font, script, stylesheet or URL. Every number a chart shows is also in a table:
@@ -56,13 +57,14 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 def render_report(plan: Plan, spec: Spec, *, requests: Optional[int] = None, seed: int = 0,
                   sources: Optional[Mapping[str, str]] = None, diagnostics: Sequence[Diagnostic] = (),
-                  on_progress: Optional[Progress] = None) -> str:
+                  on_progress: Optional[Progress] = None, autotune: Optional[Mapping] = None) -> str:
     """The report as one HTML document. `requests`, `seed`: the simulations' sample of each
     workload; `sources`: the spec's source text by file name (shown at the end);
     `diagnostics`: what the verifier found, listed at the top; `on_progress(what, done,
     total)` is called before each simulation. `requests` None: as many as the verifier
     re-simulates (the plan's `predicted.requests`, about 1000), so the charts agree with the
-    plan's predictions."""
+    plan's predictions. `autotune`: the JSON document of `flowc autotune -o` (AutotuneResult.to_dict()),
+    drawn as the trials' goodput per GPU against p90 TTFT and TPOT with the Pareto frontier."""
     runs = _simulate_all(plan, spec, requests, seed, on_progress)
     flows = _flows(plan, spec)
     title = f"flowc plan: {', '.join(plan.spec_files) or 'no spec file'}"
@@ -82,6 +84,8 @@ def render_report(plan: Plan, spec: Spec, *, requests: Optional[int] = None, see
     body.append(_memory_table(plan))
     for dp in plan.deployments:
         body.append(_deployment_section(dp, spec, runs[dp.name], seed))
+    if autotune is not None:
+        body.append(_autotune_section(autotune))
     body.append(_spec_section(spec, sources or {}))
     return _page(title, "\n".join(body))
 
@@ -652,6 +656,62 @@ def _deployment_section(dp: DeploymentPlan, spec: Spec, runs: _Runs, seed: int) 
     out.append("<h3>Binding constraints</h3>")
     out.append("<ul>" + "".join(f"<li>{_e(b)}</li>" for b in dp.binding) + "</ul>" if dp.binding
                else "<p>None: the plan is limited by the SLO and the load, not by a constraint.</p>")
+    return "\n".join(out)
+
+
+def _configuration(config: Mapping) -> str:
+    return ", ".join(f"{k} {('on' if v else 'off') if isinstance(v, bool) else v}" for k, v in config.items()) \
+        or "as declared"
+
+
+def _pareto_figure(trials: Sequence[Mapping], frontier: Sequence[Mapping]) -> Figure:
+    """Goodput per GPU against p90 TTFT and against p90 TPOT: every trial meeting the SLO, the
+    frontier's numbered by rank (the third objective is the other panel's)."""
+    fig = Figure(figsize=(11, 3.6))
+    for ax, metric, name in zip(fig.subplots(1, 2), ("ttft_p90_ms", "tpot_p90_ms"), ("TTFT", "TPOT")):
+        rest = [t for t in trials if not t["pareto"]]
+        ax.scatter([t["metrics"][metric] for t in rest], [t["metrics"]["goodput_rps_per_gpu"] for t in rest],
+                   color="#bbbbbb", s=18, label="other trials meeting the SLO")
+        ax.scatter([t["metrics"][metric] for t in frontier], [t["metrics"]["goodput_rps_per_gpu"] for t in frontier],
+                   color="#d62728", marker="D", s=26, label="Pareto frontier", zorder=3)
+        labels: dict[tuple[float, float], list[str]] = {}  # trials at one point share one label
+        for t in frontier:
+            labels.setdefault((t["metrics"][metric], t["metrics"]["goodput_rps_per_gpu"]), []).append(str(t["rank"]))
+        for point, ranks in labels.items():
+            ax.annotate(", ".join(ranks), point, fontsize=7, xytext=(4, 3), textcoords="offset points")
+        values = [t["metrics"][metric] for t in trials]
+        if min(values) > 0 and max(values) > 20 * min(values):
+            _log_scale(ax, "x")
+        ax.set_xlabel(f"{name} p90 (ms)")
+        ax.set_ylabel("goodput per GPU (req/s)")
+        ax.set_title(f"goodput per GPU against {name} p90 (up and left is better)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _autotune_section(document: Mapping) -> str:
+    """The autotuned trials: a chart of those meeting the SLO and a table of the frontier."""
+    trials = [{**t, "rank": rank} for rank, t in enumerate(document["trials"], 1)]
+    feasible = [t for t in trials if t["metrics"] is not None and t["metrics"]["meets_slo"]]
+    frontier = [t for t in feasible if t["pareto"]]
+    out = [f"<h2 id='autotune'>Autotuning <code>{_e(document['deployment'])}</code></h2>",
+           f"<p>{len(trials)} configurations ({_e(document['strategy'])}, {_e(document['evaluator'])}d, objective "
+           f"{_e(document['objective'])}): {len(feasible)} meet the SLO, {len(frontier)} on the Pareto frontier of "
+           "goodput per GPU (max), p90 TTFT (min) and p90 TPOT (min).</p>"]
+    if not feasible:
+        out.append("<p>No configuration meets the SLO: there is no frontier to draw.</p>")
+        return "\n".join(out)
+    out.append(_figure(_pareto_figure(feasible, frontier), "autotune-pareto",
+                       "Each point is a configuration meeting the SLO; the frontier's are numbered by their rank "
+                       "under the objective."))
+    rows = [(str(t["rank"]), _e(_configuration(t["config"])), _rps(t["metrics"]["goodput_rps_per_gpu"]),
+             _ms(t["metrics"]["ttft_p90_ms"]), _ms(t["metrics"]["tpot_p90_ms"]), str(t["metrics"]["gpus"]),
+             f"{t['objective_value']:.4g}") for t in frontier]
+    out.append(_table(("rank", "configuration", "goodput per GPU", "TTFT p90", "TPOT p90", "GPUs", "objective"),
+                      rows, "pareto"))
     return "\n".join(out)
 
 

@@ -780,18 +780,26 @@ def _borderline(result, slo) -> bool:
     return False
 
 
-def simulate_plan_deployment(spec: Spec, dp: DeploymentPlan, requests):
-    """Re-simulate a deployment from its plan (what the verifier checks predictions against).
+def simulate_plan_deployment(spec: Spec, dp: DeploymentPlan, requests, *, router: str = ROUTER):
+    """Re-simulate a deployment from its plan (what the verifier checks predictions against),
+    on `plan_instances(spec, dp)`, behind `router` (default least_work, as flowc.simulate and
+    goodput searches use; `flowc.autotune` compares routers with it)."""
+    from .simulator import simulate
+
+    return simulate(requests, plan_instances(spec, dp), router=router)
+
+
+def plan_instances(spec: Spec, dp: DeploymentPlan) -> list:
+    """The simulator's InstanceConfig of every instance of a deployment's plan.
 
     Each instance: `CostModel(model, gpu, node link, Parallelism(tp, pp, ep), inter_link)` where
     inter_link is the cluster's network when the instance's stages span nodes, or when it is a
     prefill instance and a decode instance is not on its (single) node; and `InstanceConfig`
     with `kv_capacity_tokens = kv_blocks x block_size`, the scheduler's block size, token budget,
     max_seqs and chunked-prefill switch, and the group's role. A group with offloaded weights
-    adds its memory map's `offload_step_s` to every step (`cost.StreamedCost`).
-    Router: least_work (as flowc.simulate and goodput searches use)."""
+    adds its memory map's `offload_step_s` to every step (`cost.StreamedCost`)."""
     from .cost import CostModel, Parallelism, StreamedCost
-    from .simulator import InstanceConfig, simulate
+    from .simulator import InstanceConfig
 
     d = spec.deployments[dp.name]
     cluster = spec.clusters[d.cluster]
@@ -818,7 +826,7 @@ def simulate_plan_deployment(spec: Spec, dp: DeploymentPlan, requests):
                                             max_seqs=s.max_seqs,
                                             chunked_prefill=s.chunked_prefill, chunk_size=s.chunk_size,
                                             role=g.role))
-    return simulate(requests, instances, router=ROUTER)
+    return instances
 
 
 # ---------------------------------------------------------------------------------- the API

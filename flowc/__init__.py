@@ -14,7 +14,11 @@ def __getattr__(name: str):
         from flowc.compiler.estimate import estimate
 
         return estimate
+    if name == "autotune":  # the module, callable as the function (see flowc/autotune.py)
+        import importlib
+
+        return importlib.import_module("flowc.autotune")
     raise AttributeError(f"module 'flowc' has no attribute {name!r}")
 
 
-__all__ = ["load", "compile", "estimate", "simulate", "FlowError", "Diagnostic", "__version__"]
+__all__ = ["load", "compile", "estimate", "simulate", "autotune", "FlowError", "Diagnostic", "__version__"]

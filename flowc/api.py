@@ -14,7 +14,7 @@ from flowc.compiler.source import SourceFile
 from flowc.compiler.spec import Spec
 
 
-def _looks_like_path(source: str | os.PathLike) -> bool:
+def looks_like_path(source: str | os.PathLike) -> bool:
     if isinstance(source, os.PathLike):
         return True
     return "\n" not in source and "{" not in source and source.strip().endswith(".flow")
@@ -34,8 +34,8 @@ def check_sources(sources: list[str | os.PathLike] | str | os.PathLike, *, allow
     """Like `load`, and also return the warnings. Several paths are checked as one spec."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    paths = [Path(s) for s in sources if _looks_like_path(s)]
-    texts = [s for s in sources if not _looks_like_path(s)]
+    paths = [Path(s) for s in sources if looks_like_path(s)]
+    texts = [s for s in sources if not looks_like_path(s)]
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")

@@ -79,7 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
     verify.add_argument("--against", metavar="SPEC", help="the spec to check against (default: the plan's spec_files[0])")
 
-    from flowc import calibrate, export_cmd, run_cmd, viz_cmd
+    from flowc import autotune_cmd, calibrate, export_cmd, run_cmd, viz_cmd
 
     run_cmd.add_arguments(commands.add_parser("run", parents=[common], help="execute a plan with the flowc runtime"))
     viz_cmd.add_arguments(commands.add_parser("viz", parents=[common],
@@ -88,6 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                                  help="launch scripts for vLLM or SGLang from a plan"))
     calibrate.add_arguments(commands.add_parser("calibrate", parents=[common],
                                                 help="measure this machine's device into a hardware profile"))
+    autotune_cmd.add_arguments(commands.add_parser("autotune", parents=[common],
+                                                   help="search a deployment's knobs for its best configuration"))
 
     commands.add_parser("schema", parents=[common], help="print the JSON Schema of the spec IR")
     commands.add_parser("stdlib", parents=[common], help="list the standard library's GPUs and models")
@@ -326,6 +328,12 @@ def _cmd_calibrate(args, out: _Output) -> int:
     return cmd_calibrate(args, out)
 
 
+def _cmd_autotune(args, out: _Output) -> int:
+    from flowc.autotune_cmd import cmd_autotune
+
+    return cmd_autotune(args, out)
+
+
 def _cmd_schema(args, out: _Output) -> int:
     from flowc.compiler.spec import Spec
 
@@ -341,7 +349,7 @@ def _cmd_stdlib(args, out: _Output) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "estimate": _cmd_estimate, "compile": _cmd_compile, "verify": _cmd_verify,
-            "simulate": _cmd_simulate, "run": _cmd_run, "viz": _cmd_viz, "export": _cmd_export, "calibrate": _cmd_calibrate, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
+            "simulate": _cmd_simulate, "run": _cmd_run, "viz": _cmd_viz, "export": _cmd_export, "calibrate": _cmd_calibrate, "autotune": _cmd_autotune, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
 
 
 def main(argv: list[str] | None = None) -> int:

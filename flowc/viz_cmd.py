@@ -2,7 +2,8 @@
 
   --format html     (default) a self-contained HTML report, written to `-o FILE` (required):
                     the cluster, memory maps, latency CDFs and goodput from simulations, the
-                    alternatives, the binding constraints and the spec (compiler/report_html.py)
+                    alternatives, the binding constraints and the spec (compiler/report_html.py);
+                    `--autotune RESULTS.json` (from `flowc autotune -o`) adds the Pareto frontier
   --format dot      Graphviz DOT, on stdout or to `-o FILE`
   --format mermaid  a Mermaid flowchart, on stdout or to `-o FILE`
   --format tree     the plan as a tree in the terminal (or plain text to `-o FILE`)
@@ -36,28 +37,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--requests", type=int, metavar="N",
                         help="requests per simulation in the HTML report (default: as many as the plan's predictions)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the report's simulated workload (default 0)")
+    parser.add_argument("--autotune", metavar="RESULTS.json",
+                        help="add the trials and Pareto frontier of `flowc autotune -o RESULTS.json` (html only)")
 
 
 def cmd_viz(args, out) -> int:
-    from flowc.compiler.verify import load_plan_file
+    from flowc.plan_io import read_plan
 
     plan_path = Path(args.plan)
-    for name, what in ((args.plan, "a plan (.json)"), (args.against, "a .flow file")):
+    for name, what in ((args.against, "a .flow file"),
+                       (args.autotune, "a `flowc autotune -o` result (.json)")):
         if name is not None and not Path(name).is_file():
             state = "is a directory" if Path(name).is_dir() else "does not exist"
             return out.usage_error(f"`{name}` {state}", f"give the path of {what}")
     if args.format == "html" and not args.output:
         return out.usage_error("the HTML report is a file: give `-o FILE.html`",
                                "or print the plan in the terminal with `--format tree`")
+    if args.autotune and args.format != "html":
+        return out.usage_error("--autotune adds a chart to the HTML report", "leave out --format, or --autotune")
     if args.requests is not None and args.requests < 1:
         return out.usage_error(f"--requests must be at least 1 (got {args.requests})")
-    try:
-        plan, problems = load_plan_file(plan_path)
-    except (OSError, UnicodeDecodeError) as error:
-        return out.usage_error(f"cannot read `{args.plan}`: {getattr(error, 'strerror', None) or error}")
-    if plan is None:
-        out.diagnostics(problems, {})
-        return EXIT_INVALID
+    plan = read_plan(args.plan, out)
+    if isinstance(plan, int):
+        return plan
     if args.format == "tree":
         return _tree(plan, args, out)
     loaded = _checked_spec(plan, plan_path, args.against, out)
@@ -112,6 +114,21 @@ def _checked_spec(plan, plan_path: Path, against: str | None, out):
     return checked.spec, sources, findings
 
 
+def _autotune_document(path: str, out):
+    """The autotune result at `path` as a JSON document, or the exit code after saying why not."""
+    from pydantic import ValidationError
+
+    from flowc.autotune import AutotuneResult
+
+    try:
+        return AutotuneResult.from_json(Path(path).read_text(encoding="utf-8")).to_dict()
+    except (OSError, UnicodeDecodeError) as error:
+        return out.usage_error(f"cannot read `{path}`: {getattr(error, 'strerror', None) or error}")
+    except ValidationError:
+        return out.usage_error(f"`{path}` is not a flowc autotune result",
+                               "write one with `flowc autotune SPEC -o FILE`")
+
+
 def _html(plan, spec, sources, findings, args, out) -> int:
     try:
         from flowc.compiler.report_html import render_report
@@ -121,9 +138,12 @@ def _html(plan, spec, sources, findings, args, out) -> int:
         return out.usage_error("the HTML report needs matplotlib", 'install it with `pip install "flowc[viz]"`')
     from flowc.progress import progress
 
+    autotune = _autotune_document(args.autotune, out) if args.autotune else None
+    if isinstance(autotune, int):
+        return autotune
     with progress("simulating", enabled=not out.json, color=out.color) as bar:
         document = render_report(plan, spec, requests=args.requests, seed=args.seed, sources=sources,
-                                 diagnostics=findings, on_progress=bar)
+                                 diagnostics=findings, on_progress=bar, autotune=autotune)
     try:
         Path(args.output).write_text(document, encoding="utf-8")
     except OSError as error:
