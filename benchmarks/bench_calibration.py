@@ -1,11 +1,11 @@
 """Calibrate this machine, then check the plan's predictions against a replay on it.
 
 1. `flowc calibrate` writes a hardware profile of the local device (profile.flow).
-2. The tiny-cpu example's spec, with its device replaced by the profile's, is compiled.
+2. The tiny-cpu example's spec, with its `cpu-local` device replaced by the profile's, is compiled.
 3. `flowc run --replay` replays the spec's workload on the engine and simulates the same
    requests on the plan's instance; printed: measured and predicted mean TTFT and TPOT and
-   the relative error of each (target: within 20%), before calibration (the example's own
-   estimated device) and after.
+   the relative error of each (target: within 20%), before calibration (`cpu-local`'s
+   estimated figures) and after.
 
 Run: python benchmarks/bench_calibration.py [--requests 64] [--repeats 5]
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -27,11 +26,8 @@ from flowc.calibrate import calibrate, summary  # noqa: E402
 
 
 def calibrated_spec(example: str, profile_file: str, gpu: str) -> str:
-    """The example with its own `gpu` block replaced by `use` of the profile."""
-    without = re.sub(r"\ngpu [\w-]+ \{.*?\n\}\n", "\n", example, flags=re.S)
-    old = re.search(r"\ngpu ([\w-]+) \{", example).group(1)
-    return without.replace("use std.links", f'use std.links\nuse "{profile_file}"').replace(
-        f"gpu {old} x", f"gpu {gpu} x")
+    """The example with its `cpu-local` device replaced by the profile's."""
+    return example.replace("use std.cpu_local", f'use "{profile_file}"').replace("gpu cpu-local x", f"gpu {gpu} x")
 
 
 def replay(spec: Path, requests: int, capsys_file: Path) -> dict:
@@ -64,7 +60,7 @@ def main() -> None:
         example = (ROOT / "examples" / "tiny-cpu.flow").read_text()
         before = folder / "before.flow"
         before.write_text(example)
-        show("before calibration (the example's estimated device):", replay(before, args.requests,
+        show("before calibration (cpu-local's estimated figures):", replay(before, args.requests,
                                                                            folder / "out.json"))
         profile = calibrate(name="this-cpu", repeats=args.repeats)
         print("\n" + summary(profile))

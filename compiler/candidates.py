@@ -48,6 +48,6 @@ def instance_shapes(spec: Spec, d: Deployment) -> list[Shape]:
             for pp in pps:
                 if tp <= domain and tp * pp <= limit:
                     budget = memory_budget(m, spec.gpus[gpu].memory, tp=tp, pp=pp, max_batched_tokens=tokens,
-                                           max_seqs=seqs, block_size=block)
+                                           max_seqs=seqs, block_size=block, vendor=spec.gpus[gpu].vendor)
                     shapes.append(Shape(gpu, tp, pp, budget))
     return shapes

@@ -113,7 +113,7 @@ def estimate(model: Union[str, Model], gpu: Union[str, GPU], *, tp: int = 1, pp:
     if input_len < 1 or output_len < 1:
         raise _fail("F0307", "input_len and output_len must be at least 1 token")
     budget = memory_budget(m, g.memory, tp=tp, pp=pp, max_batched_tokens=max_batched_tokens, max_seqs=max_seqs,
-                           block_size=block_size)
+                           block_size=block_size, vendor=g.vendor)
     if not budget.fits:
         raise _fail("F0503", f"{m.name} at {m.weights} does not fit on {tp * pp} x {g.name} (tp {tp}, pp {pp})",
                     "use a larger tp or pp, or quantize the weights",

@@ -262,7 +262,8 @@ class _Mapper:
 
     def _memory(self, where: str, g: InstanceGroup) -> Setting:
         hundredths, why = MEMORY_FRACTION[self.engine.target](g)
-        if not 0 < hundredths <= 100:
+        # a CPU group is refused already; its memory map has no CUDA reserve to derive a fraction from
+        if not 0 < hundredths <= 100 and g.vendor != "cpu":
             self.problem(None, f"the memory map of {where} gives a memory fraction of {hundredths / 100:.2f}, "
                          "outside (0, 1]", "compile the plan again with this flowc")
         return Setting(f"{hundredths // 100}.{hundredths % 100:02d}", why)

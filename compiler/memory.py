@@ -119,6 +119,10 @@ GPU_MEMORY_UTILIZATION = 0.9  # share of device memory an engine takes (vLLM's d
 CONTEXT_RESERVE = 1 << 30
 NCCL_RESERVE = 256 << 20
 GRAPH_RESERVE = 512 << 20
+# A CPU device has no CUDA context, graphs or NCCL: its reserve is the engine process itself
+# (Python, torch, kernel temporaries): flowc's engine peaks near 0.3 GiB beside its KV pool on
+# the tiny model (`/usr/bin/time -v flowc run`), rounded up.
+CPU_RESERVE = 512 << 20
 ACTIVATION_BYTES = 2  # activations in bf16
 LOGIT_BYTES = 4  # logits in fp32
 
@@ -169,7 +173,9 @@ def activation_peak_bytes(m: Model, tp: int, max_batched_tokens: int, max_seqs: 
     return lower_bound(step_buffers(m, tp, max_batched_tokens, max_seqs))
 
 
-def runtime_reserve_bytes(gpus_per_instance: int) -> int:
+def runtime_reserve_bytes(gpus_per_instance: int, vendor: str = "nvidia") -> int:
+    if vendor == "cpu":
+        return CPU_RESERVE
     return CONTEXT_RESERVE + GRAPH_RESERVE + (NCCL_RESERVE if gpus_per_instance > 1 else 0)
 
 
@@ -200,13 +206,13 @@ class MemoryBudget:
 
 def memory_budget(m: Model, gpu_memory: int, *, tp: int = 1, pp: int = 1, max_batched_tokens: int = 8192,
                   max_seqs: int = 256, block_size: int = 16,
-                  utilization: float = GPU_MEMORY_UTILIZATION) -> MemoryBudget:
+                  utilization: float = GPU_MEMORY_UTILIZATION, vendor: str = "nvidia") -> MemoryBudget:
     """The one budget formula: the planner, the verifier and the runtime all size KV with it.
     KV gets what is left of `utilization` x memory after weights, activations and reserve."""
     usable = int(gpu_memory * utilization)
     weights = weight_bytes_per_rank(m, tp, pp)
     activations = activation_peak_bytes(m, tp, max_batched_tokens, max_seqs)
-    reserve = runtime_reserve_bytes(tp * pp)
+    reserve = runtime_reserve_bytes(tp * pp, vendor)
     kv = usable - weights - activations - reserve
     per_token = kv_bytes_per_token_per_rank(m, tp, pp)
     blocks = max(0, kv // (per_token * block_size))

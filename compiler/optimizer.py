@@ -214,7 +214,8 @@ def _candidates(spec: Spec, d: Deployment, requests: Requests, seed: int, on_pro
                              inter_link=spec.clusters[d.cluster].network)
             for budget_tokens, max_seqs, block_size, chunk in _scheduler_knobs(d, tokens):
                 budget = memory_budget(d.model, gpu.memory, tp=shape.tp, pp=shape.pp,
-                                       max_batched_tokens=budget_tokens, max_seqs=max_seqs, block_size=block_size)
+                                       max_batched_tokens=budget_tokens, max_seqs=max_seqs, block_size=block_size,
+                                       vendor=gpu.vendor)
                 offload, kv_tokens, overhead = None, budget.kv_tokens, 0.0
                 if offloaded:
                     try:

@@ -452,7 +452,7 @@ class _Verifier:
                 fail("negative " + ", ".join(negative) + " in the memory map", "compile the plan again")
                 continue
             b = memory_budget(m, gpu.memory, tp=g.tp, pp=g.pp, max_batched_tokens=s.max_batched_tokens,
-                              max_seqs=s.max_seqs, block_size=s.block_size)
+                              max_seqs=s.max_seqs, block_size=s.block_size, vendor=gpu.vendor)
             shape = f"tp {g.tp} x pp {g.pp} on {gpu.name}, max_batched_tokens {s.max_batched_tokens}"
             if mm.capacity != gpu.memory:
                 fail(f"capacity {_gib(mm.capacity)} in the memory map, a {gpu.name} has {_gib(gpu.memory)}",

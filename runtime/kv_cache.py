@@ -17,9 +17,9 @@ class KVCache:
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.layers, self.num_blocks, self.block_size = layers, num_blocks, block_size
-        # Zeroed, not empty: a kernel that reads a whole block and masks the unused slots
-        # must not meet NaN garbage (0 * NaN is NaN).
-        self.pool = torch.zeros((2, layers, num_blocks, block_size, kv_heads, head_dim), dtype=dtype, device=device)
+        # Not zeroed: both kernel implementations mask every slot past a sequence's end (their
+        # tests fill caches with NaN), and untouched pages of a large CPU pool stay unallocated.
+        self.pool = torch.empty((2, layers, num_blocks, block_size, kv_heads, head_dim), dtype=dtype, device=device)
 
     def k(self, layer: int) -> torch.Tensor:
         return self.pool[0, layer]

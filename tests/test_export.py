@@ -307,7 +307,7 @@ def test_two_deployments_two_models(plans):
 def test_cpu_plan_is_refused(capsys, plans):
     code, out, err = run(capsys, "export", str(PLANS / "tiny-cpu.json"), "--target", "vllm", "--allow-degrade")
     assert code == 1 and out == ""
-    assert "vLLM 0.13.0 runs on GPUs: group 0 (colocated) of deployment `tiny` runs on `cpu-2g`, a CPU device" in err
+    assert "vLLM 0.13.0 runs on GPUs: group 0 (colocated) of deployment `tiny` runs on `cpu-local`, a CPU device" in err
     assert "= help: run CPU plans with `flowc run`" in err
 
 

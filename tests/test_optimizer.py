@@ -64,7 +64,7 @@ def test_memory_maps_come_from_the_memory_model(compiled):
         for g in d.groups:
             budget = memory_budget(model, spec.gpus[g.gpu].memory, tp=g.tp, pp=g.pp,
                                    max_batched_tokens=g.scheduler.max_batched_tokens, max_seqs=g.scheduler.max_seqs,
-                                   block_size=g.scheduler.block_size)
+                                   block_size=g.scheduler.block_size, vendor=spec.gpus[g.gpu].vendor)
             m = g.memory
             assert (m.weights, m.kv_blocks, m.activations) == (budget.weights, budget.kv_blocks, budget.activations)
             assert m.weights + m.kv_cache + m.activations + m.reserve + m.free == m.capacity
