@@ -185,6 +185,8 @@ class Engine:
             weights_dir = Path(weights)
             config = _hf_config(weights_dir, dp)
         device = _device_for(group)
+        if dtype is not None and dtype not in DTYPES:
+            raise EngineError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         w_dtype = DTYPES[dtype] if dtype else _dtype(dp.weights, "weights")
         kv_dtype = DTYPES[dtype] if dtype else _dtype(dp.kv, "the KV cache")
         return cls(config, p, dp, group, weights=weights_dir, dtype=w_dtype, kv_dtype=kv_dtype, device=device,
@@ -312,7 +314,7 @@ class Engine:
         out.finish_time = seq.token_times[-1] if seq.token_times else None
         out.num_cached_tokens = seq.num_cached_tokens
         out.num_preemptions = seq.num_preemptions
-        out.error = getattr(seq, "error", None)
+        out.error = seq.error
 
     def generate(self, requests: Seq[Request], *, replay: bool = False, time_scale: float = 1.0
                  ) -> list[RequestOutput]:
