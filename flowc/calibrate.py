@@ -264,7 +264,7 @@ def calibrate(*, name: str = "local", memory: Optional[int] = None, repeats: int
     samples = []
     for i, layers in enumerate(PROBE_LAYERS):
         on_progress(f"engine steps, {layers}-layer model", steps - 2 + i, steps)
-        samples += [(layers, shape, seconds) for shape, seconds in engine_steps(layers, device, max(1, repeats // 2))]
+        samples += [(layers, shape, seconds) for shape, seconds in engine_steps(layers, device, repeats)]
     overheads, error = fit_overheads(samples, lambda layers, shape: costs[layers].step_time(*shape[:4]))
     on_progress("done", steps, steps)
     device_name = torch.cuda.get_device_name(0) if cuda else f"this machine's CPU ({torch.get_num_threads()} threads)"
