@@ -86,11 +86,8 @@ def cmd_autotune(args, out) -> int:
     except OSError as error:  # the cache folder or a spec file
         return out.usage_error(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
     document = result.to_json()
-    if args.output:
-        try:
-            Path(args.output).write_text(document + "\n", encoding="utf-8")
-        except OSError as error:
-            return out.usage_error(f"cannot write `{args.output}`: {error.strerror or error}")
+    if args.output and (failed := out.write_file(args.output, document + "\n")) is not None:
+        return failed
     if out.json:
         print(document)
     else:

@@ -302,7 +302,6 @@ def add_arguments(parser) -> None:
 def cmd_calibrate(args, out) -> int:
     import importlib.util
     import re
-    from pathlib import Path
 
     if importlib.util.find_spec("torch") is None:
         return out.usage_error("calibration runs the flowc runtime, which needs torch",
@@ -319,11 +318,8 @@ def cmd_calibrate(args, out) -> int:
     with progress("calibrating", enabled=not out.json, color=out.color) as bar:
         profile = calibrate(name=args.name, memory=memory, repeats=args.repeats, on_progress=bar)
     text = profile.to_flow()
-    if args.out:
-        try:
-            Path(args.out).write_text(text, encoding="utf-8")
-        except OSError as error:
-            return out.usage_error(f"cannot write `{args.out}`: {error.strerror or error}")
+    if args.out and (failed := out.write_file(args.out, text)) is not None:
+        return failed
     if out.json:
         import json
         from dataclasses import asdict

@@ -109,6 +109,14 @@ class _Output:
         elif diagnostics:
             sys.stderr.write(render_text(diagnostics, sources, color=self.color))
 
+    def write_file(self, path: str, text: str) -> int | None:
+        """Write `text` to `path`; the exit code of a usage error when that fails, else None."""
+        try:
+            Path(path).write_text(text, encoding="utf-8")
+        except OSError as error:
+            return self.usage_error(f"cannot write `{path}`: {error.strerror or error}")
+        return None
+
     def usage_error(self, message: str, help: str | None = None) -> int:
         if self.json:
             document = {"format_version": "1.0", "valid": False, "error_count": 1, "warning_count": 0,
@@ -263,11 +271,8 @@ def _cmd_compile(args, out: _Output) -> int:
         return done
     spec, plan = done
     document = plan.model_dump_json(indent=2)
-    if args.output:
-        try:
-            Path(args.output).write_text(document + "\n", encoding="utf-8")
-        except OSError as error:
-            return out.usage_error(f"cannot write `{args.output}`: {error.strerror or error}")
+    if args.output and (failed := out.write_file(args.output, document + "\n")) is not None:
+        return failed
     if out.json:
         print(document)
         return EXIT_OK
@@ -298,42 +303,6 @@ def _cmd_simulate(args, out: _Output) -> int:
     return EXIT_OK
 
 
-def _cmd_verify(args, out: _Output) -> int:
-    from flowc.compiler.verify import cmd_verify
-
-    return cmd_verify(args, out)
-
-
-def _cmd_run(args, out: _Output) -> int:
-    from flowc.run_cmd import cmd_run
-
-    return cmd_run(args, out)
-
-
-def _cmd_viz(args, out: _Output) -> int:
-    from flowc.viz_cmd import cmd_viz
-
-    return cmd_viz(args, out)
-
-
-def _cmd_export(args, out: _Output) -> int:
-    from flowc.export_cmd import cmd_export
-
-    return cmd_export(args, out)
-
-
-def _cmd_calibrate(args, out: _Output) -> int:
-    from flowc.calibrate import cmd_calibrate
-
-    return cmd_calibrate(args, out)
-
-
-def _cmd_autotune(args, out: _Output) -> int:
-    from flowc.autotune_cmd import cmd_autotune
-
-    return cmd_autotune(args, out)
-
-
 def _cmd_schema(args, out: _Output) -> int:
     from flowc.compiler.spec import Spec
 
@@ -348,8 +317,20 @@ def _cmd_stdlib(args, out: _Output) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "estimate": _cmd_estimate, "compile": _cmd_compile, "verify": _cmd_verify,
-            "simulate": _cmd_simulate, "run": _cmd_run, "viz": _cmd_viz, "export": _cmd_export, "calibrate": _cmd_calibrate, "autotune": _cmd_autotune, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
+COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "estimate": _cmd_estimate,
+            "compile": _cmd_compile, "simulate": _cmd_simulate, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
+# Commands whose code lives in its own module, imported only when the command runs: name -> module
+# holding `cmd_NAME(args, out)`.
+LAZY_COMMANDS = {"verify": "flowc.compiler.verify", "run": "flowc.run_cmd", "viz": "flowc.viz_cmd",
+                 "export": "flowc.export_cmd", "calibrate": "flowc.calibrate", "autotune": "flowc.autotune_cmd"}
+
+
+def _command(name: str):
+    if name in COMMANDS:
+        return COMMANDS[name]
+    import importlib
+
+    return getattr(importlib.import_module(LAZY_COMMANDS[name]), f"cmd_{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     out = _Output(args)
     try:
-        return COMMANDS[args.command](args, out)
+        return _command(args.command)(args, out)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

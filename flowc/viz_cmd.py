@@ -144,10 +144,8 @@ def _html(plan, spec, sources, findings, args, out) -> int:
     with progress("simulating", enabled=not out.json, color=out.color) as bar:
         document = render_report(plan, spec, requests=args.requests, seed=args.seed, sources=sources,
                                  diagnostics=findings, on_progress=bar, autotune=autotune)
-    try:
-        Path(args.output).write_text(document, encoding="utf-8")
-    except OSError as error:
-        return out.usage_error(f"cannot write `{args.output}`: {error.strerror or error}")
+    if (failed := out.write_file(args.output, document)) is not None:
+        return failed
     if out.json:
         print(json.dumps({"format": "html", "output": args.output,
                           "verifier": [{"code": d.code, "message": d.message} for d in findings]}, indent=2))
@@ -176,11 +174,8 @@ def _tree(plan, args, out) -> int:
 
 def _write_text(text: str, args, out) -> int:
     """DOT, Mermaid or tree text to -o FILE, or on stdout (inside the JSON document with --json)."""
-    if args.output:
-        try:
-            Path(args.output).write_text(text, encoding="utf-8")
-        except OSError as error:
-            return out.usage_error(f"cannot write `{args.output}`: {error.strerror or error}")
+    if args.output and (failed := out.write_file(args.output, text)) is not None:
+        return failed
     if out.json:
         document = {"format": args.format, "output": args.output}
         if not args.output:
