@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from flowc.compiler.plan import instance_plan
+from flowc.compiler.spec import Model
+from flowc.runtime import Engine, Request, SamplingParams
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from runtime_plans import instance_plan  # noqa: E402
-
-from flowc.compiler.spec import Model  # noqa: E402
-from flowc.runtime import Engine, Request, SamplingParams  # noqa: E402
 
 
 def build_model(path: Path, hidden: int, layers: int, vocab: int) -> Model:

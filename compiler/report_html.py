@@ -460,8 +460,7 @@ def _cdf_figure(dp: DeploymentPlan, runs: _Runs) -> Figure:
         ax.set_xlabel(f"{metric.upper()} (ms)")
         ax.set_ylabel("share of requests")
         ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
+        _plain_axes(ax)
         if not len(served):
             ax.text(0.5, 0.5, "no request has one" if not len(values) else "no request served",
                     transform=ax.transAxes, ha="center")
@@ -528,14 +527,19 @@ def _goodput_figure(dp: DeploymentPlan, runs: _Runs, rows: list[dict]) -> Figure
         if 0 < goodput < math.inf:
             ax.axvline(goodput, color="#9467bd", linestyle="-.", linewidth=1, label=f"goodput {_rps(goodput)}")
         ax.set_xlabel("arrival rate (req/s)")
-        ax.grid(alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
+        _plain_axes(ax)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
 # ------------------------------------------------------------------------------------- HTML
+
+
+def _plain_axes(ax) -> None:
+    """The report's chart style: a light grid, no top or right frame."""
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
 
 
 def _e(text: object) -> str:
@@ -685,8 +689,7 @@ def _pareto_figure(trials: Sequence[Mapping], frontier: Sequence[Mapping]) -> Fi
         ax.set_xlabel(f"{name} p90 (ms)")
         ax.set_ylabel("goodput per GPU (req/s)")
         ax.set_title(f"goodput per GPU against {name} p90 (up and left is better)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
+        _plain_axes(ax)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

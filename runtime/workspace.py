@@ -26,11 +26,11 @@ from ..compiler.spec import Model
 
 
 class HeapWorkspace:
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device=self.device)
-
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
 
 class Workspace:

@@ -14,7 +14,7 @@ from flowc.runtime.engine import Engine, EngineError, Request
 from flowc.runtime.sequence import SamplingParams
 from flowc.runtime.workspace import Workspace
 from runtime_models import load_hf_model, save_tiny_model, tiny_spec
-from runtime_plans import instance_plan
+from flowc.compiler.plan import instance_plan
 
 pytest.importorskip("transformers")
 
