@@ -78,10 +78,8 @@ class _RankState:
             buffer.copy_(values)
             tensors[name] = buffer
         width = max(len(t) for t in inputs["block_tables"])
-        tables = torch.zeros((len(inputs["block_tables"]), width), dtype=torch.int32)
-        for row, table in enumerate(inputs["block_tables"]):
-            tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
-        step = StepInputs(block_tables=tables.to(self.device),
+        padded = [table + [0] * (width - len(table)) for table in inputs["block_tables"]]  # past seq_lens: unread
+        step = StepInputs(block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device),
                           seq_lens=torch.tensor(inputs["seq_lens"], dtype=torch.int32, device=self.device),
                           query_start_loc=torch.tensor(inputs["query_start_loc"], dtype=torch.int32,
                                                        device=self.device), **tensors)

@@ -40,7 +40,7 @@ class Workspace:
         missing = sorted(set(sizes) - set(offsets))
         if missing:
             raise ValueError(f"the plan's arena does not place {', '.join(missing[:5])}: recompile the plan")
-        self.scale = max(1, math.ceil(torch.empty((), dtype=activation_dtype).element_size() / ACTIVATION_BYTES))
+        self.scale = max(1, math.ceil(activation_dtype.itemsize / ACTIVATION_BYTES))
         self.sizes = {name: size * self.scale for name, size in sizes.items()}
         self.offsets = {name: offsets[name] * self.scale for name in sizes}
         total = max(self.offsets[n] + self.sizes[n] for n in sizes)
@@ -54,8 +54,7 @@ class Workspace:
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if name not in self.offsets:
             raise KeyError(f"buffer {name!r} is not in the step graph (compiler/arena.py)")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = math.prod(shape) * itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.sizes[name]:
             raise ValueError(f"buffer {name!r} needs {nbytes} B but the arena gives it {self.sizes[name]} B")
         start = self.offsets[name]
