@@ -154,8 +154,30 @@ class Engine:
                                    chunk_size=s.chunk_size, chunked_prefill=s.chunked_prefill)
         self.sampler = Sampler()
         self._ids = itertools.count()
-        self._clock_start = time.perf_counter()
         self.outputs: dict[str, RequestOutput] = {}
+        self._warm_up()
+        self._clock_start = time.perf_counter()
+
+    def _warm_up(self) -> None:
+        """Run the model on dummy steps before the first request, as a server does at start-up,
+        so no request pays the one-time costs: Triton compiling each kernel specialization
+        (prefill and decode tiles, one sequence and many), allocator growth, thread-pool start.
+        The steps write KV slots of blocks nobody holds yet; nothing is sampled or cached."""
+        s, blocks = self.group.scheduler, self.block_manager.num_blocks
+        bs = s.block_size
+        prompt = min(s.max_batched_tokens, self.config.max_context, blocks * bs)
+        batch = min(s.max_seqs, blocks, s.max_batched_tokens)
+        # (sequences, new tokens each): a long prefill, a batched one, decodes of one and many
+        for n, length in dict.fromkeys([(1, prompt), (2, 2), (1, 1), (batch, 1)]):
+            width = -(-length // bs)
+            if n * width > blocks or n * length > s.max_batched_tokens or n > s.max_seqs:
+                continue
+            tables = [list(range(i * width, (i + 1) * width)) for i in range(n)]
+            self.runner.run({"input_ids": [0] * (n * length), "positions": list(range(length)) * n,
+                             "slot_mapping": [t[p // bs] * bs + p % bs for t in tables for p in range(length)],
+                             "block_tables": tables, "seq_lens": [length] * n,
+                             "query_start_loc": [i * length for i in range(n + 1)],
+                             "logits_indices": [(i + 1) * length - 1 for i in range(n)]})
 
     @classmethod
     def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
@@ -194,7 +216,7 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def _sequence(self, request: Request) -> Sequence:
+    def _sequence(self, request: Request, arrival_time: float) -> Sequence:
         """A validated sequence for `request`; RequestError says what is wrong with it."""
         prompt, params, c = request.prompt_token_ids, request.params, self.config
         if not isinstance(params, SamplingParams):
@@ -215,7 +237,7 @@ class Engine:
                                f"{self.block_manager.num_blocks}")
         request_id = request.request_id if request.request_id is not None else str(next(self._ids))
         seq = Sequence(request_id=request_id, prompt_token_ids=list(prompt), params=params,
-                       eos_token_ids=c.eos_token_ids, arrival_time=self.now())
+                       eos_token_ids=c.eos_token_ids, arrival_time=arrival_time)
         return seq
 
     def now(self) -> float:
@@ -265,7 +287,10 @@ class Engine:
         upcoming = next(queue, None)
         while upcoming is not None or self.scheduler.has_work():
             while upcoming is not None and (not replay or self.now() - start >= upcoming.arrival_time * time_scale):
-                yield from self._submit(upcoming)
+                # a replayed request's latency counts from its arrival, also when a running step
+                # kept it waiting to be submitted (as a server's queue would)
+                arrival = start + upcoming.arrival_time * time_scale if replay else self.now()
+                yield from self._submit(upcoming, arrival)
                 upcoming = next(queue, None)
             if not self.scheduler.has_work():
                 if upcoming is not None:  # idle until the next arrival
@@ -284,10 +309,11 @@ class Engine:
                 self._record(seq)
                 yield TokenEvent(seq.request_id, None, len(seq.output_token_ids), "abort", seq.error)
 
-    def add_request(self, request: Request) -> Sequence:
+    def add_request(self, request: Request, arrival_time: Optional[float] = None) -> Sequence:
         """Validate `request` and queue it for the next steps (RequestError when it is invalid);
-        `stream` and `generate` call this, and so can code that drives `step` itself."""
-        seq = self._sequence(request)
+        `stream` and `generate` call this, and so can code that drives `step` itself. Its
+        latencies count from `arrival_time` (engine clock, `now()`), by default now."""
+        seq = self._sequence(request, self.now() if arrival_time is None else arrival_time)
         if seq.request_id in self.outputs:
             raise RequestError(f"duplicate request id {seq.request_id!r}")
         self.outputs[seq.request_id] = RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, None,
@@ -295,15 +321,15 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
-    def _submit(self, request: Request) -> Iterator[TokenEvent]:
+    def _submit(self, request: Request, arrival_time: float) -> Iterator[TokenEvent]:
         try:
-            self.add_request(request)
+            self.add_request(request, arrival_time)
         except RequestError as e:
             request_id = request.request_id if request.request_id is not None else str(next(self._ids))
             if request_id in self.outputs:  # a duplicate id: keep the first request's output
                 request_id = f"{request_id} (duplicate {next(self._ids)})"
             self.outputs[request_id] = RequestOutput(request_id, list(request.prompt_token_ids or []), [], None,
-                                                     error=str(e), arrival_time=self.now())
+                                                     error=str(e), arrival_time=arrival_time)
             yield TokenEvent(request_id, None, 0, None, str(e))
 
     def _record(self, seq: Sequence):

@@ -177,7 +177,9 @@ def _sequence_of_tile(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr
     return lo
 
 
-@triton.jit
+# the batch's sequence count and block-table width change every step: specializing on them
+# (== 1, divisible by 16) would compile new variants while serving
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
         num_seqs, qk_scale, window,

@@ -174,6 +174,34 @@ def test_tensor_parallel_engine_matches_tp1(saved):
     assert outputs[2] == outputs[1]
 
 
+def test_the_start_up_warm_up_leaves_the_pool_untouched():
+    plan = instance_plan(tiny_spec("llama"), max_batched_tokens=64, max_seqs=8, kv_blocks=16)
+    with Engine.from_plan(plan) as engine:
+        bm = engine.block_manager
+        assert bm.num_free == 16 and bm.num_cached == 0 and bm.num_used == 0
+        assert engine.outputs == {}
+
+
+def test_replayed_latencies_count_from_the_scheduled_arrivals():
+    # the second request arrives while the first one's prefill may still run: its TTFT counts
+    # from its arrival, not from when the engine got around to taking it
+    plan = instance_plan(tiny_spec("llama"), max_batched_tokens=64, max_seqs=8, kv_blocks=16)
+    requests = [Request([1, 2, 3] * 10, SamplingParams(max_tokens=4), request_id=str(i), arrival_time=0.002 * i)
+                for i in range(3)]
+    with Engine.from_plan(plan) as engine:
+        outputs = engine.generate(requests, replay=True, time_scale=2.0)
+    starts = [o.arrival_time for o in outputs]
+    assert starts[1] - starts[0] == pytest.approx(0.004, abs=1e-9)
+    assert starts[2] - starts[0] == pytest.approx(0.008, abs=1e-9)
+    assert all(o.first_token_time > o.arrival_time for o in outputs)
+    direct = Request([4, 5, 6], SamplingParams(max_tokens=2))
+    with Engine.from_plan(plan) as engine:
+        seq = engine.add_request(direct, arrival_time=engine.now() - 1.0)  # it waited a second elsewhere
+        while engine.scheduler.has_work():
+            engine.step()
+        assert seq.first_token_time - seq.arrival_time >= 1.0
+
+
 def test_random_weights_run_without_a_directory():
     spec = tiny_spec("llama")
     plan = instance_plan(spec)
