@@ -13,7 +13,12 @@ of a compiled plan with measured next to predicted latencies.
    predicted TTFT/TPOT (the gap is CPU time per step, which the cost model does not model until
    the hardware is calibrated).
 
-Run: python benchmarks/bench_runtime.py [--requests 64] [--hidden 512] [--layers 4]
+On a GPU (`--device cuda`, e.g. `--dtype bf16 --hidden 2048 --layers 16 --vocab 32000`) both run
+on it and the engine uses the Triton kernels; in 16-bit, rounding differs between the two
+implementations, so fewer outputs are identical and that count is a sanity check only.
+
+Run: python benchmarks/bench_runtime.py [--requests 64] [--hidden 512] [--layers 4] [--device cpu|cuda]
+     [--dtype fp32|bf16] [--skip-replay]
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from flowc.runtime import Engine, Request, SamplingParams
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_model(path: Path, hidden: int, layers: int, vocab: int) -> Model:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(path: Path, hidden: int, layers: int, vocab: int, dtype: str) -> Model:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads, kv_heads = hidden // 64, max(1, hidden // 256)
@@ -47,7 +55,7 @@ def build_model(path: Path, hidden: int, layers: int, vocab: int) -> Model:
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
     hf.save_pretrained(path)
     return Model(name="bench-llama", architecture="llama", layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                 head_dim=64, ffn=config.intermediate_size, vocab=vocab, max_context=1024, weights="fp32", kv="fp32")
+                 head_dim=64, ffn=config.intermediate_size, vocab=vocab, max_context=1024, weights=dtype, kv=dtype)
 
 
 def workload(n: int, vocab: int) -> list[tuple[list[int], int]]:
@@ -55,46 +63,55 @@ def workload(n: int, vocab: int) -> list[tuple[list[int], int]]:
     return [([rng.randrange(vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128)) for _ in range(n)]
 
 
-def hf_generate(path: Path, requests, batch: int) -> tuple[list[list[int]], float]:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def hf_generate(path: Path, requests, batch: int, device: str, dtype: str) -> tuple[list[list[int]], float]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
     model.generation_config.pad_token_id = 0
     outputs: list[list[int]] = []
     start = time.perf_counter()
     for i in range(0, len(requests), batch):
         chunk = requests[i:i + batch]
         width = max(len(p) for p, _ in chunk)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk], device=device)
         longest = max(n for _, n in chunk)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                                  do_sample=False)
         outputs.extend(row[width:width + n].tolist() for row, (_, n) in zip(out, chunk))
+    _sync(device)
     return outputs, time.perf_counter() - start
 
 
-def engine_generate(path: Path, model: Model, requests) -> tuple[list[list[int]], float]:
-    plan = instance_plan(model, max_batched_tokens=512, max_seqs=64, kv_blocks=4096)
+def engine_generate(path: Path, model: Model, requests, device: str) -> tuple[list[list[int]], float]:
+    vendor = "nvidia" if device == "cuda" else "cpu"
+    plan = instance_plan(model, vendor=vendor, max_batched_tokens=512, max_seqs=64, kv_blocks=4096)
     with Engine.from_plan(plan, path) as engine:
         engine.generate([Request([1, 2, 3], SamplingParams(max_tokens=2))])  # warm up
         start = time.perf_counter()
         outputs = engine.generate([Request(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p, n in requests])
+        _sync(device)
         return [o.output_token_ids for o in outputs], time.perf_counter() - start
 
 
 def throughput(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder)
-        model = build_model(path, args.hidden, args.layers, args.vocab)
+        model = build_model(path, args.hidden, args.layers, args.vocab, args.dtype)
         requests = workload(args.requests, args.vocab)
         tokens = sum(n for _, n in requests)
-        print(f"model: llama-shaped, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp32, "
-              f"{torch.get_num_threads()} CPU threads; {len(requests)} requests, {tokens} output tokens")
-        engine_out, engine_s = engine_generate(path, model, requests)
-        reference, single_s = hf_generate(path, requests, batch=1)
-        _, batched_s = hf_generate(path, requests, batch=16)
+        where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+        print(f"model: llama-shaped, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}, "
+              f"{where}; {len(requests)} requests, {tokens} output tokens")
+        engine_out, engine_s = engine_generate(path, model, requests, args.device)
+        reference, single_s = hf_generate(path, requests, 1, args.device, args.dtype)
+        _, batched_s = hf_generate(path, requests, 16, args.device, args.dtype)
         same = sum(a == b for a, b in zip(engine_out, reference))
         print(f"  transformers generate, one at a time : {tokens / single_s:8.1f} tok/s ({single_s:.1f} s)")
         print(f"  transformers generate, batches of 16 : {tokens / batched_s:8.1f} tok/s ({batched_s:.1f} s)")
@@ -120,9 +137,13 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--skip-replay", action="store_true", help="only the throughput comparison")
     args = parser.parse_args()
     throughput(args)
-    replay(args)
+    if not args.skip_replay:
+        replay(args)
 
 
 if __name__ == "__main__":
