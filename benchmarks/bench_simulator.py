@@ -31,6 +31,7 @@ class StandInCost:
     ~600 TFLOP/s per GPU x 4) and reads 80 KB of KV per GPU per key attended (3e-8 s)."""
 
     calibrated = False
+    wake_time = 0.0
 
     def step_time(self, tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens):
         return 0.013 + 5.8e-5 * tokens + 3e-8 * decode_kv_tokens + 1e-10 * prefill_attn_pairs

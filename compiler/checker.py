@@ -81,7 +81,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     },
     "override": {"weights": "weights fp8", "kv": "kv fp8", "max_context": "max_context 32768 tok"},
 }
-OVERHEAD_KINDS = ("step", "layer", "sequence", "token")
+OVERHEAD_KINDS = ("step", "layer", "sequence", "token", "layer_token", "wake")
 REPEATABLE = {("gpu", "flops"), ("gpu", "overhead"), ("cluster", "node"), ("deploy", "allow"), ("deploy", "forbid")}
 
 

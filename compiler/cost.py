@@ -28,8 +28,11 @@ The functional forms (identical in tools/calibrate.py, which fits them with nump
     send/recv  t = t0 + bytes / (eff BW) (1 + (S0 / bytes)^c)
     elementwise t = t0 + bytes / (em W)
 
-    overhead   t = step + layer x layers + sequence x rows + token x tokens   (gpu `overhead`: engine
-               time outside the kernels, measured by `flowc calibrate`; zero when not declared)
+    overhead   t = step + layer x layers + sequence x rows + (token + layer_token x layers) x tokens
+               (gpu `overhead`: engine time beyond the kernels at the device's peaks, measured by
+               `flowc calibrate`; zero when not declared);
+               `overhead wake` is not per step: the simulator adds it to the first iteration
+               after an instance idled (`CostModel.wake_time`)
 
 P is the GPU's dense peak for the compute dtype, W its HBM bandwidth, BW the link's bandwidth
 per direction. GPUs without fitted data borrow the curves of the closest calibrated GPU
@@ -500,10 +503,12 @@ class CostModel:
         self._bf16 = ops.gemm_mode("bf16")
         kvb = DTYPE_BYTES[m.kv]
         self._layer_share = m.layers / p.pp
-        # engine time outside the kernels (gpu `overhead`): per step and layer, per sequence, per token
+        # engine time beyond the kernels (gpu `overhead`): per step and layer, per sequence, per token
+        # (of the step, and in every layer)
         o = gpu.overheads
         self._overhead = (o.get("step", 0.0) + o.get("layer", 0.0) * self._layer_share, o.get("sequence", 0.0),
-                          o.get("token", 0.0))
+                          o.get("token", 0.0) + o.get("layer_token", 0.0) * self._layer_share)
+        self.wake_time = o.get("wake", 0.0)
         if m.moe is not None:
             self._moe_share = (m.layers - m.moe.dense_layers) / p.pp
             self._dense_share = m.moe.dense_layers / p.pp
@@ -849,6 +854,10 @@ class StreamedCost:
 
     def prefill_pairs(self, new_tokens: int, past_tokens: int) -> int:
         return self.base.prefill_pairs(new_tokens, past_tokens)
+
+    @property
+    def wake_time(self) -> float:
+        return self.base.wake_time
 
     def pp_hop_time(self, tokens: int) -> float:
         return self.base.pp_hop_time(tokens)

@@ -18,8 +18,9 @@ Each iteration of an engine:
    fewer than `max_seqs` are running; otherwise prefill stops for this iteration (FCFS, no
    skipping). Without chunked prefill a prompt must fit the remaining budget whole (a recompute
    longer than the whole budget may run alone as the first prefill of an iteration).
-3. the iteration takes `cost.step_time(...)`; the iteration that completes a prefill produces
-   the first token (TTFT); each decode iteration one more token.
+3. the iteration takes `cost.step_time(...)`, plus `cost.wake_time` when the engine had
+   nothing to do before it (it waited for an arrival); the iteration that completes a prefill
+   produces the first token (TTFT); each decode iteration one more token.
 
 KV accounting. A sequence whose KV holds `c` tokens uses ceil(c/B) blocks; a prefill of
 prompt P produces token 1 with c = P, and the decode that produces token k+1 writes position
@@ -89,6 +90,10 @@ from .workload import Requests, base_rate, sample_requests
 
 
 class StepCost(Protocol):
+    wake_time: float
+    """Extra seconds of the first iteration after an instance idled (a device and an engine loop
+    that waited for work start slower: clocks, caches, a sleeping thread)."""
+
     def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
         """Seconds for ONE pipeline stage to run one engine iteration. tokens: prefill-chunk tokens
         plus one per decoding sequence; prefill_attn_pairs: sum over prefill chunks of their
@@ -165,7 +170,7 @@ class _Engine:
 
     __slots__ = ("sim", "inst", "cfg", "B", "budget", "chunk", "max_seqs", "chunked", "role", "pp", "step_time", "pair_count", "hop",
                  "d", "n_dec", "kv_sum", "cnt", "fin_heap", "stack", "waiting", "completing",
-                 "work", "busy", "tokens_out", "preemptions", "iterations", "pending_tokens")
+                 "work", "busy", "idle", "wake", "tokens_out", "preemptions", "iterations", "pending_tokens")
 
     def __init__(self, sim: "_Sim", inst: _Instance):
         cfg = inst.cfg
@@ -185,6 +190,8 @@ class _Engine:
         self.completing: list[int] = []  # prefills that complete in the running iteration
         self.work = 0  # outstanding tokens (prefill + decode) of the requests routed here
         self.busy = False
+        self.idle = True  # no iteration ran since the engine last found nothing to do
+        self.wake = cfg.cost.wake_time
         self.tokens_out = 0  # output tokens produced
         self.preemptions = 0
         self.iterations = 0
@@ -264,10 +271,14 @@ class _Engine:
         tokens += n_dec
         if tokens == 0:
             self.busy = False
+            self.idle = True
             if waiting and self.pp > 1:
                 self._unstick(now)
             return None
         dt = self.step_time(tokens, pairs, n_dec, self.kv_sum + n_dec)
+        if self.idle:
+            dt += self.wake
+            self.idle = False
         self.busy = True
         self.pending_tokens = tokens
         if self.pp == 1:

@@ -46,9 +46,11 @@ class GPU(IR):
     interconnect: str = Field(description="link between GPUs of a node")
     host_link: str = Field(description="link to host memory")
     price: Optional[float] = Field(None, description="usd per GPU-hour")
-    overheads: dict[Literal["step", "layer", "sequence", "token"], float] = Field(
-        default_factory=dict, description="seconds the engine spends per iteration outside the kernels: once per "
-        "step, per layer, per sequence and per token of the step (measured by `flowc calibrate`)")
+    overheads: dict[Literal["step", "layer", "sequence", "token", "layer_token", "wake"], float] = Field(
+        default_factory=dict, description="seconds the engine spends per iteration beyond what the kernels take at "
+        "the device's peaks: once per step, per layer, per sequence and per token of the step, and per token in "
+        "each layer; `wake`: extra seconds of the first iteration after the engine idled (measured by "
+        "`flowc calibrate`)")
     doc: Optional[str] = None
     location: Optional[Location] = None
 

@@ -15,6 +15,8 @@ from flowc.compiler.workload import Requests, fixed_requests, sample_requests
 class LinearCost:
     """step = a + b*tokens + c*decode_kv_tokens + e*prefill_attn_pairs: a closed-form reference cost."""
 
+    wake_time = 0.0
+
     def __init__(self, a: float, b: float = 0.0, c: float = 0.0, e: float = 0.0, hop: float = 0.0, xfer: float = 0.0):
         self.a, self.b, self.c, self.e, self.hop, self.xfer = a, b, c, e, hop, xfer
 
@@ -95,6 +97,23 @@ def test_saturated_batch_matches_hand_count():
     a, b = 0.01, 1e-5
     result = simulate(requests, [instance(LinearCost(a, b), max_batched_tokens=4096)])
     assert result.makespan == pytest.approx(51 * a + b * (4096 + 3908 + 48 * 8 + 4))
+
+
+def test_only_an_iteration_after_idling_pays_the_wake_time():
+    # (prompt 100, output 3) requests, 1 s per iteration, 0.25 s to wake from idle.
+    # Arrivals every 10 s: each finds the engine idle, so its prefill takes 1.25 s and its two
+    # decodes 1 s each. Two at t=0 and one at t=0.5 (mid-iteration): one wake for all three.
+    cost = LinearCost(1.0)
+    cost.wake_time = 0.25
+    apart = simulate(fixed_requests(3, 100, 3, rate=0.1, poisson=False), [instance(cost)])
+    np.testing.assert_allclose(apart.ttft, 1.25)
+    np.testing.assert_allclose(apart.e2e, 3.25)
+    together = Requests(np.array([0.0, 0.0, 0.5]), np.full(3, 100), np.full(3, 3))
+    result = simulate(together, [instance(cost, max_batched_tokens=256)])
+    # it. 1 [0, 1.25]: prefills 1-2; it. 2 [1.25, 2.25]: decodes 1-2 + prefill 3; it. 3: decodes
+    np.testing.assert_allclose(result.ttft, [1.25, 1.25, 1.75])
+    np.testing.assert_allclose(result.e2e, [3.25, 3.25, 3.75])
+    assert result.iterations == 4
 
 
 def test_decode_cost_sees_the_growing_context():
