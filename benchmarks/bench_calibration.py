@@ -59,8 +59,8 @@ def show(title: str, reports: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--replays", type=int, default=3, help="replays after calibration (the median is compared)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--replays", type=int, default=5, help="replays after calibration (the median is compared)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

@@ -1,18 +1,25 @@
 """`flowc calibrate`: measure the local device with the runtime's own kernels and engine, and
 write a hardware profile (a `.flow` file with one `link` and one `gpu`) the cost model uses.
 
-Measured (each the best or the median of repeated runs, so background noise inflates nothing):
+Measured (peaks as the best of repeated runs; engine times as typical ones, see below):
   * `flops fp32` / `flops bf16`: the best torch.mm throughput over a sweep of square and
     skinny GEMMs (the linear layers of the runtime's model are torch.mm);
   * `memory_bandwidth`: a large tensor copy (bytes read + written per second);
   * the link between ranks: gloo all-reduce between two local processes at several sizes,
     fitted to latency + bytes / bandwidth (what tensor parallelism on this machine uses);
-  * `overhead step|layer|sequence|token`: the engine's time per iteration outside the kernels.
-    Tiny random-weight Llama models with 2 and 6 layers run prefill and decode steps of many
-    shapes through the real engine (scheduler, inputs, model, sampler); each step's wall time
-    minus what the cost model predicts for its kernels (with the peaks above) is fitted by
-    least squares to step + layer x layers + sequence x sequences + token x tokens, with
-    non-negative coefficients.
+  * `overhead step|layer|sequence|token|layer_token`: the engine's time per iteration beyond
+    its kernels at those peaks. Tiny random-weight Llama models with 2 and 6 layers run
+    prefill and decode steps of many shapes through the real engine (scheduler, inputs,
+    model, sampler); each step's wall time minus what the cost model predicts for its kernels
+    is fitted by least squares (in relative error) to step + layer x layers + sequence x
+    sequences + (token + layer_token x layers) x tokens, with non-negative coefficients. On a
+    CPU most of it is the kernels themselves running far below the GEMM peak on tiny shapes.
+    One untimed round first pays the one-time costs; then rounds go over every shape and
+    depth in turn, and a shape's repeats count by the mean of their fastest 80% (a shared
+    host alternates between fast and slow spells, which the replays average too);
+  * `overhead wake`: how much slower the first step is after the engine idled (as between
+    a server's arrivals: GPU clocks and CPU caches cool down), from each shape run right
+    after a pause and again at once.
 The device is the CPU here (`--device local` runs on CUDA when torch sees a GPU, where the
 same steps run on the Triton kernels). The profile's `memory` is what the engine may use: the
 GPU's memory, or `--memory-gib` of the host's RAM for a CPU (default 2 GiB).
@@ -21,16 +28,22 @@ GPU's memory, or `--memory-gib` of the host's RAM for a CPU (default 2 GiB).
 from __future__ import annotations
 
 import datetime
+import math
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-OVERHEAD_KINDS = ("step", "layer", "sequence", "token")
+FIT_KINDS = ("step", "layer", "sequence", "token", "layer_token")  # per-iteration terms, fitted together
+OVERHEAD_KINDS = FIT_KINDS + ("wake",)  # wake: the first iteration after idling, measured apart
 GEMM_SHAPES = ((256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (64, 2048, 2048), (2048, 2048, 512))
 COPY_BYTES = 256 * 2**20
 ALLREDUCE_BYTES = (4 * 2**10, 64 * 2**10, 1 * 2**20, 8 * 2**20)
 PROBE_LAYERS = (2, 6)  # two depths separate the per-layer overhead from the per-step one
+# the pause before a batch of requests that wakes the engine: a server between arrivals idles,
+# and a device (GPU clocks, CPU frequency and caches) runs its next step slower than in a busy
+# loop; the same batch run again at once is the busy case
+IDLE_S = 0.05
 
 
 @dataclass
@@ -70,8 +83,9 @@ class Profile:
         lines += [f"  flops {dtype} {peak / 1e9:.3g} GFLOP/s  # measured: best torch.mm"
                   for dtype, peak in sorted(self.flops.items())]
         lines += [f"  interconnect {interconnect}", f"  host_link {host}"]
-        lines += [f"  overhead {kind} {self.overheads.get(kind, 0.0) * 1e6:.3g} us"
-                  + ("  # measured: engine steps outside the kernels" if kind == "step" else "")
+        notes = {"step": "  # measured: engine steps outside the kernels",
+                 "wake": "  # measured: the first step after idling, extra"}
+        lines += [f"  overhead {kind} {self.overheads.get(kind, 0.0) * 1e6:.3g} us{notes.get(kind, '')}"
                   for kind in OVERHEAD_KINDS]
         lines += ["}", ""]
         return "\n".join(lines)
@@ -172,66 +186,126 @@ def _step_shape(scheduled) -> tuple[int, int, int, int, int]:
     return tokens, pairs, decodes, keys, len(scheduled)
 
 
-def engine_steps(layers: int, device_name: str, repeats: int) -> list[tuple[tuple, float]]:
-    """(step shape, seconds) of engine iterations of a tiny random model: prefills of several
-    lengths and decode batches of several sizes, each `repeats` times. An iteration's seconds
-    are the time from the end of the previous step to the end of this one while `generate`
-    runs, so the loop's own bookkeeping (streamed events, finished requests) is counted as the
-    engine's overhead, as it is in every token's latency."""
+PROBE_BATCHES = ((1, 16), (1, 128), (1, 480), (4, 32), (16, 32), (48, 16))  # (requests, prompt tokens)
+
+
+def engine_steps(device_name: str, repeats: int, on_round: Callable[[int], None] = lambda done: None
+                 ) -> tuple[list[tuple[int, tuple, float]], list[tuple[int, tuple, float]]]:
+    """Engine iterations of tiny random models of PROBE_LAYERS depths, as (layers, step shape,
+    seconds): (busy steps, first steps after idling). Each of PROBE_BATCHES (prefills of
+    several lengths, then decodes of several batch sizes) runs `repeats` times after one
+    untimed warm-up round, twice in a row: after an IDLE_S pause, whose first step is an
+    after-idle one, then at once again, all busy. Rounds go over every batch and depth in
+    turn, so a machine that speeds up or slows down during calibration moves every shape
+    alike. An iteration's seconds are the time from the end of the previous step (the start
+    of `generate` for the first) to the end of this one, so the loop's own bookkeeping
+    (request intake, streamed events, finished requests) is counted as the engine's overhead,
+    as it is in every token's latency."""
+    from contextlib import ExitStack
+
     from flowc.compiler.plan import instance_plan
     from flowc.runtime import Engine, Request, SamplingParams
 
     vendor = "cpu" if device_name == "cpu" else "nvidia"
-    plan = instance_plan(_probe_model(layers), vendor=vendor, max_batched_tokens=512, max_seqs=64, kv_blocks=2048)
-    samples = []
+    busy, woken = [], []
     rng = random.Random(0)  # distinct prompts: a prefix-cache hit would skip the work being timed
-    with Engine.from_plan(plan) as engine:
-        step = engine.step
-        ends: list[tuple[tuple, float]] = []
+    ends: list[tuple[tuple, float]] = []
 
+    def timed(step):
         def timed_step():
             scheduled, finished = step()
             _sync(device_name)
             ends.append((_step_shape(scheduled), time.perf_counter()))
             return scheduled, finished
+        return timed_step
 
-        engine.step = timed_step
-        for batch, prompt in ((1, 16), (1, 128), (1, 480), (4, 32), (16, 32), (48, 16)):
-            for _ in range(repeats):
-                requests = [Request([rng.randrange(1, 256) for _ in range(prompt)],
-                                    SamplingParams(max_tokens=8, ignore_eos=True)) for _ in range(batch)]
-                ends.clear()
-                start = time.perf_counter()
-                engine.generate(requests)
-                previous = start
-                for shape, end in ends:
-                    samples.append((shape, end - previous))
-                    previous = end
-    return samples
+    with ExitStack() as stack:
+        engines = {}
+        for layers in PROBE_LAYERS:
+            plan = instance_plan(_probe_model(layers), vendor=vendor, max_batched_tokens=512, max_seqs=64,
+                                 kv_blocks=2048)
+            engine = engines[layers] = stack.enter_context(Engine.from_plan(plan))
+            engine.step = timed(engine.step)
+        for repeat in range(repeats + 1):  # round 0 only warms up
+            on_round(repeat)
+            for batch, prompt in PROBE_BATCHES:
+                for layers, engine in engines.items():
+                    time.sleep(IDLE_S)
+                    for after_idle in (True, False):
+                        requests = [Request([rng.randrange(1, 256) for _ in range(prompt)],
+                                            SamplingParams(max_tokens=8, ignore_eos=True)) for _ in range(batch)]
+                        ends.clear()
+                        previous = time.perf_counter()
+                        engine.generate(requests)
+                        for i, (shape, end) in enumerate(ends):
+                            if repeat:
+                                (woken if after_idle and i == 0 else busy).append((layers, shape, end - previous))
+                            previous = end
+    return busy, woken
+
+
+def _by_shape(samples: list[tuple[int, tuple, float]]) -> dict[tuple, float]:
+    """Each (layers, shape)'s typical time."""
+    times: dict[tuple, list[float]] = {}
+    for layers, shape, seconds in samples:
+        times.setdefault((layers, tuple(shape)), []).append(seconds)
+    return {key: _typical(values) for key, values in times.items()}
+
+
+def _typical(seconds: list[float]) -> float:
+    """The mean of the fastest 80% of a step's repeated times: a rare step that a background
+    process stalled is dropped, while a machine that alternates between a fast and a slow state
+    (a shared host does) counts with both, as the replays it predicts do."""
+    kept = sorted(seconds)[:max(1, math.ceil(0.8 * len(seconds)))]
+    return sum(kept) / len(kept)
 
 
 def fit_overheads(samples: list[tuple[int, tuple, float]], kernel_time: Callable[[int, tuple], float]
                   ) -> tuple[dict[str, float], float]:
-    """Non-negative least squares of (measured - kernels) on [1, layers, sequences, tokens]:
-    coefficients that come out negative are dropped and the rest refitted. Returns the
-    overheads and the median relative error of the fitted step times."""
+    """Non-negative least squares of (measured - kernels) on [1, layers, sequences, tokens,
+    layers x tokens] (FIT_KINDS), in relative error: coefficients that come out negative are
+    dropped and the rest refitted. Steps of the same depth and shape are first reduced to one
+    typical time (`_typical`). Returns the overheads and the median relative error of the
+    fitted step times."""
     import numpy as np
 
-    rows = np.array([[1.0, layers, shape[4], shape[0]] for layers, shape, _ in samples])
-    kernels = np.array([kernel_time(layers, shape) for layers, shape, _ in samples])
-    measured = np.array([seconds for _, _, seconds in samples])
+    typical = _by_shape(samples)
+    keys = list(typical)
+    rows = np.array([[1.0, layers, shape[4], shape[0], layers * shape[0]] for layers, shape in keys])
+    kernels = np.array([kernel_time(layers, shape) for layers, shape in keys])
+    measured = np.array([typical[key] for key in keys])
     target = np.maximum(measured - kernels, 0.0)
-    active = list(range(4))
+    # relative errors: the few long prefills must not buy their fit with every short step's
+    weight = 1 / measured
+    active = list(range(len(FIT_KINDS)))
     while True:
-        coef, *_ = np.linalg.lstsq(rows[:, active], target, rcond=None)
+        coef, *_ = np.linalg.lstsq(rows[:, active] * weight[:, None], target * weight, rcond=None)
         if (coef >= 0).all():
             break
         active = [a for a, c in zip(active, coef) if c >= 0]
-    full = np.zeros(4)
+    full = np.zeros(len(FIT_KINDS))
     full[active] = coef
     predicted = kernels + rows @ full
     error = float(np.median(np.abs(predicted - measured) / measured))
-    return dict(zip(OVERHEAD_KINDS, map(float, full))), error
+    return dict(zip(FIT_KINDS, map(float, full))), error
+
+
+def wake_overhead(busy: list[tuple[int, tuple, float]], woken: list[tuple[int, tuple, float]]) -> float:
+    """The extra seconds of a step after idling: the median over shapes of (median time after an
+    idle pause - median time of the same depth and shape when busy), at least 0. Medians, not
+    `_typical`: waking the CPU's worker threads sometimes stalls for milliseconds (a vCPU the
+    host descheduled), and those stalls are too rare and too erratic to predict."""
+    import numpy as np
+
+    def medians(samples):
+        times: dict[tuple, list[float]] = {}
+        for layers, shape, seconds in samples:
+            times.setdefault((layers, tuple(shape)), []).append(seconds)
+        return {key: float(np.median(values)) for key, values in times.items()}
+
+    busy_times, woken_times = medians(busy), medians(woken)
+    extra = [woken_times[key] - busy_times[key] for key in woken_times if key in busy_times]
+    return max(0.0, float(np.median(extra))) if extra else 0.0
 
 
 def calibrate(*, name: str = "local", memory: Optional[int] = None, repeats: int = 5, collectives: bool = True,
@@ -244,7 +318,7 @@ def calibrate(*, name: str = "local", memory: Optional[int] = None, repeats: int
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    steps = 4 + (1 if collectives and not cuda else 0)
+    steps = 3 + (1 if collectives and not cuda else 0)
     on_progress("GEMM throughput", 0, steps)
     flops = {"fp32": measure_gemm(device, torch.float32, repeats)}
     flops["bf16"] = measure_gemm(device, torch.bfloat16, repeats)
@@ -261,16 +335,15 @@ def calibrate(*, name: str = "local", memory: Optional[int] = None, repeats: int
                interconnect="local", host_link="local")
     link = Link(name="local", kind="memory", bandwidth=link_bw or bandwidth)
     costs = {layers: CostModel(_probe_model(layers), bare, link, parallelism=Parallelism()) for layers in PROBE_LAYERS}
-    samples = []
-    for i, layers in enumerate(PROBE_LAYERS):
-        on_progress(f"engine steps, {layers}-layer model", steps - 2 + i, steps)
-        samples += [(layers, shape, seconds) for shape, seconds in engine_steps(layers, device, repeats)]
-    overheads, error = fit_overheads(samples, lambda layers, shape: costs[layers].step_time(*shape[:4]))
+    busy, woken = engine_steps(device, repeats, lambda done: on_progress(
+        f"engine steps, round {done + 1} of {repeats + 1}", steps - 1, steps))
+    overheads, error = fit_overheads(busy, lambda layers, shape: costs[layers].step_time(*shape[:4]))
+    overheads["wake"] = wake_overhead(busy, woken)
     on_progress("done", steps, steps)
     device_name = torch.cuda.get_device_name(0) if cuda else f"this machine's CPU ({torch.get_num_threads()} threads)"
     return Profile(name=name, device=device_name, vendor=vendor, memory=memory, flops=flops,
                    memory_bandwidth=bandwidth, link_bandwidth=link_bw, link_latency=link_latency,
-                   overheads=overheads, fit_error=error, steps=len(samples))
+                   overheads=overheads, fit_error=error, steps=len(busy) + len(woken))
 
 
 def summary(profile: Profile) -> str:
@@ -281,8 +354,10 @@ def summary(profile: Profile) -> str:
     if profile.link_bandwidth:
         text.append(f"  all-reduce {profile.link_bandwidth / 1e9:.2f} GB/s + {profile.link_latency * 1e6:.0f} us")
     text.append(f"  engine overhead: step {o['step'] * 1e6:.0f} us + layer {o['layer'] * 1e6:.0f} us + sequence "
-                f"{o['sequence'] * 1e6:.1f} us + token {o['token'] * 1e6:.2f} us "
-                f"(median fit error {profile.fit_error:.1%} over {profile.steps} steps)")
+                f"{o['sequence'] * 1e6:.1f} us + token {o['token'] * 1e6:.2f} us + token x layer "
+                f"{o['layer_token'] * 1e6:.2f} us "
+                f"(median fit error {profile.fit_error:.1%} over {profile.steps} steps); "
+                f"waking from idle {o.get('wake', 0.0) * 1e6:.0f} us")
     return "\n".join(text)
 
 

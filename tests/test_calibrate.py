@@ -8,7 +8,7 @@ import pytest
 
 import flowc
 import flowc.cli
-from flowc.calibrate import OVERHEAD_KINDS, Profile, calibrate, fit_overheads
+from flowc.calibrate import FIT_KINDS, OVERHEAD_KINDS, Profile, calibrate, fit_overheads, wake_overhead
 from flowc.compiler.cost import CostModel, Parallelism
 from flowc.compiler.library import stdlib_spec
 from flowc.compiler.spec import GPU, Link
@@ -16,30 +16,59 @@ from flowc.compiler.spec import GPU, Link
 
 def test_the_fit_recovers_known_overheads_and_drops_negative_terms():
     rng = random.Random(0)
-    truth = {"step": 3e-4, "layer": 5e-5, "sequence": 0.0, "token": 2e-6}
+    truth = {"step": 3e-4, "layer": 5e-5, "sequence": 0.0, "token": 2e-6, "layer_token": 4e-6}
     kernel = lambda layers, shape: 1e-5 * layers + 1e-7 * shape[0]  # noqa: E731
     samples = []
     for _ in range(60):
         layers, tokens, seqs = rng.choice((2, 6)), rng.randint(1, 500), rng.randint(1, 48)
         shape = (tokens, 0, seqs, 0, seqs)
-        seconds = kernel(layers, shape) + truth["step"] + truth["layer"] * layers + truth["token"] * tokens
+        seconds = (kernel(layers, shape) + truth["step"] + truth["layer"] * layers + truth["token"] * tokens
+                   + truth["layer_token"] * layers * tokens)
         samples.append((layers, shape, seconds))
     overheads, error = fit_overheads(samples, kernel)
-    for kind in OVERHEAD_KINDS:
+    for kind in FIT_KINDS:
         assert overheads[kind] == pytest.approx(truth[kind], abs=1e-9)
     assert error < 1e-6
+
+
+def test_the_fit_drops_each_shapes_stalled_repeats():
+    # five runs of each shape; one of each is slowed 10x by "a background process"
+    truth = {"step": 0.0, "layer": 1e-4, "sequence": 0.0, "token": 1e-5, "layer_token": 0.0}
+    kernel = lambda layers, shape: 0.0  # noqa: E731
+    samples = []
+    for layers in (2, 6):
+        for tokens in (1, 16, 128, 480):
+            seconds = truth["layer"] * layers + truth["token"] * tokens
+            shape = (tokens, 0, 1, 0, 1)
+            samples += [(layers, shape, seconds)] * 4 + [(layers, shape, 10 * seconds)]
+    overheads, error = fit_overheads(samples, kernel)
+    for kind in FIT_KINDS:
+        assert overheads[kind] == pytest.approx(truth[kind], abs=1e-9)
+    assert error < 1e-6
+
+
+def test_the_wake_overhead_is_the_typical_extra_time_of_a_step_after_idling():
+    busy, woken = [], []
+    for i, tokens in enumerate((1, 16, 128, 480)):
+        shape = (tokens, 0, 1, 0, 1)
+        busy += [(2, shape, 1e-3 * tokens)] * 5
+        # 2e-4 extra after idling, but one shape reads 5e-4 (the median over shapes ignores it)
+        woken += [(2, shape, 1e-3 * tokens + (5e-4 if i == 0 else 2e-4))] * 5
+    assert wake_overhead(busy, woken) == pytest.approx(2e-4)
+    assert wake_overhead(woken, busy) == 0.0  # never negative
+    assert wake_overhead(busy, []) == 0.0
 
 
 def test_the_cost_model_adds_the_declared_overheads_exactly():
     spec = stdlib_spec()
     model, gpu = spec.models["llama-3.1-8b"], spec.gpus["h100-sxm"]
     link = spec.links[gpu.interconnect]
-    overheads = {"step": 1e-3, "layer": 2e-5, "sequence": 3e-6, "token": 4e-7}
+    overheads = {"step": 1e-3, "layer": 2e-5, "sequence": 3e-6, "token": 4e-7, "layer_token": 5e-8}
     plain = CostModel(model, gpu, link, parallelism=Parallelism(pp=2))
     loaded = CostModel(model, gpu.model_copy(update={"overheads": overheads}), link, parallelism=Parallelism(pp=2))
     for tokens, pairs, decodes, keys in ((1, 0, 1, 100), (300, 5000, 40, 9000), (512, 40000, 0, 0)):
         rows = decodes + (1 if pairs else 0)
-        extra = 1e-3 + 2e-5 * model.layers / 2 + 3e-6 * rows + 4e-7 * tokens
+        extra = 1e-3 + 2e-5 * model.layers / 2 + 3e-6 * rows + (4e-7 + 5e-8 * model.layers / 2) * tokens
         assert loaded.step_time(tokens, pairs, decodes, keys) - plain.step_time(tokens, pairs, decodes, keys) \
             == pytest.approx(extra, rel=1e-12)
         parts = loaded.breakdown(tokens, pairs, decodes, keys)
@@ -50,7 +79,8 @@ def test_the_cost_model_adds_the_declared_overheads_exactly():
 def test_a_profile_is_a_spec_the_checker_accepts(tmp_path):
     profile = Profile(name="box-cpu", device="test", vendor="cpu", memory=3 * 2**30,
                       flops={"fp32": 2.0e11, "bf16": 9.0e11}, memory_bandwidth=4.0e10, link_bandwidth=2.5e9,
-                      link_latency=3.0e-4, overheads={"step": 1e-4, "layer": 2.5e-4, "sequence": 5e-6, "token": 1.4e-5})
+                      link_latency=3.0e-4, overheads={"step": 1e-4, "layer": 2.5e-4, "sequence": 5e-6, "token": 1.4e-5,
+                                                        "layer_token": 4e-6, "wake": 3e-4})
     (tmp_path / "profile.flow").write_text(profile.to_flow())
     spec = flowc.load(tmp_path / "profile.flow")
     gpu = spec.gpus["box-cpu"]
