@@ -154,7 +154,9 @@ def test_kv_pool_and_workspace_follow_the_plan(saved):
 def test_triton_backend_matches_the_torch_reference(saved):
     pytest.importorskip("triton")
     spec = tiny_spec("llama")
-    plan = instance_plan(spec, max_batched_tokens=32, chunk_size=16)
+    # Triton runs on a GPU, or interpreted on the CPU where there is none (tests/conftest.py)
+    vendor = "nvidia" if torch.cuda.is_available() else "cpu"
+    plan = instance_plan(spec, vendor=vendor, max_batched_tokens=32, chunk_size=16)
     requests = [Request(p, SamplingParams(max_tokens=3)) for p in _prompts(spec.vocab, n=3)]
     outputs = {}
     for backend in ("torch", "triton"):
