@@ -85,6 +85,11 @@ OVERHEAD_KINDS = ("step", "layer", "sequence", "token", "layer_token", "wake")
 REPEATABLE = {("gpu", "flops"), ("gpu", "overhead"), ("cluster", "node"), ("deploy", "allow"), ("deploy", "forbid")}
 
 
+def _a(noun: str) -> str:
+    """`noun` with its indefinite article (by spelling, which serves flowc's words: "a unit")."""
+    return ("an " if noun[0] in "aeio" else "a ") + noun
+
+
 def _describe(expr: ast.Expr) -> str:
     return {
         ast.Name: "a name", ast.Number: "a number", ast.Quantity: "a quantity", ast.String: "a string",
@@ -397,7 +402,7 @@ class Checker:
             self._expected(expr, what, "one of: " + ", ".join(f"`{c}`" for c in choices))
             return None
         if expr.text not in choices:
-            self.error("F0306", f"unknown {what} `{expr.text}`", expr.span, f"not a {what}",
+            self.error("F0306", f"unknown {what} `{expr.text}`", expr.span, f"not {_a(what)}",
                        suggestion_help(expr.text, choices, f"{what}s"))
             return None
         return expr.text
@@ -484,8 +489,7 @@ class Checker:
             return None
         link = self.ref(args[0], "link")
         if link is not None and link.kind not in kinds:
-            article = "an" if link.kind[0] in "aeiou" else "a"
-            self.error("F0306", f"`{link.name}` is {article} {link.kind} link, which cannot serve as {what}", args[0].span,
+            self.error("F0306", f"`{link.name}` is {_a(link.kind)} link, which cannot serve as {what}", args[0].span,
                        f"{link.kind} link", f"{what} takes a link of kind " + " or ".join(f"`{k}`" for k in kinds))
             return None
         return link

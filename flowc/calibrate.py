@@ -83,12 +83,15 @@ class Profile:
         lines += [f"  flops {dtype} {peak / 1e9:.3g} GFLOP/s  # measured: best torch.mm"
                   for dtype, peak in sorted(self.flops.items())]
         lines += [f"  interconnect {interconnect}", f"  host_link {host}"]
-        notes = {"step": "  # measured: engine steps outside the kernels",
+        notes = {"step": "  # measured: engine steps beyond the kernels at these peaks",
                  "wake": "  # measured: the first step after idling, extra"}
         lines += [f"  overhead {kind} {self.overheads.get(kind, 0.0) * 1e6:.3g} us{notes.get(kind, '')}"
                   for kind in OVERHEAD_KINDS]
         lines += ["}", ""]
-        return "\n".join(lines)
+        from flowc.compiler.fmt import format_source
+        from flowc.compiler.source import SourceFile
+
+        return format_source(SourceFile("profile.flow", "\n".join(lines)))
 
 
 Progress = Callable[[str, int, Optional[int]], None]

@@ -10,6 +10,8 @@ import flowc
 import flowc.cli
 from flowc.calibrate import FIT_KINDS, OVERHEAD_KINDS, Profile, calibrate, fit_overheads, wake_overhead
 from flowc.compiler.cost import CostModel, Parallelism
+from flowc.compiler.fmt import format_source
+from flowc.compiler.source import SourceFile
 from flowc.compiler.library import stdlib_spec
 from flowc.compiler.spec import GPU, Link
 
@@ -81,7 +83,9 @@ def test_a_profile_is_a_spec_the_checker_accepts(tmp_path):
                       flops={"fp32": 2.0e11, "bf16": 9.0e11}, memory_bandwidth=4.0e10, link_bandwidth=2.5e9,
                       link_latency=3.0e-4, overheads={"step": 1e-4, "layer": 2.5e-4, "sequence": 5e-6, "token": 1.4e-5,
                                                         "layer_token": 4e-6, "wake": 3e-4})
-    (tmp_path / "profile.flow").write_text(profile.to_flow())
+    text = profile.to_flow()
+    assert format_source(SourceFile("profile.flow", text)) == text  # `flowc fmt --check` passes
+    (tmp_path / "profile.flow").write_text(text)
     spec = flowc.load(tmp_path / "profile.flow")
     gpu = spec.gpus["box-cpu"]
     assert gpu.vendor == "cpu" and gpu.memory == 3 * 2**30
