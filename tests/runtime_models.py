@@ -83,6 +83,27 @@ def hf_logits(model, token_ids: Sequence[int]) -> torch.Tensor:
         return model(torch.tensor([list(token_ids)])).logits[0].float()
 
 
+def sample_prompts(vocab: int, seed: int = 0, n: int = 8) -> list[list[int]]:
+    """Up to 8 random prompts of mixed lengths (1 to 70 tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    lengths = [3, 45, 9, 70, 17, 1, 33, 26][:n]
+    return [[rng.randrange(vocab) for _ in range(length)] for length in lengths]
+
+
+def hf_greedy(path: Path, prompts: Sequence[Sequence[int]], max_tokens: Sequence[int]) -> list[list[int]]:
+    """transformers' greedy `generate` of each prompt alone (no padding): the reference tokens."""
+    model = load_hf_model(path)
+    outputs = []
+    for prompt, n in zip(prompts, max_tokens):
+        ids = torch.tensor([list(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
 def tiny_spec(variant: str) -> Model:
     """The spec `Model` of `variant`, written from the HF sizes (for plans and workspaces)."""
     class_name, overrides = VARIANTS[variant]

@@ -4,8 +4,6 @@ preemption all happening; per-request validation; streaming; the plan's KV pool 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ from flowc.compiler.memory import kv_bytes_per_token_per_rank
 from flowc.runtime.engine import Engine, EngineError, Request
 from flowc.runtime.sequence import SamplingParams
 from flowc.runtime.workspace import Workspace
-from runtime_models import load_hf_model, save_tiny_model, tiny_spec
+from runtime_models import hf_greedy, save_tiny_model, sample_prompts, tiny_spec
 from flowc.compiler.plan import instance_plan
 
 pytest.importorskip("transformers")
@@ -30,23 +28,6 @@ def saved(tmp_path_factory):
     return get
 
 
-def _prompts(vocab: int, seed: int = 0, n: int = 8) -> list[list[int]]:
-    rng = random.Random(seed)
-    lengths = [3, 45, 9, 70, 17, 1, 33, 26][:n]
-    return [[rng.randrange(vocab) for _ in range(length)] for length in lengths]
-
-
-def _hf_greedy(path, prompts, max_tokens):
-    model = load_hf_model(path)
-    outputs = []
-    for prompt, n in zip(prompts, max_tokens):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-        outputs.append(out[0, len(prompt):].tolist())
-    return outputs
-
-
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "mixtral"])
 def test_greedy_matches_transformers(saved, variant):
     path = saved(variant)
@@ -54,11 +35,11 @@ def test_greedy_matches_transformers(saved, variant):
     # A 32-token budget in chunks of 16 splits every long prompt; 4 sequences at once and 8
     # blocks of 16 tokens (the longest request needs 6) force queueing and preemption.
     plan = instance_plan(spec, max_batched_tokens=32, chunk_size=16, max_seqs=4, block_size=16, kv_blocks=8)
-    prompts = _prompts(spec.vocab)
+    prompts = sample_prompts(spec.vocab)
     max_tokens = [20, 12, 16, 20, 9, 24, 14, 18]
     with Engine.from_plan(plan, path) as engine:
         outputs = engine.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, max_tokens)])
-    expected = _hf_greedy(path, prompts, max_tokens)
+    expected = hf_greedy(path, prompts, max_tokens)
     assert [o.output_token_ids for o in outputs] == expected
     assert all(o.error is None for o in outputs)
     assert sum(o.num_preemptions for o in outputs) > 0, "the pool was meant to force preemption"
@@ -68,20 +49,20 @@ def test_prefix_cache_hits_keep_outputs(saved):
     path = saved("llama")
     spec = tiny_spec("llama")
     plan = instance_plan(spec, max_batched_tokens=64, max_seqs=4, kv_blocks=32)
-    shared = _prompts(spec.vocab, seed=1)[3][:48]  # three full blocks in common
+    shared = sample_prompts(spec.vocab, seed=1)[3][:48]  # three full blocks in common
     prompts = [shared + [5, 6], shared + [7], shared]
     with Engine.from_plan(plan, path) as engine:
         first = engine.generate([Request(prompts[0], SamplingParams(max_tokens=6))])
         later = engine.generate([Request(p, SamplingParams(max_tokens=6)) for p in prompts[1:]])
     assert later[0].num_cached_tokens == 48 and later[1].num_cached_tokens == 32  # never the whole prompt
-    assert [o.output_token_ids for o in first + later] == _hf_greedy(path, prompts, [6, 6, 6])
+    assert [o.output_token_ids for o in first + later] == hf_greedy(path, prompts, [6, 6, 6])
 
 
 def test_stream_yields_each_token_in_order(saved):
     spec = tiny_spec("llama")
     plan = instance_plan(spec, max_batched_tokens=32, chunk_size=16)
     requests = [Request(p, SamplingParams(max_tokens=5), request_id=f"r{i}")
-                for i, p in enumerate(_prompts(spec.vocab, n=3))]
+                for i, p in enumerate(sample_prompts(spec.vocab, n=3))]
     with Engine.from_plan(plan, saved("llama")) as engine:
         events = list(engine.stream(requests))
         outputs = {o.request_id: o.output_token_ids for o in engine.outputs.values()}
@@ -95,7 +76,7 @@ def test_stream_yields_each_token_in_order(saved):
 def test_bad_requests_get_their_own_errors_and_do_not_disturb_others(saved):
     spec = tiny_spec("llama")
     plan = instance_plan(spec, max_batched_tokens=32, chunk_size=16, kv_blocks=10)
-    good = _prompts(spec.vocab, n=3)
+    good = sample_prompts(spec.vocab, n=3)
     bad = [
         (Request([], SamplingParams()), "the prompt is empty"),
         (Request([1] * 250, SamplingParams(max_tokens=10)), "exceeds the model's context of 256"),
@@ -127,10 +108,10 @@ def test_seeded_sampling_does_not_depend_on_the_batch(saved):
     spec = tiny_spec("llama")
     plan = instance_plan(spec, max_batched_tokens=64)
     params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
-    prompt = _prompts(spec.vocab)[2]
+    prompt = sample_prompts(spec.vocab)[2]
     with Engine.from_plan(plan, saved("llama")) as engine:
         alone = engine.generate([Request(prompt, params)])[0].output_token_ids
-        others = [Request(p, SamplingParams(max_tokens=12, temperature=1.0)) for p in _prompts(spec.vocab, seed=5)]
+        others = [Request(p, SamplingParams(max_tokens=12, temperature=1.0)) for p in sample_prompts(spec.vocab, seed=5)]
         batched = engine.generate(others[:3] + [Request(prompt, params)] + others[3:])[3].output_token_ids
         greedy = engine.generate([Request(prompt, SamplingParams(max_tokens=12))])[0].output_token_ids
     assert alone == batched
@@ -157,7 +138,7 @@ def test_triton_backend_matches_the_torch_reference(saved):
     # Triton runs on a GPU, or interpreted on the CPU where there is none (tests/conftest.py)
     vendor = "nvidia" if torch.cuda.is_available() else "cpu"
     plan = instance_plan(spec, vendor=vendor, max_batched_tokens=32, chunk_size=16)
-    requests = [Request(p, SamplingParams(max_tokens=3)) for p in _prompts(spec.vocab, n=3)]
+    requests = [Request(p, SamplingParams(max_tokens=3)) for p in sample_prompts(spec.vocab, n=3)]
     outputs = {}
     for backend in ("torch", "triton"):
         with Engine.from_plan(plan, saved("llama"), backend=backend) as engine:
@@ -167,7 +148,7 @@ def test_triton_backend_matches_the_torch_reference(saved):
 
 def test_tensor_parallel_engine_matches_tp1(saved):
     spec = tiny_spec("llama")
-    requests = [Request(p, SamplingParams(max_tokens=6)) for p in _prompts(spec.vocab, n=4)]
+    requests = [Request(p, SamplingParams(max_tokens=6)) for p in sample_prompts(spec.vocab, n=4)]
     outputs = {}
     for tp in (1, 2):
         plan = instance_plan(spec, tp=tp, max_batched_tokens=32, chunk_size=16)

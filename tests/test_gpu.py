@@ -22,15 +22,10 @@ from flowc.runtime.model import StepInputs
 from flowc.runtime.sequence import SamplingParams
 from flowc.runtime.weights import load_model
 from flowc.runtime.workspace import HeapWorkspace
-from runtime_models import PagedBatch, hf_logits, load_hf_model, save_tiny_model, tiny_spec
+from runtime_models import PagedBatch, hf_greedy, hf_logits, load_hf_model, save_tiny_model, sample_prompts, tiny_spec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytest.importorskip("transformers")
-
-
-def _prompts(vocab: int, n: int = 8) -> list[list[int]]:
-    rng = random.Random(0)
-    return [[rng.randrange(vocab) for _ in range(length)] for length in [3, 45, 9, 70, 17, 1, 33, 26][:n]]
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral", "mixtral"])
@@ -38,25 +33,18 @@ def test_gpu_engine_matches_transformers_greedy(tmp_path, variant):
     path = save_tiny_model(variant, tmp_path)
     spec = tiny_spec(variant)
     plan = instance_plan(spec, vendor="nvidia", max_batched_tokens=32, chunk_size=16, max_seqs=4, kv_blocks=8)
-    prompts = _prompts(spec.vocab)
+    prompts = sample_prompts(spec.vocab)
     max_tokens = [20, 12, 16, 20, 9, 24, 14, 18]
     with Engine.from_plan(plan, path) as engine:
         assert engine.runner.state.device.type == "cuda"
         outputs = engine.generate([Request(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, max_tokens)])
-    model = load_hf_model(path)
-    expected = []
-    for prompt, n in zip(prompts, max_tokens):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-        expected.append(out[0, len(prompt):].tolist())
-    assert [o.output_token_ids for o in outputs] == expected
+    assert [o.output_token_ids for o in outputs] == hf_greedy(path, prompts, max_tokens)
     assert sum(o.num_preemptions for o in outputs) > 0, "the pool was meant to force preemption"
 
 
 def test_gpu_bf16_triton_matches_the_torch_backend(tmp_path):
     path = save_tiny_model("llama", tmp_path)
-    prompts = {i: p for i, p in enumerate(_prompts(128, n=4))}
+    prompts = {i: p for i, p in enumerate(sample_prompts(128, n=4))}
     logits = {}
     for backend in ("torch", "triton"):
         model = load_model(path, get_ops(backend), dtype=torch.bfloat16, device="cuda")
