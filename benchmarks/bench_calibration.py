@@ -6,9 +6,9 @@
    requests on the plan's instance; printed: measured and predicted mean TTFT and TPOT and
    the relative error of each (target: within 20%), before calibration (`cpu-local`'s
    estimated figures) and after. Replays on a shared 2-core machine vary by about 20% from run
-   to run, so the calibrated spec is replayed three times and the median compared.
+   to run, so the calibrated spec is replayed five times and the median compared.
 
-Run: python benchmarks/bench_calibration.py [--requests 64] [--repeats 5] [--replays 3]
+Run: python benchmarks/bench_calibration.py [--requests 64] [--repeats 10] [--replays 5]
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -247,12 +248,13 @@ def engine_steps(device_name: str, repeats: int, on_round: Callable[[int], None]
     return busy, woken
 
 
-def _by_shape(samples: list[tuple[int, tuple, float]]) -> dict[tuple, float]:
-    """Each (layers, shape)'s typical time."""
+def _by_shape(samples: list[tuple[int, tuple, float]], reduce: Callable[[list[float]], float]
+              ) -> dict[tuple, float]:
+    """Each (layers, shape)'s repeated times reduced to one."""
     times: dict[tuple, list[float]] = {}
     for layers, shape, seconds in samples:
         times.setdefault((layers, tuple(shape)), []).append(seconds)
-    return {key: _typical(values) for key, values in times.items()}
+    return {key: reduce(values) for key, values in times.items()}
 
 
 def _typical(seconds: list[float]) -> float:
@@ -272,7 +274,7 @@ def fit_overheads(samples: list[tuple[int, tuple, float]], kernel_time: Callable
     fitted step times."""
     import numpy as np
 
-    typical = _by_shape(samples)
+    typical = _by_shape(samples, _typical)
     keys = list(typical)
     rows = np.array([[1.0, layers, shape[4], shape[0], layers * shape[0]] for layers, shape in keys])
     kernels = np.array([kernel_time(layers, shape) for layers, shape in keys])
@@ -298,17 +300,9 @@ def wake_overhead(busy: list[tuple[int, tuple, float]], woken: list[tuple[int, t
     idle pause - median time of the same depth and shape when busy), at least 0. Medians, not
     `_typical`: waking the CPU's worker threads sometimes stalls for milliseconds (a vCPU the
     host descheduled), and those stalls are too rare and too erratic to predict."""
-    import numpy as np
-
-    def medians(samples):
-        times: dict[tuple, list[float]] = {}
-        for layers, shape, seconds in samples:
-            times.setdefault((layers, tuple(shape)), []).append(seconds)
-        return {key: float(np.median(values)) for key, values in times.items()}
-
-    busy_times, woken_times = medians(busy), medians(woken)
+    busy_times, woken_times = _by_shape(busy, statistics.median), _by_shape(woken, statistics.median)
     extra = [woken_times[key] - busy_times[key] for key in woken_times if key in busy_times]
-    return max(0.0, float(np.median(extra))) if extra else 0.0
+    return max(0.0, statistics.median(extra)) if extra else 0.0
 
 
 def calibrate(*, name: str = "local", memory: Optional[int] = None, repeats: int = 5, collectives: bool = True,
