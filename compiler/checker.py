@@ -396,6 +396,21 @@ class Checker:
             return None
         return float(magnitude)
 
+    def keyed(self, b, key: str, choices: Iterable[str], what: str, read) -> dict[str, float]:
+        """A gpu's repeatable `KEY WORD VALUE` lines (`flops bf16 989 TFLOP/s`) as {word: value},
+        each word at most once."""
+        values: dict[str, float] = {}
+        for stmt in b.all(key):
+            args = self.args(stmt, "gpu", 2)
+            if not args:
+                continue
+            word, value = self.word(args[0], choices, what), read(args[1])
+            if word in values:
+                self.error("F0311", f"`{key} {word}` is given twice", args[0].span, "given again here")
+            elif word and value is not None:
+                values[word] = float(value)
+        return values
+
     def word(self, expr: ast.Expr, choices: Iterable[str], what: str) -> str | None:
         choices = tuple(choices)
         if not isinstance(expr, ast.Name):
@@ -444,30 +459,11 @@ class Checker:
         interconnect = r("interconnect", lambda e: self.ref(e, "link"))
         host_link = r("host_link", lambda e: self.ref(e, "link"))
         price = r("price", lambda e: self.quantity(e, units.PRICE), False)
-        flops: dict[str, float] = {}
-        for stmt in b.all("flops"):
-            args = self.args(stmt, "gpu", 2)
-            if not args:
-                continue
-            dtype = self.word(args[0], DTYPES, "dtype")
-            peak = self.positive(args[1], units.COMPUTE, "peak compute")
-            if dtype in flops:
-                self.error("F0311", f"`flops {dtype}` is given twice", args[0].span, "given again here")
-            elif dtype and peak:
-                flops[dtype] = peak
+        flops = self.keyed(b, "flops", DTYPES, "dtype",
+                           lambda e: self.positive(e, units.COMPUTE, "peak compute"))
         if not b.all("flops"):
             self.required(b, "flops", "gpu", "gpu")
-        overheads: dict[str, float] = {}
-        for stmt in b.all("overhead"):
-            args = self.args(stmt, "gpu", 2)
-            if not args:
-                continue
-            kind = self.word(args[0], OVERHEAD_KINDS, "overhead")
-            seconds = self.quantity(args[1], units.TIME)
-            if kind in overheads:
-                self.error("F0311", f"`overhead {kind}` is given twice", args[0].span, "given again here")
-            elif kind and seconds is not None:
-                overheads[kind] = float(seconds)
+        overheads = self.keyed(b, "overhead", OVERHEAD_KINDS, "overhead", lambda e: self.quantity(e, units.TIME))
         if None in (vendor, memory, bandwidth, interconnect, host_link) or not flops:
             return None
         return GPU(name=decl.name.text, vendor=vendor, memory=memory, memory_bandwidth=bandwidth, flops=flops,

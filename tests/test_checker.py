@@ -196,6 +196,33 @@ def test_several_errors_in_different_blocks_are_reported_together():
     assert error.diagnostics[2].help == "did you mean `e2e`?"
 
 
+def test_a_gpus_repeated_flops_or_overhead_is_f0311_and_the_rest_is_kept(tmp_path):
+    (tmp_path / "g.flow").write_text("""use std.links
+gpu g {
+  vendor cpu
+  memory 1 GiB
+  memory_bandwidth 10 GB/s
+  flops fp32 1 TFLOP/s
+  flops fp32 2 TFLOP/s
+  flops bf16 4 TFLOP/s
+  interconnect cpu-memory
+  host_link cpu-memory
+  overhead wake 1 ms
+  overhead wake 2 ms
+  overhead layer 0 us
+}
+""")
+    with pytest.raises(flowc.FlowError) as info:
+        flowc.load(tmp_path / "g.flow")
+    messages = sorted(d.message for d in info.value.diagnostics if d.code == "F0311")
+    assert messages == ["`flops fp32` is given twice", "`overhead wake` is given twice"]
+    (tmp_path / "g.flow").write_text((tmp_path / "g.flow").read_text().replace("  flops fp32 2 TFLOP/s\n", "")
+                                     .replace("  overhead wake 2 ms\n", ""))
+    gpu = flowc.load(tmp_path / "g.flow").gpus["g"]
+    assert gpu.flops == {"fp32": 1e12, "bf16": 4e12}
+    assert gpu.overheads == {"wake": pytest.approx(1e-3), "layer": 0.0}  # a zero overhead is kept
+
+
 def test_unknown_names():
     error = load_error(VALID_SPEC.replace("on lab", "on labb").replace("model llama-3.1-70b {", "model llama-3.1-07b {"))
     assert error.codes == ["F0201", "F0201"]
