@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from flowc.compiler.arena import pack, step_buffers
-from flowc.compiler.memory import activation_peak_bytes
+from flowc.compiler.optimize.arena import pack, step_buffers
+from flowc.compiler.model.memory import activation_peak_bytes
 from flowc.stdlib_listing import stdlib_spec
 
 # TP degrees that put each model on 80 GB GPUs (the smallest power of two that holds it)

@@ -22,8 +22,8 @@ import random
 import time
 
 from flowc.compiler import spec
-from flowc.compiler import placement
-from flowc.compiler.placement import Candidate, Demand, PlacementInfeasible, solve_placement
+from flowc.compiler.optimize import placement
+from flowc.compiler.optimize.placement import Candidate, Demand, PlacementInfeasible, solve_placement
 
 NVLINK = spec.Link(name="nvlink4", kind="nvlink", bandwidth=450e9)
 PCIE = spec.Link(name="pcie5", kind="pcie", bandwidth=64e9)

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import flowc
-from flowc.compiler.optimizer import CAPACITY_REQUESTS, _candidates, compile_spec
-from flowc.compiler.simulator import goodput_search
-from flowc.compiler.workload import sample_requests
+from flowc.compiler.optimize.compile import CAPACITY_REQUESTS, _candidates, compile_spec
+from flowc.compiler.model.goodput import goodput_search
+from flowc.compiler.model.workload import sample_requests
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -33,7 +33,7 @@ def _goodput_per_gpu(configs, requests, slo) -> float:
 
 
 def _config(measured, role=None):
-    from flowc.compiler.simulator import InstanceConfig
+    from flowc.compiler.model.simulator import InstanceConfig
 
     c, s = measured.candidate, measured.scheduler
     return InstanceConfig(cost=measured.cost, pp=c.pp, kv_capacity_tokens=measured.shape.budget.kv_tokens,

@@ -17,8 +17,9 @@ import time
 import numpy as np
 
 from flowc.compiler import spec
-from flowc.compiler.simulator import InstanceConfig, goodput_search, simulate
-from flowc.compiler.workload import Requests, sample_requests
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.goodput import goodput_search
+from flowc.compiler.model.workload import Requests, sample_requests
 
 TARGET_100K_S = 2.0
 TARGET_ESTIMATE_MS = 20
@@ -52,13 +53,13 @@ def setup():
     stdlib = stdlib_spec()
     model, gpu = stdlib.models["llama-3.1-70b"], stdlib.gpus["h100-sxm"]
     try:
-        from flowc.compiler.memory import memory_budget
+        from flowc.compiler.model.memory import memory_budget
 
         kv_tokens = memory_budget(model, gpu.memory, tp=4).kv_tokens
     except Exception:  # the memory model's API moved: a round figure for 4 x 80 GB
         kv_tokens = 400_000
     try:
-        from flowc.compiler.cost import CostModel, Parallelism
+        from flowc.compiler.model.cost import CostModel, Parallelism
 
         cost = CostModel(model, gpu, stdlib.links[gpu.interconnect], parallelism=Parallelism(tp=4))
         name = "compiler.cost.CostModel (llama-3.1-70b, h100-sxm, tp4)"
@@ -135,7 +136,7 @@ def main() -> None:
                   f"{res.iterations:,} iterations)")
 
     print("\nflowc.estimate, in process (llama-3.1-70b on h100-sxm, tp 4, 1024 in / 256 out), median of 20 calls:")
-    from flowc.compiler.estimate import estimate
+    from flowc.compiler.model.estimate import estimate
 
     for label, load in (("batch 32 (closed loop)", {"batch": 32}), ("rate 4 req/s (open loop)", {"rate": 4.0}),
                         ("offline", {})):

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flowc.compiler.cost import CostModel, Parallelism
-from flowc.compiler.library import stdlib_spec
-from flowc.compiler.memory import memory_budget
-from flowc.compiler.simulator import InstanceConfig, simulate
-from flowc.compiler.workload import Requests
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.frontend.library import stdlib_spec
+from flowc.compiler.model.memory import memory_budget
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.workload import Requests
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "e2e_dev.json"
 MODELS = {"Llama-3.1-8B-Instruct": "llama-3.1-8b", "Llama-3-8B": "llama-3.1-8b",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable, Mapping
 
-from .source import SourceFile, Span
+from flowc.compiler.source import SourceFile, Span
 
 
 @dataclass(frozen=True)

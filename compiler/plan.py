@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .spec import Model
+from flowc.compiler.spec import Model
 
 # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s;
 # 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor
@@ -51,9 +51,9 @@ class Scheduler(PlanModel):
 
 
 class MemoryMap(PlanModel):
-    """Bytes on one GPU of an instance, from the single memory model (compiler/memory.py).
+    """Bytes on one GPU of an instance, from the single memory model (compiler/model/memory.py).
 
-    With offloaded weights (compiler/offload.py, pp = 1 instances): `weights` is what stays on
+    With offloaded weights (compiler/optimize/offload.py, pp = 1 instances): `weights` is what stays on
     the GPU, `offloaded` what lives in host memory ("weights": all but routed experts,
     "experts", "kv"), the two weight categories adding up to the memory model's weights;
     `reserve` includes the double-buffered streaming buffer (and a 1 MiB margin for the
@@ -167,8 +167,8 @@ def instance_plan(model: "Model", *, gpu: str = "local", vendor: str = "cpu", tp
     memory map from the memory model, its arena packed by the compiler, no predictions. For
     driving the runtime directly (runtime tests, `flowc calibrate`): the optimizer would size
     the pool to fill the device and choose the settings itself."""
-    from .arena import pack, step_buffers
-    from .memory import kv_bytes_per_token_per_rank, weight_bytes_per_rank
+    from flowc.compiler.optimize.arena import pack, step_buffers
+    from flowc.compiler.model.memory import kv_bytes_per_token_per_rank, weight_bytes_per_rank
 
     layout = pack(step_buffers(model, tp, max_batched_tokens, max_seqs))
     kv_cache = kv_blocks * block_size * kv_bytes_per_token_per_rank(model, tp)

@@ -169,7 +169,7 @@ def unit_suggestion(symbol: str) -> str:
     folded = {u.lower(): u for u in UNITS}
     if symbol.lower() in folded:
         return f"units are case-sensitive: did you mean `{folded[symbol.lower()]}`?"
-    from .diagnostics import did_you_mean
+    from flowc.compiler.diagnostics import did_you_mean
 
     best = did_you_mean(symbol, UNITS)
     if best:

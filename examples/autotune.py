@@ -14,7 +14,7 @@ from pathlib import Path
 
 import flowc
 from flowc.api import check_sources
-from flowc.compiler.report_html import render_report
+from flowc.compiler.render.html import render_report
 
 spec_path = sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).with_name("tiny-cpu.flow"))
 report_path = sys.argv[2] if len(sys.argv) > 2 else "autotune-report.html"

@@ -11,7 +11,7 @@ from flowc.compiler.diagnostics import Diagnostic, FlowError  # noqa: E402
 def __getattr__(name: str):
     # `estimate` pulls in the cost model and simulator (and numpy): load it on first use only.
     if name == "estimate":
-        from flowc.compiler.estimate import estimate
+        from flowc.compiler.model.estimate import estimate
 
         return estimate
     if name == "autotune":  # the module, callable as the function (see flowc/autotune.py)

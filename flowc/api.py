@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowc.compiler.checker import check
+from flowc.compiler.frontend.checker import check
 from flowc.compiler.diagnostics import Diagnostic, FlowError
-from flowc.compiler.imports import load_program
+from flowc.compiler.frontend.imports import load_program
 from flowc.compiler.source import SourceFile
 from flowc.compiler.spec import Spec
 
@@ -58,7 +58,7 @@ def load(source: str | os.PathLike, *, allow_outside: bool = False) -> Spec:
 def simulate(spec_or_plan: Spec | str | os.PathLike, workload=None, *, goodput: bool = False, seed: int = 0):
     """Simulate every deployment of a spec (a Spec, a path or spec text); returns a report per
     deployment. `workload` (a workload name or object) replaces each deployment's own."""
-    from flowc.compiler.serving import simulate_spec
+    from flowc.compiler.model.serving import simulate_spec
 
     spec = spec_or_plan if isinstance(spec_or_plan, Spec) else load(spec_or_plan)
     return simulate_spec(spec, workload=workload, with_goodput=goodput, seed=seed)
@@ -67,7 +67,7 @@ def simulate(spec_or_plan: Spec | str | os.PathLike, workload=None, *, goodput: 
 def compile(spec_or_path: Spec | str | os.PathLike, *, time_limit_s: float = 10.0, seed: int = 0):  # noqa: A001
     """Compile a spec (a Spec, a path or spec text) into a Plan; raises FlowError when the
     spec is invalid or no plan can serve it."""
-    from flowc.compiler.optimizer import compile_spec
+    from flowc.compiler.optimize.compile import compile_spec
 
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load(spec_or_path)
     return compile_spec(spec, time_limit_s=time_limit_s, seed=seed)

@@ -80,10 +80,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flowc import __version__
 from flowc.api import looks_like_path
-from flowc.compiler import ast
-from flowc.compiler.checker import TOKEN_KNOBS, check
+from flowc.compiler.frontend import ast
+from flowc.compiler.frontend.checker import TOKEN_KNOBS, check
 from flowc.compiler.diagnostics import FlowError, did_you_mean
-from flowc.compiler.imports import Program, load_program
+from flowc.compiler.frontend.imports import Program, load_program
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
 from flowc.compiler.source import SourceFile
 from flowc.compiler.spec import DTYPE_BYTES, Deployment, Spec
@@ -434,7 +434,7 @@ class _Job:
 
 def _run_job(job: _Job) -> list[_Outcome]:
     """One outcome per router of the job. Runs in worker processes: module level, picklable."""
-    from flowc.compiler.optimizer import compile_spec
+    from flowc.compiler.optimize.compile import compile_spec
 
     try:
         plan = compile_spec(job.spec, seed=job.seed)
@@ -449,7 +449,7 @@ def _run_job(job: _Job) -> list[_Outcome]:
 
 def _cost(spec: Spec, cluster: str, instances) -> Optional[float]:
     """usd/h of the instances' GPUs: the node group's price per GPU, else the GPU's own."""
-    from flowc.compiler.verify import cluster_nodes
+    from flowc.compiler.verify.verifier import cluster_nodes
 
     nodes = cluster_nodes(spec.clusters[cluster])
     total = 0.0
@@ -478,9 +478,10 @@ def _simulated(spec: Spec, dp: DeploymentPlan, router: Optional[str], seed: int)
     if router is None:
         return Metrics(goodput_rps_per_gpu=p.goodput_rps_per_gpu, ttft_p90_ms=p.ttft_ms.p90, tpot_p90_ms=p.tpot_ms.p90,
                        meets_slo=p.meets_slo, goodput_rps=p.goodput_rps, **shared)
-    from flowc.compiler.simulator import goodput_search, simulate
-    from flowc.compiler.verify import plan_instances
-    from flowc.compiler.workload import base_rate, sample_requests
+    from flowc.compiler.model.simulator import simulate
+    from flowc.compiler.model.goodput import goodput_search
+    from flowc.compiler.verify.verifier import plan_instances
+    from flowc.compiler.model.workload import base_rate, sample_requests
 
     d = spec.deployments[dp.name]
     workload, slo = spec.workloads[d.workload], spec.slos[d.slo]
@@ -499,7 +500,7 @@ def _measure(job: _Job, plan: Plan, dp: DeploymentPlan) -> _Outcome:
     with the simulator's own rules (a SimResult built from the measured times)."""
     import numpy as np
 
-    from flowc.compiler.simulator import SimResult
+    from flowc.compiler.model.results import SimResult
     from flowc.run_cmd import replay_requests
     from flowc.runtime.engine import Engine, EngineError
 

@@ -89,7 +89,7 @@ class Profile:
         lines += [f"  overhead {kind} {self.overheads.get(kind, 0.0) * 1e6:.3g} us{notes.get(kind, '')}"
                   for kind in OVERHEAD_KINDS]
         lines += ["}", ""]
-        from flowc.compiler.fmt import format_source
+        from flowc.compiler.frontend.fmt import format_source
         from flowc.compiler.source import SourceFile
 
         return format_source(SourceFile("profile.flow", "\n".join(lines)))
@@ -177,7 +177,7 @@ def _probe_model(layers: int):
 
 def _step_shape(scheduled) -> tuple[int, int, int, int, int]:
     """(tokens, prefill pairs, decode sequences, decode keys, sequences) of one engine step."""
-    from flowc.compiler.cost import causal_pairs
+    from flowc.compiler.model.cost import causal_pairs
 
     tokens = pairs = decodes = keys = 0
     for s in scheduled:
@@ -310,7 +310,7 @@ def calibrate(*, name: str = "local", memory: Optional[int] = None, repeats: int
     """Measure this machine's device (the first CUDA GPU if torch sees one, else the CPU)."""
     import torch
 
-    from flowc.compiler.cost import CostModel, Parallelism
+    from flowc.compiler.model.cost import CostModel, Parallelism
     from flowc.compiler.spec import GPU, Link
 
     cuda = torch.cuda.is_available()

@@ -165,7 +165,7 @@ def _cmd_check(args, out: _Output) -> int:
 
 def _cmd_fmt(args, out: _Output) -> int:
     from flowc.compiler.diagnostics import FlowError, to_json
-    from flowc.compiler.fmt import format_source
+    from flowc.compiler.frontend.fmt import format_source
     from flowc.compiler.source import SourceFile
 
     missing = _missing_files(args.files, out)
@@ -224,7 +224,7 @@ def _cmd_explain(args, out: _Output) -> int:
 
 def _cmd_estimate(args, out: _Output) -> int:
     from flowc.compiler.diagnostics import FlowError
-    from flowc.compiler.estimate import estimate
+    from flowc.compiler.model.estimate import estimate
 
     try:
         result = estimate(args.model, args.gpu, tp=args.tp, pp=args.pp, ep=args.ep, replicas=args.replicas,
@@ -261,7 +261,7 @@ def _on_checked_spec(path: str, out: _Output, work):
 
 
 def _cmd_compile(args, out: _Output) -> int:
-    from flowc.compiler.optimizer import compile_spec
+    from flowc.compiler.optimize.compile import compile_spec
     from flowc.progress import progress
 
     with progress("compiling", enabled=not out.json, color=out.color) as bar:
@@ -285,7 +285,7 @@ def _cmd_compile(args, out: _Output) -> int:
 
 
 def _cmd_simulate(args, out: _Output) -> int:
-    from flowc.compiler.serving import simulate_spec
+    from flowc.compiler.model.serving import simulate_spec
     from flowc.progress import progress
 
     with progress("simulating", enabled=not out.json, color=out.color) as bar:
@@ -321,7 +321,7 @@ COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "esti
             "compile": _cmd_compile, "simulate": _cmd_simulate, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
 # Commands whose code lives in its own module, imported only when the command runs: name -> module
 # holding `cmd_NAME(args, out)`.
-LAZY_COMMANDS = {"verify": "flowc.compiler.verify", "run": "flowc.run_cmd", "viz": "flowc.viz_cmd",
+LAZY_COMMANDS = {"verify": "flowc.compiler.verify.verifier", "run": "flowc.run_cmd", "viz": "flowc.viz_cmd",
                  "export": "flowc.export_cmd", "calibrate": "flowc.calibrate", "autotune": "flowc.autotune_cmd"}
 
 

@@ -4,7 +4,7 @@ One bash script per engine instance (DEPLOYMENT/gGROUP-ROLE-INSTANCE.sh) and, wi
 Kubernetes manifest (kubernetes.yaml) with one Deployment per instance, placed on the node
 labelled flowc.dev/node="<node index>". Written under `-o DIR`, else printed on stdout between
 `==> PATH <==` lines; --json prints a JSON list of {path, content}. The mapping lives in
-compiler/export.py, the engines' flag lists in compiler/engines/.
+compiler/render/export.py, the engines' flag lists in compiler/render/engines/.
 
 Exit codes: 0 ok, 1 not a plan or a plan the engine version cannot run (every reason is named;
 --allow-degrade turns the droppable ones into `# DEGRADED` comments and warnings), 2 usage or
@@ -22,7 +22,7 @@ EXIT_OK, EXIT_INVALID = 0, 1
 
 def add_arguments(parser) -> None:
     parser.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
-    # compiler/export.py's TARGETS, not imported here: every command builds this parser
+    # compiler/render/export.py's TARGETS, not imported here: every command builds this parser
     parser.add_argument("--target", required=True, choices=("vllm", "sglang"), help="the serving engine")
     parser.add_argument("--version", dest="engine_version", metavar="X",
                         help="the engine's version (default: the newest flowc knows)")
@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
 
 
 def cmd_export(args, out) -> int:
-    from flowc.compiler.export import ExportError, UnknownVersion, export_plan
+    from flowc.compiler.render.export import ExportError, UnknownVersion, export_plan
     from flowc.plan_io import read_plan
 
     plan = read_plan(args.plan, out)

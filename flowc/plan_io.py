@@ -10,7 +10,7 @@ EXIT_INVALID = 1
 def read_plan(path: str, out):
     """The plan in `path`, or the exit code after printing why it cannot be read: 2 for a
     missing or unreadable file, 1 for a file that is not a plan (F0520)."""
-    from flowc.compiler.verify import load_plan_file
+    from flowc.compiler.verify.verifier import load_plan_file
 
     plan_path = Path(path)
     if not plan_path.is_file():

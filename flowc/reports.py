@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from flowc.compiler.estimate import Estimate, LatencyStats
-from flowc.compiler.serving import DeploymentReport
+from flowc.compiler.model.estimate import Estimate, LatencyStats
+from flowc.compiler.model.serving import DeploymentReport
 from flowc.console import make_console
 
 GiB = 2**30

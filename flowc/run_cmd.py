@@ -153,7 +153,7 @@ def replay_requests(workload, n: int, vocab: int, seed: int, context: int):
     (clipped to the model's context), random prompt tokens, exact output lengths."""
     import numpy as np
 
-    from flowc.compiler.workload import Requests, sample_requests
+    from flowc.compiler.model.workload import Requests, sample_requests
     from flowc.runtime.engine import Request
     from flowc.runtime.sequence import SamplingParams
 
@@ -171,7 +171,7 @@ def replay_requests(workload, n: int, vocab: int, seed: int, context: int):
 def _replay(args, engine, out) -> int:
     from flowc.api import check_sources
     from flowc.compiler.diagnostics import FlowError
-    from flowc.compiler.verify import simulate_instance
+    from flowc.compiler.verify.verifier import simulate_instance
 
     plan, dp = engine.plan_document, engine.plan
     spec_path = Path(args.against or plan.spec_files[0])

@@ -2,7 +2,7 @@
 
   --format html     (default) a self-contained HTML report, written to `-o FILE` (required):
                     the cluster, memory maps, latency CDFs and goodput from simulations, the
-                    alternatives, the binding constraints and the spec (compiler/report_html.py);
+                    alternatives, the binding constraints and the spec (compiler/render/html.py);
                     `--autotune RESULTS.json` (from `flowc autotune -o`) adds the Pareto frontier
   --format dot      Graphviz DOT, on stdout or to `-o FILE`
   --format mermaid  a Mermaid flowchart, on stdout or to `-o FILE`
@@ -68,7 +68,7 @@ def cmd_viz(args, out) -> int:
     spec, sources, findings = loaded
     if args.format == "html":
         return _html(plan, spec, sources, findings, args, out)
-    from flowc.compiler import render
+    from flowc.compiler.render import diagram as render
 
     draw = render.to_dot if args.format == "dot" else render.to_mermaid
     return _write_text(draw(plan, spec), args, out)
@@ -91,7 +91,7 @@ def _checked_spec(plan, plan_path: Path, against: str | None, out):
     """(spec, sources, verifier findings) or the exit code, after printing why."""
     from flowc.api import check_sources
     from flowc.compiler.diagnostics import FlowError
-    from flowc.compiler.verify import verify_plan
+    from flowc.compiler.verify.verifier import verify_plan
 
     path = _spec_path(plan, plan_path, against)
     if path is None or not path.is_file():
@@ -131,7 +131,7 @@ def _autotune_document(path: str, out):
 
 def _html(plan, spec, sources, findings, args, out) -> int:
     try:
-        from flowc.compiler.report_html import render_report
+        from flowc.compiler.render.html import render_report
     except ModuleNotFoundError as error:
         if not (error.name or "").startswith("matplotlib"):
             raise
@@ -159,7 +159,7 @@ def _html(plan, spec, sources, findings, args, out) -> int:
 def _tree(plan, args, out) -> int:
     from rich.console import Console
 
-    from flowc.compiler.render import plan_tree
+    from flowc.compiler.render.diagram import plan_tree
 
     tree = plan_tree(plan)
     if not args.output and not out.json:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..compiler.spec import Model
+from flowc.compiler.spec import Model
 
 __all__ = ["ModelConfig", "UnsupportedModel", "SUPPORTED_ARCHITECTURES", "HF_ARCHITECTURES"]
 

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional, Sequence as Seq
 
 import torch
 
-from ..compiler.plan import DeploymentPlan, InstanceGroup, Plan
+from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .runner import RunnerSpec, make_runner

@@ -1,7 +1,7 @@
 """The decoder-only model, written once for Llama (GQA, scaled RoPE, Mistral's sliding
 window), Qwen2 (QKV bias) and Mixtral (top-k routed experts), in plain torch.
 
-The forward follows the step graph of `compiler/arena.py` op by op and takes every transient
+The forward follows the step graph of `compiler/optimize/arena.py` op by op and takes every transient
 buffer from the workspace by the graph's name (layer buffers under "layer." or, in MoE
 models, "moe_layer."), writing into it with `out=`; a buffer is read only while the graph
 keeps it alive, so an arena that reuses bytes between buffers with disjoint lifetimes is

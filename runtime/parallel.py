@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..compiler.memory import kv_heads_per_rank
+from flowc.compiler.model.memory import kv_heads_per_rank
 from .config import ModelConfig
 
 __all__ = ["Parallel", "RankLayout", "launch", "free_port"]

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..compiler.spec import Model
+from flowc.compiler.spec import Model
 from .config import ModelConfig
 from .kernels import get_ops
 from .model import CausalLM, StepInputs

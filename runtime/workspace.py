@@ -1,6 +1,6 @@
 """The activation workspace: one preallocated byte buffer laid out by the plan's arena.
 
-The compiler packs the buffers of one step (`flowc.compiler.arena.step_buffers`, the step
+The compiler packs the buffers of one step (`flowc.compiler.optimize.arena.step_buffers`, the step
 graph the model code follows) into an arena and records each buffer's offset in the plan's
 memory map. `Workspace.buffer(name, shape, dtype)` returns a view at that offset, after
 checking that the request fits the size the step graph gave the buffer: a model that drifts
@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from ..compiler.arena import step_buffers
-from ..compiler.memory import ACTIVATION_BYTES
-from ..compiler.spec import Model
+from flowc.compiler.optimize.arena import step_buffers
+from flowc.compiler.model.memory import ACTIVATION_BYTES
+from flowc.compiler.spec import Model
 
 
 class HeapWorkspace:
@@ -53,7 +53,7 @@ class Workspace:
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if name not in self.offsets:
-            raise KeyError(f"buffer {name!r} is not in the step graph (compiler/arena.py)")
+            raise KeyError(f"buffer {name!r} is not in the step graph (compiler/optimize/arena.py)")
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.sizes[name]:
             raise ValueError(f"buffer {name!r} needs {nbytes} B but the arena gives it {self.sizes[name]} B")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import flowc
-from flowc.compiler.checker import Checker
-from flowc.compiler.imports import Program
-from flowc.compiler.parser import parse
+from flowc.compiler.frontend.checker import Checker
+from flowc.compiler.frontend.imports import Program
+from flowc.compiler.frontend.parser import parse
 from flowc.compiler.source import SourceFile
 from flowc.compiler.units import Value
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from flowc.compiler.arena import (ALIGNMENT, Buffer, greedy, live_bytes, lower_bound, overlaps, pack,
+from flowc.compiler.optimize.arena import (ALIGNMENT, Buffer, greedy, live_bytes, lower_bound, overlaps, pack,
                                   step_buffers)
-from flowc.compiler.memory import activation_peak_bytes
+from flowc.compiler.model.memory import activation_peak_bytes
 from flowc.stdlib_listing import stdlib_spec
 
 

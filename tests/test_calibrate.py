@@ -9,10 +9,10 @@ import pytest
 import flowc
 import flowc.cli
 from flowc.calibrate import FIT_KINDS, OVERHEAD_KINDS, Profile, calibrate, fit_overheads, wake_overhead
-from flowc.compiler.cost import CostModel, Parallelism
-from flowc.compiler.fmt import format_source
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.frontend.fmt import format_source
 from flowc.compiler.source import SourceFile
-from flowc.compiler.library import stdlib_spec
+from flowc.compiler.frontend.library import stdlib_spec
 from flowc.compiler.spec import GPU, Link
 
 

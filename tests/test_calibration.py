@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from flowc.compiler import cost
-from flowc.compiler.cost import calibration
+from flowc.compiler.model import cost
+from flowc.compiler.model.cost import calibration
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "calibration"
@@ -171,7 +171,7 @@ def test_h100_allreduce_heldout(calib, h100):
 
 @needs_data
 def test_cost_model_evaluates_the_same_forms_as_the_fit(calib, h100):
-    """compiler/cost.py (pure Python) and tools/calibrate.py (numpy) compute the same curves."""
+    """compiler/model/cost.py (pure Python) and tools/calibrate.py (numpy) compute the same curves."""
     import numpy as np
     import pandas as pd
 

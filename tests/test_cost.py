@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flowc.compiler.cost import FAMILIES, CostModel, Parallelism, causal_pairs, operators
+from flowc.compiler.model.cost import FAMILIES, CostModel, Parallelism, causal_pairs, operators
 from flowc.stdlib_listing import stdlib_spec
 
 

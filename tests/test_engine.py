@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowc.compiler.memory import kv_bytes_per_token_per_rank
+from flowc.compiler.model.memory import kv_bytes_per_token_per_rank
 from flowc.runtime.engine import Engine, EngineError, Request
 from flowc.runtime.sequence import SamplingParams
 from flowc.runtime.workspace import Workspace

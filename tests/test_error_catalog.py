@@ -52,7 +52,7 @@ def _documented() -> list[str]:
 
 
 def _raised() -> set[str]:
-    sources = [*ROOT.joinpath("compiler").glob("*.py"), *ROOT.joinpath("flowc").glob("*.py")]
+    sources = [*ROOT.joinpath("compiler").rglob("*.py"), *ROOT.joinpath("flowc").glob("*.py")]
     return {code for path in sources for code in CODE_LITERAL.findall(path.read_text(encoding="utf-8"))}
 
 

@@ -8,9 +8,9 @@ import pytest
 
 import flowc
 from flowc.cli import main
-from flowc.compiler.cost import CostModel, Parallelism
-from flowc.compiler.library import stdlib_spec
-from flowc.compiler.memory import memory_budget
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.frontend.library import stdlib_spec
+from flowc.compiler.model.memory import memory_budget
 
 GiB = 2**30
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

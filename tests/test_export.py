@@ -6,7 +6,7 @@ for each plan and engine version. Regenerate both after a change on purpose, the
 
     FLOWC_UPDATE_GOLDEN=1 python -m pytest tests/test_export.py -q
 
-The checks below parse the scripts on their own (shlex), not with compiler/export.py's parser.
+The checks below parse the scripts on their own (shlex), not with compiler/render/export.py's parser.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import yaml
 
 import flowc.cli
 from flowc import export_cmd
-from flowc.compiler import memory
-from flowc.compiler.export import (TARGETS, ExportError, TemplateError, UnknownVersion, check_script, export_plan,
+from flowc.compiler.model import memory
+from flowc.compiler.render.export import (TARGETS, ExportError, TemplateError, UnknownVersion, check_script, export_plan,
                                    hf_repos, known_versions, load_engine)
 from flowc.compiler.plan import GpuRef, Plan
 
@@ -43,7 +43,7 @@ ENGINE_VERSIONS = [(t, v) for t in TARGETS for v in known_versions(t)]
 
 def _compile(example: str) -> Plan:
     from flowc.api import check_sources
-    from flowc.compiler.optimizer import compile_spec
+    from flowc.compiler.optimize.compile import compile_spec
 
     return compile_spec(check_sources(Path("examples") / f"{example}.flow").spec)
 
@@ -132,7 +132,7 @@ def test_stored_plans_are_what_the_examples_compile_to(monkeypatch, plans):
 
 @pytest.mark.parametrize(("target", "version"), ENGINE_VERSIONS)
 def test_flag_lists_name_their_source(target, version):
-    data = json.loads((ROOT / "compiler" / "engines" / f"{target}-{version}.json").read_text(encoding="utf-8"))
+    data = json.loads((ROOT / "compiler" / "render" / "engines" / f"{target}-{version}.json").read_text(encoding="utf-8"))
     assert data["source"].startswith("https://")
     assert data["engine"] == target and data["version"] == version
     assert set(data["choices"]) <= set(data["flags"])

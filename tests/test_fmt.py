@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, note, settings
 import flowc
 import flowc.cli
 from flow_text_strategy import flow_text
-from flowc.compiler.fmt import format_source
-from flowc.compiler.parser import _parser, parse
+from flowc.compiler.frontend.fmt import format_source
+from flowc.compiler.frontend.parser import _parser, parse
 from flowc.compiler.source import SourceFile
 
 ROOT = Path(__file__).resolve().parents[1]

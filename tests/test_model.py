@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowc.compiler.arena import pack, step_buffers
+from flowc.compiler.optimize.arena import pack, step_buffers
 from flowc.compiler.spec import MoE, Model
 from flowc.runtime.config import ModelConfig, UnsupportedModel
 from flowc.runtime.kernels import get_ops

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from flowc.compiler.cost import HOST_TRANSFER_EFFICIENCY, CostModel, Parallelism
-from flowc.compiler.memory import memory_budget, weight_bytes_per_rank
-from flowc.compiler.offload import OffloadInfeasible, Unit, _variant, plan_offload, solve_offload, stage_units
+from flowc.compiler.model.cost import HOST_TRANSFER_EFFICIENCY, CostModel, Parallelism
+from flowc.compiler.model.memory import memory_budget, weight_bytes_per_rank
+from flowc.compiler.optimize.offload import OffloadInfeasible, Unit, _variant, plan_offload, solve_offload, stage_units
 from flowc.stdlib_listing import stdlib_spec
 
 GB, MS = 1e9, 1e-3

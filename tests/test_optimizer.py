@@ -11,8 +11,8 @@ import pytest
 import flowc
 from flowc.cli import main
 from flowc.compiler.plan import Plan
-from flowc.compiler.verify import verify_plan
-from flowc.compiler.workload import base_rate
+from flowc.compiler.verify.verifier import verify_plan
+from flowc.compiler.model.workload import base_rate
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.flow"))
 
@@ -56,7 +56,7 @@ def test_instances_never_share_a_gpu_and_stay_in_their_domains(compiled):
 
 
 def test_memory_maps_come_from_the_memory_model(compiled):
-    from flowc.compiler.memory import memory_budget
+    from flowc.compiler.model.memory import memory_budget
 
     spec, plan = compiled
     for d in plan.deployments:
@@ -163,7 +163,7 @@ deploy d {{ model llama-3.1-70b; on one; serve w under slow{offload} }}
 
 
 def test_a_model_larger_than_hbm_compiles_with_offloaded_weights():
-    from flowc.compiler.memory import weight_bytes_per_rank
+    from flowc.compiler.model.memory import weight_bytes_per_rank
 
     spec = flowc.load(OFFLOAD_SPEC.format(host="1 TiB", offload="; allow offload"))
     plan = flowc.compile(spec)

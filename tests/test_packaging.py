@@ -28,7 +28,7 @@ def test_editable_install_has_its_package_data():
 
 
 def test_std_modules_are_found_through_the_package():
-    from flowc.compiler.imports import std_modules, std_source
+    from flowc.compiler.frontend.imports import std_modules, std_source
 
     assert {"gpus", "links", "models", "slos", "cpu_local"} <= set(std_modules())
     assert "gpu h100-sxm" in std_source("gpus").text

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import flowc
-from flowc.compiler import ast
-from flowc.compiler.parser import parse
+from flowc.compiler.frontend import ast
+from flowc.compiler.frontend.parser import parse
 from flowc.compiler.source import SourceFile
 
 

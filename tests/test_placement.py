@@ -1,4 +1,4 @@
-"""Placement (compiler/placement.py) against a plain-Python brute force, validity of every
+"""Placement (compiler/optimize/placement.py) against a plain-Python brute force, validity of every
 placement, infeasibility reports, the KV rule and scale.
 
 The brute force below knows nothing of the CP-SAT model: it enumerates every way to fill every
@@ -17,9 +17,9 @@ from fractions import Fraction
 
 import pytest
 
-from flowc.compiler import placement as P
+from flowc.compiler.optimize import placement as P
 from flowc.compiler import spec
-from flowc.compiler.placement import Candidate, Demand, PlacementInfeasible, solve_placement
+from flowc.compiler.optimize.placement import Candidate, Demand, PlacementInfeasible, solve_placement
 
 NVLINK = spec.Link(name="nvlink", kind="nvlink", bandwidth=450e9)
 PCIE = spec.Link(name="pcie", kind="pcie", bandwidth=64e9)

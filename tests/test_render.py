@@ -1,4 +1,4 @@
-"""Plan diagrams (compiler/render.py): DOT read back by pydot (and drawn by Graphviz's `dot` when
+"""Plan diagrams (compiler/render/diagram.py): DOT read back by pydot (and drawn by Graphviz's `dot` when
 installed), Mermaid read back by the real Mermaid parser under node, the rich tree.
 
 Plans are built by hand over the example specs (compiling takes seconds each; the `slow` test
@@ -24,7 +24,7 @@ from rich.console import Console
 import flowc
 from flowc.compiler.plan import (DeploymentPlan, GpuRef, Instance, InstanceGroup, MemoryMap, Percentiles, Plan,
                                  Predicted, Scheduler, SolverStatus)
-from flowc.compiler.render import DEPLOYMENT_COLORS, UNUSED_COLOR, plan_tree, to_dot, to_mermaid
+from flowc.compiler.render.diagram import DEPLOYMENT_COLORS, UNUSED_COLOR, plan_tree, to_dot, to_mermaid
 from flowc.compiler.spec import Spec
 
 # pydot's parser calls pyparsing's deprecated camelCase names

@@ -1,4 +1,4 @@
-"""The HTML report of `flowc viz` (compiler/report_html.py, flowc/viz_cmd.py): it renders every
+"""The HTML report of `flowc viz` (compiler/render/html.py, flowc/viz_cmd.py): it renders every
 example plan, references nothing outside itself, shows the plan's own numbers, and a real
 headless Chromium renders it with the network blocked.
 
@@ -24,10 +24,10 @@ pytest.importorskip("matplotlib")
 
 from flowc.api import check_sources  # noqa: E402 (after the skip: the report needs matplotlib)
 from flowc.cli import main  # noqa: E402
-from flowc.compiler.optimizer import compile_spec  # noqa: E402
+from flowc.compiler.optimize.compile import compile_spec  # noqa: E402
 from flowc.compiler.plan import GpuRef, Instance  # noqa: E402
-from flowc.compiler.report_html import render_report  # noqa: E402
-from flowc.compiler.workload import base_rate, sample_requests  # noqa: E402
+from flowc.compiler.render.html import render_report  # noqa: E402
+from flowc.compiler.model.workload import base_rate, sample_requests  # noqa: E402
 from flowc.progress import progress  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -266,7 +266,7 @@ def test_cli_errors(plan_file, tmp_path, capsys):
 
 def test_cli_without_matplotlib_says_how_to_install_it(plan_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
-    monkeypatch.delitem(sys.modules, "flowc.compiler.report_html")
+    monkeypatch.delitem(sys.modules, "flowc.compiler.render.html")
     assert main(["viz", str(plan_file), "-o", str(tmp_path / "x.html")]) == 2
     assert 'pip install "flowc[viz]"' in capsys.readouterr().err
 

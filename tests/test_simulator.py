@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from flowc.compiler import spec
-from flowc.compiler.simulator import InstanceConfig, goodput, goodput_search, simulate
-from flowc.compiler.workload import Requests, fixed_requests, sample_requests
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.goodput import goodput, goodput_search
+from flowc.compiler.model.workload import Requests, fixed_requests, sample_requests
 
 
 class LinearCost:
@@ -172,7 +173,7 @@ def test_conservation_under_preemption_pressure(chunked):
 
 def test_the_least_work_totals_return_to_zero():
     # the router's running totals of outstanding tokens (prefill + decode, recomputes included)
-    from flowc.compiler.simulator import _Sim
+    from flowc.compiler.model.simulator import _Sim
 
     requests = random_requests(300, seed=1, rate=20.0)
     cost = LinearCost(0.01, 1e-4, 1e-6, hop=1e-3, xfer=1e-3)

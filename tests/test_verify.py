@@ -1,4 +1,4 @@
-"""The plan verifier (compiler/verify.py): sound plans verify clean, and each corruption of one
+"""The plan verifier (compiler/verify/verifier.py): sound plans verify clean, and each corruption of one
 gives exactly its code.
 
 Plans are built by hand here (`build_plan`, playing the optimizer): memory maps from
@@ -20,14 +20,15 @@ from hypothesis import HealthCheck, given, note, settings, strategies as st
 
 import flowc
 from flowc.cli import _Output
-from flowc.compiler.cost import CostModel, Parallelism
-from flowc.compiler.memory import memory_budget
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.model.memory import memory_budget
 from flowc.compiler.plan import (DeploymentPlan, GpuRef, Instance, InstanceGroup, MemoryMap,
                                  Percentiles, Plan, Predicted, Scheduler, SolverStatus)
-from flowc.compiler.simulator import InstanceConfig, goodput_search, simulate
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.goodput import goodput_search
 from flowc.compiler.spec import Spec
-from flowc.compiler.verify import cmd_verify, verify_file, verify_plan
-from flowc.compiler.workload import sample_requests
+from flowc.compiler.verify.verifier import cmd_verify, verify_file, verify_plan
+from flowc.compiler.model.workload import sample_requests
 
 GiB = 1 << 30
 
@@ -322,7 +323,7 @@ def test_offload_allowed_must_fit_host_memory():
     assert codes(edit(plan, lambda doc: _memory(doc, offloaded={"kv": 100 * GiB})), spec) == []
     assert codes(edit(plan, lambda doc: _memory(doc, offloaded={"kv": 200 * GiB})), spec) == ["F0524"]
     # offloaded weights leave room on the GPU: weights on the GPU + offloaded = the model's
-    # (categories of compiler/offload.py: "weights", "experts", "kv")
+    # (categories of compiler/optimize/offload.py: "weights", "experts", "kv")
     mm = plan.deployments[0].groups[0].memory
     assert codes(edit(plan, lambda doc: _memory(doc, weights=mm.weights - GiB, free=mm.free + GiB,
                                                 offloaded={"weights": GiB})), spec) == []
@@ -498,9 +499,8 @@ def test_cmd_verify_exit_codes(tmp_path, plan, capsys):
 
 
 def test_verifier_is_independent_of_the_optimizer():
-    source = (Path(__file__).resolve().parents[1] / "compiler" / "verify.py").read_text(encoding="utf-8")
-    for module in ("optimizer", "placement", "candidates"):
-        assert f"import {module}" not in source and f".{module} import" not in source
+    for path in (Path(__file__).resolve().parents[1] / "compiler" / "verify").glob("*.py"):
+        assert "compiler.optimize" not in path.read_text(encoding="utf-8"), path
 
 
 # ---------------------------------------------------------------------------------- property test

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flowc.compiler import spec
-from flowc.compiler.traces import read_trace
-from flowc.compiler.workload import Requests, fixed_requests, sample_requests
+from flowc.compiler.model.traces import read_trace
+from flowc.compiler.model.workload import Requests, fixed_requests, sample_requests
 
 AZURE_CONV = Path("/work/shared/traces/azure_llm_2023_conv.csv")
 

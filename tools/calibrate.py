@@ -7,7 +7,7 @@ database (Apache-2.0: vLLM GEMM, context and generation attention, NCCL collecti
 microsoft/vidur's profiling (MIT: per-op layer timings, all-reduce and send/recv). Every fit
 uses one source, one GPU and one software version; sources are never mixed.
 
-The functional forms are the ones compiler/cost.py evaluates (its module docstring lists them);
+The functional forms are the ones compiler/model/cost.py evaluates (its module docstring lists them);
 here they are written again with numpy, and tests/test_calibration.py checks the two agree.
 
 A deterministic 20% of the rows (crc32 of the row's key % 5 == 0) is held out of every fit;

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Union
 
-from .source import Span
+from flowc.compiler.source import Span
 
 
 @dataclass(frozen=True, slots=True)

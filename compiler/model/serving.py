@@ -12,13 +12,15 @@ from typing import Callable, Optional
 
 from pydantic import BaseModel
 
-from .candidates import Shape, instance_shapes
-from .cost import CostModel, Parallelism
-from .diagnostics import Diagnostic, FlowError, suggestion_help
-from .estimate import LatencyStats
-from .simulator import InstanceConfig, SimResult, goodput, simulate
-from .spec import Deployment, Spec, Workload
-from .workload import sample_requests
+from flowc.compiler.model.shapes import Shape, instance_shapes
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.diagnostics import Diagnostic, FlowError, suggestion_help
+from flowc.compiler.model.estimate import LatencyStats
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.goodput import goodput
+from flowc.compiler.model.results import SimResult
+from flowc.compiler.spec import Deployment, Spec, Workload
+from flowc.compiler.model.workload import sample_requests
 
 
 class TargetReport(BaseModel):

@@ -13,17 +13,19 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import ast, units
-from .diagnostics import Diagnostic, FlowError, Label, did_you_mean, suggestion_help
-from .imports import Program, display_path
-from .candidates import divisors as _divisors, instance_shapes, valid_tp
-from .memory import GPU_MEMORY_UTILIZATION, param_counts, weight_bytes
-from .spec import (
+from flowc.compiler.frontend import ast
+
+from flowc.compiler import units
+from flowc.compiler.diagnostics import Diagnostic, FlowError, Label, did_you_mean, suggestion_help
+from flowc.compiler.frontend.imports import Program, display_path
+from flowc.compiler.model.shapes import divisors as _divisors, instance_shapes, valid_tp
+from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION, param_counts, weight_bytes
+from flowc.compiler.spec import (
     DTYPE_BYTES, GPU, MLA, SEARCH_KNOBS, SLO, Arrival, Cluster, Deployment, Lengths, Link, Location,
     MoE, Model, NodeGroup, SLOTarget, Spec, Workload,
 )
-from .traces import Trace, TraceError, read_trace
-from .units import Dim, Value, format_value
+from flowc.compiler.model.traces import Trace, TraceError, read_trace
+from flowc.compiler.units import Dim, Value, format_value
 
 MAX_EXPONENT = 100
 MIN_MAGNITUDE, MAX_MAGNITUDE = Fraction(1, 10**MAX_EXPONENT), Fraction(10**MAX_EXPONENT)
@@ -222,7 +224,7 @@ class Checker:
         best = did_you_mean(name, local)
         if best:
             return f"did you mean `{best}`?"
-        from .imports import std_source
+        from flowc.compiler.frontend.imports import std_source
 
         hidden = did_you_mean(name, self.decls[kind])
         if hidden:
@@ -1216,7 +1218,7 @@ def _bytes(n: int) -> str:
 
 
 def _text(expr: ast.Expr) -> str:
-    from .fmt import format_expr
+    from flowc.compiler.frontend.fmt import format_expr
 
     return format_expr(expr)
 

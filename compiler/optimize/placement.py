@@ -128,8 +128,8 @@ from typing import Literal, Optional
 
 from ortools.sat.python import cp_model
 
-from . import spec
-from .plan import GpuRef
+from flowc.compiler import spec
+from flowc.compiler.plan import GpuRef
 
 RPS_SCALE = 1000  # capacities and loads in milli-requests/s
 COST_SCALE = 10_000  # prices in 1e-4 usd/h
@@ -991,7 +991,7 @@ class _Model:
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = max(0.01, time_s)
         solver.parameters.num_workers = max(1, workers)
-        solver.parameters.catch_sigint_signal = False  # Ctrl-C is Python's (see compiler/arena.py)
+        solver.parameters.catch_sigint_signal = False  # Ctrl-C is Python's (see compiler/optimize/arena.py)
         if self.layer == "per-node":
             # the per-node model is symmetric in identical nodes: the LP with symmetry
             # (orbitopes) closes bounds that the default portfolio of 2 workers does not reach
@@ -1491,7 +1491,7 @@ def _gpus_needed(p: _Problem, name: str, oversized: list[Candidate], time_s: flo
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.5, time_s)
     solver.parameters.num_workers = max(1, workers)
-    solver.parameters.catch_sigint_signal = False  # Ctrl-C is Python's (see compiler/arena.py)
+    solver.parameters.catch_sigint_signal = False  # Ctrl-C is Python's (see compiler/optimize/arena.py)
     status = solver.solve(m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None

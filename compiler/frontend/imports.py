@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import ast
-from .diagnostics import Diagnostic, FlowError, did_you_mean
-from .parser import parse
-from .source import SourceFile, Span
+from flowc.compiler.frontend import ast
+from flowc.compiler.diagnostics import Diagnostic, FlowError, did_you_mean
+from flowc.compiler.frontend.parser import parse
+from flowc.compiler.source import SourceFile, Span
 
 STD_PREFIX = "std."
 
@@ -44,7 +44,7 @@ def std_modules() -> list[str]:
 def std_source(module: str) -> SourceFile | None:
     display = f"<std>/{module}.flow"
     if module == "cpu_local":
-        from .cpu_local import cpu_local_flow
+        from flowc.compiler.frontend.cpu_local import cpu_local_flow
 
         return SourceFile(display, cpu_local_flow())
     path = resources.files("flowc.stdlib").joinpath(f"{module}.flow")

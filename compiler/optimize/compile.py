@@ -5,11 +5,11 @@ Percentiles under queueing are not linear, so the search has three steps:
    that fits, scheduler settings) in each role it allows (colocated; prefill and decode with
    disaggregation), and each candidate's capacity under the SLO: the goodput of one instance,
    measured with the simulator (`_capacity`). With `allow offload`, pp = 1 shapes whose HBM
-   cannot hold the weights and the longest request are candidates too: compiler/offload.py
+   cannot hold the weights and the longest request are candidates too: compiler/optimize/offload.py
    places part of the weights in host memory (`_offload_candidates`), and the instance's step
    time carries the streaming overhead (`cost.StreamedCost`);
 2. placement: CP-SAT chooses how many instances of each candidate run and on which GPUs
-   (compiler/placement.py), for each deployment's objective;
+   (compiler/optimize/placement.py), for each deployment's objective;
 3. check: the chosen configuration is simulated end to end at the workload's rate and its
    goodput measured again; the plan records those predictions, the alternatives and why
    each lost, and the constraints that bind.
@@ -23,21 +23,22 @@ from typing import Callable, Optional
 
 from flowc import __version__
 
-from .arena import pack, step_buffers
-from .candidates import Shape, instance_shapes
-from .cost import CostModel, Parallelism, StreamedCost
-from .diagnostics import Diagnostic, FlowError
-from .memory import kv_bytes_per_token, memory_budget
-from .offload import OffloadInfeasible, OffloadPlan, plan_offload
-from .placement import Candidate, Demand, PlacementInfeasible, PlacementTimeout, solve_placement
-from .plan import (
+from flowc.compiler.optimize.arena import pack, step_buffers
+from flowc.compiler.model.shapes import Shape, instance_shapes
+from flowc.compiler.model.cost import CostModel, Parallelism, StreamedCost
+from flowc.compiler.diagnostics import Diagnostic, FlowError
+from flowc.compiler.model.memory import kv_bytes_per_token, memory_budget
+from flowc.compiler.optimize.offload import OffloadInfeasible, OffloadPlan, plan_offload
+from flowc.compiler.optimize.placement import Candidate, Demand, PlacementInfeasible, PlacementTimeout, solve_placement
+from flowc.compiler.plan import (
     Alternative, DeploymentPlan, Instance, InstanceGroup, MemoryMap, Percentiles, Plan, Predicted, Scheduler,
     SolverStatus,
 )
-from .simulator import InstanceConfig, goodput_search, simulate
-from .spec import SLO, Deployment, Link, Spec
-from .verify import verify_plan
-from .workload import Requests, base_rate, sample_requests
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.goodput import goodput_search
+from flowc.compiler.spec import SLO, Deployment, Link, Spec
+from flowc.compiler.verify.verifier import verify_plan
+from flowc.compiler.model.workload import Requests, base_rate, sample_requests
 
 CAPACITY_REQUESTS = 400  # requests per instance and simulation when measuring a candidate's capacity
 POOL_GPUS = 8  # capacity is measured on a pool of about this many GPUs: replicas share load like a real fleet

@@ -81,12 +81,12 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Protocol, Sequence, Union
+from typing import Literal, Optional, Protocol, Sequence
 
 import numpy as np
 
-from . import spec
-from .workload import Requests, base_rate, sample_requests
+from flowc.compiler.model.results import SimResult
+from flowc.compiler.model.workload import Requests
 
 
 class StepCost(Protocol):
@@ -641,7 +641,7 @@ class _Sim:
             self.arrival[self.filled] = t
             self.filled += 1
 
-    def result(self) -> "SimResult":
+    def result(self) -> SimResult:
         arrival = np.array(self.arrival, dtype=np.float64)
         first = np.array(self.first_token, dtype=np.float64)
         finish = np.array(self.finish_time, dtype=np.float64)
@@ -667,7 +667,7 @@ class _Sim:
 
 def simulate(requests: Requests, instances: Sequence[InstanceConfig], *,
              router: Literal["round_robin", "least_work"] = "round_robin",
-             closed_loop_concurrency: int | None = None) -> "SimResult":
+             closed_loop_concurrency: int | None = None) -> SimResult:
     """Simulate serving `requests` on `instances` (see the module docstring for the model)."""
     sim = _Sim(requests, instances, router, closed_loop_concurrency)
     sim.run()
@@ -675,225 +675,3 @@ def simulate(requests: Requests, instances: Sequence[InstanceConfig], *,
     if stuck:  # a scheduler bug, never a property of the input: fail loudly rather than report it
         raise RuntimeError(f"simulator: {stuck} requests neither finished nor rejected (please report)")
     return sim.result()
-
-
-# ------------------------------------------------------------------------------ results
-
-
-def _label(target: spec.SLOTarget) -> str:
-    return target.metric if target.percentile is None else f"{target.metric} p{target.percentile:g}"
-
-
-@dataclass(frozen=True)
-class SimResult:
-    """Per-request metrics (seconds) and totals. A request never served has ttft/e2e/tpot inf
-    (it counts as missing every limit); tpot is nan for one-token outputs (it has no TPOT and
-    is left out of TPOT statistics)."""
-
-    ttft: np.ndarray
-    tpot: np.ndarray
-    e2e: np.ndarray
-    finished: np.ndarray  # bool
-    rejected: np.ndarray  # bool: could never fit the instance's KV cache (or token budget)
-    arrival: np.ndarray  # effective arrival times (closed loop: when each request was started)
-    finish: np.ndarray  # finish times, nan if not finished
-    output: np.ndarray
-    instance: np.ndarray  # the instance each request was routed to at arrival
-    decode_instance: np.ndarray  # disaggregated: the decode instance, else -1
-    preemptions: int
-    iterations: int
-    tokens_generated: int
-    kv_blocks_in_use: list[int] = field(default_factory=list)  # per instance, at the end
-
-    def __len__(self) -> int:
-        return len(self.ttft)
-
-    @property
-    def makespan(self) -> float:
-        """From the first arrival to the last finish."""
-        if not self.finished.any():
-            return 0.0
-        return float(np.nanmax(self.finish) - self.arrival.min())
-
-    @property
-    def output_throughput(self) -> float:
-        """Output tokens of finished requests per second of makespan."""
-        span = self.makespan
-        return float(self.output[self.finished].sum()) / span if span > 0 else 0.0
-
-    @property
-    def request_throughput(self) -> float:
-        span = self.makespan
-        return float(self.finished.sum()) / span if span > 0 else 0.0
-
-    def _values(self, metric: str) -> np.ndarray:
-        values = {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e}[metric]
-        return values[~np.isnan(values)]
-
-    def mean(self, metric: str) -> float:
-        """Mean of `metric` over the requests that have it (inf if one was never served)."""
-        values = self._values(metric)
-        return float(values.mean()) if len(values) else float("nan")
-
-    def percentile(self, metric: str, p: float) -> float:
-        """The p-th percentile of `metric` ("ttft", "tpot", "e2e"), as the smallest value that
-        at least p% of the requests do not exceed (numpy's inverted_cdf): so pNN <= limit
-        exactly when at least NN% of the requests meet the limit. Unserved requests count as inf;
-        one-token outputs have no TPOT and are left out of TPOT."""
-        values = self._values(metric)
-        if len(values) == 0:
-            return float("nan")
-        return float(np.percentile(values, p, method="inverted_cdf"))
-
-    def attainment(self, slo: spec.SLO) -> dict:
-        """How the requests fare against `slo`.
-
-        report[metric] ("ttft", "tpot", "e2e", for each metric the SLO names): "share" of the
-        requests meeting every limit on that metric, "met" (all its targets met), and "targets":
-        one dict per target with "percentile", "limit", "value" (the percentile's value, or the
-        maximum for a target without percentile), "share" and "met"; the first target's
-        "percentile", "limit" and "value" are repeated at the metric's level.
-        report["joint"]: "share" of the requests meeting every limit of the SLO, "met" (share >=
-        slo.attainment, True without attainment).
-        A target with a percentile is met when its percentile value is <= the limit; a target
-        without one when the joint share reaches `slo.attainment` (without attainment: when
-        every request meets it). Requests without a TPOT (one output token) meet TPOT limits."""
-        n = len(self)
-        joint = np.ones(n, dtype=bool)
-        report: dict = {}
-        for target in slo.targets:
-            values = {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e}[target.metric]
-            ok = np.isnan(values) | (values <= target.limit)
-            joint &= ok
-            share = float(ok.mean()) if n else 1.0
-            if target.percentile is not None:
-                value = self.percentile(target.metric, target.percentile)
-                met = bool(math.isnan(value) or value <= target.limit)
-            else:
-                counted = values[~np.isnan(values)]
-                value = float(counted.max()) if len(counted) else float("nan")
-                met = None  # decided below, from the joint share
-            entry = {"percentile": target.percentile, "limit": target.limit, "value": value, "share": share,
-                     "met": met, "_ok": ok}
-            metric = report.setdefault(target.metric, {"targets": []})
-            metric["targets"].append(entry)
-        joint_share = float(joint.mean()) if n else 1.0
-        for metric in report.values():
-            for entry in metric["targets"]:
-                if entry["met"] is None:
-                    entry["met"] = joint_share >= slo.attainment if slo.attainment is not None else entry["share"] >= 1.0
-            all_ok = np.logical_and.reduce([entry.pop("_ok") for entry in metric["targets"]])
-            first = metric["targets"][0]
-            metric.update(percentile=first["percentile"], limit=first["limit"], value=first["value"],
-                          share=float(all_ok.mean()) if n else 1.0, met=all(e["met"] for e in metric["targets"]))
-        report["joint"] = {"share": joint_share,
-                           "met": slo.attainment is None or joint_share >= slo.attainment}
-        return report
-
-    def meets(self, slo: spec.SLO) -> bool:
-        """Every percentile target met; and the joint share >= slo.attainment when given (without
-        attainment, targets without a percentile must hold for every request)."""
-        report = self.attainment(slo)
-        return report["joint"]["met"] and all(report[t.metric]["met"] for t in slo.targets)
-
-
-# ------------------------------------------------------------------------------ goodput
-
-
-WorkloadLike = Union[spec.Workload, Callable[[float], Requests]]
-
-
-@dataclass(frozen=True)
-class GoodputSearch:
-    """The result of a goodput search: the goodput (req/s), the rates simulated with whether
-    each met the SLO, and the capacity probe (req/s) when `hi` was not given."""
-
-    goodput: float
-    trials: list[tuple[float, bool]]
-    capacity: float | None = None
-
-    @property
-    def simulations(self) -> int:
-        return len(self.trials) + (self.capacity is not None)
-
-
-def goodput(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo: float = 0.0, hi: float | None = None,
-            tol: float | None = None, seed: int = 0, n: int | None = None,
-            router: Literal["round_robin", "least_work"] = "least_work") -> float:
-    """The highest arrival rate (req/s) whose simulation meets `slo`; see `goodput_search`."""
-    return goodput_search(make_instances, workload, slo, lo=lo, hi=hi, tol=tol, seed=seed, n=n, router=router).goodput
-
-
-def goodput_search(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo: float = 0.0,
-                   hi: float | None = None, tol: float | None = None, seed: int = 0, n: int | None = None,
-                   router: Literal["round_robin", "least_work"] = "least_work") -> GoodputSearch:
-    """Bisection over a rate scale; bounds, tolerance and result in req/s.
-
-    make_instances: a list of InstanceConfig, or a callable () -> list.
-    workload: a spec.Workload, sampled once with `seed` (`n` requests, default as in
-    `sample_requests`) and replayed at every rate scale: the same requests, closer together;
-    or a callable rate_scale -> Requests (e.g. `lambda s: sample_requests(w, rate_scale=s)`).
-    A rate is scale x the base rate: the workload's nominal rate, or for a callable the mean
-    arrival rate of its requests at scale 1.
-
-    Bounds: `lo` (default 0) is assumed to pass; when lo > 0 it is simulated first and 0 is
-    returned if it fails. `hi` defaults to the capacity: the steady-state request throughput
-    of the same requests all arriving at t=0 (completions between the 10th and the 90th
-    percentile, so neither the ramp-up nor the drain counts; one simulation). Above the
-    capacity queues grow without bound, so a finite run that passes there is not trusted: when
-    `hi` passes it is returned as is (the goodput is capped at `hi`). Otherwise bisection until
-    the bracket [pass, fail] is at most `tol` wide (default 2% of hi), returning its lower end.
-    Simulations: [1 capacity probe] + [1 for lo > 0] + 1 for hi + ceil(log2((hi - lo) / tol)):
-    8 with the defaults.
-    """
-    instances = list(make_instances() if callable(make_instances) else make_instances)
-    if isinstance(workload, spec.Workload):
-        rate0 = base_rate(workload)
-        base = sample_requests(workload, n, seed=seed)
-
-        def requests_at(scale: float) -> Requests:
-            return base.scaled(scale)
-    else:
-        requests_at = workload
-        rate0 = requests_at(1.0).rate
-    if not (0 < rate0 < math.inf):
-        raise ValueError("the workload's requests need a finite, positive arrival rate")
-    trials: list[tuple[float, bool]] = []
-
-    def ok(rate: float) -> bool:
-        met = simulate(requests_at(rate / rate0), instances, router=router).meets(slo)
-        trials.append((rate, met))
-        return met
-
-    capacity = None
-    if hi is None:
-        probe = requests_at(1.0)
-        saturated = simulate(Requests(np.zeros(len(probe)), probe.prompt, probe.output), instances, router=router)
-        capacity = hi = _steady_throughput(saturated)
-        if not hi > 0:
-            return GoodputSearch(0.0, trials, capacity)
-    if tol is None:
-        tol = 0.02 * hi
-    if lo > 0 and not ok(lo):
-        return GoodputSearch(0.0, trials, capacity)
-    if hi <= lo:  # the probe underestimates a rate already shown to pass
-        return GoodputSearch(lo, trials, capacity)
-    if ok(hi):
-        return GoodputSearch(hi, trials, capacity)
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return GoodputSearch(lo, trials, capacity)
-
-
-def _steady_throughput(result: SimResult) -> float:
-    """Requests/s between the 10th and the 90th percentile of completion times."""
-    finish = np.sort(result.finish[result.finished])
-    if len(finish) < 10:
-        return result.request_throughput
-    i, j = len(finish) // 10, len(finish) - 1 - len(finish) // 10
-    span = finish[j] - finish[i]
-    return (j - i) / span if span > 0 else result.request_throughput

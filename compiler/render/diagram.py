@@ -19,9 +19,9 @@ from typing import Optional
 from rich.text import Text
 from rich.tree import Tree
 
-from .plan import DeploymentPlan, GpuRef, Instance, InstanceGroup, Plan
-from .spec import NodeGroup, Spec
-from .verify import cluster_nodes
+from flowc.compiler.plan import DeploymentPlan, GpuRef, Instance, InstanceGroup, Plan
+from flowc.compiler.spec import NodeGroup, Spec
+from flowc.compiler.verify.verifier import cluster_nodes
 
 # Okabe-Ito, colorblind-safe; its black is left out so that no GPU is filled black.
 DEPLOYMENT_COLORS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7"]

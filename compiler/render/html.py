@@ -29,18 +29,18 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .diagnostics import Diagnostic
-from .memory import GPU_MEMORY_UTILIZATION, kv_bytes_per_token
-from .plan import DeploymentPlan, InstanceGroup, Plan
-from .render import ROLE_STYLES, UNUSED_COLOR, UNUSED_INK, deployment_color, ink
-from .simulator import SimResult
-from .spec import SLO, Cluster, Spec
-from .verify import PREDICTION_SEED, cluster_nodes, simulate_plan_deployment
-from .workload import base_rate, sample_requests
+from flowc.compiler.diagnostics import Diagnostic
+from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION, kv_bytes_per_token
+from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
+from flowc.compiler.render.diagram import ROLE_STYLES, UNUSED_COLOR, UNUSED_INK, deployment_color, ink
+from flowc.compiler.model.results import SimResult
+from flowc.compiler.spec import SLO, Cluster, Spec
+from flowc.compiler.verify.verifier import PREDICTION_SEED, cluster_nodes, simulate_plan_deployment
+from flowc.compiler.model.workload import base_rate, sample_requests
 
 __all__ = ["render_report", "MEMORY_COLORS"]
 
-# GPUs look as in `flowc viz --format dot|mermaid` (compiler/render.py): filled with their
+# GPUs look as in `flowc viz --format dot|mermaid` (compiler/render/diagram.py): filled with their
 # deployment's color, outlined by their role; grey when unused. Memory categories have their own.
 MEMORY_COLORS = {"weights": "#4e79a7", "kv_cache": "#59a14f", "activations": "#f28e2b", "reserve": "#b07aa1",
                  "free": "#e8e8e8", "offloaded": "#9c755f"}

@@ -1,4 +1,4 @@
-"""Parse .flow text into the AST (compiler/ast.py) with lark, turning lark's errors into
+"""Parse .flow text into the AST (compiler/frontend/ast.py) with lark, turning lark's errors into
 diagnostics that never name lark's terminals."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from importlib import resources
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from . import ast
-from .diagnostics import Diagnostic, FlowError, Label
-from .source import SourceFile, Span
+from flowc.compiler.frontend import ast
+from flowc.compiler.diagnostics import Diagnostic, FlowError, Label
+from flowc.compiler.source import SourceFile, Span
 
 MAX_SYNTAX_ERRORS = 10
 

@@ -27,7 +27,7 @@ def cpu_local_flow() -> str:
     gflops = cores * ASSUMED_GHZ * FP32_FLOP_PER_CYCLE
     return f"""use std.links
 
-## This machine's CPU, as a device (estimated; see compiler/cpu_local.py)
+## This machine's CPU, as a device (estimated; see compiler/frontend/cpu_local.py)
 gpu cpu-local {{
   vendor cpu
   memory {memory} B                # a quarter of the RAM the OS reports, at most 4 GiB

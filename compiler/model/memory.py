@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import DTYPE_BYTES, Model
+from flowc.compiler.spec import DTYPE_BYTES, Model
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,8 @@ def kv_bytes_per_token_per_rank(m: Model, tp: int = 1, pp: int = 1) -> int:
 
 def activation_peak_bytes(m: Model, tp: int, max_batched_tokens: int, max_seqs: int) -> int:
     """Peak transient memory of one iteration at the token budget on one TP rank: the peak of
-    live bytes of the step's buffer graph (compiler/arena.py), which the arena packing reaches."""
-    from .arena import lower_bound, step_buffers  # arena.py builds on this module's constants
+    live bytes of the step's buffer graph (compiler/optimize/arena.py), which the arena packing reaches."""
+    from flowc.compiler.optimize.arena import lower_bound, step_buffers  # arena.py builds on this module's constants
 
     return lower_bound(step_buffers(m, tp, max_batched_tokens, max_seqs))
 

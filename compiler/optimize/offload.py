@@ -65,10 +65,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from . import spec
-from .cost import CostModel, Parallelism, causal_pairs, operators
-from .memory import (_attention_params, _mlp_params, kv_bytes_per_token_per_rank, kv_heads_per_rank, memory_budget)
-from .spec import DTYPE_BYTES
+from flowc.compiler import spec
+from flowc.compiler.model.cost import CostModel, Parallelism, causal_pairs, operators
+from flowc.compiler.model.memory import (_attention_params, _mlp_params, kv_bytes_per_token_per_rank, kv_heads_per_rank, memory_budget)
+from flowc.compiler.spec import DTYPE_BYTES
 
 __all__ = ["OffloadPlan", "OffloadInfeasible", "Shares", "Unit", "plan_offload", "solve_offload", "stage_units"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import MemoryBudget, memory_budget
-from .spec import Deployment, Model, Spec
+from flowc.compiler.model.memory import MemoryBudget, memory_budget
+from flowc.compiler.spec import Deployment, Model, Spec
 
 
 @dataclass(frozen=True)

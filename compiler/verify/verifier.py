@@ -65,10 +65,10 @@ from typing import Optional
 
 from pydantic import ValidationError
 
-from .diagnostics import Diagnostic, suggestion_help
-from .memory import GPU_MEMORY_UTILIZATION, kv_bytes_per_token, memory_budget
-from .plan import FORMAT_VERSION, DeploymentPlan, GpuRef, Plan
-from .spec import Cluster, Deployment, Link, NodeGroup, Spec
+from flowc.compiler.diagnostics import Diagnostic, suggestion_help
+from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION, kv_bytes_per_token, memory_budget
+from flowc.compiler.plan import FORMAT_VERSION, DeploymentPlan, GpuRef, Plan
+from flowc.compiler.spec import Cluster, Deployment, Link, NodeGroup, Spec
 
 __all__ = ["verify_plan", "verify_file", "verify_file_with_sources", "cmd_verify", "TOLERANCE",
            "ABS_TOLERANCE_MS", "ATTAINMENT_TOLERANCE", "BORDERLINE", "PREDICTION_SEED"]
@@ -153,14 +153,14 @@ class _Verifier:
     def requests(self, workload_name: str, n: Optional[int] = None):
         """The workload sampled once per count with the prediction seed (numpy is imported here only)."""
         if (workload_name, n) not in self._workload_cache:
-            from .workload import sample_requests
+            from flowc.compiler.model.workload import sample_requests
 
             self._workload_cache[workload_name, n] = sample_requests(self.spec.workloads[workload_name], n,
                                                                      seed=PREDICTION_SEED)
         return self._workload_cache[workload_name, n]
 
     def rate(self, workload_name: str) -> float:
-        from .workload import base_rate
+        from flowc.compiler.model.workload import base_rate
 
         return base_rate(self.spec.workloads[workload_name])
 
@@ -457,13 +457,13 @@ class _Verifier:
             if mm.capacity != gpu.memory:
                 fail(f"capacity {_gib(mm.capacity)} in the memory map, a {gpu.name} has {_gib(gpu.memory)}",
                      "the capacity is the GPU's memory", at=f"{gat}.capacity")
-            # host categories (compiler/offload.py): "weights" (all but routed experts), "experts", "kv"
+            # host categories (compiler/optimize/offload.py): "weights" (all but routed experts), "experts", "kv"
             off_weights = mm.offloaded.get("weights", 0) + mm.offloaded.get("experts", 0)
             if mm.weights + off_weights != b.weights:
                 kept = f"{_gib(mm.weights)} of weights per GPU" + (
                     f" (+ {_gib(off_weights)} offloaded)" if off_weights else "")
                 fail(f"{kept}; the memory model gives {_gib(b.weights)} for {m.name} at {m.weights}, {shape}",
-                     "compile the plan again: a rank's weights come from the memory model (compiler/memory.py)",
+                     "compile the plan again: a rank's weights come from the memory model (compiler/model/memory.py)",
                      at=f"{gat}.weights",
                      notes=(f"plan: {mm.weights + off_weights:,} B, memory model: {b.weights:,} B",))
             block_bytes = b.kv_bytes_per_token * s.block_size
@@ -476,7 +476,7 @@ class _Verifier:
             elif mm.kv_blocks > limit:
                 fail(f"{mm.kv_blocks:,} KV blocks, the memory model fits {limit:,} ({shape}, block_size "
                      f"{s.block_size})", "compile the plan again: the KV cache is sized by the memory model "
-                     "(memory_budget in compiler/memory.py)",
+                     "(memory_budget in compiler/model/memory.py)",
                      at=f"{gat}.kv_blocks",
                      notes=(f"per GPU: {_gib(b.usable)} usable - weights {_gib(mm.weights)} - activations "
                             f"{_gib(b.activations)} - reserve {_gib(b.reserve)}, / {block_bytes:,} B per block",))
@@ -486,7 +486,7 @@ class _Verifier:
                      at=f"{gat}.kv_cache")
             if mm.reserve < b.reserve:
                 fail(f"reserve {_gib(mm.reserve)}, the memory model reserves {_gib(b.reserve)} per GPU",
-                     "keep the runtime reserve of compiler/memory.py", at=f"{gat}.reserve")
+                     "keep the runtime reserve of compiler/model/memory.py", at=f"{gat}.reserve")
             total = mm.weights + mm.kv_cache + mm.activations + mm.reserve + mm.free
             if total != mm.capacity:
                 fail(f"the categories add up to {total:,} B, not the capacity {mm.capacity:,} B",
@@ -745,7 +745,7 @@ def _attainment_note(result, slo) -> str:
 
 
 def _all_at_once(requests):
-    from .workload import Requests
+    from flowc.compiler.model.workload import Requests
 
     return Requests(requests.arrival * 0.0, requests.prompt, requests.output)
 
@@ -784,7 +784,7 @@ def simulate_plan_deployment(spec: Spec, dp: DeploymentPlan, requests, *, router
     """Re-simulate a deployment from its plan (what the verifier checks predictions against),
     on `plan_instances(spec, dp)`, behind `router` (default least_work, as flowc.simulate and
     goodput searches use; `flowc.autotune` compares routers with it)."""
-    from .simulator import simulate
+    from flowc.compiler.model.simulator import simulate
 
     return simulate(requests, plan_instances(spec, dp), router=router)
 
@@ -798,8 +798,8 @@ def plan_instances(spec: Spec, dp: DeploymentPlan) -> list:
     with `kv_capacity_tokens = kv_blocks x block_size`, the scheduler's block size, token budget,
     max_seqs and chunked-prefill switch, and the group's role. A group with offloaded weights
     adds its memory map's `offload_step_s` to every step (`cost.StreamedCost`)."""
-    from .cost import CostModel, Parallelism, StreamedCost
-    from .simulator import InstanceConfig
+    from flowc.compiler.model.cost import CostModel, Parallelism, StreamedCost
+    from flowc.compiler.model.simulator import InstanceConfig
 
     d = spec.deployments[dp.name]
     cluster = spec.clusters[d.cluster]
@@ -880,7 +880,7 @@ def verify_file_with_sources(plan_path, spec_path=None):
     missing plan or spec file, and ValueError when no spec is given and the plan names none."""
     from flowc.api import check_sources  # the front end; imported here so `compiler` stays below the API
 
-    from .diagnostics import FlowError
+    from flowc.compiler.diagnostics import FlowError
 
     plan_path = Path(plan_path)
     if not plan_path.is_file():
@@ -946,8 +946,8 @@ def simulate_instance(spec: Spec, dp: DeploymentPlan, group_index: int, requests
     """Simulate `requests` on ONE instance of the plan's group `group_index`, as the verifier
     models it (its GPU's cost model, the plan's scheduler and KV pool, offload overhead): what
     the plan predicts for a replay of those requests on that instance (`flowc run --replay`)."""
-    from .cost import CostModel, Parallelism, StreamedCost
-    from .simulator import InstanceConfig, simulate
+    from flowc.compiler.model.cost import CostModel, Parallelism, StreamedCost
+    from flowc.compiler.model.simulator import InstanceConfig, simulate
 
     d, g = spec.deployments[dp.name], dp.groups[group_index]
     cluster = spec.clusters[d.cluster]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import functools
 
-from .checker import check
-from .imports import load_program, std_modules
-from .source import SourceFile
-from .spec import Spec
+from flowc.compiler.frontend.checker import check
+from flowc.compiler.frontend.imports import load_program, std_modules
+from flowc.compiler.source import SourceFile
+from flowc.compiler.spec import Spec
 
 
 @functools.cache

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Mapping, NamedTuple, Optional
 
-from .memory import CONTEXT_RESERVE, GRAPH_RESERVE, NCCL_RESERVE
-from .plan import DeploymentPlan, InstanceGroup, Plan
+from flowc.compiler.model.memory import CONTEXT_RESERVE, GRAPH_RESERVE, NCCL_RESERVE
+from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
 
 TARGETS = ("vllm", "sglang")
 LABELS = {"vllm": "vLLM", "sglang": "SGLang"}
@@ -115,7 +115,7 @@ class Setting(NamedTuple):
 # ---------------------------------------------------------------------------------- engines
 
 def _engines_dir():
-    return resources.files("flowc.compiler").joinpath("engines")
+    return resources.files(__package__).joinpath("engines")
 
 
 def known_versions(target: str) -> list[str]:

@@ -95,8 +95,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .memory import ACTIVATION_BYTES, LOGIT_BYTES, kv_heads_per_rank
-from .spec import Model
+from flowc.compiler.model.memory import ACTIVATION_BYTES, LOGIT_BYTES, kv_heads_per_rank
+from flowc.compiler.spec import Model
 
 __all__ = ["ALIGNMENT", "Buffer", "ArenaLayout", "step_buffers", "lower_bound", "greedy", "pack", "overlaps",
            "live_bytes"]

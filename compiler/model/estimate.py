@@ -11,14 +11,14 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from .candidates import valid_tp
-from .cost import CostModel, Parallelism
-from .diagnostics import Diagnostic, FlowError, suggestion_help
-from .library import stdlib_spec
-from .memory import memory_budget
-from .simulator import InstanceConfig, simulate
-from .spec import DTYPE_BYTES, GPU, Link, Model
-from .workload import fixed_requests
+from flowc.compiler.model.shapes import valid_tp
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.diagnostics import Diagnostic, FlowError, suggestion_help
+from flowc.compiler.frontend.library import stdlib_spec
+from flowc.compiler.model.memory import memory_budget
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.spec import DTYPE_BYTES, GPU, Link, Model
+from flowc.compiler.model.workload import fixed_requests
 
 # Requests simulated per estimate: enough for stable percentiles, few enough to stay fast.
 OPEN_LOOP_REQUESTS = 400

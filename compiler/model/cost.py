@@ -49,9 +49,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-from . import spec
-from .memory import ACTIVATION_BYTES, kv_bytes_per_token, kv_heads_per_rank
-from .spec import DTYPE_BYTES
+from flowc.compiler import spec
+from flowc.compiler.model.memory import ACTIVATION_BYTES, kv_bytes_per_token, kv_heads_per_rank
+from flowc.compiler.spec import DTYPE_BYTES
 
 __all__ = ["CostModel", "StreamedCost", "Operators", "Parallelism", "operators", "calibration", "causal_pairs", "FAMILIES"]
 

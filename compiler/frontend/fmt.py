@@ -8,9 +8,9 @@ Numbers, strings and units are printed as written. The output is a fixed point.
 
 from __future__ import annotations
 
-from . import ast
-from .parser import parse
-from .source import SourceFile
+from flowc.compiler.frontend import ast
+from flowc.compiler.frontend.parser import parse
+from flowc.compiler.source import SourceFile
 
 INDENT = "  "
 INLINE_WIDTH = 60

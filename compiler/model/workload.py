@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import spec
-from .traces import Trace, read_trace
+from flowc.compiler import spec
+from flowc.compiler.model.traces import Trace, read_trace
 
 DEFAULT_REQUESTS = 1000
 

@@ -1,0 +1,113 @@
+"""Goodput: the highest arrival rate whose simulation meets an SLO (a bisection over a rate
+scale), and the steady-state throughput of a saturated run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Union
+
+import numpy as np
+
+from flowc.compiler import spec
+from flowc.compiler.model.results import SimResult
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.workload import Requests, base_rate, sample_requests
+
+WorkloadLike = Union[spec.Workload, Callable[[float], Requests]]
+
+
+@dataclass(frozen=True)
+class GoodputSearch:
+    """The result of a goodput search: the goodput (req/s), the rates simulated with whether
+    each met the SLO, and the capacity probe (req/s) when `hi` was not given."""
+
+    goodput: float
+    trials: list[tuple[float, bool]]
+    capacity: float | None = None
+
+    @property
+    def simulations(self) -> int:
+        return len(self.trials) + (self.capacity is not None)
+
+
+def goodput(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo: float = 0.0, hi: float | None = None,
+            tol: float | None = None, seed: int = 0, n: int | None = None,
+            router: Literal["round_robin", "least_work"] = "least_work") -> float:
+    """The highest arrival rate (req/s) whose simulation meets `slo`; see `goodput_search`."""
+    return goodput_search(make_instances, workload, slo, lo=lo, hi=hi, tol=tol, seed=seed, n=n, router=router).goodput
+
+
+def goodput_search(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo: float = 0.0,
+                   hi: float | None = None, tol: float | None = None, seed: int = 0, n: int | None = None,
+                   router: Literal["round_robin", "least_work"] = "least_work") -> GoodputSearch:
+    """Bisection over a rate scale; bounds, tolerance and result in req/s.
+
+    make_instances: a list of InstanceConfig, or a callable () -> list.
+    workload: a spec.Workload, sampled once with `seed` (`n` requests, default as in
+    `sample_requests`) and replayed at every rate scale: the same requests, closer together;
+    or a callable rate_scale -> Requests (e.g. `lambda s: sample_requests(w, rate_scale=s)`).
+    A rate is scale x the base rate: the workload's nominal rate, or for a callable the mean
+    arrival rate of its requests at scale 1.
+
+    Bounds: `lo` (default 0) is assumed to pass; when lo > 0 it is simulated first and 0 is
+    returned if it fails. `hi` defaults to the capacity: the steady-state request throughput
+    of the same requests all arriving at t=0 (completions between the 10th and the 90th
+    percentile, so neither the ramp-up nor the drain counts; one simulation). Above the
+    capacity queues grow without bound, so a finite run that passes there is not trusted: when
+    `hi` passes it is returned as is (the goodput is capped at `hi`). Otherwise bisection until
+    the bracket [pass, fail] is at most `tol` wide (default 2% of hi), returning its lower end.
+    Simulations: [1 capacity probe] + [1 for lo > 0] + 1 for hi + ceil(log2((hi - lo) / tol)):
+    8 with the defaults.
+    """
+    instances = list(make_instances() if callable(make_instances) else make_instances)
+    if isinstance(workload, spec.Workload):
+        rate0 = base_rate(workload)
+        base = sample_requests(workload, n, seed=seed)
+
+        def requests_at(scale: float) -> Requests:
+            return base.scaled(scale)
+    else:
+        requests_at = workload
+        rate0 = requests_at(1.0).rate
+    if not (0 < rate0 < math.inf):
+        raise ValueError("the workload's requests need a finite, positive arrival rate")
+    trials: list[tuple[float, bool]] = []
+
+    def ok(rate: float) -> bool:
+        met = simulate(requests_at(rate / rate0), instances, router=router).meets(slo)
+        trials.append((rate, met))
+        return met
+
+    capacity = None
+    if hi is None:
+        probe = requests_at(1.0)
+        saturated = simulate(Requests(np.zeros(len(probe)), probe.prompt, probe.output), instances, router=router)
+        capacity = hi = steady_throughput(saturated)
+        if not hi > 0:
+            return GoodputSearch(0.0, trials, capacity)
+    if tol is None:
+        tol = 0.02 * hi
+    if lo > 0 and not ok(lo):
+        return GoodputSearch(0.0, trials, capacity)
+    if hi <= lo:  # the probe underestimates a rate already shown to pass
+        return GoodputSearch(lo, trials, capacity)
+    if ok(hi):
+        return GoodputSearch(hi, trials, capacity)
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return GoodputSearch(lo, trials, capacity)
+
+
+def steady_throughput(result: SimResult) -> float:
+    """Requests/s between the 10th and the 90th percentile of completion times."""
+    finish = np.sort(result.finish[result.finished])
+    if len(finish) < 10:
+        return result.request_throughput
+    i, j = len(finish) // 10, len(finish) - 1 - len(finish) // 10
+    span = finish[j] - finish[i]
+    return (j - i) / span if span > 0 else result.request_throughput
