@@ -22,8 +22,8 @@ import random
 import time
 
 from flowc.compiler import spec
-from flowc.compiler.optimize import placement
 from flowc.compiler.optimize.placement import Candidate, Demand, PlacementInfeasible, solve_placement
+from flowc.compiler.optimize.placement import model as placement_model
 
 NVLINK = spec.Link(name="nvlink4", kind="nvlink", bandwidth=450e9)
 PCIE = spec.Link(name="pcie5", kind="pcie", bandwidth=64e9)
@@ -70,7 +70,7 @@ def disagg_candidates(rng: random.Random, kv_bytes: float) -> list[Candidate]:
 def run(label: str, c: spec.Cluster, demands: list[Demand], cands: list[Candidate], args, target: float | None,
         layer: str | None = None, **kw) -> None:
     t0 = time.perf_counter()
-    placement._LAYER = layer
+    placement_model._LAYER = layer
     try:
         r = solve_placement(c, {"h100-sxm": H100}, demands, cands, time_limit_s=args.time_limit, workers=args.workers,
                             **kw)
@@ -78,7 +78,7 @@ def run(label: str, c: spec.Cluster, demands: list[Demand], cands: list[Candidat
         print(f"{label:<40} infeasible: {e}")
         return
     finally:
-        placement._LAYER = None
+        placement_model._LAYER = None
     wall = time.perf_counter() - t0
     mark = "" if target is None else ("  ok" if wall < target else "  SLOW") + f" (target < {target:g} s)"
     per = ", ".join(f"{n}: {d.gpus} GPUs {d.goodput_rps:.1f} req/s" for n, d in r.deployments.items())

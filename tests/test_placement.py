@@ -1,14 +1,15 @@
-"""Placement (compiler/optimize/placement.py) against a plain-Python brute force, validity of every
+"""Placement (compiler/optimize/placement/) against a plain-Python brute force, validity of every
 placement, infeasibility reports, the KV rule and scale.
 
 The brute force below knows nothing of the CP-SAT model: it enumerates every way to fill every
 link domain of every node with TP groups, keeps the fillings that form whole instances and obey
-the rules of the module docstring, and takes the lexicographic optimum over the deployments
+the rules of the package docstring, and takes the lexicographic optimum over the deployments
 (each deployment's objective, then its tie-break) by exact comparison.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -17,9 +18,10 @@ from fractions import Fraction
 
 import pytest
 
-from flowc.compiler.optimize import placement as P
 from flowc.compiler import spec
 from flowc.compiler.optimize.placement import Candidate, Demand, PlacementInfeasible, solve_placement
+from flowc.compiler.optimize.placement import aggregated
+from flowc.compiler.optimize.placement import model as placement_model
 
 NVLINK = spec.Link(name="nvlink", kind="nvlink", bandwidth=450e9)
 PCIE = spec.Link(name="pcie", kind="pcie", bandwidth=64e9)
@@ -121,6 +123,8 @@ class Brute:
                 continue
             mine = [i for i, c in enumerate(cs) if c.deployment == d.deployment]
             n = {i: total[i] // cs[i].pp for i in mine}
+            if d.replicas is not None and sum(n.values()) not in d.replicas:
+                return None
             col = sum(_milli(cs[i].capacity_rps) * n[i] for i in mine if cs[i].role == "colocated")
             pre = sum(_milli(cs[i].capacity_rps) * n[i] for i in mine if cs[i].role == "prefill")
             dec = sum(_milli(cs[i].capacity_rps) * n[i] for i in mine if cs[i].role == "decode")
@@ -189,23 +193,29 @@ class Brute:
 
 
 def brute_gpus_needed(d: Demand, cands: list[Candidate]) -> int | None:
-    """Fewest GPUs whose instances serve the load, nodes unlimited (counting only)."""
+    """Fewest GPUs whose instances serve the load, nodes unlimited (counting only), at an allowed
+    replica count when one serves the load, else at any count."""
     cs = [c for c in cands if c.deployment == d.deployment and c.capacity_rps > 0]
     load = _load(d.load_rps)
-    best = None
-    for mode in ("colocated", "disaggregated"):
-        mine = [c for c in cs if (c.role == "colocated") == (mode == "colocated")]
-        if not mine:
-            continue
-        ranges = [range(0, -(-load // _milli(c.capacity_rps)) + 1) for c in mine]
-        for n in itertools.product(*ranges):
-            caps = {r: sum(k * _milli(c.capacity_rps) for k, c in zip(n, mine) if c.role == r)
-                    for r in ("colocated", "prefill", "decode")}
-            g = caps["colocated"] if mode == "colocated" else min(caps["prefill"], caps["decode"])
-            k = sum(k * c.gpus for k, c in zip(n, mine))
-            if g >= load and (d.objective != "max_goodput_per_gpu" or k > 0) and (best is None or k < best):
-                best = k
-    return best
+    for replicas in ([d.replicas, None] if d.replicas is not None else [None]):
+        best = None
+        for mode in ("colocated", "disaggregated"):
+            mine = [c for c in cs if (c.role == "colocated") == (mode == "colocated")]
+            if not mine:
+                continue
+            ranges = [range(0, (max(replicas) if replicas else -(-load // _milli(c.capacity_rps))) + 1) for c in mine]
+            for n in itertools.product(*ranges):
+                if replicas is not None and sum(n) not in replicas:
+                    continue
+                caps = {r: sum(k * _milli(c.capacity_rps) for k, c in zip(n, mine) if c.role == r)
+                        for r in ("colocated", "prefill", "decode")}
+                g = caps["colocated"] if mode == "colocated" else min(caps["prefill"], caps["decode"])
+                k = sum(k * c.gpus for k, c in zip(n, mine))
+                if g >= load and (d.objective != "max_goodput_per_gpu" or k > 0) and (best is None or k < best):
+                    best = k
+        if best is not None:
+            return best
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +260,8 @@ def check_valid(c: spec.Cluster, demands: list[Demand], cands: list[Candidate], 
         assert goodput >= d.load_rps - 1e-6, f"{d.deployment} serves {goodput} < {d.load_rps}"
         if d.max_gpus is not None:
             assert gpus <= d.max_gpus
+        if d.replicas is not None:
+            assert len(dp.instances) in d.replicas
 
 
 def group_of(c: spec.Cluster, node: int) -> spec.NodeGroup:
@@ -345,7 +357,7 @@ def expected_values(b: Brute, demands: list[Demand], best) -> dict[str, tuple]:
 
 
 def check_against_brute(c, demands, cands, b: Brute, layer=None) -> str:
-    P._LAYER = layer
+    placement_model._LAYER = layer
     try:
         best = b.optimum()
         if best is None:
@@ -385,11 +397,17 @@ def check_against_brute(c, demands, cands, b: Brute, layer=None) -> str:
                 assert dp.gpus == tie and dp.goodput_rps / dp.gpus == pytest.approx(primary, rel=1e-9)
         return r.model
     finally:
-        P._LAYER = None
+        placement_model._LAYER = None
 
 
+def without_count(rng: random.Random, k: int) -> tuple[int, ...] | None:
+    """Allowed instance counts that exclude k (or no restriction)."""
+    return rng.choice([None, (k + 1,), tuple(sorted({max(k - 1, 0), k + 2})), (k + 1, k + 3)])
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["any-count", "replicas"])
 @pytest.mark.parametrize("generator, count", [(random_instance, 80), (random_kv_instance, 40)])
-def test_brute_force_random_instances(generator, count):
+def test_brute_force_random_instances(generator, count, restrict):
     rng = random.Random(20240611)
     seen = {"aggregated": 0, "configs": 0, "per-node": 0, "infeasible": 0}
     done = 0
@@ -398,6 +416,14 @@ def test_brute_force_random_instances(generator, count):
         b = Brute(c, demands, cands)
         if b.size() > 4000:
             continue
+        if restrict:  # replicas that exclude the instance counts of the plan without them
+            try:
+                free = solve_placement(c, GPUS, demands, cands, time_limit_s=10)
+            except PlacementInfeasible:
+                continue
+            demands = [dataclasses.replace(d, replicas=without_count(rng, len(free.instances(d.deployment))))
+                       for d in demands]
+            b = Brute(c, demands, cands)
         done += 1
         kind = check_against_brute(c, demands, cands, b)
         seen[kind] += 1
@@ -429,9 +455,9 @@ def test_domain_patterns_and_per_domain_fallback(monkeypatch):
         demands = [Demand("a", objective, 7.5), Demand("b", "min_gpus", 3.0)]
         b = Brute(c, demands, cands)
         check_against_brute(c, demands, cands, b)
-        monkeypatch.setattr(P, "PATTERN_LIMIT", 1)
+        monkeypatch.setattr(aggregated, "PATTERN_LIMIT", 1)
         check_against_brute(c, demands, cands, b)
-        monkeypatch.setattr(P, "PATTERN_LIMIT", 2000)
+        monkeypatch.setattr(aggregated, "PATTERN_LIMIT", 2000)
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.02, 0.1])
@@ -504,6 +530,92 @@ def test_candidate_that_fits_nowhere():
 
 
 # ----------------------------------------------------------------------------------------------
+# replicas: the instance counts a deployment allows, all roles together
+
+
+def test_replicas_change_the_optimum():
+    # load 7 on 8 GPUs: any count takes tp4 + tp2 (6 GPUs, 8 req/s, 2 instances)
+    c = cluster(group(1, 8, 8))
+    cands = [cand("a", 2, 1, 2.5), cand("a", 4, 1, 5.5), cand("a", 8, 1, 10.0)]
+    expected = {  # replicas: GPUs, goodput, instances, binding
+        None: (6, 8.0, 2, None),
+        (1,): (8, 10.0, 1, "replicas 1 of deployment a"),  # one tp8
+        (3,): (6, 7.5, 3, "replicas 3 of deployment a"),  # three tp2
+        (1, 3): (6, 7.5, 3, "replicas in [1, 3] of deployment a"),
+        (2, 4): (6, 8.0, 2, None),
+    }
+    for replicas, (gpus, goodput, count, binding) in expected.items():
+        demands = [Demand("a", "min_gpus", 7.0, replicas=replicas)]
+        r = solve_placement(c, GPUS, demands, cands)
+        check_valid(c, demands, cands, r)
+        dp = r.deployments["a"]
+        assert (dp.gpus, dp.goodput_rps, len(dp.instances)) == (gpus, pytest.approx(goodput), count), replicas
+        assert [b for b in r.binding if b.startswith("replicas")] == ([binding] if binding else [])
+        assert check_against_brute(c, demands, cands, Brute(c, demands, cands)) == "aggregated"
+
+
+def test_replicas_count_prefill_and_decode_together():
+    c = cluster(group(1, 8, 8))
+    cands = [cand("a", 1, 1, 3.0, "prefill"), cand("a", 1, 1, 1.0, "decode"), cand("a", 2, 1, 2.4, "decode")]
+    r = solve_placement(c, GPUS, [Demand("a", "min_gpus", 2.0)], cands)
+    assert sorted(i.candidate_key for i in r.deployments["a"].instances) == [
+        "a/h100/tp1/pp1/prefill", "a/h100/tp2/pp1/decode"]  # 3 GPUs, 2.4 req/s
+    r = solve_placement(c, GPUS, [Demand("a", "min_gpus", 2.0, replicas=(3,))], cands)
+    dp = r.deployments["a"]
+    assert sorted(i.candidate_key for i in dp.instances) == [
+        "a/h100/tp1/pp1/decode", "a/h100/tp1/pp1/decode", "a/h100/tp1/pp1/prefill"]
+    assert (dp.gpus, dp.goodput_rps, dp.prefill_rps, dp.decode_rps) == (3, 2.0, 3.0, 2.0)
+    with pytest.raises(PlacementInfeasible) as info:  # one instance cannot be both prefill and decode
+        solve_placement(c, GPUS, [Demand("a", "min_gpus", 2.0, replicas=(1,))], cands)
+    assert info.value.max_goodput_rps == {"a": 0.0} and info.value.gpus_needed == {"a": 3}
+
+
+def test_replicas_infeasible_reports_max_goodput_and_gpus_needed():
+    c = cluster(group(1, 8, 8))
+    cands = [cand("a", 2, 1, 2.5), cand("a", 4, 1, 5.5), cand("a", 8, 1, 10.0)]
+    assert solve_placement(c, GPUS, [Demand("a", "min_gpus", 10.5)], cands).deployments["a"].gpus == 8  # 2 x tp4
+    with pytest.raises(PlacementInfeasible) as info:
+        solve_placement(c, GPUS, [Demand("a", "min_gpus", 10.5, replicas=(1,))], cands)
+    e = info.value
+    assert e.deployment == "a"
+    assert e.max_goodput_rps == {"a": pytest.approx(10.0)}  # one tp8
+    assert e.gpus_needed == {"a": 8}  # no single instance serves 10.5 req/s: 2 x tp4, beyond replicas
+    assert e.message == ("deployment a cannot serve 10.5 req/s: at most 10 req/s on the cluster's 8 h100 GPUs with "
+                         "replicas 1; serving its load takes 8 GPUs, with more instances than its replicas 1 allows")
+    # six instances do not fit 8 GPUs; given nodes, six tp2 (12 GPUs) serve 12 req/s (any count: tp8 + tp2, 10)
+    with pytest.raises(PlacementInfeasible) as info:
+        solve_placement(c, GPUS, [Demand("a", "min_gpus", 12.0, replicas=(6,))], cands)
+    e = info.value
+    assert e.max_goodput_rps == {"a": 0.0} and e.gpus_needed == {"a": 12}
+    assert "no allowed instance count can be placed" in e.message and "more instances" not in e.message
+
+
+@pytest.mark.parametrize("layer", ["configs", "per-node"])
+def test_replicas_keep_local_configurations_of_other_counts(layer):
+    # KV only fits inside a node: 4 instances need 2 tp1 prefill + 2 tp1 decode on one node, a
+    # local configuration worse in goodput than tp2 + tp2 on the same GPUs (kept for its count)
+    c = cluster(group(2, 4, 4), network=1e8)
+    cands = [cand("d", 1, 1, 1.0, "prefill", kv=1e9), cand("d", 2, 1, 2.5, "prefill", kv=1e9),
+             cand("d", 1, 1, 1.0, "decode", kv=1e9), cand("d", 2, 1, 2.5, "decode", kv=1e9)]
+    demands = [Demand("d", "min_gpus", 1.5, replicas=(4,))]
+    assert check_against_brute(c, demands, cands, Brute(c, demands, cands), layer) == layer
+    placement_model._LAYER = layer
+    try:
+        dp = solve_placement(c, GPUS, demands, cands).deployments["d"]
+    finally:
+        placement_model._LAYER = None
+    assert (dp.gpus, dp.goodput_rps, len(dp.instances)) == (4, 2.0, 4)
+    assert len({g.node for i in dp.instances for g in i.gpus}) == 1
+
+
+def test_invalid_replicas():
+    c = cluster(group(1, 8, 8))
+    for replicas in ((), (-1, 2)):
+        with pytest.raises(ValueError, match="replicas"):
+            solve_placement(c, GPUS, [Demand("a", "min_gpus", 1.0, replicas=replicas)], [cand("a", 1, 1, 1.0)])
+
+
+# ----------------------------------------------------------------------------------------------
 # the KV rule, pipelines without a network
 
 
@@ -517,11 +629,11 @@ def kv_case(network: float | None):
 @pytest.mark.parametrize("layer", [None, "per-node", "configs"])
 def test_slow_network_keeps_prefill_and_decode_on_one_node(layer):
     c, demands, cands = kv_case(network=1e9)  # 4 GB/s of KV at the load, 1 GB/s per node
-    P._LAYER = layer
+    placement_model._LAYER = layer
     try:
         r = solve_placement(c, GPUS, demands, cands)
     finally:
-        P._LAYER = None
+        placement_model._LAYER = None
     check_valid(c, demands, cands, r)
     insts = r.deployments["chat"].instances
     assert sorted(i.candidate_key.split("/")[2] for i in insts) == ["tp2", "tp2"]
@@ -705,11 +817,11 @@ def test_512_gpus_per_node_fallback_layer_returns_a_valid_plan():
     cands = two_deployments(random.Random(3), disagg=True)
     demands = [Demand("chat", "max_goodput_per_gpu", 300.0), Demand("code", "min_gpus", 1000.0)]
     exact = solve_placement(c, GPUS, demands, cands, time_limit_s=30)
-    P._LAYER = "per-node"
+    placement_model._LAYER = "per-node"
     try:
         r = solve_placement(c, GPUS, demands, cands, time_limit_s=5)
     finally:
-        P._LAYER = None
+        placement_model._LAYER = None
     assert r.model == "per-node"
     check_valid(c, demands, cands, r)
     assert max(kv_per_node(r, demands, cands)) <= 1e9 * (1 + 1e-9)
