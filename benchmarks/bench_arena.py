@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from flowc.compiler.optimize.arena import pack, step_buffers
+from flowc.compiler.optimize.arena import pack
+
+from flowc.compiler.model.step_graph import step_buffers
 from flowc.compiler.model.memory import activation_peak_bytes
 from flowc.stdlib_listing import stdlib_spec
 

@@ -17,10 +17,12 @@ Run: python benchmarks/bench_planner.py
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import flowc
-from flowc.compiler.optimize.compile import CAPACITY_REQUESTS, _candidates, compile_spec
+from flowc.compiler.optimize.candidates import CAPACITY_REQUESTS, measure
+from flowc.compiler.optimize.compile import compile_spec
 from flowc.compiler.model.goodput import goodput_search
 from flowc.compiler.model.workload import sample_requests
 
@@ -33,18 +35,13 @@ def _goodput_per_gpu(configs, requests, slo) -> float:
 
 
 def _config(measured, role=None):
-    from flowc.compiler.model.simulator import InstanceConfig
-
-    c, s = measured.candidate, measured.scheduler
-    return InstanceConfig(cost=measured.cost, pp=c.pp, kv_capacity_tokens=measured.shape.budget.kv_tokens,
-                          block_size=s.block_size, max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
-                          role=role or c.role)
+    return replace(measured.config, role=role or measured.config.role)
 
 
 def baselines(spec, deployment, gpus: int) -> tuple[float | None, float | None]:
     requests = sample_requests(spec.workloads[deployment.workload], CAPACITY_REQUESTS)
     slo = spec.slos[deployment.slo]
-    measured, _, _ = _candidates(spec, deployment, requests, seed=0)
+    measured, _, _ = measure(spec, deployment, requests, seed=0)
     colocated = [m for m in measured if m.candidate.role == "colocated"]
     vllm = None
     if colocated:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from flowc.compiler.plan import instance_plan
+from flowc.compiler.optimize.instance_plan import instance_plan
 from flowc.compiler.spec import Model
 from flowc.runtime import Engine, Request, SamplingParams
 

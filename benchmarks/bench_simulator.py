@@ -136,7 +136,7 @@ def main() -> None:
                   f"{res.iterations:,} iterations)")
 
     print("\nflowc.estimate, in process (llama-3.1-70b on h100-sxm, tp 4, 1024 in / 256 out), median of 20 calls:")
-    from flowc.compiler.model.estimate import estimate
+    from flowc.api import estimate
 
     for label, load in (("batch 32 (closed loop)", {"batch": 32}), ("rate 4 req/s (open loop)", {"rate": 4.0}),
                         ("offline", {})):

@@ -11,15 +11,27 @@ A GPU is named by `GpuRef(node, index)`: `node` counts the cluster's nodes in de
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flowc.compiler.spec import Model
 
 # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s;
-# 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor
-FORMAT_VERSION = "1.3"
+# 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor; 1.4: MemoryMap.arena_sizes
+FORMAT_VERSION = "1.4"
+SUPPORTED_MAJOR = int(FORMAT_VERSION.split(".")[0])
+_VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
+
+
+def parse_format_version(text: str) -> Optional[tuple[int, int]]:
+    """(major, minor) of a plan's `format_version` when this flowc reads it (the same major),
+    else None."""
+    match = _VERSION.fullmatch(text.strip())
+    if match is None or int(match.group(1)) != SUPPORTED_MAJOR:
+        return None
+    return int(match.group(1)), int(match.group(2))
 
 
 class PlanModel(BaseModel):
@@ -43,11 +55,22 @@ class Instance(PlanModel):
 
 
 class Scheduler(PlanModel):
-    max_batched_tokens: int
+    """An engine's batching settings, and the one home of their defaults (vLLM's: a token budget
+    of 8192 with chunked prefill, 256 sequences, blocks of 16 tokens). A chunk size left out is
+    the token budget."""
+
+    max_batched_tokens: int = 8192
     chunked_prefill: bool = True
-    chunk_size: int = Field(description="largest prefill chunk (at most max_batched_tokens)")
-    max_seqs: int
-    block_size: int
+    chunk_size: int = Field(description="largest prefill chunk of one sequence per step (at most max_batched_tokens)")
+    max_seqs: int = 256
+    block_size: int = 16
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chunk_defaults_to_budget(cls, data):
+        if isinstance(data, dict) and data.get("chunk_size") is None:
+            data = {**data, "chunk_size": data.get("max_batched_tokens", cls.model_fields["max_batched_tokens"].default)}
+        return data
 
 
 class MemoryMap(PlanModel):
@@ -72,6 +95,8 @@ class MemoryMap(PlanModel):
     offload_step_s: float = Field(0.0, description="seconds streaming offloaded bytes adds to every iteration (1.2)")
     arena_offsets: dict[str, int] = Field(default_factory=dict,
                                           description="offset of each activation buffer in the arena")
+    arena_sizes: dict[str, int] = Field(default_factory=dict, description="bytes of each activation buffer, beside "
+                                        "its offset: the runtime lays its buffers out from the plan alone (1.4)")
 
 
 class InstanceGroup(PlanModel):
@@ -142,6 +167,11 @@ class DeploymentPlan(PlanModel):
     def gpus(self) -> int:
         return sum(g.replicas * g.gpus_per_instance for g in self.groups)
 
+    @property
+    def replicas(self) -> int:
+        """Instances of every group and role: what a spec's `replicas` counts."""
+        return sum(g.replicas for g in self.groups)
+
 
 class SolverStatus(PlanModel):
     status: Literal["optimal", "feasible"]
@@ -158,38 +188,3 @@ class Plan(PlanModel):
     deployments: list[DeploymentPlan]
     solver: SolverStatus
     compile_s: float
-
-
-def instance_plan(model: "Model", *, gpu: str = "local", vendor: str = "cpu", tp: int = 1,
-                  max_batched_tokens: int = 64, max_seqs: int = 8, chunk_size: Optional[int] = None,
-                  block_size: int = 16, kv_blocks: int = 64, role: str = "colocated") -> "Plan":
-    """A plan for one instance of `model` with the stated scheduler settings and KV pool: its
-    memory map from the memory model, its arena packed by the compiler, no predictions. For
-    driving the runtime directly (runtime tests, `flowc calibrate`): the optimizer would size
-    the pool to fill the device and choose the settings itself."""
-    from flowc.compiler.optimize.arena import pack, step_buffers
-    from flowc.compiler.model.memory import kv_bytes_per_token_per_rank, weight_bytes_per_rank
-
-    layout = pack(step_buffers(model, tp, max_batched_tokens, max_seqs))
-    kv_cache = kv_blocks * block_size * kv_bytes_per_token_per_rank(model, tp)
-    weights = weight_bytes_per_rank(model, tp)
-    capacity = weights + kv_cache + layout.size
-    memory = MemoryMap(capacity=capacity, weights=weights, kv_cache=kv_cache, kv_blocks=kv_blocks,
-                       activations=layout.size, reserve=0, free=0, arena_offsets=layout.offsets)
-    group = InstanceGroup(role=role, gpu=gpu, vendor=vendor, tp=tp, pp=1,
-                          instances=[Instance(gpus=[GpuRef(node=0, index=i) for i in range(tp)])],
-                          scheduler=Scheduler(max_batched_tokens=max_batched_tokens,
-                                              chunk_size=chunk_size or max_batched_tokens, max_seqs=max_seqs,
-                                              block_size=block_size),
-                          memory=memory, capacity_rps=0.0)
-    zero = Percentiles(p50=0.0, p90=0.0, p99=0.0)
-    predicted = Predicted(ttft_ms=zero, tpot_ms=zero, e2e_ms=zero, output_tokens_per_s=0.0, goodput_rps=0.0,
-                          goodput_rps_per_gpu=0.0, attainment=1.0, meets_slo=True)
-    deployment = DeploymentPlan(name="instance", cluster="local", model=model.name, weights=model.weights,
-                                kv=model.kv, model_spec=model,
-                                mode="colocated" if role == "colocated" else "disaggregated",
-                                objective="max_goodput_per_gpu", groups=[group], predicted=predicted)
-    from flowc import __version__  # as the optimizer does; here, not at the top: flowc imports this module
-
-    return Plan(flowc_version=__version__, spec_files=[], deployments=[deployment],
-                solver=SolverStatus(status="optimal", objective=0.0, bound=0.0, gap=0.0, wall_s=0.0), compile_s=0.0)

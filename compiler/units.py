@@ -6,6 +6,7 @@ A dimension is a vector of exponents over the base quantities below; `GB/s` is b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -238,3 +239,32 @@ def _decimal(x: Fraction) -> str | None:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return ("-" if x < 0 else "") + text
+
+
+# ------------------------------------------------------------------ figures in messages and reports
+
+GiB = 2**30
+
+
+def format_gib(nbytes: float, digits: int = 2) -> str:
+    """Bytes as GiB: `12.34 GiB` (2^30-based, as GPU memory is sold)."""
+    return f"{nbytes / GiB:,.{digits}f} GiB"
+
+
+def format_gbps(bytes_per_s: float) -> str:
+    """A bandwidth in GB/s (10^9 bytes, as links are sold), three significant digits."""
+    return f"{bytes_per_s / 1e9:.3g} GB/s"
+
+
+def format_ms(ms: float) -> str:
+    """Milliseconds to read: whole above 100, else three significant digits; `-` for no value
+    and `never served` for the infinite latency of a request that never got a token."""
+    if math.isnan(ms):
+        return "-"
+    if math.isinf(ms):
+        return "never served"
+    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
+
+
+def format_rps(rps: float) -> str:
+    return f"{rps:,.0f} req/s" if rps >= 100 else f"{rps:.3g} req/s"

@@ -1,22 +1,23 @@
-"""flowc: declare models, SLOs and hardware in .flow files; compile them to deployment plans."""
+"""flowc: declare models, SLOs and hardware in .flow files; compile them to deployment plans.
+
+The API's functions load on first use, so `import flowc.runtime` (which imports this package
+first) pulls in neither the parser nor the optimizer.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-from flowc.api import compile, load, simulate  # noqa: E402,A004
-from flowc.compiler.diagnostics import Diagnostic, FlowError  # noqa: E402
+from flowc.compiler.diagnostics import Diagnostic, FlowError
+from flowc.compiler.version import FLOWC_VERSION as __version__
+
+_API = ("load", "check_sources", "compile", "estimate", "simulate")
 
 
 def __getattr__(name: str):
-    # `estimate` pulls in the cost model and simulator (and numpy): load it on first use only.
-    if name == "estimate":
-        from flowc.compiler.model.estimate import estimate
-
-        return estimate
+    if name in _API:
+        return getattr(importlib.import_module("flowc.api"), name)
     if name == "autotune":  # the module, callable as the function (see flowc/autotune.py)
-        import importlib
-
         return importlib.import_module("flowc.autotune")
     raise AttributeError(f"module 'flowc' has no attribute {name!r}")
 

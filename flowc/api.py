@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from flowc.compiler.frontend.checker import check
-from flowc.compiler.diagnostics import Diagnostic, FlowError
+from flowc.compiler.frontend.check import check
+from flowc.compiler.diagnostics import Diagnostic, FlowError, suggestion_help
 from flowc.compiler.frontend.imports import load_program
 from flowc.compiler.source import SourceFile
-from flowc.compiler.spec import Spec
+from flowc.compiler.spec import GPU, Link, Model, Spec
 
 
 def looks_like_path(source: str | os.PathLike) -> bool:
@@ -64,6 +65,47 @@ def simulate(spec_or_plan: Spec | str | os.PathLike, workload=None, *, goodput: 
     return simulate_spec(spec, workload=workload, with_goodput=goodput, seed=seed)
 
 
+def estimate(model: str | Model, gpu: str | GPU, *, tp: int = 1, pp: int = 1, ep: int = 1, replicas: int = 1,
+             dtype: str = "bf16", kv_dtype: Optional[str] = None, input_len: int, output_len: int,
+             batch: Optional[int] = None, rate: Optional[float] = None,
+             disaggregated: Optional[tuple[int, int]] = None, max_batched_tokens: Optional[int] = None,
+             max_seqs: Optional[int] = None, block_size: Optional[int] = None, link: Optional[Link] = None,
+             seed: int = 0):
+    """Predict one configuration (no search): a standard library model and GPU by name (or spec
+    objects), weights in `dtype`, KV in `kv_dtype` (default: the model's). With `batch` a closed
+    loop at that concurrency, with `rate` Poisson arrivals, with neither offline throughput.
+    Scheduler settings left out take the engine defaults (`plan.Scheduler`); `link` joins an
+    instance's GPUs (default: the GPU's own interconnect). Raises FlowError for an unknown name,
+    a parallelism the model cannot take or a configuration that does not fit."""
+    from flowc.compiler.frontend.library import stdlib_spec
+    from flowc.compiler.model.estimate import estimate as estimate_config
+    from flowc.compiler.plan import Scheduler
+    from flowc.compiler.spec import DTYPE_BYTES
+
+    stdlib = stdlib_spec()
+    m = _stdlib_object(model, stdlib.models, "model")
+    g = _stdlib_object(gpu, stdlib.gpus, "GPU")
+    for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype or m.kv)):
+        if value not in DTYPE_BYTES:
+            raise FlowError([Diagnostic("F0306", f"unknown {name} `{value}`",
+                                        help=suggestion_help(value, DTYPE_BYTES, "dtypes"))])
+    m = m.model_copy(update={"weights": dtype, "kv": kv_dtype or m.kv})
+    given = {"max_batched_tokens": max_batched_tokens, "max_seqs": max_seqs, "block_size": block_size}
+    scheduler = Scheduler(**{knob: value for knob, value in given.items() if value is not None})
+    return estimate_config(m, g, link or stdlib.links[g.interconnect], tp=tp, pp=pp, ep=ep, replicas=replicas,
+                           input_len=input_len, output_len=output_len, batch=batch, rate=rate,
+                           disaggregated=disaggregated, scheduler=scheduler, seed=seed)
+
+
+def _stdlib_object(name_or_object, table: dict, kind: str):
+    if not isinstance(name_or_object, str):
+        return name_or_object
+    if name_or_object in table:
+        return table[name_or_object]
+    raise FlowError([Diagnostic("F0201", f"unknown {kind} `{name_or_object}`",
+                                help=suggestion_help(name_or_object, table, f"standard library {kind}s"))])
+
+
 def compile(spec_or_path: Spec | str | os.PathLike, *, time_limit_s: float = 10.0, seed: int = 0):  # noqa: A001
     """Compile a spec (a Spec, a path or spec text) into a Plan; raises FlowError when the
     spec is invalid or no plan can serve it."""
@@ -73,4 +115,4 @@ def compile(spec_or_path: Spec | str | os.PathLike, *, time_limit_s: float = 10.
     return compile_spec(spec, time_limit_s=time_limit_s, seed=seed)
 
 
-__all__ = ["load", "check_sources", "compile", "simulate", "Checked", "FlowError"]
+__all__ = ["load", "check_sources", "compile", "estimate", "simulate", "Checked", "FlowError"]

@@ -81,7 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flowc import __version__
 from flowc.api import looks_like_path
 from flowc.compiler.frontend import ast
-from flowc.compiler.frontend.checker import TOKEN_KNOBS, check
+from flowc.compiler.frontend.check import TOKEN_KNOBS, check
 from flowc.compiler.diagnostics import FlowError, did_you_mean
 from flowc.compiler.frontend.imports import Program, load_program
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
@@ -449,13 +449,13 @@ def _run_job(job: _Job) -> list[_Outcome]:
 
 def _cost(spec: Spec, cluster: str, instances) -> Optional[float]:
     """usd/h of the instances' GPUs: the node group's price per GPU, else the GPU's own."""
-    from flowc.compiler.verify.verifier import cluster_nodes
+    from flowc.compiler.model.topology import cluster_nodes, gpu_price
 
     nodes = cluster_nodes(spec.clusters[cluster])
     total = 0.0
     for ref in (ref for instance in instances for ref in instance.gpus):
-        group = nodes[ref.node].group
-        price = group.price / group.gpus_per_node if group.price is not None else spec.gpus[group.gpu].price
+        group = nodes[ref.node]
+        price = gpu_price(group, spec.gpus[group.gpu])
         if price is None:
             return None
         total += price
@@ -478,9 +478,9 @@ def _simulated(spec: Spec, dp: DeploymentPlan, router: Optional[str], seed: int)
     if router is None:
         return Metrics(goodput_rps_per_gpu=p.goodput_rps_per_gpu, ttft_p90_ms=p.ttft_ms.p90, tpot_p90_ms=p.tpot_ms.p90,
                        meets_slo=p.meets_slo, goodput_rps=p.goodput_rps, **shared)
-    from flowc.compiler.model.simulator import simulate
     from flowc.compiler.model.goodput import goodput_search
-    from flowc.compiler.verify.verifier import plan_instances
+    from flowc.compiler.model.instance import plan_instances
+    from flowc.compiler.model.simulator import simulate
     from flowc.compiler.model.workload import base_rate, sample_requests
 
     d = spec.deployments[dp.name]
@@ -501,7 +501,7 @@ def _measure(job: _Job, plan: Plan, dp: DeploymentPlan) -> _Outcome:
     import numpy as np
 
     from flowc.compiler.model.results import SimResult
-    from flowc.run_cmd import replay_requests
+    from flowc.replay import replay_requests
     from flowc.runtime.engine import Engine, EngineError
 
     spec, d = job.spec, job.spec.deployments[dp.name]

@@ -207,7 +207,7 @@ def engine_steps(device_name: str, repeats: int, on_round: Callable[[int], None]
     as it is in every token's latency."""
     from contextlib import ExitStack
 
-    from flowc.compiler.plan import instance_plan
+    from flowc.compiler.optimize.instance_plan import instance_plan
     from flowc.runtime import Engine, Request, SamplingParams
 
     vendor = "cpu" if device_name == "cpu" else "nvidia"

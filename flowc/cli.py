@@ -224,7 +224,7 @@ def _cmd_explain(args, out: _Output) -> int:
 
 def _cmd_estimate(args, out: _Output) -> int:
     from flowc.compiler.diagnostics import FlowError
-    from flowc.compiler.model.estimate import estimate
+    from flowc.api import estimate
 
     try:
         result = estimate(args.model, args.gpu, tp=args.tp, pp=args.pp, ep=args.ep, replicas=args.replicas,
@@ -321,7 +321,7 @@ COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "esti
             "compile": _cmd_compile, "simulate": _cmd_simulate, "schema": _cmd_schema, "stdlib": _cmd_stdlib}
 # Commands whose code lives in its own module, imported only when the command runs: name -> module
 # holding `cmd_NAME(args, out)`.
-LAZY_COMMANDS = {"verify": "flowc.compiler.verify.verifier", "run": "flowc.run_cmd", "viz": "flowc.viz_cmd",
+LAZY_COMMANDS = {"verify": "flowc.verify_cmd", "run": "flowc.run_cmd", "viz": "flowc.viz_cmd",
                  "export": "flowc.export_cmd", "calibrate": "flowc.calibrate", "autotune": "flowc.autotune_cmd"}
 
 

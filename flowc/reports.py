@@ -7,9 +7,10 @@ from rich.table import Table
 
 from flowc.compiler.model.estimate import Estimate, LatencyStats
 from flowc.compiler.model.serving import DeploymentReport
+from flowc.compiler.render.text import group_shape_text, gpu_ranges, memory_text, scheduler_text, shape_text
+from flowc.compiler.units import format_gib
 from flowc.console import make_console
 
-GiB = 2**30
 
 
 def _latency_row(table: Table, name: str, stats: LatencyStats) -> None:
@@ -28,7 +29,7 @@ def _latency_table(ttft: LatencyStats, tpot: LatencyStats, e2e: LatencyStats) ->
 
 def print_estimate(e: Estimate, console: Console | None = None) -> None:
     console = console or make_console()
-    shape = f"tp {e.tp} x pp {e.pp}" + (f" x ep {e.ep}" if e.ep > 1 else "")
+    shape = shape_text(e.tp, e.pp, e.ep)
     layout = (f"{e.disaggregated[0]} prefill + {e.disaggregated[1]} decode instances" if e.disaggregated
               else f"{e.replicas} replica{'s' if e.replicas > 1 else ''}")
     console.print(f"[bold]{e.model}[/] on {e.gpus} x {e.gpu}: {shape}, {layout}; "
@@ -39,7 +40,7 @@ def print_estimate(e: Estimate, console: Console | None = None) -> None:
                   f"{e.requests_per_s:,.2f} req/s")
     console.print(f"KV cache: {e.kv_capacity_tokens:,} tokens per instance, up to {e.max_concurrent_seqs} "
                   f"sequences at once; preemptions: {e.preemptions}")
-    memory = ", ".join(f"{name} {value / GiB:.1f} GiB" for name, value in e.memory_per_gpu.items())
+    memory = ", ".join(f"{name} {format_gib(value, 1)}" for name, value in e.memory_per_gpu.items())
     console.print(f"memory per GPU: {memory}")
     if not e.calibrated:
         console.print(f"[yellow]note:[/] no measured data for {e.gpu}; the cost model uses {e.calibration_source}")
@@ -49,9 +50,10 @@ def print_simulation(reports: dict[str, DeploymentReport], console: Console | No
     console = console or make_console()
     for r in reports.values():
         verdict = "[green]meets its SLO[/]" if r.meets_slo else "[red]misses its SLO[/]"
-        console.print(f"[bold]deploy {r.deployment}[/]: {r.model} on {r.replicas} x (tp {r.tp} x pp {r.pp}) "
+        console.print(f"[bold]deploy {r.deployment}[/]: {r.model} on {r.replicas} x ({shape_text(r.tp, r.pp)}) "
                       f"{r.gpu} = {r.gpus} GPUs, {verdict}")
         console.print(f"  {r.note}")
+        console.print(f"  scheduler: {scheduler_text(r.scheduler)}; KV cache {r.kv_capacity_tokens:,} tokens per instance")
         console.print(_latency_table(r.ttft_ms, r.tpot_ms, r.e2e_ms))
         for t in r.targets:
             where = f"p{t.percentile:g} = {t.value_ms:,.1f} ms" if t.value_ms is not None else "limit"
@@ -63,25 +65,6 @@ def print_simulation(reports: dict[str, DeploymentReport], console: Console | No
                       f"({r.output_tokens_per_s_per_gpu:,.0f} per GPU)")
         if r.goodput_req_s is not None:
             console.print(f"  goodput: {r.goodput_req_s:,.2f} req/s ({r.goodput_req_s_per_gpu:,.3f} per GPU)")
-
-
-def _gpu_ranges(refs) -> str:
-    """`n0g0-3` for GPUs 0..3 of node 0."""
-    by_node: dict[int, list[int]] = {}
-    for ref in refs:
-        by_node.setdefault(ref.node, []).append(ref.index)
-    parts = []
-    for node, indices in by_node.items():
-        indices.sort()
-        runs, first, last = [], indices[0], indices[0]
-        for i in indices[1:]:
-            if i != last + 1:
-                runs.append((first, last))
-                first = i
-            last = i
-        runs.append((first, last))
-        parts.append(f"n{node}g" + ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs))
-    return " ".join(parts)
 
 
 def _target_text(target, predicted) -> str:
@@ -103,17 +86,12 @@ def print_plan(plan, spec, *, explain: bool = False, console: Console | None = N
         console.print(f"[bold]deploy {d.name}[/] ({d.model}, {d.weights} weights, {d.kv} KV) on {d.cluster}: "
                       f"{d.mode}, objective {d.objective.replace('_', ' ')}")
         for g in d.groups:
-            console.print(f"  [green]+[/] {g.replicas} x (tp {g.tp} x pp {g.pp}{f' x ep {g.ep}' if g.ep > 1 else ''})"
-                          f" {g.gpu}, {g.role}: {g.capacity_rps:.2f} req/s each under the SLO")
+            console.print(f"  [green]+[/] {g.replicas} x ({group_shape_text(g)}) {g.gpu}, {g.role}: "
+                          f"{g.capacity_rps:.2f} req/s each under the SLO")
             for instance in g.instances:
-                console.print(f"      {_gpu_ranges(instance.gpus)}")
-            s, m = g.scheduler, g.memory
-            console.print(f"      scheduler: {s.max_batched_tokens} batched tokens, chunks of {s.chunk_size}, "
-                          f"{s.max_seqs} sequences, blocks of {s.block_size}")
-            console.print(f"      memory per GPU: weights {m.weights / GiB:.1f} GiB, KV {m.kv_cache / GiB:.1f} GiB "
-                          f"({m.kv_blocks:,} blocks), activations {m.activations / GiB:.2f} GiB, reserve "
-                          f"{m.reserve / GiB:.1f} GiB, free {m.free / GiB:.1f} GiB"
-                          + (f", offloaded {sum(m.offloaded.values()) / GiB:.1f} GiB" if m.offloaded else ""))
+                console.print(f"      {gpu_ranges(instance.gpus)}")
+            console.print(f"      scheduler: {scheduler_text(g.scheduler)}")
+            console.print(f"      memory per GPU: {memory_text(g.memory)}")
         p = d.predicted
         limits = ", ".join(_target_text(t, p) for t in slo.targets)
         verdict = "[green]meets the SLO[/]" if p.meets_slo else "[red]misses the SLO[/]"

@@ -148,77 +148,30 @@ def _prompts(args, engine) -> int:
 # ----------------------------------------------------------------------------------- replay
 
 
-def replay_requests(workload, n: int, vocab: int, seed: int, context: int):
-    """The spec's workload as engine requests: the compiler's sampled arrivals and lengths
-    (clipped to the model's context), random prompt tokens, exact output lengths."""
-    import numpy as np
-
-    from flowc.compiler.model.workload import Requests, sample_requests
-    from flowc.runtime.engine import Request
-    from flowc.runtime.sequence import SamplingParams
-
-    sampled = sample_requests(workload, n, seed=seed)
-    prompt = np.minimum(sampled.prompt, context - 1)
-    output = np.minimum(sampled.output, context - prompt)
-    rng = np.random.default_rng(seed)
-    requests = [Request(prompt_token_ids=rng.integers(0, vocab, int(p)).tolist(),
-                        params=SamplingParams(max_tokens=int(o), ignore_eos=True), request_id=str(i),
-                        arrival_time=float(a))
-                for i, (a, p, o) in enumerate(zip(sampled.arrival, prompt, output))]
-    return requests, Requests(sampled.arrival, prompt, output)
-
-
 def _replay(args, engine, out) -> int:
-    from flowc.api import check_sources
-    from flowc.compiler.diagnostics import FlowError
-    from flowc.compiler.verify.verifier import simulate_instance
+    from flowc.compiler.model.instance import simulate_plan_instance
+    from flowc.plan_io import read_spec
+    from flowc.replay import replay_report, replay_requests
 
     plan, dp = engine.plan_document, engine.plan
-    spec_path = Path(args.against or plan.spec_files[0])
-    if not spec_path.is_file():
-        return out.usage_error(f"the plan's spec `{spec_path}` does not exist", "give it with --against SPEC")
-    try:
-        spec = check_sources(spec_path).spec
-    except FlowError as error:
-        out.diagnostics(error.diagnostics, error.sources)
-        return EXIT_INVALID
+    checked = read_spec(plan, args.plan, args.against, out, why="a replay samples the spec's workload")
+    if isinstance(checked, int):
+        return checked
+    spec = checked.spec
     if dp.name not in spec.deployments:
-        return out.usage_error(f"`{spec_path}` has no deployment `{dp.name}`", "give the plan's spec with --against")
+        return out.usage_error(f"the spec has no deployment `{dp.name}`", "give the plan's spec with --against")
     workload = spec.workloads[spec.deployments[dp.name].workload]
     requests, sampled = replay_requests(workload, args.requests, engine.config.vocab, args.seed,
                                         engine.config.max_context)
     outputs = engine.generate(requests, replay=True, time_scale=args.time_scale)
     group = dp.groups.index(engine.group)
-    predicted = simulate_instance(spec, dp, group, sampled.scaled(1 / args.time_scale))
+    predicted = simulate_plan_instance(spec, dp, group, sampled.scaled(1 / args.time_scale))
     report = replay_report(outputs, predicted)
     if out.json:
         print(json.dumps(report, indent=2))
     else:
         print_replay(report, args, dp.name)
     return EXIT_OK if not report["errors"] else EXIT_INVALID
-
-
-def replay_report(outputs, predicted) -> dict:
-    """Measured vs predicted mean, p50 and p90 TTFT and TPOT (ms) and output throughput."""
-    import numpy as np
-
-    done = [o for o in outputs if o.error is None and o.first_token_time is not None]
-    ttft = np.array([o.ttft_s for o in done]) * 1e3
-    tpot = np.array([o.tpot_s for o in done if o.tpot_s is not None]) * 1e3
-    span = max(o.finish_time for o in done) - min(o.arrival_time for o in done) if done else 0.0
-    tokens = sum(len(o.output_token_ids) for o in done)
-
-    def stats(values, metric):
-        measured = {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
-                    "p90": float(np.percentile(values, 90))} if len(values) else {}
-        model = {"mean": predicted.mean(metric) * 1e3, "p50": predicted.percentile(metric, 50) * 1e3,
-                 "p90": predicted.percentile(metric, 90) * 1e3}
-        return {"measured": measured, "predicted": model}
-
-    return {"requests": len(outputs), "errors": [o.error for o in outputs if o.error],
-            "ttft_ms": stats(ttft, "ttft"), "tpot_ms": stats(tpot, "tpot"),
-            "output_tokens_per_s": {"measured": tokens / span if span > 0 else 0.0,
-                                    "predicted": predicted.output_throughput}}
 
 
 def print_replay(report: dict, args, name: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from flowc.compiler.frontend.library import stdlib_spec
-from flowc.compiler.model.memory import kv_bytes_per_token, param_counts, weight_bytes
+from flowc.compiler.model.geometry import kv_bytes_per_token, param_counts, weight_bytes
 from flowc.compiler.spec import Spec
 
 

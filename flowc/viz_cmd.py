@@ -74,41 +74,19 @@ def cmd_viz(args, out) -> int:
     return _write_text(draw(plan, spec), args, out)
 
 
-def _spec_path(plan, plan_path: Path, against: str | None) -> Path | None:
-    """--against, else the plan's spec_files[0]: next to the plan when it is there, else as
-    written (relative to the working directory), like `flowc verify`."""
-    if against is not None:
-        return Path(against)
-    if not plan.spec_files:
-        return None
-    path = Path(plan.spec_files[0])
-    if not path.is_absolute() and (plan_path.parent / path).is_file():
-        return plan_path.parent / path
-    return path
-
-
 def _checked_spec(plan, plan_path: Path, against: str | None, out):
     """(spec, sources, verifier findings) or the exit code, after printing why."""
-    from flowc.api import check_sources
-    from flowc.compiler.diagnostics import FlowError
-    from flowc.compiler.verify.verifier import verify_plan
+    from flowc.compiler.verify import verify_plan
+    from flowc.plan_io import read_spec
 
-    path = _spec_path(plan, plan_path, against)
-    if path is None or not path.is_file():
-        where = f"the plan's spec `{path}` does not exist" if path is not None else f"`{plan_path}` names no spec file"
-        return out.usage_error(f"{where}; drawing the plan needs its spec", "give the spec with `--against SPEC.flow`")
-    try:
-        checked = check_sources(path)
-    except FlowError as error:
-        out.diagnostics(error.diagnostics, error.sources)
-        return EXIT_INVALID
-    except (OSError, UnicodeDecodeError) as error:
-        return out.usage_error(f"cannot read `{path}`: {getattr(error, 'strerror', None) or error}")
+    checked = read_spec(plan, str(plan_path), against, out, why="drawing the plan needs its spec")
+    if isinstance(checked, int):
+        return checked
     findings = [d for d in verify_plan(plan, checked.spec) if d.severity == "error"]
     if any(d.code in STRUCTURAL for d in findings):
         out.diagnostics(findings, checked.sources)
         if not out.json:
-            print(f"error: `{plan_path}` does not match `{path}`", file=sys.stderr)
+            print(f"error: `{plan_path}` does not match its spec", file=sys.stderr)
         return EXIT_INVALID
     sources = {name: source.text for name, source in checked.sources.items()}
     return checked.spec, sources, findings

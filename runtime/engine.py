@@ -25,7 +25,9 @@ from typing import Iterable, Iterator, Optional, Sequence as Seq
 
 import torch
 
+from flowc.compiler.model.parallelism import problems
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
+from flowc.compiler.plan_io import load_plan_file
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .runner import RunnerSpec, make_runner
@@ -92,12 +94,13 @@ def load_plan(plan: Plan | str | Path) -> Plan:
         return plan
     path = Path(plan)
     try:
-        return Plan.model_validate_json(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise EngineError(f"cannot read plan {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise EngineError(f"{path} is not a flowc plan (run `flowc verify {path}` for details): "
-                          f"{str(e).splitlines()[0]}") from None
+        loaded, problems = load_plan_file(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise EngineError(f"cannot read plan {path}: {getattr(e, 'strerror', None) or e}") from None
+    if loaded is None:
+        raise EngineError(f"{path} is not a plan this flowc runs: {problems[0].message} "
+                          f"(run `flowc verify {path}` for details)")
+    return loaded
 
 
 def _deployment(plan: Plan, name: Optional[str]) -> DeploymentPlan:
@@ -144,11 +147,11 @@ class Engine:
                  seed: int):
         self.config, self.plan_document, self.plan, self.group = config, plan, dp, group
         s = group.scheduler
-        self.runner = make_runner(RunnerSpec(config=config, model_spec=dp.model_spec, tp=group.tp, weights=weights,
-                                             dtype=dtype, kv_dtype=kv_dtype, device=str(device), backend=backend,
-                                             seed=seed, num_blocks=group.memory.kv_blocks, block_size=s.block_size,
-                                             max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
-                                             arena_offsets=dict(group.memory.arena_offsets)))
+        self.runner = make_runner(RunnerSpec(config=config, tp=group.tp, weights=weights, dtype=dtype,
+                                             kv_dtype=kv_dtype, device=str(device), backend=backend, seed=seed,
+                                             num_blocks=group.memory.kv_blocks, block_size=s.block_size,
+                                             arena_offsets=dict(group.memory.arena_offsets),
+                                             arena_sizes=dict(group.memory.arena_sizes)))
         self.block_manager = BlockManager(group.memory.kv_blocks, s.block_size)
         self.scheduler = Scheduler(self.block_manager, max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
                                    chunk_size=s.chunk_size, chunked_prefill=s.chunked_prefill)
@@ -192,6 +195,13 @@ class Engine:
             raise EngineError(f"plan format {p.format_version} does not carry the model; compile the spec again "
                               "with this flowc")
         group = _colocated_group(dp)
+        found = problems(dp.model_spec, group.tp, group.pp, group.ep)
+        if found:
+            raise EngineError(f"deployment `{dp.name}` cannot run: " + "; ".join(p.message for p in found)
+                              + ": compile the spec again")
+        if group.memory.arena_offsets and not group.memory.arena_sizes:
+            raise EngineError(f"plan format {p.format_version} does not carry the sizes of the activation arena's "
+                              "buffers: compile the spec again with this flowc")
         if group.pp > 1:
             raise EngineError(f"deployment `{dp.name}` uses pipeline parallelism (pp {group.pp}); the flowc runtime "
                               "runs pp 1 only: restrict the spec with `pp in [1]`")

@@ -4,7 +4,7 @@ tensor-parallel ranks, and a launcher of local gloo process groups (tests, CPU r
 Tensor parallelism is Megatron style: attention heads and MLP columns split over the TP
 ranks (column-parallel in, row-parallel out with an all-reduce), the vocabulary split over
 them for the embedding and the LM head. KV heads split too, and are replicated when
-tp > kv_heads (`compiler.memory.kv_heads_per_rank`, the plan's arithmetic). Pipeline
+tp > kv_heads (`compiler.model.geometry.kv_heads_per_rank`, the plan's arithmetic). Pipeline
 parallelism gives each stage a contiguous range of layers.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from flowc.compiler.model.memory import kv_heads_per_rank
+from flowc.compiler.model.geometry import kv_heads_per_rank
 from .config import ModelConfig
 
 __all__ = ["Parallel", "RankLayout", "launch", "free_port"]
@@ -72,16 +72,10 @@ class Parallel:
         return torch.cat(parts, dim=dim)
 
     def layout(self, config: ModelConfig) -> RankLayout:
-        """This rank's slices of `config`; ValueError when a dimension does not split."""
+        """This rank's slices of `config`. The degrees split it evenly: `Engine.from_plan` refuses
+        a plan whose parallelism the model cannot take (compiler/model/parallelism.py)."""
         tp, r = self.tp_size, self.tp_rank
-        ffn_name, ffn = ("expert_ffn", config.expert_ffn) if config.is_moe else ("ffn", config.ffn)
-        for name, n in (("heads", config.heads), (ffn_name, ffn)):
-            if n % tp:
-                raise ValueError(f"{name} ({n}) does not split over tp {tp}")
-        if config.kv_heads % tp and tp % config.kv_heads:
-            raise ValueError(f"kv_heads ({config.kv_heads}) and tp ({tp}): one must divide the other")
-        if config.layers < self.pp_size:
-            raise ValueError(f"{config.layers} layers cannot fill {self.pp_size} pipeline stages")
+        ffn = config.expert_ffn if config.is_moe else config.ffn
         h = config.heads // tp
         group = config.heads // config.kv_heads  # query heads per KV head
         # kv_heads_per_rank reads only kv_heads, which ModelConfig shares with spec.Model.

@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from flowc.compiler.spec import Model
 from .config import ModelConfig
 from .kernels import get_ops
 from .model import CausalLM, StepInputs
@@ -38,7 +37,6 @@ class RunnerSpec:
     """Everything a rank needs to build its share of the instance (picklable)."""
 
     config: ModelConfig
-    model_spec: Model
     tp: int
     weights: Optional[Path]
     dtype: torch.dtype
@@ -48,9 +46,8 @@ class RunnerSpec:
     seed: int
     num_blocks: int
     block_size: int
-    max_batched_tokens: int
-    max_seqs: int
     arena_offsets: dict[str, int] = field(default_factory=dict)
+    arena_sizes: dict[str, int] = field(default_factory=dict)
 
 
 class _RankState:
@@ -65,8 +62,7 @@ class _RankState:
             self.model.init_random(spec.seed)
         self.kv = self.model.make_kv_cache(spec.num_blocks, spec.block_size, spec.kv_dtype)
         if spec.arena_offsets:
-            self.workspace = Workspace(spec.model_spec, spec.tp, spec.max_batched_tokens, spec.max_seqs,
-                                       spec.arena_offsets, spec.dtype, device)
+            self.workspace = Workspace(spec.arena_offsets, spec.arena_sizes, spec.dtype, device)
         else:
             self.workspace = HeapWorkspace(device)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import flowc
-from flowc.compiler.frontend.checker import Checker
+from flowc.compiler.frontend.check import Checker
 from flowc.compiler.frontend.imports import Program
 from flowc.compiler.frontend.parser import parse
 from flowc.compiler.source import SourceFile

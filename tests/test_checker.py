@@ -145,6 +145,55 @@ def test_ep_on_a_dense_model_is_f0403():
     assert error.diagnostics[0].message == "ep 2 needs a mixture-of-experts model; llama-3.1-70b is dense"
 
 
+MOE_12 = """\
+use std.gpus
+cluster box {
+  node x 1 { gpu h100-sxm x 8 }
+}
+model moe-12 {
+  architecture mixtral
+  layers 4
+  hidden 1024
+  heads 8
+  kv_heads 8
+  ffn 2048
+  vocab 32000
+  max_context 4096 tok
+  moe { experts 12; top_k 2 }
+}
+workload w {
+  arrival poisson 1 req/s
+  prompt 100 tok
+  output 100 tok
+}
+slo s { ttft p90 <= 1 s }
+deploy d {
+  model moe-12
+  on box
+  serve w under s
+  %s
+}
+"""
+
+
+def test_an_ep_that_does_not_divide_the_allowed_tp_is_f0403():
+    """Regression: `tp in [8]` with `ep in [3]` on 12 experts passed check (3 divides 12), then
+    the optimizer built the shape and the verifier refused it: ep must divide tp as well."""
+    error = load_error(MOE_12 % "tp in [8]\n  ep in [3]")
+    assert error.codes == ["F0403"]
+    d = error.diagnostics[0]
+    assert d.message == "ep 3 cannot split moe-12's 12 experts over tp 8: it must divide both"
+    assert d.help == "expert parallel degrees with tp 8: 1, 2, 4"
+    error = load_error(MOE_12 % "tp in [2, 8]\n  ep in [1, 3]")
+    assert one(error, "F0403").message == ("ep 3 cannot split moe-12's 12 experts over any allowed tp (2, 8): "
+                                          "it must divide the experts and tp")
+
+
+def test_an_ep_possible_with_one_of_the_tps_is_accepted():
+    spec = flowc.load(MOE_12 % "tp in [2, 4]\n  ep in [4]")
+    assert spec.deployments["d"].search == {"tp": [2, 4], "ep": [4]}
+
+
 def test_tp_beyond_a_node_is_f0404():
     error = load_error(VALID_SPEC.replace("tp in [2, 4, 8]", "tp 16"))
     assert error.codes == ["F0404"]

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowc.compiler.model.memory import kv_bytes_per_token_per_rank
+from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank
 from flowc.runtime.engine import Engine, EngineError, Request
 from flowc.runtime.sequence import SamplingParams
 from flowc.runtime.workspace import Workspace
 from runtime_models import hf_greedy, save_tiny_model, sample_prompts, tiny_spec
-from flowc.compiler.plan import instance_plan
+from flowc.compiler.optimize.instance_plan import instance_plan
 
 pytest.importorskip("transformers")
 

@@ -93,6 +93,20 @@ def test_cli_estimate_json_and_errors(capsys):
     assert caught.value.code == 2
 
 
+def test_simulate_keeps_the_scheduler_settings_a_spec_pins():
+    """Regression: the baseline simulated 8192 batched tokens and 256 sequences though
+    tiny-cpu pins 512 and 32 (the defaults were restated in every signature)."""
+    from flowc.compiler.model.memory import memory_budget
+
+    spec = flowc.load(EXAMPLES / "tiny-cpu.flow")
+    report = flowc.simulate(spec)["tiny"]
+    s = report.scheduler
+    assert (s.max_batched_tokens, s.max_seqs, s.chunk_size, s.block_size) == (512, 32, 512, 16)
+    d = spec.deployments["tiny"]
+    budget = memory_budget(d.model, spec.gpus["cpu-local"].memory, scheduler=s, vendor="cpu")
+    assert report.kv_capacity_tokens == budget.kv_tokens
+
+
 def test_simulate_a_whole_spec(capsys):
     reports = flowc.simulate(EXAMPLES / "shared-cluster.flow")
     assert set(reports) == {"small", "large"}

@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from flowc.compiler.plan import instance_plan
+from flowc.compiler.optimize.instance_plan import instance_plan
 from flowc.runtime.engine import Engine, Request
 from flowc.runtime.kernels import get_ops
 from flowc.runtime.model import StepInputs

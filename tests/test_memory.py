@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import flowc
-from flowc.compiler.model.memory import kv_bytes_per_token, param_counts, weight_bytes
+from flowc.compiler.model.geometry import kv_bytes_per_token, param_counts, weight_bytes
 from flowc.stdlib_listing import stdlib_spec
 from reference_models import DERIVED_PARAMS, PUBLISHED_PARAMS
 
@@ -135,9 +135,8 @@ deploy d {
 
 # ---------------------------------------------------------------------------------- per GPU
 
-from flowc.compiler.model.memory import (  # noqa: E402
-    activation_peak_bytes, kv_bytes_per_token_per_rank, memory_budget, runtime_reserve_bytes, weight_bytes_per_rank,
-)
+from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank, weight_bytes_per_rank  # noqa: E402
+from flowc.compiler.model.memory import activation_peak_bytes, memory_budget, runtime_reserve_bytes  # noqa: E402
 
 GiB = 2**30
 
@@ -174,7 +173,7 @@ def test_pipeline_stages_split_layers_and_vocabulary(models):
 
 
 def test_activation_peak_is_the_step_graphs_live_peak(models):
-    from flowc.compiler.optimize.arena import lower_bound, step_buffers
+    from flowc.compiler.model.step_graph import lower_bound, step_buffers
 
     m = models["llama-3.1-8b"]
     peak = activation_peak_bytes(m, 1, 8192, 256)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowc.compiler.optimize.arena import pack, step_buffers
+from flowc.compiler.optimize.arena import pack
+
+from flowc.compiler.model.step_graph import step_buffers
 from flowc.compiler.spec import MoE, Model
 from flowc.runtime.config import ModelConfig, UnsupportedModel
 from flowc.runtime.kernels import get_ops
@@ -128,7 +130,7 @@ def test_arena_workspace_gives_the_heap_logits(tiny, variant):
     buffers = step_buffers(spec, 1, max_tokens, max_seqs)
     layout = pack(buffers, time_limit_s=1.0)
     assert layout.size < sum(b.size_bytes for b in buffers)  # bytes are actually shared
-    arena = Workspace(spec, 1, max_tokens, max_seqs, layout.offsets, torch.float32)
+    arena = Workspace(layout.offsets, layout.sizes, torch.float32)
     a, b = _tokens(30, 128, 6), _tokens(9, 128, 7)
     steps = [{0: a[:25], 1: b[:5]}, {0: a[25:], 1: [b[5]]}, {0: [a[29]], 1: [b[6]]}]
     results = []

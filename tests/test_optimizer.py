@@ -11,7 +11,7 @@ import pytest
 import flowc
 from flowc.cli import main
 from flowc.compiler.plan import Plan
-from flowc.compiler.verify.verifier import verify_plan
+from flowc.compiler.verify import verify_plan
 from flowc.compiler.model.workload import base_rate
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.flow"))
@@ -62,9 +62,8 @@ def test_memory_maps_come_from_the_memory_model(compiled):
     for d in plan.deployments:
         model = spec.deployments[d.name].model
         for g in d.groups:
-            budget = memory_budget(model, spec.gpus[g.gpu].memory, tp=g.tp, pp=g.pp,
-                                   max_batched_tokens=g.scheduler.max_batched_tokens, max_seqs=g.scheduler.max_seqs,
-                                   block_size=g.scheduler.block_size, vendor=spec.gpus[g.gpu].vendor)
+            budget = memory_budget(model, spec.gpus[g.gpu].memory, tp=g.tp, pp=g.pp, scheduler=g.scheduler,
+                                   vendor=spec.gpus[g.gpu].vendor)
             m = g.memory
             assert (m.weights, m.kv_blocks, m.activations) == (budget.weights, budget.kv_blocks, budget.activations)
             assert m.weights + m.kv_cache + m.activations + m.reserve + m.free == m.capacity
@@ -104,6 +103,18 @@ RANDOM_SPEC = """
 use std.gpus
 use std.models
 
+model moe-12 {{
+  architecture mixtral
+  layers 8
+  hidden 2048
+  heads 16
+  kv_heads 4
+  ffn 4096
+  vocab 32000
+  max_context 4096 tok
+  moe {{ experts 12; top_k 2 }}
+}}
+
 cluster c {{
   node x {nodes} {{
     gpu {gpu} x {per_node}
@@ -128,25 +139,50 @@ deploy d {{
   serve w under s
   objective {objective}
   {disagg}
-}}
+{knobs}}}
 """
 
+KNOB_VALUES = {"tp": [1, 2, 4, 8], "pp": [1, 2], "ep": [1, 2, 3, 4, 6, 8], "replicas": [1, 2, 3, 4]}
 
-@settings(max_examples=8, deadline=None, phases=[Phase.generate], suppress_health_check=[HealthCheck.too_slow])
+
+@st.composite
+def knobs(draw) -> str:
+    """Some of tp, pp, ep and replicas narrowed to a few values (possibly ones the model or the
+    cluster cannot take: the checker must say so, the optimizer never crash)."""
+    lines = []
+    for knob, values in KNOB_VALUES.items():
+        chosen = draw(st.lists(st.sampled_from(values), max_size=3, unique=True))
+        if chosen:
+            lines.append(f"  {knob} in [{', '.join(map(str, chosen))}]\n")
+    return "".join(lines)
+
+
+@settings(max_examples=12, deadline=None, phases=[Phase.generate], suppress_health_check=[HealthCheck.too_slow])
 @given(nodes=st.integers(1, 2), per_node=st.sampled_from([4, 8]), gpu=st.sampled_from(["h100-sxm", "a100-sxm-80g"]),
-       model=st.sampled_from(["llama-3.1-8b", "qwen2.5-7b", "tiny-llama"]), rate=st.sampled_from([1, 5, 40, 400]),
-       prompt=st.sampled_from([64, 256]), output=st.sampled_from([32, 128]), ttft=st.sampled_from([20, 300, 2000]),
-       tpot=st.sampled_from([5, 30, 100]), objective=st.sampled_from(["min gpus", "max goodput_per_gpu"]),
-       disagg=st.sampled_from(["", "allow disaggregation"]))
-def test_random_specs_compile_to_verified_plans_or_planning_diagnostics(**values):
-    spec = flowc.load(RANDOM_SPEC.format(**values))
+       model=st.sampled_from(["llama-3.1-8b", "tiny-llama", "qwen3-30b-a3b", "mixtral-8x7b", "moe-12"]),
+       rate=st.sampled_from([1, 5, 40, 400]), prompt=st.sampled_from([64, 256]), output=st.sampled_from([32, 128]),
+       ttft=st.sampled_from([20, 300, 2000]), tpot=st.sampled_from([5, 30, 100]),
+       objective=st.sampled_from(["min gpus", "max goodput_per_gpu"]),
+       disagg=st.sampled_from(["", "allow disaggregation"]), knobs=knobs())
+def test_random_specs_compile_to_verified_plans_or_diagnostics(**values):
+    try:
+        spec = flowc.load(RANDOM_SPEC.format(**values))
+    except flowc.FlowError as error:  # knob values the model or the cluster cannot take
+        assert error.codes and all(code.startswith(("F04", "F05")) for code in error.codes), error.codes
+        return
     try:
         plan = flowc.compile(spec, time_limit_s=5)
     except flowc.FlowError as error:
         assert error.codes and all(code.startswith("F05") for code in error.codes)
         return
     assert verify_plan(plan, spec) == []
-    assert all(d.predicted.meets_slo for d in plan.deployments)
+    for d in plan.deployments:
+        assert d.predicted.meets_slo
+        search = spec.deployments[d.name].search
+        assert d.replicas in search.get("replicas", [d.replicas])
+        for g in d.groups:
+            for knob in ("tp", "pp", "ep"):
+                assert getattr(g, knob) in search.get(knob, [getattr(g, knob)])
 
 
 # ------------------------------------------------------------------------------------- offload
@@ -163,7 +199,7 @@ deploy d {{ model llama-3.1-70b; on one; serve w under slow{offload} }}
 
 
 def test_a_model_larger_than_hbm_compiles_with_offloaded_weights():
-    from flowc.compiler.model.memory import weight_bytes_per_rank
+    from flowc.compiler.model.geometry import weight_bytes_per_rank
 
     spec = flowc.load(OFFLOAD_SPEC.format(host="1 TiB", offload="; allow offload"))
     plan = flowc.compile(spec)
@@ -208,3 +244,42 @@ def test_scheduler_knobs_come_from_the_spec_search_space():
     for group in plan.deployments[0].groups:
         s = group.scheduler
         assert s.max_seqs in (64, 128) and s.block_size == 32 and s.chunk_size == 2048
+
+
+# ------------------------------------------------------------------------------------ replicas
+
+REPLICAS_SPEC = """
+use std.gpus
+use std.models
+use std.slos
+cluster shared { node x 1 { gpu a100-sxm-80g x 8 } }
+workload light {
+  arrival poisson 20 req/s
+  prompt normal(mean 512 tok, std 128 tok) max 2048 tok
+  output 128 tok
+}
+deploy small {
+  model qwen2.5-7b
+  on shared
+  serve light under chat
+  objective min gpus
+  max_gpus 2
+  %s
+}
+"""
+
+
+def test_replicas_pins_the_number_of_instances():
+    """Regression: the optimizer ignored `replicas`; when it chose another count, the verifier
+    rejected its plan and compile ended in an internal error."""
+    free = flowc.compile(REPLICAS_SPEC % "")
+    assert free.deployments[0].replicas == 2  # two tp 1 instances serve the load on the fewest GPUs
+    spec = flowc.load(REPLICAS_SPEC % "replicas 1")
+    plan = flowc.compile(spec)
+    (d,) = plan.deployments
+    assert d.replicas == 1 and [(g.tp, g.replicas) for g in d.groups] == [(2, 1)]
+    assert verify_plan(plan, spec) == [] and d.predicted.meets_slo
+    with pytest.raises(flowc.FlowError) as caught:  # three instances do not fit max_gpus 2
+        flowc.compile(REPLICAS_SPEC % "replicas 3")
+    assert caught.value.codes == ["F0511"]
+    assert "with 3 instances" in str(caught.value)

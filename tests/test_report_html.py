@@ -24,6 +24,7 @@ pytest.importorskip("matplotlib")
 
 from flowc.api import check_sources  # noqa: E402 (after the skip: the report needs matplotlib)
 from flowc.cli import main  # noqa: E402
+from flowc.compiler.units import format_gbps
 from flowc.compiler.optimize.compile import compile_spec  # noqa: E402
 from flowc.compiler.plan import GpuRef, Instance  # noqa: E402
 from flowc.compiler.render.html import render_report  # noqa: E402
@@ -200,7 +201,7 @@ def test_pipeline_hops_across_nodes_are_charged_to_the_network(example):
     sampled = sample_requests(workload, seed=0)
     tokens = float(sampled.prompt.mean()) + float(sampled.output.mean())
     hop = base_rate(workload) / 4 * tokens * dp.model_spec.hidden * 2 * 1
-    assert f"n0 -> n1 ib-ndr (infiniband) 8 x 50.00 GB/s chatbot pipeline activations {4 * hop / 1e9:.2f} GB/s" \
+    assert f"n0 -> n1 ib-ndr (infiniband) 8 x 50 GB/s chatbot pipeline activations {format_gbps(4 * hop)}" \
         in _Document(report).plain_text()  # the four instances' hops, all from n0 to n1
 
 

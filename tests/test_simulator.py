@@ -11,6 +11,7 @@ from flowc.compiler import spec
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.goodput import goodput, goodput_search
 from flowc.compiler.model.workload import Requests, fixed_requests, sample_requests
+from flowc.compiler.plan import Scheduler
 
 
 class LinearCost:
@@ -34,9 +35,14 @@ class LinearCost:
         return self.xfer * tokens
 
 
+SCHEDULER_KNOBS = ("max_batched_tokens", "chunked_prefill", "chunk_size", "max_seqs", "block_size")
+
+
 def instance(cost=None, **kw) -> InstanceConfig:
+    """An instance of `cost`; scheduler settings among the keywords go into its Scheduler."""
     kw.setdefault("kv_capacity_tokens", 10**7)
-    return InstanceConfig(cost=cost or LinearCost(1.0), **kw)
+    scheduler = Scheduler(**{k: kw.pop(k) for k in SCHEDULER_KNOBS if k in kw})
+    return InstanceConfig(cost=cost or LinearCost(1.0), scheduler=scheduler, **kw)
 
 
 def workload(arrival: spec.Arrival, prompt: spec.Lengths, output: spec.Lengths, **kw) -> spec.Workload:
@@ -206,13 +212,14 @@ def test_a_request_that_can_never_fit_is_rejected_not_looped_on():
 def naive_simulate(requests: Requests, cfg: InstanceConfig):
     """The same scheduling rules, one Python object per sequence, every sequence visited every
     iteration: slow and obviously right. Returns (ttft, e2e, preemptions, iterations)."""
-    B, cap = cfg.block_size, cfg.kv_capacity_tokens // cfg.block_size
+    s = cfg.scheduler
+    B, cap = s.block_size, cfg.kv_capacity_tokens // s.block_size
     cost = cfg.cost
     n = len(requests)
     P, O, A = requests.prompt.tolist(), requests.output.tolist(), requests.arrival.tolist()
     gen, kv, target, blocks = [0] * n, [0] * n, list(P), [0] * n
     first, end = [None] * n, [None] * n
-    rejected = [(P[i] + O[i] - 1 + B - 1) // B > cap or (not cfg.chunked_prefill and P[i] > cfg.max_batched_tokens)
+    rejected = [(P[i] + O[i] - 1 + B - 1) // B > cap or (not s.chunked_prefill and P[i] > s.max_batched_tokens)
                 for i in range(n)]
     waiting, running = [], []  # running: admission order; each is prefilling (kv < target) or decoding
     free, now, nxt, preemptions, iterations = cap, 0.0, 0, 0, 0
@@ -244,18 +251,18 @@ def naive_simulate(requests: Requests, cfg: InstanceConfig):
                 blocks[r] += 1
         free -= need
         chunks = []
-        left = cfg.max_batched_tokens - len(decoders)
+        left = s.max_batched_tokens - len(decoders)
         queue = [r for r in running if kv[r] < target[r]] + waiting
         first_prefill = True
         for r in (queue if not preempted else []):
             if left <= 0:
                 break
-            if r not in running and len(running) >= cfg.max_seqs:
+            if r not in running and len(running) >= s.max_seqs:
                 break
             rest = target[r] - kv[r]
-            if cfg.chunked_prefill:
+            if s.chunked_prefill:
                 chunk = min(rest, left)
-            elif rest <= left or (first_prefill and rest > cfg.max_batched_tokens):
+            elif rest <= left or (first_prefill and rest > s.max_batched_tokens):
                 chunk = rest
             else:
                 break

@@ -1,4 +1,4 @@
-"""The plan verifier (compiler/verify/verifier.py): sound plans verify clean, and each corruption of one
+"""The plan verifier (compiler/verify/): sound plans verify clean, and each corruption of one
 gives exactly its code.
 
 Plans are built by hand here (`build_plan`, playing the optimizer): memory maps from
@@ -27,7 +27,9 @@ from flowc.compiler.plan import (DeploymentPlan, GpuRef, Instance, InstanceGroup
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.goodput import goodput_search
 from flowc.compiler.spec import Spec
-from flowc.compiler.verify.verifier import cmd_verify, verify_file, verify_plan
+from flowc.compiler.plan_io import load_plan_file
+from flowc.compiler.verify import verify_plan
+from flowc.verify_cmd import cmd_verify
 from flowc.compiler.model.workload import sample_requests
 
 GiB = 1 << 30
@@ -101,6 +103,11 @@ def _nodes(spec: Spec):
     return [group for group in spec.clusters["box"].nodes for _ in range(group.count)]
 
 
+def _scheduler(g: Group) -> Scheduler:
+    return Scheduler(max_batched_tokens=g.max_batched_tokens, chunked_prefill=g.chunked, max_seqs=g.max_seqs,
+                     block_size=g.block_size)
+
+
 def _instance_configs(spec: Spec, groups: list[Group], budgets, blocks: list[int]) -> list[InstanceConfig]:
     d = spec.deployments["chat"]
     cluster = spec.clusters["box"]
@@ -115,8 +122,7 @@ def _instance_configs(spec: Spec, groups: list[Group], budgets, blocks: list[int
                              parallelism=Parallelism(tp=g.tp, pp=g.pp, ep=g.ep),
                              inter_link=cluster.network if remote else None)
             configs.append(InstanceConfig(cost=cost, pp=g.pp, kv_capacity_tokens=kv_blocks * g.block_size,
-                                          block_size=g.block_size, max_batched_tokens=g.max_batched_tokens,
-                                          max_seqs=g.max_seqs, chunked_prefill=g.chunked, role=g.role))
+                                          scheduler=_scheduler(g), role=g.role))
     return configs
 
 
@@ -125,8 +131,7 @@ def build_plan(spec: Spec, groups: list[Group], mode: Optional[str] = None, kv_b
     with `kv_blocks`, each instance keeps at most that many KV blocks (fewer than fit is sound)."""
     d = spec.deployments["chat"]
     gpu = spec.gpus["h100-sxm"]
-    budgets = [memory_budget(d.model, gpu.memory, tp=g.tp, pp=g.pp, max_batched_tokens=g.max_batched_tokens,
-                             max_seqs=g.max_seqs, block_size=g.block_size) for g in groups]
+    budgets = [memory_budget(d.model, gpu.memory, tp=g.tp, pp=g.pp, scheduler=_scheduler(g)) for g in groups]
     blocks = [b.kv_blocks if kv_blocks is None else min(kv_blocks, b.kv_blocks) for b in budgets]
     configs = _instance_configs(spec, groups, budgets, blocks)
     workload, slo = spec.workloads[d.workload], spec.slos[d.slo]
@@ -451,30 +456,30 @@ def _cli(plan_path, against=None, json_out=False):
     return cmd_verify(args, _Output(args))
 
 
-def test_verify_file_uses_spec_files(tmp_path, plan):
+def test_verify_finds_the_spec_in_spec_files(tmp_path, plan, capsys):
     path = _write(tmp_path, plan, SPEC_DEFAULT)
-    assert verify_file(path) == []
-    assert verify_file(path, tmp_path / "main.flow") == []
+    assert _cli(path) == 0
+    assert _cli(path, str(tmp_path / "main.flow")) == 0
 
 
-def test_verify_file_spec_path_as_compiled(tmp_path, plan, monkeypatch):
+def test_verify_finds_the_spec_path_as_compiled(tmp_path, plan, monkeypatch, capsys):
     """A plan that recorded the spec's path relative to where it was compiled still finds it."""
     (tmp_path / "plans").mkdir()
     _write(tmp_path, plan.model_copy(update={"spec_files": ["main.flow"]}), SPEC_DEFAULT)
     (tmp_path / "plans" / "plan.json").write_text(plan.model_dump_json(), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    assert verify_file("plans/plan.json") == []
+    assert _cli("plans/plan.json") == 0
 
 
-def test_verify_file_bad_json(tmp_path):
+def test_a_file_that_is_not_a_plan_is_f0520(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text("{not json", encoding="utf-8")
-    assert [d.code for d in verify_file(path, tmp_path / "x.flow")] == ["F0520"]
+    assert [d.code for d in load_plan_file(path)[1]] == ["F0520"]
     path.write_text(json.dumps({"format_version": "1.0", "deployments": 3}), encoding="utf-8")
-    found = verify_file(path, tmp_path / "x.flow")
-    assert [d.code for d in found] == ["F0520"] and found[0].notes
+    plan, found = load_plan_file(path)
+    assert plan is None and [d.code for d in found] == ["F0520"] and found[0].notes
     path.write_text(json.dumps({"format_version": "3.1"}), encoding="utf-8")
-    assert "3.1" in verify_file(path, tmp_path / "x.flow")[0].message
+    assert "3.1" in load_plan_file(path)[1][0].message
 
 
 def test_cmd_verify_exit_codes(tmp_path, plan, capsys):

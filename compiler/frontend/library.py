@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from flowc.compiler.frontend.checker import check
+from flowc.compiler.frontend.check import check
 from flowc.compiler.frontend.imports import load_program, std_modules
 from flowc.compiler.source import SourceFile
 from flowc.compiler.spec import Spec

@@ -50,7 +50,7 @@ from functools import lru_cache
 from typing import Optional
 
 from flowc.compiler import spec
-from flowc.compiler.model.memory import ACTIVATION_BYTES, kv_bytes_per_token, kv_heads_per_rank
+from flowc.compiler.model.geometry import ACTIVATION_BYTES, kv_bytes_per_token, kv_heads_per_rank
 from flowc.compiler.spec import DTYPE_BYTES
 
 __all__ = ["CostModel", "StreamedCost", "Operators", "Parallelism", "operators", "calibration", "causal_pairs", "FAMILIES"]
@@ -452,7 +452,7 @@ class CostModel:
       embedding and LM head. Summed over stages this is the model's iteration exactly (request
       latency is right); the real last stage is slower by (1 - 1/pp) of the LM head.
     * TP: heads, FFN columns and vocabulary split over tp; KV heads split, or one replicated
-      per rank when tp > kv_heads (memory.kv_heads_per_rank); MLA's latent projections and
+      per rank when tp > kv_heads (geometry.kv_heads_per_rank); MLA's latent projections and
       cache are replicated. Two all-reduces of the hidden state per layer (after attention and
       after the MLP/MoE), one after the vocab-parallel embedding, and a gather of the logits.
     * MoE (G = max(tp, ep) GPUs hold the experts: E/ep whole experts per group of G/ep ranks,
@@ -811,7 +811,7 @@ class CostModel:
 
     def kv_bytes_per_gpu(self, tokens: int) -> float:
         """KV-cache bytes of `tokens` tokens that one GPU of the instance sends in a transfer: the
-        model's KV (memory.kv_bytes_per_token) split over the tp x pp GPUs, which send in
+        model's KV (geometry.kv_bytes_per_token) split over the tp x pp GPUs, which send in
         parallel (replicated KV heads and MLA's replicated latent are sent once)."""
         p = self.parallelism
         return tokens * kv_bytes_per_token(self.model) / (p.tp * p.pp)

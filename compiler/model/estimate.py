@@ -7,18 +7,18 @@ Poisson run; with neither, offline maximum throughput (every request queued at t
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from flowc.compiler.model.shapes import valid_tp
-from flowc.compiler.model.cost import CostModel, Parallelism
-from flowc.compiler.diagnostics import Diagnostic, FlowError, suggestion_help
-from flowc.compiler.frontend.library import stdlib_spec
+from flowc.compiler.diagnostics import Diagnostic, FlowError
+from flowc.compiler.model.instance import instance_config
 from flowc.compiler.model.memory import memory_budget
-from flowc.compiler.model.simulator import InstanceConfig, simulate
-from flowc.compiler.spec import DTYPE_BYTES, GPU, Link, Model
+from flowc.compiler.model.parallelism import problems
+from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.workload import fixed_requests
+from flowc.compiler.plan import Scheduler
+from flowc.compiler.spec import GPU, Link, Model
 
 # Requests simulated per estimate: enough for stable percentiles, few enough to stay fast.
 OPEN_LOOP_REQUESTS = 400
@@ -66,54 +66,28 @@ def _fail(code: str, message: str, help: str | None = None, notes: tuple[str, ..
     return FlowError([Diagnostic(code, message, help=help, notes=notes)])
 
 
-def _resolve(name_or_object, table: dict, kind: str):
-    if not isinstance(name_or_object, str):
-        return name_or_object
-    if name_or_object in table:
-        return table[name_or_object]
-    raise _fail("F0201", f"unknown {kind} `{name_or_object}`",
-                suggestion_help(name_or_object, table, f"standard library {kind}s"))
+def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int = 1, replicas: int = 1,
+             input_len: int, output_len: int, batch: Optional[int] = None, rate: Optional[float] = None,
+             disaggregated: Optional[tuple[int, int]] = None, scheduler: Scheduler = Scheduler(),
+             seed: int = 0) -> Estimate:
+    """Predict one configuration of model `m` (its weight and KV dtypes as given) on `g`, an
+    instance's GPUs joined by `link`. Raises FlowError (never a traceback) for a parallelism the
+    model cannot take or a configuration that does not fit in memory.
 
-
-def _check_parallelism(m: Model, tp: int, pp: int, ep: int) -> None:
+    `disaggregated=(p, d)` runs p prefill and d decode instances instead of `replicas`
+    colocated ones. `flowc.estimate` resolves standard library names and calls this."""
     for name, value in (("tp", tp), ("pp", pp), ("ep", ep)):
         if not isinstance(value, int) or value < 1:
             raise _fail("F0307", f"{name} must be a whole number of at least 1, not {value!r}")
-    if tp not in valid_tp(m):
-        raise _fail("F0401", f"tp {tp} cannot split {m.name}'s {m.heads} attention heads ({m.kv_heads} KV heads)",
-                    "tensor parallel degrees for this model: " + ", ".join(map(str, valid_tp(m))))
-    if m.layers % pp:
-        raise _fail("F0402", f"pp {pp} cannot split {m.name}'s {m.layers} layers evenly")
-    if ep > 1 and (m.moe is None or m.moe.experts % ep or tp % ep):
-        why = "is dense" if m.moe is None else f"has {m.moe.experts} experts and tp {tp}"
-        raise _fail("F0403", f"ep {ep} is not possible: {m.name} {why}",
-                    "ep must divide both the number of experts and tp")
-
-
-def estimate(model: Union[str, Model], gpu: Union[str, GPU], *, tp: int = 1, pp: int = 1, ep: int = 1,
-             replicas: int = 1, dtype: str = "bf16", kv_dtype: Optional[str] = None, input_len: int,
-             output_len: int, batch: Optional[int] = None, rate: Optional[float] = None,
-             disaggregated: Optional[tuple[int, int]] = None, max_batched_tokens: int = 8192,
-             max_seqs: int = 256, block_size: int = 16, link: Optional[Link] = None, seed: int = 0) -> Estimate:
-    """Predict one configuration. Raises FlowError (never a traceback) for an unknown model or
-    GPU, a parallelism the model cannot take, or a configuration that does not fit in memory.
-
-    `disaggregated=(p, d)` runs p prefill and d decode instances instead of `replicas`
-    colocated ones; `link` is the link between an instance's GPUs (default: the GPU's own)."""
-    stdlib = stdlib_spec()
-    m = _resolve(model, stdlib.models, "model")
-    g = _resolve(gpu, stdlib.gpus, "GPU")
-    for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype or m.kv)):
-        if value not in DTYPE_BYTES:
-            raise _fail("F0306", f"unknown {name} `{value}`", suggestion_help(value, DTYPE_BYTES, "dtypes"))
-    m = m.model_copy(update={"weights": dtype, "kv": kv_dtype or m.kv})
-    _check_parallelism(m, tp, pp, ep)
+    found = problems(m, tp, pp, ep)
+    if found:
+        raise FlowError([Diagnostic(p.code, p.message, help=p.help) for p in found])
     if batch is not None and rate is not None:
         raise ValueError("give `batch` (closed loop) or `rate` (open loop), not both")
     if input_len < 1 or output_len < 1:
         raise _fail("F0307", "input_len and output_len must be at least 1 token")
-    budget = memory_budget(m, g.memory, tp=tp, pp=pp, max_batched_tokens=max_batched_tokens, max_seqs=max_seqs,
-                           block_size=block_size, vendor=g.vendor)
+    block_size = scheduler.block_size
+    budget = memory_budget(m, g.memory, tp=tp, pp=pp, scheduler=scheduler, vendor=g.vendor)
     if not budget.fits:
         raise _fail("F0503", f"{m.name} at {m.weights} does not fit on {tp * pp} x {g.name} (tp {tp}, pp {pp})",
                     "use a larger tp or pp, or quantize the weights",
@@ -121,7 +95,7 @@ def estimate(model: Union[str, Model], gpu: Union[str, GPU], *, tp: int = 1, pp:
                      f"{budget.activations / 2**30:.1f} GiB + reserve {budget.reserve / 2**30:.1f} GiB > "
                      f"{budget.usable / 2**30:.1f} GiB usable",))
     blocks_per_request = -(-(input_len + output_len) // block_size)
-    concurrent = min(max_seqs, budget.kv_blocks // blocks_per_request)
+    concurrent = min(scheduler.max_seqs, budget.kv_blocks // blocks_per_request)
     if concurrent < 1:
         raise _fail("F0504", f"one request of {input_len + output_len} tokens needs {blocks_per_request} KV blocks; "
                     f"the instance holds {budget.kv_blocks}", "use a larger tp or pp, or `kv_dtype='fp8'`")
@@ -132,14 +106,15 @@ def estimate(model: Union[str, Model], gpu: Union[str, GPU], *, tp: int = 1, pp:
                     (f"KV cache: {budget.kv_tokens:,} tokens per instance "
                      f"({budget.kv / 2**30:.1f} GiB per GPU / {budget.kv_bytes_per_token:,} B per token)",))
 
-    cost = CostModel(m, g, link or stdlib.links[g.interconnect], parallelism=Parallelism(tp=tp, pp=pp, ep=ep))
-    base = dict(cost=cost, pp=pp, kv_capacity_tokens=budget.kv_tokens, block_size=block_size,
-                max_batched_tokens=max_batched_tokens, max_seqs=max_seqs)
+    def config(role: str):
+        return instance_config(m, g, link, kv_capacity_tokens=budget.kv_tokens, tp=tp, pp=pp, ep=ep,
+                               scheduler=scheduler, role=role)
+
     if disaggregated:
         prefill, decode = disaggregated
-        instances = ([InstanceConfig(**base, role="prefill")] * prefill + [InstanceConfig(**base, role="decode")] * decode)
+        instances = [config("prefill")] * prefill + [config("decode")] * decode
     else:
-        instances = [InstanceConfig(**base)] * replicas
+        instances = [config("colocated")] * replicas
 
     if batch is not None:
         mode, n = "closed_loop", max(batch * CLOSED_LOOP_ROUNDS * len(instances), 32)
@@ -167,5 +142,5 @@ def estimate(model: Union[str, Model], gpu: Union[str, GPU], *, tp: int = 1, pp:
         requests_per_s=result.request_throughput, kv_capacity_tokens=budget.kv_tokens,
         max_concurrent_seqs=concurrent, memory_per_gpu=budget.by_category(),
         requests_simulated=int(result.finished.sum()), preemptions=result.preemptions,
-        calibrated=cost.calibrated, calibration_source=cost.calibration_source,
+        calibrated=instances[0].cost.calibrated, calibration_source=instances[0].cost.calibration_source,
     )

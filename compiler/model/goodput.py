@@ -82,7 +82,7 @@ def goodput_search(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo:
     capacity = None
     if hi is None:
         probe = requests_at(1.0)
-        saturated = simulate(Requests(np.zeros(len(probe)), probe.prompt, probe.output), instances, router=router)
+        saturated = simulate(probe.all_at_once(), instances, router=router)
         capacity = hi = steady_throughput(saturated)
         if not hi > 0:
             return GoodputSearch(0.0, trials, capacity)

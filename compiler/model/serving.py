@@ -12,15 +12,19 @@ from typing import Callable, Optional
 
 from pydantic import BaseModel
 
-from flowc.compiler.model.shapes import Shape, instance_shapes
-from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.diagnostics import Diagnostic, FlowError, suggestion_help
 from flowc.compiler.model.estimate import LatencyStats
-from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.goodput import goodput
+from flowc.compiler.model.instance import ROUTER, instance_config
+from flowc.compiler.model.memory import MemoryBudget, memory_budget
 from flowc.compiler.model.results import SimResult
-from flowc.compiler.spec import Deployment, Spec, Workload
+from flowc.compiler.model.search import baseline_scheduler
+from flowc.compiler.model.shapes import Shape, instance_shapes
+from flowc.compiler.model.simulator import simulate
+from flowc.compiler.model.topology import gpu_link
 from flowc.compiler.model.workload import sample_requests
+from flowc.compiler.plan import Scheduler
+from flowc.compiler.spec import Deployment, Spec, Workload
 
 
 class TargetReport(BaseModel):
@@ -41,6 +45,7 @@ class DeploymentReport(BaseModel):
     replicas: int
     gpus: int
     kv_capacity_tokens: int
+    scheduler: Scheduler
     requests: int
     finished: int
     preemptions: int
@@ -58,11 +63,18 @@ class DeploymentReport(BaseModel):
     note: str = "baseline configuration: the smallest instance that fits, replicated over the deployment's GPUs"
 
 
-def _baseline(spec: Spec, d: Deployment, longest: int) -> Shape:
-    shapes = [s for s in instance_shapes(spec, d) if s.budget.fits and s.budget.kv_tokens >= longest]
-    if not shapes:  # the checker's F0503/F0504 make this unreachable for checked specs
+def _baseline(spec: Spec, d: Deployment, scheduler: Scheduler, longest: int) -> tuple[Shape, MemoryBudget]:
+    """The shape with the fewest GPUs (then the most KV) that holds the longest request at the
+    baseline's scheduler settings, and its memory budget at those settings."""
+    fitting = []
+    for shape in instance_shapes(spec, d):
+        gpu = spec.gpus[shape.gpu]
+        budget = memory_budget(d.model, gpu.memory, tp=shape.tp, pp=shape.pp, scheduler=scheduler, vendor=gpu.vendor)
+        if budget.fits and budget.kv_tokens >= longest:
+            fitting.append((shape, budget))
+    if not fitting:  # the checker's F0503/F0504 make this unreachable for checked specs
         raise FlowError([Diagnostic("F0503", f"no instance of {d.model.name} fits deployment `{d.name}`")])
-    return min(shapes, key=lambda s: (s.gpus, -s.budget.kv_tokens))
+    return min(fitting, key=lambda pair: (pair[0].gpus, -pair[1].kv_tokens))
 
 
 def _gpu_share(spec: Spec, d: Deployment) -> int:
@@ -80,16 +92,14 @@ def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None 
     workload, slo = workload or spec.workloads[d.workload], spec.slos[d.slo]
     requests = sample_requests(workload, seed=seed)
     longest = int((requests.prompt + requests.output).max())
-    shape = _baseline(spec, d, longest)
+    scheduler = baseline_scheduler(d)
+    shape, budget = _baseline(spec, d, scheduler, longest)
     gpu = spec.gpus[shape.gpu]
-    link = next(group.link for group in spec.clusters[d.cluster].nodes if group.gpu == shape.gpu)
-    cost = CostModel(d.model, gpu, link, parallelism=Parallelism(tp=shape.tp, pp=shape.pp))
+    instance = instance_config(d.model, gpu, gpu_link(spec.clusters[d.cluster], shape.gpu),
+                               kv_capacity_tokens=budget.kv_tokens, tp=shape.tp, pp=shape.pp, scheduler=scheduler)
     replicas = max(1, _gpu_share(spec, d) // shape.gpus)
-    instance = InstanceConfig(cost=cost, pp=shape.pp, kv_capacity_tokens=shape.budget.kv_tokens,
-                              block_size=shape.budget.block_size)
-
     instances = [instance] * replicas
-    result = simulate(requests, instances, router="least_work")
+    result = simulate(requests, instances, router=ROUTER)
     attainment = result.attainment(slo)
     targets = [TargetReport(metric=t.metric, percentile=t.percentile, limit_ms=t.limit * 1e3,
                             value_ms=None if t.percentile is None else result.percentile(t.metric, t.percentile) * 1e3,
@@ -101,12 +111,13 @@ def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None 
         rate = goodput(instances, lambda scale: sample_requests(workload, seed=seed, rate_scale=scale), slo)
     return DeploymentReport(
         deployment=d.name, model=d.model.name, gpu=shape.gpu, tp=shape.tp, pp=shape.pp, replicas=replicas, gpus=gpus,
-        kv_capacity_tokens=shape.budget.kv_tokens, requests=len(requests.arrival),
+        kv_capacity_tokens=budget.kv_tokens, requests=len(requests.arrival), scheduler=scheduler,
         finished=int(result.finished.sum()), preemptions=result.preemptions,
         ttft_ms=_stats(result, "ttft"), tpot_ms=_stats(result, "tpot"), e2e_ms=_stats(result, "e2e"),
         output_tokens_per_s=result.output_throughput, output_tokens_per_s_per_gpu=result.output_throughput / gpus,
         targets=targets, joint_attainment=attainment["joint"]["share"], meets_slo=result.meets(slo),
-        goodput_req_s=rate, goodput_req_s_per_gpu=None if rate is None else rate / gpus, calibrated=cost.calibrated,
+        goodput_req_s=rate, goodput_req_s_per_gpu=None if rate is None else rate / gpus,
+        calibrated=instance.cost.calibrated,
     )
 
 

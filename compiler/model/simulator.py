@@ -81,11 +81,12 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
 import numpy as np
 
 from flowc.compiler.model.results import SimResult
+from flowc.compiler.plan import Scheduler
 from flowc.compiler.model.workload import Requests
 
 
@@ -117,21 +118,19 @@ class StepCost(Protocol):
 
 @dataclass(frozen=True, kw_only=True)
 class InstanceConfig:
+    """One instance as the simulator sees it: its step cost, pipeline depth, KV pool (tokens,
+    whole blocks of `scheduler.block_size`), batching settings and role."""
+
     cost: StepCost
-    pp: int = 1
     kv_capacity_tokens: int
-    block_size: int = 16
-    max_batched_tokens: int = 8192
-    max_seqs: int = 256
-    chunked_prefill: bool = True
-    chunk_size: Optional[int] = None  # largest prefill chunk of one request per iteration (None: the budget)
+    scheduler: Scheduler = Scheduler()
+    pp: int = 1
     role: Literal["colocated", "prefill", "decode"] = "colocated"
 
     def __post_init__(self):
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
-        if self.pp < 1 or self.block_size < 1 or self.max_batched_tokens < 1 or self.max_seqs < 1:
-            raise ValueError("pp, block_size, max_batched_tokens and max_seqs must be at least 1")
+        s = self.scheduler
+        if min(self.pp, s.block_size, s.max_batched_tokens, s.max_seqs, s.chunk_size) < 1:
+            raise ValueError("pp, block_size, max_batched_tokens, max_seqs and chunk_size must be at least 1")
         if self.kv_capacity_tokens < 0:
             raise ValueError("kv_capacity_tokens cannot be negative")
         if self.role not in ("colocated", "prefill", "decode"):
@@ -139,7 +138,7 @@ class InstanceConfig:
 
     @property
     def kv_blocks(self) -> int:
-        return self.kv_capacity_tokens // self.block_size
+        return self.kv_capacity_tokens // self.scheduler.block_size
 
 
 # Request states.
@@ -175,9 +174,10 @@ class _Engine:
     def __init__(self, sim: "_Sim", inst: _Instance):
         cfg = inst.cfg
         self.sim, self.inst, self.cfg = sim, inst, cfg
-        self.B, self.budget, self.max_seqs = cfg.block_size, cfg.max_batched_tokens, cfg.max_seqs
-        self.chunk = min(cfg.chunk_size or cfg.max_batched_tokens, cfg.max_batched_tokens)
-        self.chunked, self.role, self.pp = cfg.chunked_prefill, cfg.role, cfg.pp
+        s = cfg.scheduler
+        self.B, self.budget, self.max_seqs = s.block_size, s.max_batched_tokens, s.max_seqs
+        self.chunk = min(s.chunk_size, s.max_batched_tokens)
+        self.chunked, self.role, self.pp = s.chunked_prefill, cfg.role, cfg.pp
         self.step_time, self.hop = cfg.cost.step_time, cfg.cost.pp_hop_time
         self.pair_count = cfg.cost.prefill_pairs
         self.d = 0  # index of the next iteration
@@ -481,7 +481,7 @@ class _Sim:
             raise ValueError("no instance accepts arrivals: add a colocated or prefill instance")
         if has_prefill and not self.back:
             raise ValueError("prefill instances need at least one decode instance")
-        self.back_tokens = min((i.cfg.kv_blocks * i.cfg.block_size for i in self.back), default=0)
+        self.back_tokens = min((i.cfg.kv_blocks * i.cfg.scheduler.block_size for i in self.back), default=0)
         self.rr_front = 0
         self.rr_back = 0
         self.heap: list[tuple[float, int, _Engine]] = []
@@ -508,9 +508,9 @@ class _Sim:
         inst = self._pick(self.front, "rr_front")
         cfg = inst.cfg
         p, o = self.prompt[rid], self.output[rid]
-        B = cfg.block_size  # the peak fits in whole blocks
-        peak = p if cfg.role == "prefill" else p + o - 1
-        fits = peak <= cfg.kv_blocks * B and (cfg.chunked_prefill or p <= cfg.max_batched_tokens)
+        s = cfg.scheduler
+        peak = p if cfg.role == "prefill" else p + o - 1  # it fits in whole blocks
+        fits = peak <= cfg.kv_blocks * s.block_size and (s.chunked_prefill or p <= s.max_batched_tokens)
         if fits and cfg.role == "prefill" and o > 1:
             fits = p + o - 1 <= self.back_tokens  # it must fit whichever decode instance it goes to
         self.served_by[rid] = inst.index

@@ -78,6 +78,10 @@ class Requests:
     def head(self, n: int) -> "Requests":
         return Requests(self.arrival[:n], self.prompt[:n], self.output[:n])
 
+    def all_at_once(self) -> "Requests":
+        """The same requests, every one queued at t = 0 (a saturated run measures capacity)."""
+        return Requests(np.zeros(len(self)), self.prompt, self.output)
+
 
 def fixed_requests(n: int, input_len: int, output_len: int, rate: float | None = None, *, seed: int = 0,
                    poisson: bool = True) -> Requests:

@@ -51,7 +51,7 @@ the model minus that of a zero-layer variant (which is the embedding, final norm
 per step kind: decode = min(max_seqs, kv_tokens_needed) sequences reading kv_tokens_needed
 keys; prefill = one fresh chunk of max_batched_tokens. With pp > 1 the stage holds
 ceil(layers / pp) layers (the last ones) and the whole LM head, slightly more than the even
-split memory.weight_bytes_per_rank charges every stage.
+split geometry.weight_bytes_per_rank charges every stage.
 
 Not modelled: the first unit's transfer that nothing precedes (it overlaps the previous
 step's tail in a steady state), contention of the TP ranks for a shared PCIe switch, host
@@ -67,7 +67,9 @@ from typing import Optional
 
 from flowc.compiler import spec
 from flowc.compiler.model.cost import CostModel, Parallelism, causal_pairs, operators
-from flowc.compiler.model.memory import (_attention_params, _mlp_params, kv_bytes_per_token_per_rank, kv_heads_per_rank, memory_budget)
+from flowc.compiler.model.geometry import _attention_params, _mlp_params, kv_bytes_per_token_per_rank, kv_heads_per_rank
+from flowc.compiler.model.memory import memory_budget
+from flowc.compiler.plan import Scheduler
 from flowc.compiler.spec import DTYPE_BYTES
 
 __all__ = ["OffloadPlan", "OffloadInfeasible", "Shares", "Unit", "plan_offload", "solve_offload", "stage_units"]
@@ -244,7 +246,7 @@ def _variant(m: spec.Model, layers: int, dense_layers: int) -> spec.Model:
 
 def _layer_bytes(m: spec.Model, tp: int) -> tuple[float, float, float]:
     """(non-expert bytes of a dense layer, of an MoE layer, routed-expert bytes of an MoE
-    layer) on one TP rank, as memory.weight_bytes_per_rank counts them."""
+    layer) on one TP rank, as geometry.weight_bytes_per_rank counts them."""
     lin = DTYPE_BYTES[m.weights]
     other = max(lin, 2.0)
     attn, attn_norms = _attention_params(m)
@@ -319,17 +321,18 @@ def stage_units(model: spec.Model, cost_layer: dict[str, CostModel], *, tp: int,
 
 
 def plan_offload(model: spec.Model, gpu: spec.GPU, host_link: spec.Link, host_memory_bytes: int, *, tp: int = 1,
-                 pp: int = 1, max_batched_tokens: int = 8192, kv_tokens_needed: int = 0,
-                 cost: Optional[CostModel] = None, intra_link: Optional[spec.Link] = None, max_seqs: int = 256,
-                 block_size: int = 16, activation_bytes: Optional[int] = None, allow_kv_offload: bool = False,
+                 pp: int = 1, scheduler: Scheduler = Scheduler(), kv_tokens_needed: int = 0,
+                 cost: Optional[CostModel] = None, intra_link: Optional[spec.Link] = None,
+                 activation_bytes: Optional[int] = None, allow_kv_offload: bool = False,
                  prefill_weight: float = 0.0, embedding_on_host: bool = True) -> OffloadPlan:
     """Place one GPU's weights (the last pipeline stage's, one TP rank) between HBM and host
     memory to minimize the decode step (plus `prefill_weight` x the prefill step).
 
     host_memory_bytes: host memory the instance may fill, shared equally by its tp x pp GPUs.
     kv_tokens_needed: KV tokens the running batch holds (kept in HBM, or partly in host
-    memory with `allow_kv_offload`); the decode step runs min(max_seqs, kv_tokens_needed)
-    sequences reading all of them; the prefill step is one fresh chunk of max_batched_tokens.
+    memory with `allow_kv_offload`); the decode step runs min(scheduler.max_seqs,
+    kv_tokens_needed) sequences reading all of them; the prefill step is one fresh chunk of
+    scheduler.max_batched_tokens.
     cost: the instance's cost model (its links and EP degree are used); without it,
     `intra_link` (TP collectives; may be omitted at tp 1). activation_bytes: the activation
     arena, if known (default: memory.activation_peak_bytes through memory_budget)."""
@@ -344,10 +347,9 @@ def plan_offload(model: spec.Model, gpu: spec.GPU, host_link: spec.Link, host_me
         if intra_link is None and tp > 1:
             raise ValueError("plan_offload needs `cost` or `intra_link` for tp > 1")
         intra, inter, ep = intra_link or host_link, None, 1
-    budget = memory_budget(m, gpu.memory, tp=tp, pp=pp, max_batched_tokens=max_batched_tokens, max_seqs=max_seqs,
-                           block_size=block_size, vendor=gpu.vendor)
+    budget = memory_budget(m, gpu.memory, tp=tp, pp=pp, scheduler=scheduler, vendor=gpu.vendor)
     activations = budget.activations if activation_bytes is None else activation_bytes
-    kv_tokens = -(-kv_tokens_needed // block_size) * block_size
+    kv_tokens = -(-kv_tokens_needed // scheduler.block_size) * scheduler.block_size
     kv_total = kv_tokens * budget.kv_bytes_per_token
     hbm_budget = budget.usable - activations - budget.reserve  # for weights, KV and streaming buffers
     gpus = tp * pp
@@ -361,9 +363,9 @@ def plan_offload(model: spec.Model, gpu: spec.GPU, host_link: spec.Link, host_me
         costs["dense"] = CostModel(_variant(m, 1, 1), gpu, intra, parallelism=par, inter_link=inter)
     if any(layer >= dense_layers for layer in stage):
         costs["moe"] = CostModel(_variant(m, 1, 0), gpu, intra, parallelism=par, inter_link=inter)
-    seqs = max(1, min(max_seqs, kv_tokens_needed))
+    seqs = max(1, min(scheduler.max_seqs, kv_tokens_needed))
     units, pinned = stage_units(m, costs, tp=tp, pp=pp, decode_seqs=seqs, kv_tokens=max(kv_tokens_needed, seqs),
-                                prefill_tokens=max_batched_tokens, embedding_on_host=embedding_on_host)
+                                prefill_tokens=scheduler.max_batched_tokens, embedding_on_host=embedding_on_host)
     total = sum(u.bytes for u in units) + pinned
     host_share = host_memory_bytes / gpus
     gib = 2**30

@@ -21,7 +21,9 @@ from rich.tree import Tree
 
 from flowc.compiler.plan import DeploymentPlan, GpuRef, Instance, InstanceGroup, Plan
 from flowc.compiler.spec import NodeGroup, Spec
-from flowc.compiler.verify.verifier import cluster_nodes
+from flowc.compiler.model.topology import cluster_nodes
+from flowc.compiler.render.text import group_shape_text, memory_text, scheduler_text
+from flowc.compiler.units import format_gbps
 
 # Okabe-Ito, colorblind-safe; its black is left out so that no GPU is filled black.
 DEPLOYMENT_COLORS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7"]
@@ -116,10 +118,6 @@ class _Diagram:
         return any(node.loose for node in self.nodes)
 
 
-def _gbps(bytes_per_s: float) -> str:
-    return f"{bytes_per_s / 1e9:.3g} GB/s"
-
-
 def _title(plan: Plan) -> str:
     count = len(plan.deployments)
     return f"{count} deployment{'s' if count != 1 else ''}, {sum(d.gpus for d in plan.deployments)} GPUs"
@@ -135,7 +133,7 @@ class _Builder:
         self.prefix = {name: "" if len(names) == 1 else f"c{i}_" for i, name in enumerate(names)}
         self.clusters = {name: spec.clusters.get(name) if spec is not None else None for name in names}
         self.node_groups: dict[str, list[NodeGroup]] = {
-            name: [n.group for n in cluster_nodes(c)] if c is not None else [] for name, c in self.clusters.items()}
+            name: cluster_nodes(c) if c is not None else [] for name, c in self.clusters.items()}
         self.edges: list[_Edge] = []
         self.boxes: dict[tuple[str, int], dict[str, _Box]] = {}  # (cluster, node) -> box id -> box
         self.gpu_types: dict[tuple[str, int], list[str]] = {}  # (cluster, node) -> GPU types the plan puts there
@@ -159,11 +157,11 @@ class _Builder:
         network = len(a) > 1 or a != b
         group, spec_cluster = self.node_group(cluster, min(a)), self.clusters[cluster]
         if not network:
-            return f"{group.link.name} {_gbps(group.link.bandwidth)}" if group is not None else "inside the node"
+            return f"{group.link.name} {format_gbps(group.link.bandwidth)}" if group is not None else "inside the node"
         if spec_cluster is None:
             return "network"
         net, nics = spec_cluster.network, spec_cluster.network_nics
-        return f"network {net.name} x {nics}, {_gbps(net.bandwidth * nics)}" if net is not None else "no network"
+        return f"network {net.name} x {nics}, {format_gbps(net.bandwidth * nics)}" if net is not None else "no network"
 
     def end(self, cluster: str, ijk: tuple[int, int, int], inst: Instance, ref: GpuRef) -> tuple[str, str]:
         """Where an edge from or to GPU `ref` of an instance starts or ends: (GPU id, box id)."""
@@ -423,9 +421,6 @@ def _mermaid_legend(diagram: _Diagram, classes: _MermaidClasses) -> list[str]:
 
 # ---------------------------------------------------------------------------------- rich tree
 
-_GIB = 2**30
-
-
 def _stages(g: InstanceGroup, inst: Instance) -> str:
     """`n0g0 n0g1`, or per stage `stage 0: n0g0 n0g1 | stage 1: n1g0 n1g1` when pipelined."""
     stages = [" ".join(str(ref) for ref in inst.gpus[s * g.tp:(s + 1) * g.tp]) for s in range(g.pp)]
@@ -433,18 +428,10 @@ def _stages(g: InstanceGroup, inst: Instance) -> str:
 
 
 def _group_tree(j: int, g: InstanceGroup, color: str) -> Tree:
-    shape = f"tp {g.tp} x pp {g.pp}" + (f" x ep {g.ep}" if g.ep > 1 else "")
     tree = Tree(Text.assemble((f"group {j}: {g.role}", f"bold {color}"),
-                              f", {g.replicas} x {g.gpu} ({shape}), {g.capacity_rps:.2f} req/s each"))
-    s, m = g.scheduler, g.memory
-    tree.add(Text(f"scheduler: {s.max_batched_tokens} batched tokens, chunks of {s.chunk_size}"
-                  f"{'' if s.chunked_prefill else ' (no chunked prefill)'}, {s.max_seqs} sequences, "
-                  f"blocks of {s.block_size}"))
-    offloaded = sum(m.offloaded.values())
-    tree.add(Text(f"memory per GPU: weights {m.weights / _GIB:.1f} GiB, KV {m.kv_cache / _GIB:.1f} GiB "
-                  f"({m.kv_blocks:,} blocks), activations {m.activations / _GIB:.2f} GiB, reserve "
-                  f"{m.reserve / _GIB:.1f} GiB, free {m.free / _GIB:.1f} GiB of {m.capacity / _GIB:.1f} GiB"
-                  + (f", offloaded {offloaded / _GIB:.1f} GiB" if offloaded else "")))
+                              f", {g.replicas} x {g.gpu} ({group_shape_text(g)}), {g.capacity_rps:.2f} req/s each"))
+    tree.add(Text(f"scheduler: {scheduler_text(g.scheduler)}"))
+    tree.add(Text(f"memory per GPU: {memory_text(g.memory)}"))
     for k, inst in enumerate(g.instances):
         tree.add(Text(f"instance {k}: {_stages(g, inst)}"))
     return tree

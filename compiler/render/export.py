@@ -24,13 +24,14 @@ from typing import Mapping, NamedTuple, Optional
 
 from flowc.compiler.model.memory import CONTEXT_RESERVE, GRAPH_RESERVE, NCCL_RESERVE
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
+from flowc.compiler.units import format_gib
 
 TARGETS = ("vllm", "sglang")
 LABELS = {"vllm": "vLLM", "sglang": "SGLang"}
 K8S_MANIFEST = "kubernetes.yaml"
 NODE_LABEL = "flowc.dev/node"
 # Engines compute in 16-bit when the weights are quantized: flowc's memory model sizes
-# activations in bf16 (memory.ACTIVATION_BYTES).
+# activations in bf16 (geometry.ACTIVATION_BYTES).
 ACTIVATION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 QUANTIZED_ACTIVATIONS = "bfloat16"
 # Weight dtypes an engine quantizes a 16-bit checkpoint to at load time: (template variable, flag, value).
@@ -48,7 +49,6 @@ VLLM_KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 NIXL_SIDE_CHANNEL_PORT = 5600  # vLLM's default VLLM_NIXL_SIDE_CHANNEL_PORT
 SGLANG_TRANSFER_BACKEND = "mooncake"  # SGLang's default disaggregation transfer backend
 SGLANG_BOOTSTRAP_PORT = 8998  # SGLang's default --disaggregation-bootstrap-port
-GIB = 1 << 30
 
 
 class TemplateError(RuntimeError):
@@ -152,10 +152,6 @@ def _floor_hundredths(numerator: int, denominator: int) -> int:
     return 100 * numerator // denominator
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
-
-
 def vllm_memory_fraction(group: InstanceGroup) -> Setting:
     """--gpu-memory-utilization: vLLM sizes its KV cache as utilization x total memory minus the
     weights, the peak activations and the non-torch memory (NCCL) it profiles; the CUDA context
@@ -164,9 +160,9 @@ def vllm_memory_fraction(group: InstanceGroup) -> Setting:
     m = group.memory
     used = m.weights + m.kv_cache + m.activations + m.reserve - CONTEXT_RESERVE - GRAPH_RESERVE
     hundredths = _floor_hundredths(used, m.capacity)
-    why = (f"(weights {_gib(m.weights)} + KV {_gib(m.kv_cache)} + activations {_gib(m.activations)} + reserve "
-           f"{_gib(m.reserve)} - CUDA context {_gib(CONTEXT_RESERVE)} - CUDA graphs {_gib(GRAPH_RESERVE)}) / "
-           f"{_gib(m.capacity)} = {used / m.capacity:.4f}, rounded down")
+    why = (f"(weights {format_gib(m.weights)} + KV {format_gib(m.kv_cache)} + activations {format_gib(m.activations)} + reserve "
+           f"{format_gib(m.reserve)} - CUDA context {format_gib(CONTEXT_RESERVE)} - CUDA graphs {format_gib(GRAPH_RESERVE)}) / "
+           f"{format_gib(m.capacity)} = {used / m.capacity:.4f}, rounded down")
     return Setting(hundredths, why)
 
 
@@ -177,8 +173,8 @@ def sglang_memory_fraction(group: InstanceGroup) -> Setting:
     nccl = NCCL_RESERVE if group.gpus_per_instance > 1 else 0
     free_at_start = m.capacity - CONTEXT_RESERVE - nccl
     hundredths = _floor_hundredths(m.weights + m.kv_cache, free_at_start)
-    why = (f"(weights {_gib(m.weights)} + KV {_gib(m.kv_cache)}) / (capacity {_gib(m.capacity)} - CUDA context "
-           f"{_gib(CONTEXT_RESERVE)}" + (f" - NCCL {_gib(nccl)}" if nccl else "")
+    why = (f"(weights {format_gib(m.weights)} + KV {format_gib(m.kv_cache)}) / (capacity {format_gib(m.capacity)} - CUDA context "
+           f"{format_gib(CONTEXT_RESERVE)}" + (f" - NCCL {format_gib(nccl)}" if nccl else "")
            + f") = {(m.weights + m.kv_cache) / free_at_start:.4f}, rounded down")
     return Setting(hundredths, why)
 
@@ -252,7 +248,7 @@ class _Mapper:
                              "keep instances within a node (limit tp x pp to the GPUs of a node in the spec)")
         values = {"memory": self._memory(where, g), **self._weights(key, where, d)}
         if g.memory.offloaded:
-            held = ", ".join(f"{name} {_gib(n)}" for name, n in sorted(g.memory.offloaded.items()))
+            held = ", ".join(f"{name} {format_gib(n)}" for name, n in sorted(g.memory.offloaded.items()))
             self.problem(key, f"{where} offloads to host memory ({held}), which {e.label} cannot run as planned: "
                          "its --cpu-offload-gb streams weights without the plan's overlap",
                          "compile with `forbid offload`", "offload dropped: the instance keeps everything on its "

@@ -10,9 +10,9 @@ Charts are matplotlib figures saved as inline SVG with glyphs drawn as paths, so
 references no font, script, stylesheet or URL. Every number a chart shows is also in a table:
 searchable, copyable, and checked by the tests against the plan.
 
-Simulations are the verifier's (`verify.simulate_plan_deployment`: the whole deployment, least_work router)
-on the workload sampled with `seed`; traffic is computed as the verifier's bandwidth check
-does (F0525). The plan is assumed to match the spec: verify it first (`flowc viz` does).
+Simulations are the verifier's (`model/instance.simulate_plan_deployment`: the whole deployment,
+least_work router) on the workload sampled with `seed`; traffic is the verifier's too
+(`model/traffic.py`, F0525). The plan is assumed to match the spec: verify it first (`flowc viz` does).
 """
 
 from __future__ import annotations
@@ -30,13 +30,17 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from flowc.compiler.diagnostics import Diagnostic
-from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION, kv_bytes_per_token
+from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
 from flowc.compiler.render.diagram import ROLE_STYLES, UNUSED_COLOR, UNUSED_INK, deployment_color, ink
 from flowc.compiler.model.results import SimResult
 from flowc.compiler.spec import SLO, Cluster, Spec
-from flowc.compiler.verify.verifier import PREDICTION_SEED, cluster_nodes, simulate_plan_deployment
+from flowc.compiler.model.instance import simulate_plan_deployment
+from flowc.compiler.model.topology import cluster_nodes
+from flowc.compiler.model.traffic import spec_traffic
 from flowc.compiler.model.workload import base_rate, sample_requests
+from flowc.compiler.units import GiB, format_gbps, format_gib, format_ms, format_rps
+from flowc.compiler.verify import PREDICTION_SEED
 
 __all__ = ["render_report", "MEMORY_COLORS"]
 
@@ -50,7 +54,6 @@ ON_GPU = ("weights", "kv_cache", "activations", "reserve", "free")  # MemoryMap 
 
 RATE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # of the workload's rate
 GOODPUT_SCALES = (0.8, 1.0, 1.25)  # of the plan's goodput: where the SLO breaks
-GiB = 2**30
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -126,7 +129,7 @@ def _simulate_all(plan: Plan, spec: Spec, n: Optional[int], seed: int,
         sweep = []
         for r in rates:
             if on_progress is not None:
-                on_progress(f"simulating `{dp.name}` at {_rps(r)}", done, total)
+                on_progress(f"simulating `{dp.name}` at {format_rps(r)}", done, total)
             sweep.append((r, simulate_plan_deployment(spec, dp, sampled.scaled(r / rate))))
             done += 1
         base = next(result for r, result in sweep if r == rate)
@@ -141,61 +144,35 @@ def _simulate_all(plan: Plan, spec: Spec, n: Optional[int], seed: int,
 
 @dataclass(frozen=True)
 class _Flow:
-    """Bytes/s a deployment sends from node `src` to node `dst` (equal: inside the node)."""
+    """Bytes/s a deployment sends from node `src` to node `dst`, inside the node or (`network`)
+    over the network: a transfer that crosses the network leaves and enters through the NICs
+    even where some of its GPUs share a node."""
 
     cluster: str
     deployment: str
     kind: str
     src: int
     dst: int
+    network: bool
     bps: float
 
 
-def _node_shares(gpus) -> dict[int, float]:
-    shares: dict[int, float] = {}
-    for ref in gpus:
-        shares[ref.node] = shares.get(ref.node, 0.0) + 1 / len(gpus)
-    return shares
-
-
 def _flows(plan: Plan, spec: Spec) -> list[_Flow]:
-    """Traffic as the verifier charges it (F0525): pipeline hops carry rate / instances x tokens
-    x hidden x 2 B x tp; disaggregated KV is rate x mean prompt x KV bytes per token, split
-    evenly over prefill x decode pairs, each side spread over its GPUs' nodes."""
+    """The plan's traffic (`model/traffic.py`, as the verifier's F0525 check charges it) by pair
+    of nodes: a transfer that stays on one node is drawn inside it; one that crosses the network
+    from each sending node to each receiving node, in proportion to their GPUs."""
     totals: dict[tuple, float] = {}
     for dp in plan.deployments:
-        d = spec.deployments[dp.name]
-        workload = spec.workloads[d.workload]
-        rate = base_rate(workload)
-        sampled = sample_requests(workload, seed=PREDICTION_SEED)  # the verifier's sample for bandwidth
-        mean_prompt, mean_output = float(sampled.prompt.mean()), float(sampled.output.mean())
-
-        def add(kind: str, src_gpus, dst_gpus, bps: float) -> None:
-            for a, sa in _node_shares(src_gpus).items():
-                for b, sb in _node_shares(dst_gpus).items():
-                    key = (dp.cluster, dp.name, kind, a, b)
-                    totals[key] = totals.get(key, 0.0) + bps * sa * sb
-
-        for g in dp.groups:
-            if g.pp < 2:
-                continue
-            tokens = {"colocated": mean_prompt + mean_output, "prefill": mean_prompt, "decode": mean_output}[g.role]
-            peers = sum(x.replicas for x in dp.groups if x.role == g.role)
-            bps = rate / peers * tokens * d.model.hidden * 2 * g.tp
-            for inst in g.instances:
-                for stage in range(g.pp - 1):
-                    add("pipeline activations", inst.gpus[stage * g.tp:(stage + 1) * g.tp],
-                        inst.gpus[(stage + 1) * g.tp:(stage + 2) * g.tp], bps)
-        if dp.mode != "disaggregated":
-            continue
-        prefill = [inst for g in dp.groups if g.role == "prefill" for inst in g.instances]
-        decode = [inst for g in dp.groups if g.role == "decode" for inst in g.instances]
-        if not prefill or not decode:  # a malformed plan (F0520): nothing to send
-            continue
-        pair = rate * mean_prompt * kv_bytes_per_token(d.model) / (len(prefill) * len(decode))
-        for p in prefill:
-            for q in decode:
-                add("KV cache", p.gpus, q.gpus, pair)
+        for t in spec_traffic(spec, dp, seed=PREDICTION_SEED).transfers:
+            if t.node is not None:
+                pairs = {(t.node, t.node): t.bps}
+            else:
+                dst = t.node_shares("dst")
+                pairs = {(a, b): sent * received / t.bps for a, sent in t.node_shares("src").items()
+                         for b, received in dst.items()}
+            for (a, b), bps in pairs.items():
+                key = (dp.cluster, dp.name, t.kind, a, b, t.node is None)
+                totals[key] = totals.get(key, 0.0) + bps
     return [_Flow(*key, bps) for key, bps in totals.items() if bps > 0]
 
 
@@ -262,14 +239,10 @@ def _columns(gpus: int, domain: int) -> int:
     return min(gpus, 4)
 
 
-def _gb(bps: float) -> str:
-    return f"{bps / 1e9:.2f} GB/s"
-
-
 def _cluster_figure(plan: Plan, cluster: Cluster, flows: list[_Flow]) -> Figure:
     nodes = cluster_nodes(cluster)
     uses = _gpu_uses(plan, cluster.name)
-    shapes = [(_columns(n.group.gpus_per_node, n.group.link_domain), n.group.gpus_per_node) for n in nodes]
+    shapes = [(_columns(n.gpus_per_node, n.link_domain), n.gpus_per_node) for n in nodes]
     # at least three cells wide: room for the node's title and link line
     node_w = max(max(cols for cols, _ in shapes), 3) * (CELL_W + GAP) - GAP + 2 * PAD
     node_h = max(-(-gpus // cols) for cols, gpus in shapes) * (CELL_H + GAP) - GAP + 2 * PAD + TITLE_H + FOOT_H
@@ -283,10 +256,11 @@ def _cluster_figure(plan: Plan, cluster: Cluster, flows: list[_Flow]) -> Figure:
     for f in flows:
         if f.cluster != cluster.name:
             continue
-        if f.src == f.dst:
+        if not f.network:
             inside.setdefault(f.src, []).append(f)
             continue
-        crossing[f.src, f.dst] = crossing.get((f.src, f.dst), 0.0) + f.bps
+        if f.src != f.dst:
+            crossing[f.src, f.dst] = crossing.get((f.src, f.dst), 0.0) + f.bps
         egress[f.src] = egress.get(f.src, 0.0) + f.bps
         ingress[f.dst] = ingress.get(f.dst, 0.0) + f.bps
     # rows of nodes, each with room below for its stubs to the network bus (and the arcs under it)
@@ -302,22 +276,21 @@ def _cluster_figure(plan: Plan, cluster: Cluster, flows: list[_Flow]) -> Figure:
     ax.set_xlim(-0.1, width + 0.1)
     ax.set_ylim(bottom, top)
     anchors = {}  # node -> where its network stub leaves its box
-    for node in nodes:
-        group = node.group
-        x0 = (node.index % per_row) * spacing_x
-        y0 = -(node.index // per_row) * spacing_y
-        anchors[node.index] = (x0 + node_w / 2, y0)
+    for node, group in enumerate(nodes):
+        x0 = (node % per_row) * spacing_x
+        y0 = -(node // per_row) * spacing_y
+        anchors[node] = (x0 + node_w / 2, y0)
         ax.add_patch(FancyBboxPatch((x0, y0), node_w, node_h, boxstyle="round,pad=0,rounding_size=0.15",
                                     facecolor="#f7f7f7", edgecolor="#555555", linewidth=1.0))
         host = f", host {group.host_memory / 2**40:g} TiB" if group.host_memory else ""
-        ax.text(x0 + PAD, y0 + node_h - PAD, f"n{node.index}: {group.gpus_per_node} x {group.gpu}{host}",
+        ax.text(x0 + PAD, y0 + node_h - PAD, f"n{node}: {group.gpus_per_node} x {group.gpu}{host}",
                 ha="left", va="top", fontsize=7.5, fontweight="bold")
         cols = _columns(group.gpus_per_node, group.link_domain)
         grid_top = y0 + node_h - PAD - TITLE_H
         cells = [(x0 + PAD + (index % cols) * (CELL_W + GAP), grid_top - (index // cols + 1) * (CELL_H + GAP) + GAP)
                  for index in range(group.gpus_per_node)]
         for index, (cx, cy) in enumerate(cells):
-            use = uses.get((node.index, index))
+            use = uses.get((node, index))
             look = _gpu_look(use.index, use.role) if use else UNUSED_LOOK
             ax.add_patch(Rectangle((cx, cy), CELL_W, CELL_H, **look))
             label = f"g{index}"
@@ -332,14 +305,14 @@ def _cluster_figure(plan: Plan, cluster: Cluster, flows: list[_Flow]) -> Figure:
                 ax.add_patch(Rectangle((min(xs) - GAP / 2, min(ys) - GAP / 2), max(xs) - min(xs) + CELL_W + GAP,
                                        max(ys) - min(ys) + CELL_H + GAP, fill=False, linestyle="--",
                                        edgecolor="#777777", linewidth=0.7))
-        foot = f"{group.link.name}: {_gb(group.link.bandwidth)} per GPU"
-        for kind in sorted({f.kind for f in inside.get(node.index, [])}):
-            foot += f"\n{kind} inside: {_gb(sum(f.bps for f in inside[node.index] if f.kind == kind))}"
+        foot = f"{group.link.name}: {format_gbps(group.link.bandwidth)} per GPU"
+        for kind in sorted({f.kind for f in inside.get(node, [])}):
+            foot += f"\n{kind} inside: {format_gbps(sum(f.bps for f in inside[node] if f.kind == kind))}"
         ax.text(x0 + PAD, y0 + PAD, foot, ha="left", va="bottom", fontsize=6.5, color="#333333")
 
     if net is not None:
-        ax.text(0, node_h + 0.15, f"network {net.name} ({net.kind}): {cluster.network_nics} x {_gb(net.bandwidth)} "
-                f"= {_gb(net.bandwidth * cluster.network_nics)} per node and direction", ha="left", va="bottom",
+        ax.text(0, node_h + 0.15, f"network {net.name} ({net.kind}): {cluster.network_nics} x {format_gbps(net.bandwidth)} "
+                f"= {format_gbps(net.bandwidth * cluster.network_nics)} per node and direction", ha="left", va="bottom",
                 fontsize=7.5)
         for row in range(rows):
             bus_y = -row * spacing_y - 0.8
@@ -347,7 +320,7 @@ def _cluster_figure(plan: Plan, cluster: Cluster, flows: list[_Flow]) -> Figure:
         for index, (x, y) in anchors.items():
             ax.plot([x, x], [y, y - 0.8], color="#555555", linewidth=1.2)
             if index in egress or index in ingress:
-                ax.text(x + 0.1, y - 0.4, f"out {_gb(egress.get(index, 0.0))}\nin {_gb(ingress.get(index, 0.0))}",
+                ax.text(x + 0.1, y - 0.4, f"out {format_gbps(egress.get(index, 0.0))}\nin {format_gbps(ingress.get(index, 0.0))}",
                         ha="left", va="center", fontsize=6.5, color="#c0392b")
     for (a, b), bps in sorted(crossing.items()):
         (xa, ya), (xb, yb) = anchors[a], anchors[b]
@@ -356,7 +329,7 @@ def _cluster_figure(plan: Plan, cluster: Cluster, flows: list[_Flow]) -> Figure:
         ax.add_patch(FancyArrowPatch(start, end, connectionstyle=f"arc3,rad={bow}", arrowstyle="-|>",
                                      mutation_scale=12, color="#c0392b", linewidth=1.4))
         depth = 0.15 * math.dist(start, end) / 2  # how far the arc bows from its chord
-        ax.text((start[0] + end[0]) / 2, min(start[1], end[1]) - depth - 0.1, f"n{a} -> n{b}: {_gb(bps)}",
+        ax.text((start[0] + end[0]) / 2, min(start[1], end[1]) - depth - 0.1, f"n{a} -> n{b}: {format_gbps(bps)}",
                 ha="center", va="top", fontsize=7, color="#c0392b",
                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "linewidth": 0})
     handles = [Patch(label=f"{dp.name} {role}", **_gpu_look(i, role)) for i, dp in enumerate(plan.deployments)
@@ -373,10 +346,6 @@ def _memory_rows(plan: Plan) -> list[tuple[DeploymentPlan, int, InstanceGroup]]:
 
 def _group_label(dp: DeploymentPlan, j: int, g: InstanceGroup) -> str:
     return f"{dp.name} group {j}: {g.role}, {g.gpu} tp {g.tp} x pp {g.pp}"
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
 
 
 def _memory_figure(plan: Plan) -> Figure:
@@ -413,18 +382,6 @@ def _memory_figure(plan: Plan) -> Figure:
                          label=MEMORY_LABELS["offloaded"]))
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=6, fontsize=7.5, frameon=False)
     return fig
-
-
-def _rps(value: float) -> str:
-    return f"{value:,.0f} req/s" if value >= 100 else f"{value:.3g} req/s"
-
-
-def _ms(value: float) -> str:
-    if math.isnan(value):
-        return "-"
-    if math.isinf(value):
-        return "never served"
-    return f"{value:,.0f} ms" if value >= 100 else f"{value:.3g} ms"
 
 
 def _target_label(metric: str, percentile: Optional[float], limit: float) -> str:
@@ -522,10 +479,10 @@ def _goodput_figure(dp: DeploymentPlan, runs: _Runs, rows: list[dict]) -> Figure
     for ax in (share_ax, value_ax):
         if log_x:
             _log_scale(ax, "x")
-        ax.axvline(runs.rate, color="#555555", linestyle=":", linewidth=1, label=f"workload {_rps(runs.rate)}")
+        ax.axvline(runs.rate, color="#555555", linestyle=":", linewidth=1, label=f"workload {format_rps(runs.rate)}")
         goodput = dp.predicted.goodput_rps
         if 0 < goodput < math.inf:
-            ax.axvline(goodput, color="#9467bd", linestyle="-.", linewidth=1, label=f"goodput {_rps(goodput)}")
+            ax.axvline(goodput, color="#9467bd", linestyle="-.", linewidth=1, label=f"goodput {format_rps(goodput)}")
         ax.set_xlabel("arrival rate (req/s)")
         _plain_axes(ax)
         ax.legend(fontsize=7)
@@ -559,7 +516,7 @@ def _overview(plan: Plan, diagnostics: Sequence[Diagnostic]) -> str:
     s = plan.solver
     rows = [(f"<code>{_e(dp.name)}</code>", _e(dp.cluster), _e(dp.model), _e(dp.mode), _e(dp.objective),
              str(dp.gpus), "yes" if dp.predicted.meets_slo else "<b class='bad'>no</b>",
-             _rps(dp.predicted.goodput_rps)) for dp in plan.deployments]
+             format_rps(dp.predicted.goodput_rps)) for dp in plan.deployments]
     out = [_table(("deployment", "cluster", "model", "mode", "objective", "GPUs", "meets SLO", "goodput"), rows),
            "<h2 id='solver'>Solver</h2>",
            _table(("status", "objective", "bound", "gap", "solver time", "compile time", "flowc", "plan format"),
@@ -575,18 +532,18 @@ def _links_table(cluster: Cluster, flows: list[_Flow]) -> str:
     nodes = cluster_nodes(cluster)
     mine = [f for f in flows if f.cluster == cluster.name]
     rows = []
-    for node in nodes:
-        link = node.group.link
-        for f in (f for f in mine if f.src == f.dst == node.index):
-            rows.append((f"n{node.index}", f"{_e(link.name)} ({_e(link.kind)})", f"{_gb(link.bandwidth)} per GPU",
-                         _e(f.deployment), _e(f.kind), _gb(f.bps), "-"))
+    for node, group in enumerate(nodes):
+        link = group.link
+        for f in (f for f in mine if not f.network and f.src == node):
+            rows.append((f"n{node}", f"{_e(link.name)} ({_e(link.kind)})", f"{format_gbps(link.bandwidth)} per GPU",
+                         _e(f.deployment), _e(f.kind), format_gbps(f.bps), "-"))
     net = cluster.network
-    for f in (f for f in mine if f.src != f.dst):
+    for f in (f for f in mine if f.network):
         capacity = net.bandwidth * cluster.network_nics if net is not None else 0.0
         share = f"{f.bps / capacity:.1%} of a node's network" if capacity else "<b class='bad'>no network</b>"
         rows.append((f"n{f.src} -> n{f.dst}", f"{_e(net.name)} ({_e(net.kind)})" if net else "none",
-                     f"{cluster.network_nics} x {_gb(net.bandwidth)}" if net else "-", _e(f.deployment), _e(f.kind),
-                     _gb(f.bps), share))
+                     f"{cluster.network_nics} x {format_gbps(net.bandwidth)}" if net else "-", _e(f.deployment), _e(f.kind),
+                     format_gbps(f.bps), share))
     if not rows:
         return "<p>The plan sends no traffic between instances on this cluster (no disaggregation, no pipeline).</p>"
     return _table(("where", "link", "bandwidth", "deployment", "traffic", "bytes/s", "load"), rows, "links")
@@ -594,14 +551,14 @@ def _links_table(cluster: Cluster, flows: list[_Flow]) -> str:
 
 def _bytes_cell(n: int) -> str:
     """GiB to read, the exact bytes in `data-bytes` (and on hover)."""
-    return f"<td class='num' data-bytes='{n}' title='{n:,} B'>{_gib(n)}</td>"
+    return f"<td class='num' data-bytes='{n}' title='{n:,} B'>{format_gib(n)}</td>"
 
 
 def _memory_table(plan: Plan) -> str:
     rows = []
     for dp, j, g in _memory_rows(plan):
         mm = g.memory
-        offloaded = ", ".join(f"{_e(k)} {_gib(v)}" for k, v in sorted(mm.offloaded.items()) if v) or "-"
+        offloaded = ", ".join(f"{_e(k)} {format_gib(v)}" for k, v in sorted(mm.offloaded.items()) if v) or "-"
         rows.append((_e(_group_label(dp, j, g)), _bytes_cell(mm.capacity), _bytes_cell(mm.weights),
                      _bytes_cell(mm.kv_cache), f"{mm.kv_blocks:,} x {g.scheduler.block_size} tokens",
                      _bytes_cell(mm.activations), _bytes_cell(mm.reserve), _bytes_cell(mm.free), offloaded))
@@ -615,7 +572,7 @@ def _deployment_section(dp: DeploymentPlan, spec: Spec, runs: _Runs, seed: int) 
     out = [f"<h2 id='deployment-{_e(dp.name)}'>Deployment <code>{_e(dp.name)}</code></h2>",
            f"<p>{_e(dp.model)} (weights {_e(dp.weights)}, KV {_e(dp.kv)}) on <code>{_e(dp.cluster)}</code>, "
            f"{_e(dp.mode)}, objective {_e(dp.objective)}: {dp.gpus} GPUs. Workload <code>{_e(d.workload)}</code> at "
-           f"{_rps(runs.rate)} under slo <code>{_e(d.slo)}</code>: "
+           f"{format_rps(runs.rate)} under slo <code>{_e(d.slo)}</code>: "
            + "; ".join(_e(_target_label(t.metric, t.percentile, t.limit)) for t in runs.slo.targets)
            + (f"; attainment ≥ {runs.slo.attainment:.0%}" if runs.slo.attainment is not None else "") + ".</p>"]
     rows = []
@@ -625,16 +582,16 @@ def _deployment_section(dp: DeploymentPlan, spec: Spec, runs: _Runs, seed: int) 
             rows.append((str(j), _e(g.role), _e(g.gpu), f"{g.tp} / {g.pp} / {g.ep}", str(k),
                          " ".join(f"<code>{ref}</code>" for ref in inst.gpus),
                          f"{s.max_batched_tokens} tokens{' chunked' if s.chunked_prefill else ''}, "
-                         f"{s.max_seqs} seqs", _rps(g.capacity_rps)))
+                         f"{s.max_seqs} seqs", format_rps(g.capacity_rps)))
     out.append(_table(("group", "role", "GPU", "tp / pp / ep", "instance", "GPUs", "scheduler", "capacity"), rows))
     base = runs.base
-    latency = [(f"{metric.upper()}", *(_ms(getattr(getattr(p, f"{metric}_ms"), f"p{q}")) for q in (50, 90, 99)),
-                *(_ms(base.percentile(metric, q) * 1e3) for q in (50, 90, 99)))
+    latency = [(f"{metric.upper()}", *(format_ms(getattr(getattr(p, f"{metric}_ms"), f"p{q}")) for q in (50, 90, 99)),
+                *(format_ms(base.percentile(metric, q) * 1e3) for q in (50, 90, 99)))
                for metric in ("ttft", "tpot", "e2e")]
     out.append("<h3>Latency</h3>")
     out.append(_figure(_cdf_figure(dp, runs), f"cdf-{dp.name}",
                        f"CDFs of {len(base)} requests of workload <code>{_e(d.workload)}</code> (seed {seed}) "
-                       f"simulated on the whole deployment at {_rps(runs.rate)}; dashed: the SLO's limits."))
+                       f"simulated on the whole deployment at {format_rps(runs.rate)}; dashed: the SLO's limits."))
     out.append(_table(("ms", "plan p50", "plan p90", "plan p99", "simulated p50", "simulated p90", "simulated p99"),
                       latency))
     out.append(f"<p>Simulated joint attainment {base.attainment(runs.slo)['joint']['share']:.1%} "
@@ -644,11 +601,11 @@ def _deployment_section(dp: DeploymentPlan, spec: Spec, runs: _Runs, seed: int) 
     out.append("<h3>Goodput against arrival rate</h3>")
     out.append(_figure(_goodput_figure(dp, runs, sweep), f"goodput-{dp.name}",
                        f"The same {len(runs.base)} requests arriving faster or slower; the plan's goodput "
-                       f"({_rps(p.goodput_rps)}, {_rps(p.goodput_rps_per_gpu)} per GPU) is the highest rate its "
+                       f"({format_rps(p.goodput_rps)}, {format_rps(p.goodput_rps_per_gpu)} per GPU) is the highest rate its "
                        "compile-time search found to meet the SLO."))
     limits = [_e(_target_label(t.metric, t.percentile, t.limit)) for t in runs.slo.targets]
     header = ("arrival rate", "attainment", *limits, "SLO")
-    out.append(_table(header, [(_rps(r["rate"]), f"{r['attainment']:.1%}", *(_ms(v) for v in r["values"]),
+    out.append(_table(header, [(format_rps(r["rate"]), f"{r['attainment']:.1%}", *(format_ms(v) for v in r["values"]),
                                 "met" if r["meets"] else "<b class='bad'>missed</b>") for r in sweep]))
     out.append("<h3>Alternatives</h3>")
     if dp.alternatives:
@@ -710,8 +667,8 @@ def _autotune_section(document: Mapping) -> str:
     out.append(_figure(_pareto_figure(feasible, frontier), "autotune-pareto",
                        "Each point is a configuration meeting the SLO; the frontier's are numbered by their rank "
                        "under the objective."))
-    rows = [(str(t["rank"]), _e(_configuration(t["config"])), _rps(t["metrics"]["goodput_rps_per_gpu"]),
-             _ms(t["metrics"]["ttft_p90_ms"]), _ms(t["metrics"]["tpot_p90_ms"]), str(t["metrics"]["gpus"]),
+    rows = [(str(t["rank"]), _e(_configuration(t["config"])), format_rps(t["metrics"]["goodput_rps_per_gpu"]),
+             format_ms(t["metrics"]["ttft_p90_ms"]), format_ms(t["metrics"]["tpot_p90_ms"]), str(t["metrics"]["gpus"]),
              f"{t['objective_value']:.4g}") for t in frontier]
     out.append(_table(("rank", "configuration", "goodput per GPU", "TTFT p90", "TPOT p90", "GPUs", "objective"),
                       rows, "pareto"))

@@ -1,0 +1,27 @@
+"""A cluster's nodes as plans number them, and the links between GPUs.
+
+Plans name a GPU `GpuRef(node, index)`: `node` counts the cluster's nodes in declaration order
+with node groups expanded (`node x 2` is nodes 0 and 1), `index` the GPU within its node.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from flowc.compiler.spec import GPU, Cluster, Link, NodeGroup
+
+
+def cluster_nodes(cluster: Cluster) -> list[NodeGroup]:
+    """The node group of every node of the cluster, in plan order."""
+    return [group for group in cluster.nodes for _ in range(group.count)]
+
+
+def gpu_link(cluster: Cluster, gpu: str) -> Link:
+    """The link between GPUs of the first node group of GPU type `gpu`."""
+    return next(group.link for group in cluster.nodes if group.gpu == gpu)
+
+
+def gpu_price(group: NodeGroup, gpu: GPU) -> Optional[float]:
+    """usd per GPU-hour of a GPU in `group`: the node's price split over its GPUs, else the GPU
+    type's own price; None when neither is declared."""
+    return group.price / group.gpus_per_node if group.price is not None else gpu.price

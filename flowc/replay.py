@@ -1,0 +1,48 @@
+"""Replaying a spec's workload on the flowc runtime, and comparing what it measured with what
+the plan predicts (`flowc run --replay`, `flowc autotune --evaluator measure`, `flowc
+calibrate`'s checks)."""
+
+from __future__ import annotations
+
+
+def replay_requests(workload, n: int, vocab: int, seed: int, context: int):
+    """The spec's workload as engine requests: the compiler's sampled arrivals and lengths
+    (clipped to the model's context), random prompt tokens, exact output lengths."""
+    import numpy as np
+
+    from flowc.compiler.model.workload import Requests, sample_requests
+    from flowc.runtime.engine import Request
+    from flowc.runtime.sequence import SamplingParams
+
+    sampled = sample_requests(workload, n, seed=seed)
+    prompt = np.minimum(sampled.prompt, context - 1)
+    output = np.minimum(sampled.output, context - prompt)
+    rng = np.random.default_rng(seed)
+    requests = [Request(prompt_token_ids=rng.integers(0, vocab, int(p)).tolist(),
+                        params=SamplingParams(max_tokens=int(o), ignore_eos=True), request_id=str(i),
+                        arrival_time=float(a))
+                for i, (a, p, o) in enumerate(zip(sampled.arrival, prompt, output))]
+    return requests, Requests(sampled.arrival, prompt, output)
+
+
+def replay_report(outputs, predicted) -> dict:
+    """Measured vs predicted mean, p50 and p90 TTFT and TPOT (ms) and output throughput."""
+    import numpy as np
+
+    done = [o for o in outputs if o.error is None and o.first_token_time is not None]
+    ttft = np.array([o.ttft_s for o in done]) * 1e3
+    tpot = np.array([o.tpot_s for o in done if o.tpot_s is not None]) * 1e3
+    span = max(o.finish_time for o in done) - min(o.arrival_time for o in done) if done else 0.0
+    tokens = sum(len(o.output_token_ids) for o in done)
+
+    def stats(values, metric):
+        measured = {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+                    "p90": float(np.percentile(values, 90))} if len(values) else {}
+        model = {"mean": predicted.mean(metric) * 1e3, "p50": predicted.percentile(metric, 50) * 1e3,
+                 "p90": predicted.percentile(metric, 90) * 1e3}
+        return {"measured": measured, "predicted": model}
+
+    return {"requests": len(outputs), "errors": [o.error for o in outputs if o.error],
+            "ttft_ms": stats(ttft, "ttft"), "tpot_ms": stats(tpot, "tpot"),
+            "output_tokens_per_s": {"measured": tokens / span if span > 0 else 0.0,
+                                    "predicted": predicted.output_throughput}}
