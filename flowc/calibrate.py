@@ -177,7 +177,7 @@ def _probe_model(layers: int):
 
 def _step_shape(scheduled) -> tuple[int, int, int, int, int]:
     """(tokens, prefill pairs, decode sequences, decode keys, sequences) of one engine step."""
-    from flowc.compiler.model.cost import causal_pairs
+    from flowc.compiler.model.operators import causal_pairs
 
     tokens = pairs = decodes = keys = 0
     for s in scheduled:

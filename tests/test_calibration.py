@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from flowc.compiler.model import cost
-from flowc.compiler.model.cost import calibration
+from flowc.compiler.model import operators as cost
+from flowc.compiler.model.operators import calibration
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "calibration"

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from flowc.compiler.model.cost import FAMILIES, CostModel, Parallelism, causal_pairs, operators
+from flowc.compiler.model.cost import FAMILIES, CostModel, Parallelism
+from flowc.compiler.model.operators import causal_pairs, operators
 from flowc.stdlib_listing import stdlib_spec
 
 

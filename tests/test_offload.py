@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from flowc.compiler.model.cost import HOST_TRANSFER_EFFICIENCY, CostModel, Parallelism
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.model.operators import HOST_TRANSFER_EFFICIENCY
 from flowc.compiler.model.geometry import weight_bytes_per_rank
 from flowc.compiler.model.memory import memory_budget
 from flowc.compiler.plan import Scheduler

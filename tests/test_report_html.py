@@ -267,7 +267,8 @@ def test_cli_errors(plan_file, tmp_path, capsys):
 
 def test_cli_without_matplotlib_says_how_to_install_it(plan_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
-    monkeypatch.delitem(sys.modules, "flowc.compiler.render.html")
+    for module in ("flowc.compiler.render.html", "flowc.compiler.render.charts"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
     assert main(["viz", str(plan_file), "-o", str(tmp_path / "x.html")]) == 2
     assert 'pip install "flowc[viz]"' in capsys.readouterr().err
 

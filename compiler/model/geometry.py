@@ -106,11 +106,7 @@ def weight_bytes(m: Model) -> int:
 
 def kv_bytes_per_token(m: Model) -> int:
     """KV-cache bytes per token across all layers (MLA caches the compressed latent)."""
-    if m.mla is not None:
-        per_layer = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
-    else:
-        per_layer = 2 * m.kv_heads * m.head_dim
-    return int(m.layers * per_layer * DTYPE_BYTES[m.kv])
+    return kv_bytes_per_token_per_rank(m)
 
 
 # ---------------------------------------------------------------------------------- per rank
@@ -128,6 +124,69 @@ def kv_heads_per_rank(m: Model, tp: int) -> int:
     return max(1, _ceil_div(m.kv_heads, tp))
 
 
+@dataclass(frozen=True)
+class RankShape:
+    """One TP rank's share of every layer of a tp-way instance (ep-way for routed experts): the
+    shapes the cost model times, the step graph sizes its buffers by and the memory arithmetic
+    counts. Heads, FFN columns and the vocabulary split over tp (model/parallelism.py says
+    which degrees split them evenly); KV heads split, or one is replicated per rank when
+    tp > kv_heads; MLA's latent projections and cache are replicated on every rank.
+
+    Routed experts: G = max(tp, ep) ranks hold them, experts / ep whole experts per group of
+    G / ep ranks, each expert's FFN split G / ep ways (ep 1: every expert split over tp)."""
+
+    heads: int
+    kv_heads: int
+    ffn: int  # dense MLP columns
+    shared_ffn: int  # the shared experts' columns
+    expert_ffn: int  # columns of one routed expert on a rank
+    experts: float  # routed experts per group of ranks
+    expert_ranks: int  # G: the ranks that hold the routed experts
+    vocab: int  # vocabulary rows, padded: ceil(vocab / tp)
+    # attention projections of one layer, by op name: (output features, input features)
+    projections: dict[str, tuple[int, int]]
+    kv_width: int  # KV-cache elements per token and layer
+
+    @property
+    def q_width(self) -> int:
+        """Query features of one layer's attention (heads x the q/k head width)."""
+        return self.projections["o_proj"][1]
+
+
+def rank_shape(m: Model, tp: int = 1, ep: int = 1) -> RankShape:
+    h, hidden = m.heads // tp, m.hidden
+    if m.mla is not None:
+        a = m.mla
+        qk, latent = a.qk_nope_head_dim + a.qk_rope_head_dim, a.kv_lora_rank + a.qk_rope_head_dim
+        if a.q_lora_rank:  # q_a and kv_a fused, replicated on every rank; q_b split by heads
+            projections = {"qkv_a_proj": (a.q_lora_rank + latent, hidden), "q_b_proj": (h * qk, a.q_lora_rank)}
+        else:
+            projections = {"q_proj": (h * qk, hidden), "kv_a_proj": (latent, hidden)}
+        projections["kv_b_proj"] = (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank)
+        projections["o_proj"] = (hidden, h * a.v_head_dim)
+        kv, kv_width = kv_heads_per_rank(m, tp), latent
+    else:
+        kv, d = kv_heads_per_rank(m, tp), m.head_dim
+        projections = {"qkv_proj": ((h + 2 * kv) * d, hidden), "o_proj": (hidden, h * d)}
+        kv_width = 2 * kv * d
+    e = m.moe
+    groups = max(tp, ep)
+    return RankShape(heads=h, kv_heads=kv, ffn=m.ffn // tp,
+                     shared_ffn=e.shared_experts * e.expert_ffn // tp if e is not None else 0,
+                     expert_ffn=e.expert_ffn * ep // groups if e is not None else 0,
+                     experts=e.experts / ep if e is not None else 0.0, expert_ranks=groups,
+                     vocab=_ceil_div(m.vocab, tp), projections=projections, kv_width=kv_width)
+
+
+def _kv_replication(m: Model, tp: int) -> float:
+    """Parameters of one layer's K and V projections a rank holds beyond its 1/tp share: each
+    keeps kv_heads_per_rank heads, not kv_heads / tp (none for MLA, whose latent is replicated
+    as a whole and counted with it)."""
+    if m.mla is not None:
+        return 0.0
+    return 2 * m.hidden * m.head_dim * (kv_heads_per_rank(m, tp) - m.kv_heads / tp)
+
+
 def weight_bytes_per_rank(m: Model, tp: int = 1, pp: int = 1) -> int:
     """Weights on the fullest GPU of a TP x PP instance. Linear layers and the vocabulary are
     split over TP (KV projections replicate when tp > kv_heads); layers are split evenly over
@@ -136,22 +195,31 @@ def weight_bytes_per_rank(m: Model, tp: int = 1, pp: int = 1) -> int:
     counts = param_counts(m)
     linear_bytes = DTYPE_BYTES[m.weights]
     other_bytes = max(linear_bytes, 2.0)
-    kv_proj = 0
-    if m.mla is None:
-        # K and V projections: each rank keeps kv_heads_per_rank heads, not kv_heads / tp.
-        kv_proj = m.layers * 2 * m.hidden * m.head_dim * (kv_heads_per_rank(m, tp) - m.kv_heads / tp)
-    layer_linear = (counts.linear / tp + kv_proj) / pp
+    layer_linear = (counts.linear / tp + m.layers * _kv_replication(m, tp)) / pp
     layer_other = (counts.router + counts.norms) / pp
     vocab = (counts.embedding + counts.lm_head) / tp if pp == 1 else max(counts.embedding, counts.lm_head) / tp
     return int(layer_linear * linear_bytes + (layer_other + vocab) * other_bytes)
 
 
+def layer_weight_bytes(m: Model, tp: int = 1) -> tuple[float, float, float]:
+    """(non-expert bytes of a dense layer, of an MoE layer, routed-expert bytes of an MoE
+    layer) on one TP rank, counted as `weight_bytes_per_rank` counts them: what the offload
+    planner places layer by layer."""
+    lin = DTYPE_BYTES[m.weights]
+    other = max(lin, 2.0)
+    attn, attn_norms = _attention_params(m)
+    base = (attn / tp + _kv_replication(m, tp)) * lin + (2 * m.hidden + attn_norms) * other
+    dense = base + _mlp_params(m, m.ffn) / tp * lin
+    if m.moe is None:
+        return dense, dense, 0.0
+    e = m.moe
+    router = m.hidden * e.experts + (e.experts if m.architecture == "deepseek_v3" else 0)
+    moe = base + e.shared_experts * _mlp_params(m, e.expert_ffn) / tp * lin + router * other
+    experts = e.experts * _mlp_params(m, e.expert_ffn) / tp * lin
+    return dense, moe, experts
+
+
 def kv_bytes_per_token_per_rank(m: Model, tp: int = 1, pp: int = 1) -> int:
     """KV-cache bytes one GPU stores per token: its layers, its share of KV heads. MLA's
     compressed latent is not split by heads, so every TP rank keeps it whole."""
-    layers = _ceil_div(m.layers, pp)
-    if m.mla is not None:
-        per_layer = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
-    else:
-        per_layer = 2 * kv_heads_per_rank(m, tp) * m.head_dim
-    return int(layers * per_layer * DTYPE_BYTES[m.kv])
+    return int(_ceil_div(m.layers, pp) * rank_shape(m, tp).kv_width * DTYPE_BYTES[m.kv])

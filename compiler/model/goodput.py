@@ -11,7 +11,7 @@ import numpy as np
 
 from flowc.compiler import spec
 from flowc.compiler.model.results import SimResult
-from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.workload import Requests, base_rate, sample_requests
 
 WorkloadLike = Union[spec.Workload, Callable[[float], Requests]]

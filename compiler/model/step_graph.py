@@ -17,7 +17,7 @@ the peak of live *aligned* sizes, a valid bound for any aligned layout.
 
 The step graph (Llama / Qwen2 / Mixtral / Qwen3-MoE / DeepSeek-V3 / GPT-J, one TP rank;
 T = tokens of the step, S = min(max_seqs, T) rows that sample, h = heads / tp, kv = KV heads
-per rank (geometry.kv_heads_per_rank), d = head_dim, H = hidden, F = ffn / tp, V = vocab / tp;
+per rank, d = head_dim, H = hidden, F = ffn / tp, V = vocab / tp (every width from geometry.rank_shape);
 activations bf16 (geometry.ACTIVATION_BYTES), logits and sampling fp32, indices int64 unless
 said):
 
@@ -58,7 +58,7 @@ said):
          expert_gate_up  expert_gate_up [T k, 2 Fe];  expert_silu_mul: expert_act [T k, Fe]
          expert_down     expert_out [T k, H]
          combine         mlp_out [T, H] = sum_k w expert_out (+ shared_out; all-reduce in place)
-         Experts are split over the TP ranks (Fe = expert_ffn / tp), as in memory.py.
+         Experts are split over the TP ranks (Fe = expert_ffn / tp), as geometry.rank_shape counts them.
          residual_add    residual += mlp_out
          (GPT-J: one norm feeds attention and the MLP in parallel; attn_proj waits for the
          MLP and both are added to the residual at once)
@@ -85,7 +85,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from flowc.compiler.model.geometry import ACTIVATION_BYTES, LOGIT_BYTES, kv_heads_per_rank
+from flowc.compiler.model.geometry import ACTIVATION_BYTES, LOGIT_BYTES, RankShape, rank_shape
 from flowc.compiler.spec import Model
 
 ALIGNMENT = 256  # bytes: what cudaMalloc guarantees and vectorized kernels, cuBLAS and cuDNN expect
@@ -143,34 +143,32 @@ class _Graph:
         return [Buffer(b, self.size[b], self.start[b], self.end[b]) for b in self.start if self.size[b] > 0]
 
 
-def _attention_gqa(g: _Graph, m: Model, tp: int, T: int, p: str):
+def _attention_gqa(g: _Graph, m: Model, r: RankShape, T: int, p: str):
     ab = ACTIVATION_BYTES
-    h, kv, d = m.heads // tp, kv_heads_per_rank(m, tp), m.head_dim
-    g.op(p + "qkv_proj", (p + "attn_in",), {p + "qkv": T * (h + 2 * kv) * d * ab})
+    g.op(p + "qkv_proj", (p + "attn_in",), {p + "qkv": T * r.projections["qkv_proj"][0] * ab})
     g.op(p + "rotary", (p + "qkv", "positions"))
     g.op(p + "kv_cache_write", (p + "qkv", "slot_mapping"))
-    g.op(p + "attention", (p + "qkv",), {p + "attn_out": T * h * d * ab})
+    g.op(p + "attention", (p + "qkv",), {p + "attn_out": T * r.q_width * ab})
     g.op(p + "o_proj", (p + "attn_out",), {p + "attn_proj": T * m.hidden * ab})
 
 
-def _attention_mla(g: _Graph, m: Model, tp: int, T: int, S: int, p: str):
-    ab, a = ACTIVATION_BYTES, m.mla
-    h = m.heads // tp
-    nope, rope, lat = a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+def _attention_mla(g: _Graph, m: Model, r: RankShape, T: int, S: int, p: str):
+    ab, a, out = ACTIVATION_BYTES, m.mla, {name: n for name, (n, _) in r.projections.items()}
+    h, lat, rope = r.heads, a.kv_lora_rank, a.qk_rope_head_dim
     if a.q_lora_rank:
-        g.op(p + "qkv_a_proj", (p + "attn_in",), {p + "qkv_a": T * (a.q_lora_rank + lat + rope) * ab})
+        g.op(p + "qkv_a_proj", (p + "attn_in",), {p + "qkv_a": T * out["qkv_a_proj"] * ab})
         g.op(p + "q_a_norm", (p + "qkv_a",), {p + "q_c": T * a.q_lora_rank * ab})
         g.op(p + "kv_a_norm", (p + "qkv_a",), {p + "kv_c": T * lat * ab})
-        g.op(p + "q_b_proj", (p + "q_c",), {p + "q": T * h * (nope + rope) * ab})
+        g.op(p + "q_b_proj", (p + "q_c",), {p + "q": T * out["q_b_proj"] * ab})
     else:
-        g.op(p + "q_proj", (p + "attn_in",), {p + "q": T * h * (nope + rope) * ab})
-        g.op(p + "kv_a_proj", (p + "attn_in",), {p + "qkv_a": T * (lat + rope) * ab})
+        g.op(p + "q_proj", (p + "attn_in",), {p + "q": T * out["q_proj"] * ab})
+        g.op(p + "kv_a_proj", (p + "attn_in",), {p + "qkv_a": T * out["kv_a_proj"] * ab})
         g.op(p + "kv_a_norm", (p + "qkv_a",), {p + "kv_c": T * lat * ab})
     g.op(p + "rotary", (p + "q", p + "qkv_a", "positions"))
     g.op(p + "kv_cache_write", (p + "kv_c", p + "qkv_a", "slot_mapping"))
-    g.op(p + "kv_b_proj", (p + "kv_c",), {p + "kv": T * h * (nope + a.v_head_dim) * ab})
-    g.op(p + "k_assemble", (p + "kv", p + "qkv_a"), {p + "k": T * h * (nope + rope) * ab})
-    g.op(p + "attention", (p + "q", p + "k", p + "kv"), {p + "attn_out": T * h * a.v_head_dim * ab})
+    g.op(p + "kv_b_proj", (p + "kv_c",), {p + "kv": T * out["kv_b_proj"] * ab})
+    g.op(p + "k_assemble", (p + "kv", p + "qkv_a"), {p + "k": T * h * (a.qk_nope_head_dim + rope) * ab})
+    g.op(p + "attention", (p + "q", p + "k", p + "kv"), {p + "attn_out": T * r.q_width * ab})
     g.op(p + "q_absorb", (p + "q",), {p + "q_latent": S * h * (lat + rope) * ab})
     g.op(p + "attention_decode", (p + "q_latent",), {p + "o_latent": S * h * lat * ab})
     g.op(p + "v_up_proj", (p + "o_latent", p + "attn_out"))
@@ -188,12 +186,12 @@ def _mlp(g: _Graph, m: Model, ffn_r: int, T: int, p: str, src: str, out: str, ga
     g.op(p + "down_proj", (p + "act",), {out: T * m.hidden * ab})
 
 
-def _moe(g: _Graph, m: Model, tp: int, T: int, p: str):
+def _moe(g: _Graph, m: Model, r: RankShape, T: int, p: str):
     ab, e = ACTIVATION_BYTES, m.moe
     src = p + "mlp_in"
     reads_shared: tuple[str, ...] = ()
     if e.shared_experts:
-        _mlp(g, m, e.shared_experts * e.expert_ffn // tp, T, p + "shared_", src, p + "shared_out")
+        _mlp(g, m, r.shared_ffn, T, p + "shared_", src, p + "shared_out")
         reads_shared = (p + "shared_out",)
     g.op(p + "router", (src,), {p + "router_logits": T * e.experts * ab})
     g.op(p + "topk", (p + "router_logits",), {p + "topk_weights": T * e.top_k * LOGIT_BYTES,
@@ -202,7 +200,7 @@ def _moe(g: _Graph, m: Model, tp: int, T: int, p: str):
     g.op(p + "permute", (src, p + "topk_ids"), {p + "permuted": rows * m.hidden * ab,
                                                 p + "permute_index": rows * INT32_BYTES,
                                                 p + "expert_offsets": (e.experts + 1) * INT32_BYTES})
-    fe = e.expert_ffn // tp
+    fe = r.expert_ffn
     g.op(p + "expert_gate_up", (p + "permuted", p + "expert_offsets"), {p + "expert_gate_up": rows * 2 * fe * ab})
     g.op(p + "expert_silu_mul", (p + "expert_gate_up",), {p + "expert_act": rows * fe * ab})
     g.op(p + "expert_down", (p + "expert_act", p + "expert_offsets"), {p + "expert_out": rows * m.hidden * ab})
@@ -210,23 +208,23 @@ def _moe(g: _Graph, m: Model, tp: int, T: int, p: str):
          {p + "mlp_out": T * m.hidden * ab})
 
 
-def _layer(g: _Graph, m: Model, tp: int, T: int, S: int, p: str, moe: bool):
+def _layer(g: _Graph, m: Model, r: RankShape, T: int, S: int, p: str, moe: bool):
     ab = ACTIVATION_BYTES
     g.op(p + "input_norm", ("residual",), {p + "attn_in": T * m.hidden * ab})
     if m.mla is not None:
-        _attention_mla(g, m, tp, T, S, p)
+        _attention_mla(g, m, r, T, S, p)
     else:
-        _attention_gqa(g, m, tp, T, p)
+        _attention_gqa(g, m, r, T, p)
     if m.architecture == "gptj":  # parallel attention and MLP from one norm
-        _mlp(g, m, m.ffn // tp, T, p, p + "attn_in", p + "mlp_out", gated=m.mlp == "gated")
+        _mlp(g, m, r.ffn, T, p, p + "attn_in", p + "mlp_out", gated=m.mlp == "gated")
         g.op(p + "residual_add", ("residual", p + "attn_proj", p + "mlp_out"))
         return
     g.op(p + "residual_add_attn", ("residual", p + "attn_proj"))
     g.op(p + "post_attention_norm", ("residual",), {p + "mlp_in": T * m.hidden * ab})
     if moe:
-        _moe(g, m, tp, T, p)
+        _moe(g, m, r, T, p)
     else:
-        _mlp(g, m, m.ffn // tp, T, p, p + "mlp_in", p + "mlp_out", gated=m.mlp == "gated")
+        _mlp(g, m, r.ffn, T, p, p + "mlp_in", p + "mlp_out", gated=m.mlp == "gated")
     g.op(p + "residual_add_mlp", ("residual", p + "mlp_out"))
 
 
@@ -250,10 +248,11 @@ def step_buffers(model: Model, tp: int, tokens: int, max_seqs: int) -> list[Buff
         kinds = [("layer.", False)]
     else:
         kinds = [("dense_layer.", False), ("moe_layer.", True)]
+    r = rank_shape(m, tp)
     for prefix, moe in kinds:
-        _layer(g, m, tp, T, S, prefix, moe)
+        _layer(g, m, r, T, S, prefix, moe)
     g.extend(("positions", "slot_mapping"), len(g.ops) - 1)
-    V = -(-m.vocab // tp)
+    V = r.vocab
     g.op("final_norm", ("residual",), {"final_hidden": T * m.hidden * ab})
     g.op("select_rows", ("final_hidden", "logits_indices"), {"sample_hidden": S * m.hidden * ab})
     g.op("lm_head", ("sample_hidden",), {"logits": S * V * LOGIT_BYTES})

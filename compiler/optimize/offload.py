@@ -66,8 +66,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from flowc.compiler import spec
-from flowc.compiler.model.cost import CostModel, Parallelism, causal_pairs, operators
-from flowc.compiler.model.geometry import _attention_params, _mlp_params, kv_bytes_per_token_per_rank, kv_heads_per_rank
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.model.operators import causal_pairs, operators
+from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank, layer_weight_bytes
 from flowc.compiler.model.memory import memory_budget
 from flowc.compiler.plan import Scheduler
 from flowc.compiler.spec import DTYPE_BYTES
@@ -244,26 +245,6 @@ def _variant(m: spec.Model, layers: int, dense_layers: int) -> spec.Model:
     return m.model_copy(update=update)
 
 
-def _layer_bytes(m: spec.Model, tp: int) -> tuple[float, float, float]:
-    """(non-expert bytes of a dense layer, of an MoE layer, routed-expert bytes of an MoE
-    layer) on one TP rank, as geometry.weight_bytes_per_rank counts them."""
-    lin = DTYPE_BYTES[m.weights]
-    other = max(lin, 2.0)
-    attn, attn_norms = _attention_params(m)
-    kv_extra = 0.0
-    if m.mla is None:
-        kv_extra = 2 * m.hidden * m.head_dim * (kv_heads_per_rank(m, tp) - m.kv_heads / tp)
-    base = (attn / tp + kv_extra) * lin + (2 * m.hidden + attn_norms) * other
-    dense = base + _mlp_params(m, m.ffn) / tp * lin
-    if m.moe is None:
-        return dense, dense, 0.0
-    e = m.moe
-    router = m.hidden * e.experts + (e.experts if m.architecture == "deepseek_v3" else 0)
-    moe = base + e.shared_experts * _mlp_params(m, e.expert_ffn) / tp * lin + router * other
-    experts = e.experts * _mlp_params(m, e.expert_ffn) / tp * lin
-    return dense, moe, experts
-
-
 def stage_units(model: spec.Model, cost_layer: dict[str, CostModel], *, tp: int, pp: int, decode_seqs: int,
                 kv_tokens: int, prefill_tokens: int, embedding_on_host: bool = True) -> tuple[list[Unit], float]:
     """The units of the last pipeline stage's GPU (every stage when pp = 1) and its pinned
@@ -274,7 +255,7 @@ def stage_units(model: spec.Model, cost_layer: dict[str, CostModel], *, tp: int,
     other = max(DTYPE_BYTES[m.weights], 2.0)
     n = -(-m.layers // pp)
     first = m.layers - n
-    dense_b, moe_b, expert_b = _layer_bytes(m, tp)
+    dense_b, moe_b, expert_b = layer_weight_bytes(m, tp)
     kv_layer = kv_bytes_per_token_per_rank(m, tp, 1) / m.layers  # one layer, one token
     pairs = causal_pairs(prefill_tokens, 0, m.sliding_window)
     keys = kv_tokens

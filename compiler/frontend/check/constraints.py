@@ -16,7 +16,7 @@ from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION
 from flowc.compiler.model.parallelism import Problem, problems, valid_ep
 from flowc.compiler.model.search import tp_choices
 from flowc.compiler.model.shapes import instance_shapes
-from flowc.compiler.spec import DTYPE_BYTES, Deployment, Spec, Workload
+from flowc.compiler.spec import DTYPE_BYTES, Deployment, Spec
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
     from flowc.compiler.frontend.check.core import Checker
@@ -36,7 +36,7 @@ def _knob_span(c: Checker, deployment: Deployment, knob: str, value: int):
 
 
 def check_deployment(c: Checker, spec: Spec, d: Deployment) -> None:
-    m, cluster = d.model, spec.clusters[d.cluster]
+    cluster = spec.clusters[d.cluster]
     _check_parallelism(c, d)
     largest_domain = max(group.link_domain for group in cluster.nodes)
     for tp in d.search.get("tp", []):
