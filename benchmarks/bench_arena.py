@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from flowc.compiler.optimize.arena import pack
-
-from flowc.compiler.model.step_graph import step_buffers
 from flowc.compiler.model.memory import activation_peak_bytes
+from flowc.compiler.model.step_graph import step_buffers
+from flowc.compiler.optimize.arena import pack
 from flowc.stdlib_listing import stdlib_spec
 
 # TP degrees that put each model on 80 GB GPUs (the smallest power of two that holds it)

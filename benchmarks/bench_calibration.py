@@ -19,11 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import flowc
+import flowc.cli
+from flowc.calibrate import calibrate, summary
 
-import flowc  # noqa: E402
-import flowc.cli  # noqa: E402
-from flowc.calibrate import calibrate, summary  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def calibrated_spec(example: str, profile_file: str, gpu: str) -> str:

@@ -113,7 +113,7 @@ def main() -> int:
 
         # 1. parse + check, in this process
         start = time.perf_counter()
-        import flowc  # noqa: E402  (timed: the first load includes the imports)
+        import flowc  # timed: the first load includes the imports
 
         spec = flowc.load(text)
         cold = time.perf_counter() - start
@@ -159,7 +159,7 @@ def main() -> int:
         )
         result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_dir, capture_output=True, text=True,
                                 env=_env())
-        line = next((l for l in result.stdout.splitlines() if l.startswith("HEAVY")), "HEAVY ?")
+        line = next((out for out in result.stdout.splitlines() if out.startswith("HEAVY")), "HEAVY ?")
         heavy = [m for m in line[len("HEAVY"):].strip().split(",") if m]
         print(f"heavy modules imported by `flowc check`: {', '.join(heavy) or 'none'}   "
               f"(of {', '.join(HEAVY)}; expected none)")

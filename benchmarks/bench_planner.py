@@ -21,10 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import flowc
-from flowc.compiler.optimize.candidates import CAPACITY_REQUESTS, measure
-from flowc.compiler.optimize.compile import compile_spec
 from flowc.compiler.model.goodput import goodput_search
 from flowc.compiler.model.workload import sample_requests
+from flowc.compiler.optimize.candidates import CAPACITY_REQUESTS, measure
+from flowc.compiler.optimize.compile import compile_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -72,7 +72,7 @@ def compare_examples() -> None:
         took = time.perf_counter() - start
         for d in plan.deployments:
             vllm, distserve = baselines(spec, spec.deployments[d.name], d.gpus)
-            show = lambda x: f"{x:.3f}" if x is not None else "-"  # noqa: E731
+            show = lambda x: f"{x:.3f}" if x is not None else "-"  # noqa: E731  (a one-line cell formatter)
             print(f"{path.stem:<22} {d.name:<10} {d.gpus:>4} {d.predicted.goodput_rps_per_gpu:>8.3f} "
                   f"{show(vllm):>10} {show(distserve):>9} {took:>7.1f}s  {plan.solver.status}")
 

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from flowc.compiler import spec
-from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.goodput import goodput_search
+from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.workload import Requests, sample_requests
 
 TARGET_100K_S = 2.0

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.frontend.library import stdlib_spec
+from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.model.memory import memory_budget
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.workload import Requests
@@ -98,7 +98,8 @@ def main() -> None:
         sys.exit(f"no dev set at {path} (it lives in ../shared/calibration, outside the repository)")
     records = json.loads(path.read_text())
     errors: dict[str, list[float]] = {}
-    print(f"{'model':<24} {'gpus':>4} {'engine':<7} {'load':<28} {'metric':<20} {'measured':>10} {'predicted':>10} {'error':>7}")
+    print(f"{'model':<24} {'gpus':>4} {'engine':<7} {'load':<28} {'metric':<20} "
+          f"{'measured':>10} {'predicted':>10} {'error':>7}")
     for record in records:
         if record.get("kind") != "e2e" or record["model"] not in MODELS:
             continue

@@ -61,7 +61,9 @@ class Scheduler(PlanModel):
 
     max_batched_tokens: int = 8192
     chunked_prefill: bool = True
-    chunk_size: int = Field(description="largest prefill chunk of one sequence per step (at most max_batched_tokens)")
+    # left out (or None): the token budget, filled in before validation (the 0 is never used)
+    chunk_size: int = Field(default=0, description="largest prefill chunk of one sequence per step (at most "
+                            "max_batched_tokens; left out: max_batched_tokens)")
     max_seqs: int = 256
     block_size: int = 16
 
@@ -69,7 +71,8 @@ class Scheduler(PlanModel):
     @classmethod
     def _chunk_defaults_to_budget(cls, data):
         if isinstance(data, dict) and data.get("chunk_size") is None:
-            data = {**data, "chunk_size": data.get("max_batched_tokens", cls.model_fields["max_batched_tokens"].default)}
+            data = {**data,
+                    "chunk_size": data.get("max_batched_tokens", cls.model_fields["max_batched_tokens"].default)}
         return data
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from flowc.compiler.frontend.check import check
 from flowc.compiler.diagnostics import Diagnostic, FlowError, suggestion_help
+from flowc.compiler.frontend.check import check
 from flowc.compiler.frontend.imports import load_program
 from flowc.compiler.source import SourceFile
 from flowc.compiler.spec import GPU, Link, Model, Spec
@@ -106,7 +106,7 @@ def _stdlib_object(name_or_object, table: dict, kind: str):
                                 help=suggestion_help(name_or_object, table, f"standard library {kind}s"))])
 
 
-def compile(spec_or_path: Spec | str | os.PathLike, *, time_limit_s: float = 10.0, seed: int = 0):  # noqa: A001
+def compile(spec_or_path: Spec | str | os.PathLike, *, time_limit_s: float = 10.0, seed: int = 0):
     """Compile a spec (a Spec, a path or spec text) into a Plan; raises FlowError when the
     spec is invalid or no plan can serve it."""
     from flowc.compiler.optimize.compile import compile_spec

@@ -21,7 +21,7 @@ Contracts:
   trial, never an exception. A Spec object is re-read from its files (it must match them).
 - Evaluators. "simulate": the plan's predictions (the simulator behind the compiler's
   least_work router); with a `router` knob every trial is re-simulated from its plan behind
-  its router (`verify.simulate_plan_deployment`) on as many requests as the plan's
+  its router (`model/instance.simulate_plan_deployment`) on as many requests as the plan's
   predictions, with the same goodput search. "measure": the plan's colocated instance runs on
   this machine's device with the flowc runtime, replaying `measure_requests` requests of the
   workload at their arrival times; latencies are measured, and goodput per GPU is the replay's
@@ -80,9 +80,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flowc import __version__
 from flowc.api import looks_like_path
+from flowc.compiler.diagnostics import FlowError, did_you_mean
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check import TOKEN_KNOBS, check
-from flowc.compiler.diagnostics import FlowError, did_you_mean
 from flowc.compiler.frontend.imports import Program, load_program
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
 from flowc.compiler.source import SourceFile

@@ -77,7 +77,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", parents=[common], help="check a plan against its spec")
     verify.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
-    verify.add_argument("--against", metavar="SPEC", help="the spec to check against (default: the plan's spec_files[0])")
+    verify.add_argument("--against", metavar="SPEC",
+                        help="the spec to check against (default: the plan's spec_files[0])")
 
     from flowc import autotune_cmd, calibrate, export_cmd, run_cmd, viz_cmd
 
@@ -223,8 +224,8 @@ def _cmd_explain(args, out: _Output) -> int:
 
 
 def _cmd_estimate(args, out: _Output) -> int:
-    from flowc.compiler.diagnostics import FlowError
     from flowc.api import estimate
+    from flowc.compiler.diagnostics import FlowError
 
     try:
         result = estimate(args.model, args.gpu, tp=args.tp, pp=args.pp, ep=args.ep, replicas=args.replicas,
@@ -351,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FLOWC_DEBUG"):
             raise
         sys.stderr.write(f"internal error: {type(error).__name__}: {error}\n"
-                         f"  = note: this is a bug in flowc {__version__}, not in your spec; please report it with the command you ran\n"
+                         f"  = note: this is a bug in flowc {__version__}, not in your spec; "
+                         "please report it with the command you ran\n"
                          "  = help: rerun with FLOWC_DEBUG=1 for the full traceback\n")
         return EXIT_INTERNAL
 

@@ -7,10 +7,9 @@ from rich.table import Table
 
 from flowc.compiler.model.estimate import Estimate, LatencyStats
 from flowc.compiler.model.serving import DeploymentReport
-from flowc.compiler.render.text import group_shape_text, gpu_ranges, memory_text, scheduler_text, shape_text
+from flowc.compiler.render.text import gpu_ranges, group_shape_text, memory_text, scheduler_text, shape_text
 from flowc.compiler.units import format_gib
 from flowc.console import make_console
-
 
 
 def _latency_row(table: Table, name: str, stats: LatencyStats) -> None:
@@ -36,8 +35,8 @@ def print_estimate(e: Estimate, console: Console | None = None) -> None:
                   f"{e.input_len} tokens in, {e.output_len} out ({e.mode.replace('_', ' ')}, "
                   f"{e.requests_simulated} requests simulated)")
     console.print(_latency_table(e.ttft_ms, e.tpot_ms, e.e2e_ms))
-    console.print(f"throughput: {e.output_tokens_per_s:,.0f} output tok/s ({e.output_tokens_per_s_per_gpu:,.0f} per GPU), "
-                  f"{e.requests_per_s:,.2f} req/s")
+    console.print(f"throughput: {e.output_tokens_per_s:,.0f} output tok/s "
+                  f"({e.output_tokens_per_s_per_gpu:,.0f} per GPU), {e.requests_per_s:,.2f} req/s")
     console.print(f"KV cache: {e.kv_capacity_tokens:,} tokens per instance, up to {e.max_concurrent_seqs} "
                   f"sequences at once; preemptions: {e.preemptions}")
     memory = ", ".join(f"{name} {format_gib(value, 1)}" for name, value in e.memory_per_gpu.items())
@@ -53,7 +52,8 @@ def print_simulation(reports: dict[str, DeploymentReport], console: Console | No
         console.print(f"[bold]deploy {r.deployment}[/]: {r.model} on {r.replicas} x ({shape_text(r.tp, r.pp)}) "
                       f"{r.gpu} = {r.gpus} GPUs, {verdict}")
         console.print(f"  {r.note}")
-        console.print(f"  scheduler: {scheduler_text(r.scheduler)}; KV cache {r.kv_capacity_tokens:,} tokens per instance")
+        console.print(f"  scheduler: {scheduler_text(r.scheduler)}; "
+                      f"KV cache {r.kv_capacity_tokens:,} tokens per instance")
         console.print(_latency_table(r.ttft_ms, r.tpot_ms, r.e2e_ms))
         for t in r.targets:
             where = f"p{t.percentile:g} = {t.value_ms:,.1f} ms" if t.value_ms is not None else "limit"
@@ -79,7 +79,8 @@ def _target_text(target, predicted) -> str:
 def print_plan(plan, spec, *, explain: bool = False, console: Console | None = None) -> None:
     """Terraform-style: a legend, one block per deployment, one summary line."""
     console = console or make_console()
-    console.print("[dim]legend:[/] [green]+[/] instance group   [yellow]~[/] alternative   [red]![/] binding constraint\n")
+    console.print("[dim]legend:[/] [green]+[/] instance group   [yellow]~[/] alternative   "
+                  "[red]![/] binding constraint\n")
     for d in plan.deployments:
         slo = spec.slos[spec.deployments[d.name].slo]
         workload = spec.workloads[spec.deployments[d.name].workload]

@@ -56,11 +56,12 @@ def stdlib_listing(*, as_json: bool, color: bool) -> None:
                       f"{g['interconnect']} ({g['interconnect_GB_s']:.0f} GB/s)")
     console.print(table)
     table = Table(title="Models (use std.models)", title_justify="left")
-    for column in ("name", "params", "active", "layers", "hidden", "heads/kv", "experts", "context", "weights", "KV/token"):
+    for column in ("name", "params", "active", "layers", "hidden", "heads/kv", "experts", "context", "weights",
+                   "KV/token"):
         table.add_column(column, justify="left" if column == "name" else "right")
     for m in models:
-        table.add_row(m["name"], f"{m['params_B']:g} B", f"{m['active_params_B']:g} B", str(m["layers"]), str(m["hidden"]),
-                      f"{m['heads']}/{m['kv_heads']}", m["experts"] or "-", f"{m['max_context']:,}",
+        table.add_row(m["name"], f"{m['params_B']:g} B", f"{m['active_params_B']:g} B", str(m["layers"]),
+                      str(m["hidden"]), f"{m['heads']}/{m['kv_heads']}", m["experts"] or "-", f"{m['max_context']:,}",
                       f"{m['weights']} {m['weights_GB']:g} GB", f"{m['kv_KiB_per_token']:g} KiB")
     console.print(table)
     console.print("SLO presets (use std.slos): " + ", ".join(sorted(spec.slos)))

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from flowc.compiler.model.geometry import kv_heads_per_rank
+
 from .config import ModelConfig
 
 __all__ = ["Parallel", "RankLayout", "launch", "free_port"]

@@ -17,7 +17,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-from flowc.compiler.spec import MoE, Model
+from flowc.compiler.spec import Model, MoE
 from flowc.runtime.kernels import get_ops
 from flowc.runtime.model import StepInputs
 from flowc.runtime.parallel import Parallel

@@ -4,12 +4,12 @@ hand-solved and brute-forced instances, and the stdlib models against the memory
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from flowc.compiler.optimize.arena import greedy, pack
-
-from flowc.compiler.model.step_graph import ALIGNMENT, Buffer, live_bytes, lower_bound, overlaps, step_buffers
 from flowc.compiler.model.memory import activation_peak_bytes
+from flowc.compiler.model.step_graph import ALIGNMENT, Buffer, live_bytes, lower_bound, overlaps, step_buffers
+from flowc.compiler.optimize.arena import greedy, pack
 from flowc.stdlib_listing import stdlib_spec
 
 

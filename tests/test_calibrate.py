@@ -9,17 +9,17 @@ import pytest
 import flowc
 import flowc.cli
 from flowc.calibrate import FIT_KINDS, OVERHEAD_KINDS, Profile, calibrate, fit_overheads, wake_overhead
-from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.frontend.fmt import format_source
-from flowc.compiler.source import SourceFile
 from flowc.compiler.frontend.library import stdlib_spec
+from flowc.compiler.model.cost import CostModel, Parallelism
+from flowc.compiler.source import SourceFile
 from flowc.compiler.spec import GPU, Link
 
 
 def test_the_fit_recovers_known_overheads_and_drops_negative_terms():
     rng = random.Random(0)
     truth = {"step": 3e-4, "layer": 5e-5, "sequence": 0.0, "token": 2e-6, "layer_token": 4e-6}
-    kernel = lambda layers, shape: 1e-5 * layers + 1e-7 * shape[0]  # noqa: E731
+    kernel = lambda layers, shape: 1e-5 * layers + 1e-7 * shape[0]  # noqa: E731  (a one-line stand-in kernel)
     samples = []
     for _ in range(60):
         layers, tokens, seqs = rng.choice((2, 6)), rng.randint(1, 500), rng.randint(1, 48)
@@ -36,7 +36,7 @@ def test_the_fit_recovers_known_overheads_and_drops_negative_terms():
 def test_the_fit_drops_each_shapes_stalled_repeats():
     # five runs of each shape; one of each is slowed 10x by "a background process"
     truth = {"step": 0.0, "layer": 1e-4, "sequence": 0.0, "token": 1e-5, "layer_token": 0.0}
-    kernel = lambda layers, shape: 0.0  # noqa: E731
+    kernel = lambda layers, shape: 0.0  # noqa: E731  (a one-line stand-in kernel)
     samples = []
     for layers in (2, 6):
         for tokens in (1, 16, 128, 480):

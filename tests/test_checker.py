@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from flow_samples import VALID_SPEC, load_error
 
 import flowc
-from flow_samples import VALID_SPEC, load_error
 
 SMALL_CLUSTER = """\
 use std.gpus
@@ -103,7 +103,8 @@ def test_deployment(spec):
 
 def test_other_objectives_forbid_and_token_knobs():
     text = VALID_SPEC.replace("objective max goodput_per_gpu", "objective min gpus").replace(
-        "allow disaggregation, offload", "allow disaggregation\n  forbid offload\n  max_batched_tokens in [2048 tok, 8192 tok]")
+        "allow disaggregation, offload",
+        "allow disaggregation\n  forbid offload\n  max_batched_tokens in [2048 tok, 8192 tok]")
     d = flowc.load(text).deployments["chatbot"]
     assert d.objective == "min_gpus"
     assert (d.allow_disaggregation, d.allow_offload) == (True, False)
@@ -113,11 +114,14 @@ def test_other_objectives_forbid_and_token_knobs():
 def test_other_length_distributions_and_arrivals():
     text = VALID_SPEC.replace("arrival poisson 12 req/s", "arrival gamma 600 req/min cv 2").replace(
         "prompt lognormal(median 1024 tok, sigma 0.6) max 8192 tok", "prompt uniform(128 tok, 2048 tok)").replace(
-        "output lognormal(median 256 tok, sigma 0.8) max 2048 tok", "output normal(mean 256 tok, std 64 tok) min 1 tok max 1024 tok")
+        "output lognormal(median 256 tok, sigma 0.8) max 2048 tok",
+        "output normal(mean 256 tok, std 64 tok) min 1 tok max 1024 tok")
     chat = flowc.load(text).workloads["chat"]
     assert (chat.arrival.kind, chat.arrival.rate, chat.arrival.cv) == ("gamma", 10.0, 2.0)
-    assert (chat.prompt.kind, chat.prompt.low, chat.prompt.high, chat.prompt.upper_bound) == ("uniform", 128, 2048, 2048)
-    assert (chat.output.kind, chat.output.mean, chat.output.std, chat.output.min, chat.output.max) == ("normal", 256.0, 64.0, 1, 1024)
+    assert ((chat.prompt.kind, chat.prompt.low, chat.prompt.high, chat.prompt.upper_bound)
+            == ("uniform", 128, 2048, 2048))
+    assert ((chat.output.kind, chat.output.mean, chat.output.std, chat.output.min, chat.output.max)
+            == ("normal", 256.0, 64.0, 1, 1024))
 
 
 # ------------------------------------------------------------------ cross-checks
@@ -273,7 +277,8 @@ gpu g {
 
 
 def test_unknown_names():
-    error = load_error(VALID_SPEC.replace("on lab", "on labb").replace("model llama-3.1-70b {", "model llama-3.1-07b {"))
+    error = load_error(VALID_SPEC.replace("on lab", "on labb")
+                       .replace("model llama-3.1-70b {", "model llama-3.1-07b {"))
     assert error.codes == ["F0201", "F0201"]
     assert [d.help for d in error.diagnostics] == ["did you mean `llama-3.1-70b`?", "did you mean `lab`?"]
 
@@ -359,7 +364,8 @@ def test_valid_plain_trace(tmp_path):
 def test_trace_longer_than_the_context_is_f0410(tmp_path):
     (tmp_path / "t.csv").write_text(AZURE_HEADER + "2023-11-16 18:15:46,131000,44\n2023-11-16 18:15:47,10,10\n",
                                     encoding="utf-8")
-    error = load_error(write_spec(tmp_path, "t.csv").read_text(encoding="utf-8").replace('"t.csv"', f'"{tmp_path}/t.csv"'))
+    error = load_error(write_spec(tmp_path, "t.csv").read_text(encoding="utf-8")
+                       .replace('"t.csv"', f'"{tmp_path}/t.csv"'))
     assert error.codes == ["F0410"]
     assert "131200 tokens" in error.diagnostics[0].message
 

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from flow_samples import VALID_SPEC
 
 import flowc
 import flowc.cli
-from flow_samples import VALID_SPEC
 from flowc.compiler.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,7 +313,8 @@ def test_check_does_not_import_heavy_modules(valid):
     code = (
         "import sys, flowc.cli\n"
         f"rc = flowc.cli.main(['check', {str(valid)!r}])\n"
-        "heavy = [m for m in ('torch', 'ortools', 'triton', 'networkx', 'pandas', 'numpy', 'rich') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'ortools', 'triton', 'networkx', 'pandas', 'numpy', 'rich') "
+        "if m in sys.modules]\n"
         "print('RC', rc, 'HEAVY', ','.join(heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -8,8 +8,8 @@ import pytest
 
 import flowc
 from flowc.cli import main
-from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.frontend.library import stdlib_spec
+from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.model.memory import memory_budget
 
 GiB = 2**30
@@ -112,7 +112,8 @@ def test_simulate_a_whole_spec(capsys):
     assert set(reports) == {"small", "large"}
     small = reports["small"]
     assert small.gpus <= 2 and small.finished == small.requests == 1000
-    assert [t.metric for t in small.targets] == [t.metric for t in flowc.load(EXAMPLES / "shared-cluster.flow").slos["chat"].targets]
+    assert ([t.metric for t in small.targets]
+            == [t.metric for t in flowc.load(EXAMPLES / "shared-cluster.flow").slos["chat"].targets])
     assert 0 <= small.joint_attainment <= 1
     assert main(["simulate", str(EXAMPLES / "chat-70b.flow")]) == 0
     assert "deploy chatbot" in capsys.readouterr().out

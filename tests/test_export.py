@@ -24,9 +24,18 @@ import yaml
 import flowc.cli
 from flowc import export_cmd
 from flowc.compiler.model import memory
-from flowc.compiler.render.export import (TARGETS, ExportError, TemplateError, UnknownVersion, check_script, export_plan,
-                                   hf_repos, known_versions, load_engine)
 from flowc.compiler.plan import GpuRef, Plan
+from flowc.compiler.render.export import (
+    TARGETS,
+    ExportError,
+    TemplateError,
+    UnknownVersion,
+    check_script,
+    export_plan,
+    hf_repos,
+    known_versions,
+    load_engine,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDENS = Path(__file__).resolve().parent / "export_goldens"
@@ -132,7 +141,8 @@ def test_stored_plans_are_what_the_examples_compile_to(monkeypatch, plans):
 
 @pytest.mark.parametrize(("target", "version"), ENGINE_VERSIONS)
 def test_flag_lists_name_their_source(target, version):
-    data = json.loads((ROOT / "compiler" / "render" / "engines" / f"{target}-{version}.json").read_text(encoding="utf-8"))
+    path = ROOT / "compiler" / "render" / "engines" / f"{target}-{version}.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["source"].startswith("https://")
     assert data["engine"] == target and data["version"] == version
     assert set(data["choices"]) <= set(data["flags"])
@@ -395,7 +405,7 @@ def test_kubernetes_manifest(plans, example, target):
     objects = list(yaml.safe_load_all(files["kubernetes.yaml"]))
     instances = [(d, g, inst) for d in plan.deployments for g in d.groups for inst in g.instances]
     assert len(objects) == len(instances)
-    for obj, (d, g, inst) in zip(objects, instances):
+    for obj, (_, g, inst) in zip(objects, instances):
         assert obj["kind"] == "Deployment" and obj["spec"]["replicas"] == 1
         pod = obj["spec"]["template"]["spec"]
         assert pod["nodeSelector"] == {"flowc.dev/node": str(inst.gpus[0].node)}

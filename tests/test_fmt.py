@@ -7,11 +7,11 @@ import glob
 from pathlib import Path
 
 import pytest
+from flow_text_strategy import flow_text
 from hypothesis import HealthCheck, given, note, settings
 
 import flowc
 import flowc.cli
-from flow_text_strategy import flow_text
 from flowc.compiler.frontend.fmt import format_source
 from flowc.compiler.frontend.parser import _parser, parse
 from flowc.compiler.source import SourceFile
@@ -234,7 +234,8 @@ def tokens(text: str) -> list[tuple[str, str]]:
     parser, _ = _parser()
     raw = [(t.type, "".join(t.value.split()) if t.type == "QUANTITY" else t.value)
            for t in parser.lex(text, dont_ignore=False) if t.type not in ("_NL", "SEMICOLON", "COMMENT")]
-    return [t for i, t in enumerate(raw) if not (t[0] == "COMMA" and i + 1 < len(raw) and raw[i + 1][0] in ("RSQB", "RPAR"))]
+    return [t for i, t in enumerate(raw)
+            if not (t[0] == "COMMA" and i + 1 < len(raw) and raw[i + 1][0] in ("RSQB", "RPAR"))]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from runtime_models import PagedBatch, hf_greedy, hf_logits, load_hf_model, sample_prompts, save_tiny_model, tiny_spec
 
 from flowc.compiler.optimize.instance_plan import instance_plan
 from flowc.runtime.engine import Engine, Request
@@ -22,7 +23,6 @@ from flowc.runtime.model import StepInputs
 from flowc.runtime.sequence import SamplingParams
 from flowc.runtime.weights import load_model
 from flowc.runtime.workspace import HeapWorkspace
-from runtime_models import PagedBatch, hf_greedy, hf_logits, load_hf_model, save_tiny_model, sample_prompts, tiny_spec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytest.importorskip("transformers")

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from flowc.runtime import kernels_torch as ref  # noqa: E402
-from flowc.runtime import kernels_triton as tri  # noqa: E402
-from flowc.runtime import triton_shim  # noqa: E402
-from flowc.runtime.kernels import OP_NAMES, get_ops  # noqa: E402
+from flowc.runtime import kernels_torch as ref  # noqa: E402  (after the importorskip of torch and triton)
+from flowc.runtime import kernels_triton as tri  # noqa: E402  (after the importorskip of torch and triton)
+from flowc.runtime import triton_shim  # noqa: E402  (after the importorskip of torch and triton)
+from flowc.runtime.kernels import OP_NAMES, get_ops  # noqa: E402  (after the importorskip of torch and triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from reference_models import DERIVED_PARAMS, PUBLISHED_PARAMS
 
 import flowc
-from flowc.compiler.model.geometry import kv_bytes_per_token, param_counts, weight_bytes
+from flowc.compiler.model.geometry import (
+    kv_bytes_per_token,
+    kv_bytes_per_token_per_rank,
+    param_counts,
+    weight_bytes,
+    weight_bytes_per_rank,
+)
+from flowc.compiler.model.memory import activation_peak_bytes, memory_budget, runtime_reserve_bytes
 from flowc.stdlib_listing import stdlib_spec
-from reference_models import DERIVED_PARAMS, PUBLISHED_PARAMS
 
 # Totals the formulas reproduce exactly: every published safetensors count, the exact
 # DeepSeek-V3 count from config.json, and the HF GPTJForCausalLM count (see reference_models).
@@ -135,8 +142,6 @@ deploy d {
 
 # ---------------------------------------------------------------------------------- per GPU
 
-from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank, weight_bytes_per_rank  # noqa: E402
-from flowc.compiler.model.memory import activation_peak_bytes, memory_budget, runtime_reserve_bytes  # noqa: E402
 
 GiB = 2**30
 

@@ -8,19 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flowc.compiler.optimize.arena import pack
+from runtime_models import (
+    LLAMA3_ROPE,
+    VARIANTS,
+    PagedBatch,
+    hf_logits,
+    load_hf_model,
+    run_steps,
+    save_tiny_model,
+    tiny_spec,
+)
 
 from flowc.compiler.model.step_graph import step_buffers
-from flowc.compiler.spec import MoE, Model
+from flowc.compiler.optimize.arena import pack
+from flowc.compiler.spec import Model, MoE
 from flowc.runtime.config import ModelConfig, UnsupportedModel
 from flowc.runtime.kernels import get_ops
 from flowc.runtime.model import CausalLM
 from flowc.runtime.parallel import Parallel, launch
 from flowc.runtime.weights import load_config, load_model, load_weights
 from flowc.runtime.workspace import HeapWorkspace, Workspace
-from runtime_models import (LLAMA3_ROPE, VARIANTS, PagedBatch, hf_logits, load_hf_model, run_steps,
-                            save_tiny_model, tiny_spec)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

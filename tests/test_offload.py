@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from flowc.compiler.model.cost import CostModel, Parallelism
-from flowc.compiler.model.operators import HOST_TRANSFER_EFFICIENCY
 from flowc.compiler.model.geometry import weight_bytes_per_rank
 from flowc.compiler.model.memory import memory_budget
-from flowc.compiler.plan import Scheduler
+from flowc.compiler.model.operators import HOST_TRANSFER_EFFICIENCY
 from flowc.compiler.optimize.offload import OffloadInfeasible, Unit, _variant, plan_offload, solve_offload, stage_units
+from flowc.compiler.plan import Scheduler
 from flowc.stdlib_listing import stdlib_spec
 
 GB, MS = 1e9, 1e-3
@@ -117,7 +117,8 @@ def test_units_add_up_to_the_memory_and_cost_models(std, h100, name, tp):
 def test_nothing_is_offloaded_when_everything_fits(std, h100):
     gpu, host, link = h100
     m = std.models["llama-3.1-8b"]
-    plan = plan_offload(m, gpu, host, TiB, tp=1, pp=1, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=32 * 1024)
+    plan = plan_offload(m, gpu, host, TiB, tp=1, pp=1, scheduler=Scheduler(max_batched_tokens=2048),
+                        kv_tokens_needed=32 * 1024)
     assert plan.status == "fits" and plan.offloaded_bytes == 0 and plan.staging_bytes == 0
     assert plan.hbm_fraction == [1.0] * 32 and plan.transfer_bytes_decode == 0
     full = CostModel(m, gpu, link)
@@ -128,17 +129,20 @@ def test_a_tp4_plan_through_a_cost_model(std, h100):
     gpu, host, link = h100
     m = std.models["llama-3.1-70b"]
     cost = CostModel(m, gpu, link, parallelism=Parallelism(tp=4))
-    plan = plan_offload(m, gpu, host, TiB, tp=4, pp=1, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=8192, cost=cost)
+    plan = plan_offload(m, gpu, host, TiB, tp=4, pp=1, scheduler=Scheduler(max_batched_tokens=2048),
+                        kv_tokens_needed=8192, cost=cost)
     assert plan.status == "fits"
     with pytest.raises(ValueError, match="tp 4"):
-        plan_offload(m, gpu, host, TiB, tp=2, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=8192, cost=cost)
+        plan_offload(m, gpu, host, TiB, tp=2, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=8192,
+                     cost=cost)
 
 
 @pytest.fixture(scope="module")
 def llama70_on_one_h100(std, h100):
     gpu, host, _ = h100
     m = std.models["llama-3.1-70b"]
-    return plan_offload(m, gpu, host, 2 * TiB, tp=1, pp=1, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=16 * 1024)
+    return plan_offload(m, gpu, host, 2 * TiB, tp=1, pp=1, scheduler=Scheduler(max_batched_tokens=2048),
+                        kv_tokens_needed=16 * 1024)
 
 
 def test_llama_70b_on_one_h100_is_bound_by_the_host_link(std, h100, llama70_on_one_h100):
@@ -171,14 +175,16 @@ def test_llama_70b_plan_respects_both_capacities(std, h100, llama70_on_one_h100)
                          kv_tokens_needed=16 * 1024)
     assert tight.offloaded_bytes <= need * 1.001
     with pytest.raises(OffloadInfeasible, match="short"):
-        plan_offload(m, gpu, h100[1], int(need * 0.9), tp=1, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=16 * 1024)
+        plan_offload(m, gpu, h100[1], int(need * 0.9), tp=1, scheduler=Scheduler(max_batched_tokens=2048),
+                     kv_tokens_needed=16 * 1024)
 
 
 def test_weights_beyond_hbm_and_host_raise_a_clear_error(std, h100):
     gpu, host, _ = h100
     m = std.models["llama-3.1-405b"]
     with pytest.raises(OffloadInfeasible, match=r"llama-3.1-405b needs .* GiB of weights per GPU .* GiB short"):
-        plan_offload(m, gpu, host, 100 * 2**30, tp=1, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=1024)
+        plan_offload(m, gpu, host, 100 * 2**30, tp=1, scheduler=Scheduler(max_batched_tokens=2048),
+                     kv_tokens_needed=1024)
 
 
 def test_kv_that_does_not_fit_raises_unless_kv_may_move(std, h100):
@@ -186,9 +192,10 @@ def test_kv_that_does_not_fit_raises_unless_kv_may_move(std, h100):
     m = std.models["llama-3.1-8b"]
     kv_tokens = 1 << 20  # 128 GiB of KV
     with pytest.raises(OffloadInfeasible, match="KV cache"):
-        plan_offload(m, gpu, host, TiB, tp=1, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=kv_tokens)
-    plan = plan_offload(m, gpu, host, TiB, tp=1, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=kv_tokens,
-                        allow_kv_offload=True)
+        plan_offload(m, gpu, host, TiB, tp=1, scheduler=Scheduler(max_batched_tokens=2048),
+                     kv_tokens_needed=kv_tokens)
+    plan = plan_offload(m, gpu, host, TiB, tp=1, scheduler=Scheduler(max_batched_tokens=2048),
+                        kv_tokens_needed=kv_tokens, allow_kv_offload=True)
     assert plan.offloaded["kv"] > 50 * GB
     assert plan.step_time_decode >= plan.transfer_bytes_decode / (HOST_TRANSFER_EFFICIENCY * host.bandwidth)
 
@@ -224,8 +231,8 @@ def test_prefill_weight_trades_decode_for_prefill(std, h100):
 def test_the_embedding_can_be_pinned(std, h100, llama70_on_one_h100):
     gpu, host, _ = h100
     m = std.models["llama-3.1-70b"]
-    plan = plan_offload(m, gpu, host, 2 * TiB, tp=1, scheduler=Scheduler(max_batched_tokens=2048), kv_tokens_needed=16 * 1024,
-                        embedding_on_host=False)
+    plan = plan_offload(m, gpu, host, 2 * TiB, tp=1, scheduler=Scheduler(max_batched_tokens=2048),
+                        kv_tokens_needed=16 * 1024, embedding_on_host=False)
     assert plan.head_hbm_fraction["embedding"] == 1.0
     # its 2.1 GB now displace layer weights, which stream: the decode step gets slower
     assert plan.offloaded_bytes == pytest.approx(llama70_on_one_h100.offloaded_bytes, rel=0.01)

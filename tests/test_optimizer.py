@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 import flowc
 from flowc.cli import main
+from flowc.compiler.model.workload import base_rate
 from flowc.compiler.plan import Plan
 from flowc.compiler.verify import verify_plan
-from flowc.compiler.model.workload import base_rate
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.flow"))
 
@@ -96,8 +98,6 @@ def test_infeasible_specs_are_diagnostics_not_crashes(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------- random specs
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 RANDOM_SPEC = """
 use std.gpus

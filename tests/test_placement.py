@@ -19,8 +19,7 @@ from fractions import Fraction
 import pytest
 
 from flowc.compiler import spec
-from flowc.compiler.optimize.placement import Candidate, Demand, PlacementInfeasible, solve_placement
-from flowc.compiler.optimize.placement import aggregated
+from flowc.compiler.optimize.placement import Candidate, Demand, PlacementInfeasible, aggregated, solve_placement
 from flowc.compiler.optimize.placement import model as placement_model
 
 NVLINK = spec.Link(name="nvlink", kind="nvlink", bandwidth=450e9)
@@ -143,7 +142,7 @@ class Brute:
             out[d.deployment] = (k, g, cost)
         # KV: a disaggregated deployment on more than one node sends every prefill stage's KV out
         # of its node and receives every decode stage's KV, each capped by kv * load
-        for direction, role in (("out", "prefill"), ("in", "decode")):
+        for role in ("prefill", "decode"):
             per_node = [0.0] * len(combo)
             for d in self.demands:
                 if d.deployment not in active:
@@ -323,8 +322,8 @@ def random_kv_instance(rng: random.Random):
     """Mostly disaggregated deployments on 2-4 small nodes with networks near the KV traffic."""
     nodes, per = rng.choice([2, 3, 4]), rng.choice([2, 4])
     domain = rng.choice([d for d in (1, 2, 4) if d <= per])
-    c = cluster(group(nodes, per, domain, price=rng.choice([None, 8.0])), network=rng.choice([None, 3e8, 6e8, 1e9, 2e9]),
-                nics=rng.choice([1, 2]))
+    c = cluster(group(nodes, per, domain, price=rng.choice([None, 8.0])),
+                network=rng.choice([None, 3e8, 6e8, 1e9, 2e9]), nics=rng.choice([1, 2]))
     deps = ["a", "b"][:rng.choice([1, 2])]
     cands, demands = [], []
     for name in deps:

@@ -22,8 +22,18 @@ import pytest
 from rich.console import Console
 
 import flowc
-from flowc.compiler.plan import (DeploymentPlan, GpuRef, Instance, InstanceGroup, MemoryMap, Percentiles, Plan,
-                                 Predicted, Scheduler, SolverStatus)
+from flowc.compiler.plan import (
+    DeploymentPlan,
+    GpuRef,
+    Instance,
+    InstanceGroup,
+    MemoryMap,
+    Percentiles,
+    Plan,
+    Predicted,
+    Scheduler,
+    SolverStatus,
+)
 from flowc.compiler.render.diagram import DEPLOYMENT_COLORS, UNUSED_COLOR, plan_tree, to_dot, to_mermaid
 from flowc.compiler.spec import Spec
 

@@ -22,14 +22,14 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from flowc.api import check_sources  # noqa: E402 (after the skip: the report needs matplotlib)
-from flowc.cli import main  # noqa: E402
+from flowc.api import check_sources
+from flowc.cli import main
+from flowc.compiler.model.workload import base_rate, sample_requests
+from flowc.compiler.optimize.compile import compile_spec
+from flowc.compiler.plan import GpuRef, Instance
+from flowc.compiler.render.html import render_report
 from flowc.compiler.units import format_gbps
-from flowc.compiler.optimize.compile import compile_spec  # noqa: E402
-from flowc.compiler.plan import GpuRef, Instance  # noqa: E402
-from flowc.compiler.render.html import render_report  # noqa: E402
-from flowc.compiler.model.workload import base_rate, sample_requests  # noqa: E402
-from flowc.progress import progress  # noqa: E402
+from flowc.progress import progress
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_NAMES = ["chat-70b", "code-assistant-8b", "moe-h200", "shared-cluster", "tiny-cpu"]

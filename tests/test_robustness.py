@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings, strategies as st
+from flow_samples import GPU_TEMPLATE, VALID_SPEC
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 import flowc
 import flowc.cli
-from flow_samples import GPU_TEMPLATE, VALID_SPEC
 from flowc.compiler.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,8 @@ def test_mutated_specs_never_crash(text):
         assert isinstance(spec, Spec)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(mutated_spec())
 def test_cli_on_mutated_files_exits_0_or_1(tmp_path, capsys, text):
     path = tmp_path / "spec.flow"
@@ -158,7 +160,8 @@ def test_cli_reports_huge_values_as_invalid(tmp_path, capsys):
 
 
 def test_large_exponents_are_cheap():
-    code = "import flowc\ntry:\n    flowc.load('use std.models\\nmodel m { layers 1e100000000 }')\nexcept flowc.FlowError:\n    pass\n"
+    code = ("import flowc\ntry:\n    flowc.load('use std.models\\nmodel m { layers 1e100000000 }')\n"
+            "except flowc.FlowError:\n    pass\n")
     try:
         subprocess.run([sys.executable, "-c", code], timeout=2, check=True)
     except subprocess.TimeoutExpired:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from flow_samples import GPU_TEMPLATE, evaluate, load_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flowc
-from flow_samples import GPU_TEMPLATE, evaluate, load_error
 from flowc.compiler import units
 from flowc.compiler.units import UNITS, Value, format_value
 
@@ -155,7 +156,8 @@ def test_misspelt_units_are_f0301_with_a_suggestion(unit, suggestions):
 
 
 def test_tokens_spelt_out_is_f0301():
-    text = "model m {\n  architecture llama\n  layers 2\n  hidden 64\n  heads 4\n  ffn 128\n  vocab 256\n  max_context 512 tokens\n}\n"
+    text = ("model m {\n  architecture llama\n  layers 2\n  hidden 64\n  heads 4\n  ffn 128\n  vocab 256\n"
+            "  max_context 512 tokens\n}\n")
     error = load_error(text)
     assert error.codes == ["F0301"]
     assert error.diagnostics[0].help == "write `tok`"
@@ -191,7 +193,8 @@ def test_format_value_examples(value, text):
 
 def test_format_value_states_bandwidths_per_second():
     assert format_value(Value(Fraction(50 * 10**9), units.BANDWIDTH)) == "50 GB/s"
-    spec = flowc.load("use std.gpus\ncluster c {\n  node x 2 { gpu h100-sxm x 8 }\n  network infiniband 400 Gb/s x 4\n}\n")
+    spec = flowc.load("use std.gpus\ncluster c {\n  node x 2 { gpu h100-sxm x 8 }\n"
+                      "  network infiniband 400 Gb/s x 4\n}\n")
     assert spec.clusters["c"].network.name == "infiniband-50GB/s"
 
 

@@ -16,21 +16,32 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings, strategies as st
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 import flowc
 from flowc.cli import _Output
 from flowc.compiler.model.cost import CostModel, Parallelism
-from flowc.compiler.model.memory import memory_budget
-from flowc.compiler.plan import (DeploymentPlan, GpuRef, Instance, InstanceGroup, MemoryMap,
-                                 Percentiles, Plan, Predicted, Scheduler, SolverStatus)
-from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.goodput import goodput_search
-from flowc.compiler.spec import Spec
+from flowc.compiler.model.memory import memory_budget
+from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.workload import sample_requests
+from flowc.compiler.plan import (
+    DeploymentPlan,
+    GpuRef,
+    Instance,
+    InstanceGroup,
+    MemoryMap,
+    Percentiles,
+    Plan,
+    Predicted,
+    Scheduler,
+    SolverStatus,
+)
 from flowc.compiler.plan_io import load_plan_file
+from flowc.compiler.spec import Spec
 from flowc.compiler.verify import verify_plan
 from flowc.verify_cmd import cmd_verify
-from flowc.compiler.model.workload import sample_requests
 
 GiB = 1 << 30
 
@@ -114,7 +125,7 @@ def _instance_configs(spec: Spec, groups: list[Group], budgets, blocks: list[int
     nodes = _nodes(spec)
     decode_nodes = [{n for n, _ in inst} for g in groups if g.role == "decode" for inst in g.instances]
     configs = []
-    for g, budget, kv_blocks in zip(groups, budgets, blocks):
+    for g, _, kv_blocks in zip(groups, budgets, blocks):
         for inst in g.instances:
             on = {n for n, _ in inst}
             remote = len(on) > 1 or (g.role == "prefill" and any(q != on for q in decode_nodes))
@@ -572,7 +583,7 @@ def _corruptions(plan: Plan, spec: Spec):
     per_node = cluster.nodes[0].gpus_per_node
     first = g0.instances[0].gpus[0]
     all_gpus = [ref for g in plan.deployments[0].groups for inst in g.instances for ref in inst.gpus]
-    group0 = lambda doc: doc["deployments"][0]["groups"][0]  # noqa: E731
+    group0 = lambda doc: doc["deployments"][0]["groups"][0]  # noqa: E731  (a one-line accessor for the edits below)
     out = [
         ("node out of range", "F0521",
          lambda doc: group0(doc)["instances"][0]["gpus"].__setitem__(0, {"node": nodes, "index": first.index})),
@@ -623,7 +634,7 @@ def catalog_plans() -> dict[str, tuple[str, Plan]]:
     """The F052x fixtures of tests/error_catalog: code -> (main.flow, plan.json). Instances keep
     `CATALOG_KV_BLOCKS` blocks, fewer than fit, and the F0526 fixture's mistake is a claim, not a
     simulated number, so the goldens survive refinements of the memory and cost models."""
-    group0 = lambda doc: doc["deployments"][0]["groups"][0]  # noqa: E731
+    group0 = lambda doc: doc["deployments"][0]["groups"][0]  # noqa: E731  (a one-line accessor for the edits below)
     out = {}
     text = _catalog_spec_text()
     base = build_plan(flowc.load(text), TWO_TP2, kv_blocks=CATALOG_KV_BLOCKS)

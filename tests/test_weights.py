@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from runtime_models import save_tiny_model
 from safetensors.torch import load_file, save_file
 
 from flowc.runtime.kernels import get_ops
 from flowc.runtime.model import CausalLM
 from flowc.runtime.parallel import Parallel
 from flowc.runtime.weights import WeightsError, load_config, load_model, load_weights
-from runtime_models import save_tiny_model
 
 OPS = get_ops("torch")
 

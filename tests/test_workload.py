@@ -67,7 +67,8 @@ def test_poisson_gamma_and_constant_arrivals():
 
 
 def test_rate_scale_compresses_the_same_draws():
-    w = workload(spec.Arrival(kind="gamma", rate=2.0, cv=3.0), prompt=spec.Lengths(kind="lognormal", median=500, sigma=1))
+    w = workload(spec.Arrival(kind="gamma", rate=2.0, cv=3.0),
+                 prompt=spec.Lengths(kind="lognormal", median=500, sigma=1))
     a = sample_requests(w, 1000, seed=7)
     b = sample_requests(w, 1000, seed=7, rate_scale=4.0)
     np.testing.assert_allclose(b.arrival, a.arrival / 4.0)

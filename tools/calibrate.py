@@ -7,7 +7,7 @@ database (Apache-2.0: vLLM GEMM, context and generation attention, NCCL collecti
 microsoft/vidur's profiling (MIT: per-op layer timings, all-reduce and send/recv). Every fit
 uses one source, one GPU and one software version; sources are never mixed.
 
-The functional forms are the ones compiler/model/cost.py evaluates (its module docstring lists them);
+The functional forms are the ones compiler/model/operators.py evaluates (its module docstring lists them);
 here they are written again with numpy, and tests/test_calibration.py checks the two agree.
 
 A deterministic 20% of the rows (crc32 of the row's key % 5 == 0) is held out of every fit;
@@ -566,7 +566,7 @@ class Calibrator:
                 entry["excluded"] = self.excluded[gname]
             out["gpus"][gname] = entry
         # GPUs without vidur per-op data borrow the elementwise fits of the nearest one in bandwidth
-        for gname, entry in out["gpus"].items():
+        for entry in out["gpus"].values():
             if "elementwise" not in entry and elementwise_by_gpu:
                 bw = entry["memory_bandwidth"]
                 donor = min(elementwise_by_gpu, key=lambda g: abs(math.log(out["gpus"][g]["memory_bandwidth"] / bw)))

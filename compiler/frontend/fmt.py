@@ -97,7 +97,8 @@ class _Printer:
     def block(self, head: str, head_line: int, body: ast.Body, next_line: int, depth: int) -> None:
         if self._stays_inline(body):
             inner = "; ".join(" ".join([s.key.text, *(format_expr(a) for a in s.args)]) for s in body.statements)
-            self.emit(f"{head} {{ {inner} }}" if inner else f"{head} {{}}", head_line, body.close.line, next_line, depth)
+            self.emit(f"{head} {{ {inner} }}" if inner else f"{head} {{}}", head_line, body.close.line, next_line,
+                      depth)
             return
         starts = [stmt.span.line for stmt in body.statements] + [body.close.line]
         self.emit(head + " {", head_line, body.open.line, starts[0], depth)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from flowc.compiler.frontend import ast
 from flowc.compiler.diagnostics import Diagnostic, FlowError, did_you_mean
+from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.parser import parse
 from flowc.compiler.source import SourceFile, Span
 

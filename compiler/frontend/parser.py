@@ -9,8 +9,8 @@ from importlib import resources
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from flowc.compiler.frontend import ast
 from flowc.compiler.diagnostics import Diagnostic, FlowError, Label
+from flowc.compiler.frontend import ast
 from flowc.compiler.source import SourceFile, Span
 
 MAX_SYNTAX_ERRORS = 10
@@ -50,7 +50,8 @@ class _PostLexer:
 def _parser() -> tuple[Lark, _PostLexer]:
     grammar = resources.files("flowc.grammar").joinpath("flow.lark").read_text(encoding="utf-8")
     postlex = _PostLexer()
-    parser = Lark(grammar, parser="lalr", strict=True, postlex=postlex, maybe_placeholders=False, propagate_positions=True, cache=True)
+    parser = Lark(grammar, parser="lalr", strict=True, postlex=postlex, maybe_placeholders=False,
+                  propagate_positions=True, cache=True)
     return parser, postlex
 
 
@@ -88,7 +89,8 @@ def parse(source: SourceFile) -> ast.Module:
 
 def _attach_docs(items, comments: tuple[ast.Comment, ...], source: SourceFile):
     """A run of `##` comments on the lines right above a declaration documents it."""
-    docs = {c.span.line: c.text[2:].strip() for c in comments if c.text.startswith("##") and not c.text.startswith("###")}
+    docs = {c.span.line: c.text[2:].strip() for c in comments
+            if c.text.startswith("##") and not c.text.startswith("###")}
     for item in items:
         if not isinstance(item, ast.Decl):
             yield item
@@ -257,7 +259,8 @@ def _syntax_diagnostic(error: UnexpectedInput, source: SourceFile, postlex: _Pos
         return _unexpected_end(source)
     assert isinstance(error, UnexpectedToken)
     token = error.token
-    span = source.span(token.start_pos, token.end_pos) if token.type != "_NL" else source.span(token.start_pos, token.start_pos + 1)
+    span = (source.span(token.start_pos, token.end_pos) if token.type != "_NL"
+            else source.span(token.start_pos, token.start_pos + 1))
     expected = set(error.expected) - {"COMMENT"}
     help_text = _expected(expected)
     if postlex.unmatched is token:

@@ -16,7 +16,12 @@ from typing import Optional
 from flowc.compiler import spec
 from flowc.compiler.model.geometry import ACTIVATION_BYTES, kv_bytes_per_token, rank_shape
 from flowc.compiler.model.operators import (
-    GENERIC_DECODE, GENERIC_PREFILL, causal_pairs, decode_body, operators, prefill_body,
+    GENERIC_DECODE,
+    GENERIC_PREFILL,
+    causal_pairs,
+    decode_body,
+    operators,
+    prefill_body,
 )
 from flowc.compiler.spec import DTYPE_BYTES
 
@@ -53,9 +58,10 @@ class CostModel:
       embedding and LM head. Summed over stages this is the model's iteration exactly (request
       latency is right); the real last stage is slower by (1 - 1/pp) of the LM head.
     * TP: heads, FFN columns and vocabulary split over tp; KV heads split, or one replicated
-      per rank when tp > kv_heads (geometry.rank_shape, as the step graph and memory count); MLA's latent projections and
-      cache are replicated. Two all-reduces of the hidden state per layer (after attention and
-      after the MLP/MoE), one after the vocab-parallel embedding, and a gather of the logits.
+      per rank when tp > kv_heads (geometry.rank_shape, as the step graph and memory count);
+      MLA's latent projections and cache are replicated. Two all-reduces of the hidden state
+      per layer (after attention and after the MLP/MoE), one after the vocab-parallel
+      embedding, and a gather of the logits.
     * MoE (G = max(tp, ep) GPUs hold the experts: E/ep whole experts per group of G/ep ranks,
       each expert's FFN split G/ep ways). With ep <= tp the tokens are already on every rank
       (TP attention): each rank runs its experts on the tokens routed to them and the layer's

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field
 
 from flowc.compiler.diagnostics import Diagnostic, FlowError
-from flowc.compiler.model.instance import instance_config
+from flowc.compiler.model.instance import Role, instance_config
 from flowc.compiler.model.memory import memory_budget
 from flowc.compiler.model.parallelism import problems
 from flowc.compiler.model.simulator import simulate
@@ -24,6 +24,9 @@ from flowc.compiler.spec import GPU, Link, Model
 OPEN_LOOP_REQUESTS = 400
 CLOSED_LOOP_ROUNDS = 4
 OFFLINE_REQUESTS_MAX = 2048
+
+
+Mode = Literal["closed_loop", "open_loop", "offline"]
 
 
 class LatencyStats(BaseModel):
@@ -44,7 +47,7 @@ class Estimate(BaseModel):
     replicas: int
     disaggregated: Optional[tuple[int, int]] = Field(None, description="prefill and decode instances")
     gpus: int
-    mode: Literal["closed_loop", "open_loop", "offline"]
+    mode: Mode
     input_len: int
     output_len: int
     ttft_ms: LatencyStats
@@ -106,7 +109,7 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
                     (f"KV cache: {budget.kv_tokens:,} tokens per instance "
                      f"({budget.kv / 2**30:.1f} GiB per GPU / {budget.kv_bytes_per_token:,} B per token)",))
 
-    def config(role: str):
+    def config(role: Role):
         return instance_config(m, g, link, kv_capacity_tokens=budget.kv_tokens, tp=tp, pp=pp, ep=ep,
                                scheduler=scheduler, role=role)
 
@@ -116,6 +119,7 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
     else:
         instances = [config("colocated")] * replicas
 
+    mode: Mode
     if batch is not None:
         mode, n = "closed_loop", max(batch * CLOSED_LOOP_ROUNDS * len(instances), 32)
         requests = fixed_requests(n, input_len, output_len)

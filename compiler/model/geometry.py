@@ -50,7 +50,8 @@ def _attention_params(m: Model) -> tuple[int, int]:
             q_norm = a.q_lora_rank
         else:
             q, q_norm = m.hidden * m.heads * qk_dim, 0
-        kv = m.hidden * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * m.heads * (a.qk_nope_head_dim + a.v_head_dim)
+        kv = (m.hidden * (a.kv_lora_rank + a.qk_rope_head_dim)
+              + a.kv_lora_rank * m.heads * (a.qk_nope_head_dim + a.v_head_dim))
         out = m.heads * a.v_head_dim * m.hidden
         return q + kv + out, q_norm + a.kv_lora_rank
     q = m.hidden * m.heads * m.head_dim

@@ -61,12 +61,12 @@ def goodput_search(make_instances, workload: WorkloadLike, slo: spec.SLO, *, lo:
     8 with the defaults.
     """
     instances = list(make_instances() if callable(make_instances) else make_instances)
+    requests_at: Callable[[float], Requests]
     if isinstance(workload, spec.Workload):
         rate0 = base_rate(workload)
         base = sample_requests(workload, n, seed=seed)
 
-        def requests_at(scale: float) -> Requests:
-            return base.scaled(scale)
+        requests_at = base.scaled
     else:
         requests_at = workload
         rate0 = requests_at(1.0).rate

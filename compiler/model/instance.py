@@ -11,14 +11,15 @@ import functools
 from typing import Literal, Optional
 
 from flowc.compiler.model.cost import CostModel, Parallelism, StreamedCost
-from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.simulator import InstanceConfig, StepCost, simulate
 from flowc.compiler.model.topology import cluster_nodes
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Scheduler
 from flowc.compiler.spec import GPU, Link, Model, Spec
 
 Role = Literal["colocated", "prefill", "decode"]
+Router = Literal["round_robin", "least_work"]
 # Plans are judged behind the router flowc.simulate and the goodput searches use.
-ROUTER = "least_work"
+ROUTER: Router = "least_work"
 
 
 @functools.lru_cache(maxsize=256)
@@ -44,7 +45,7 @@ def instance_config(model: Model, gpu: GPU, link: Link, *, kv_capacity_tokens: i
     pipeline hops and KV transfers cross, if any), holding `kv_capacity_tokens` of KV. Offloaded
     weights add `offload_step_s` to every step (`cost.StreamedCost`)."""
     cost = cost_model(model, gpu, link, Parallelism(tp=tp, pp=pp, ep=ep), inter_link)
-    step = StreamedCost(cost, offload_step_s) if offload_step_s > 0 else cost
+    step: StepCost = StreamedCost(cost, offload_step_s) if offload_step_s > 0 else cost
     return InstanceConfig(cost=step, kv_capacity_tokens=kv_capacity_tokens, scheduler=scheduler, pp=pp, role=role)
 
 
@@ -53,7 +54,8 @@ def group_config(spec: Spec, dp: DeploymentPlan, g: InstanceGroup, *, link: Link
     """An instance of a plan's group: the plan's KV pool (its blocks of `block_size` tokens),
     scheduler, role and offload overhead."""
     model = spec.deployments[dp.name].model
-    return instance_config(model, spec.gpus[g.gpu], link, kv_capacity_tokens=g.memory.kv_blocks * g.scheduler.block_size,
+    return instance_config(model, spec.gpus[g.gpu], link,
+                           kv_capacity_tokens=g.memory.kv_blocks * g.scheduler.block_size,
                            tp=g.tp, pp=g.pp, ep=g.ep, scheduler=g.scheduler, role=g.role, inter_link=inter_link,
                            offload_step_s=g.memory.offload_step_s)
 
@@ -75,7 +77,7 @@ def plan_instances(spec: Spec, dp: DeploymentPlan) -> list[InstanceConfig]:
     return instances
 
 
-def simulate_plan_deployment(spec: Spec, dp: DeploymentPlan, requests, *, router: str = ROUTER):
+def simulate_plan_deployment(spec: Spec, dp: DeploymentPlan, requests, *, router: Router = ROUTER):
     """Simulate `requests` on every instance of the deployment's plan behind `router`: what the
     verifier checks the plan's predictions against, and what the report draws."""
     return simulate(requests, plan_instances(spec, dp), router=router)

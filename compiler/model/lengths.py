@@ -14,7 +14,7 @@ from flowc.compiler.spec import Lengths, Workload
 def length_bound(lengths: Lengths, column: Literal["prompt", "output"]) -> Optional[int]:
     """The largest length `lengths` can produce; None when unbounded. Trace lengths without a
     `max` are bounded by the trace's largest (`column` says which of its columns)."""
-    if lengths.kind == "trace" and lengths.max is None:
+    if lengths.kind == "trace" and lengths.max is None and lengths.trace is not None:
         return max(getattr(read_trace(Path(lengths.trace)), column))
     return lengths.upper_bound
 

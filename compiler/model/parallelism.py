@@ -80,8 +80,9 @@ def valid_ep(m: Model, tp: int) -> list[int]:
 def problems(m: Model, tp: int = 1, pp: int = 1, ep: int = 1) -> list[Problem]:
     """Everything that rules out running `m` at tp x pp with expert parallelism ep (empty: it
     can run). Degrees below 1 are problems of their own knob and nothing else is checked."""
+    degrees: tuple[tuple[Knob, int], ...] = (("tp", tp), ("pp", pp), ("ep", ep))
     low = [Problem(knob, f"{knob} {value} is not a degree of parallelism", f"use {knob} 1 or more", "below 1")
-           for knob, value in (("tp", tp), ("pp", pp), ("ep", ep)) if value < 1]
+           for knob, value in degrees if value < 1]
     if low:
         return low
     found = []
@@ -89,7 +90,7 @@ def problems(m: Model, tp: int = 1, pp: int = 1, ep: int = 1) -> list[Problem]:
         found.append(Problem("tp", f"tp {tp} cannot split {m.name}'s {m.heads} attention heads ({m.kv_heads} KV heads)",
                              "tensor parallel degrees for this model: " + ", ".join(map(str, valid_tp(m)))))
     elif not _splits_ffn(m, tp, ep):
-        columns = _dense_ffn(m) if _dense_ffn(m) % tp else m.moe.expert_ffn
+        columns = m.moe.expert_ffn if m.moe is not None and _dense_ffn(m) % tp == 0 else _dense_ffn(m)
         found.append(Problem("tp", f"tp {tp} cannot split {m.name}'s MLP of {columns} columns evenly",
                              "tensor parallel degrees for this model: " + ", ".join(map(str, valid_tp(m)))))
     if m.layers % pp:

@@ -9,6 +9,7 @@ import numpy as np
 
 from flowc.compiler import spec
 
+
 def _label(target: spec.SLOTarget) -> str:
     return target.metric if target.percentile is None else f"{target.metric} p{target.percentile:g}"
 
@@ -110,7 +111,8 @@ class SimResult:
         for metric in report.values():
             for entry in metric["targets"]:
                 if entry["met"] is None:
-                    entry["met"] = joint_share >= slo.attainment if slo.attainment is not None else entry["share"] >= 1.0
+                    entry["met"] = (joint_share >= slo.attainment if slo.attainment is not None
+                                    else entry["share"] >= 1.0)
             all_ok = np.logical_and.reduce([entry.pop("_ok") for entry in metric["targets"]])
             first = metric["targets"][0]
             metric.update(percentile=first["percentile"], limit=first["limit"], value=first["value"],

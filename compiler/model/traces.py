@@ -79,7 +79,9 @@ def _read_trace(path: Path, mtime_ns: int, size: int) -> Trace:
             expected = " or ".join(",".join(cols) for cols in LAYOUTS)
             raise TraceError(f"the header has no {expected} columns (found {','.join(header)[:80]})", 1)
         where = [header.index(col) for col in layout]
-        arrivals, prompt, output = [], [], []
+        arrivals: list[float] = []
+        prompt: list[int] = []
+        output: list[int] = []
         try:
             for row in rows:
                 line = rows.line_num
@@ -89,7 +91,8 @@ def _read_trace(path: Path, mtime_ns: int, size: int) -> Trace:
                     arrival = _timestamp(row[where[0]])
                     p, o = int(row[where[1]]), int(row[where[2]])
                 except (ValueError, IndexError):
-                    raise TraceError(f"cannot read `{','.join(row)[:60]}`: expected a time and two token counts", line) from None
+                    raise TraceError(f"cannot read `{','.join(row)[:60]}`: expected a time and two token counts",
+                                     line) from None
                 if p < 0 or o < 0:
                     raise TraceError("token counts cannot be negative", line)
                 if arrivals and arrival < arrivals[-1]:

@@ -81,7 +81,8 @@ def deployment_traffic(dp: DeploymentPlan, model: Model, rate: float, mean_promp
                                           tuple(inst.gpus[(stage + 1) * g.tp:(stage + 2) * g.tp]), bps, (j, k), (j, k)))
     if dp.mode != "disaggregated":
         return Traffic(transfers, arithmetic)
-    prefill = [(j, k, inst) for j, g in enumerate(dp.groups) if g.role == "prefill" for k, inst in enumerate(g.instances)]
+    prefill = [(j, k, inst) for j, g in enumerate(dp.groups) if g.role == "prefill"
+               for k, inst in enumerate(g.instances)]
     decode = [(j, k, inst) for j, g in enumerate(dp.groups) if g.role == "decode" for k, inst in enumerate(g.instances)]
     if not prefill or not decode:  # a malformed plan (the verifier's F0520): nothing to send
         return Traffic(transfers, arithmetic)
@@ -103,9 +104,10 @@ def network_load(transfers: list[Transfer]) -> tuple[dict[int, float], dict[int,
     for t in transfers:
         if t.node is not None:
             continue
-        for table, end in ((egress, "src"), (ingress, "dst")):
-            for node, bps in t.node_shares(end).items():
-                table[node] = table.get(node, 0.0) + bps
+        for node, bps in t.node_shares("src").items():
+            egress[node] = egress.get(node, 0.0) + bps
+        for node, bps in t.node_shares("dst").items():
+            ingress[node] = ingress.get(node, 0.0) + bps
     return egress, ingress
 
 

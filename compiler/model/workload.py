@@ -144,6 +144,7 @@ def _arrivals(a: spec.Arrival, trace: Trace | None, n: int, rng: np.random.Gener
     if n <= 0:
         return np.zeros(0)
     if a.kind == "trace":
+        assert trace is not None  # sample_requests reads the trace of a trace arrival
         times = np.asarray(trace.arrivals, dtype=np.float64)
         rows = len(times)
         copies = -(-n // rows)

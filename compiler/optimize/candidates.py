@@ -127,7 +127,8 @@ def _best_reachable(instance: InstanceConfig, requests: Requests, slo: SLO) -> s
     parts = []
     for t in slo.targets:
         p = t.percentile if t.percentile is not None else 50.0
-        parts.append(f"{t.metric} p{p:g} {result.percentile(t.metric, p) * 1e3:,.0f} ms at best, limit {t.limit * 1e3:,.0f} ms")
+        parts.append(f"{t.metric} p{p:g} {result.percentile(t.metric, p) * 1e3:,.0f} ms at best, "
+                     f"limit {t.limit * 1e3:,.0f} ms")
     return "; ".join(parts)
 
 

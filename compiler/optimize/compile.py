@@ -26,11 +26,24 @@ from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.workload import Requests, base_rate, sample_requests
 from flowc.compiler.optimize.arena import pack_step
 from flowc.compiler.optimize.candidates import (
-    CAPACITY_REQUESTS, OFFLOAD_SLACK, Measured, Progress, measure, quiet,
+    CAPACITY_REQUESTS,
+    OFFLOAD_SLACK,
+    Measured,
+    Progress,
+    measure,
+    quiet,
 )
 from flowc.compiler.optimize.placement import Demand, PlacementInfeasible, PlacementTimeout, solve_placement
 from flowc.compiler.plan import (
-    Alternative, DeploymentPlan, Instance, InstanceGroup, MemoryMap, Percentiles, Plan, Predicted, SolverStatus,
+    Alternative,
+    DeploymentPlan,
+    Instance,
+    InstanceGroup,
+    MemoryMap,
+    Percentiles,
+    Plan,
+    Predicted,
+    SolverStatus,
 )
 from flowc.compiler.spec import Deployment, Spec
 from flowc.compiler.verify import verify_plan
@@ -175,7 +188,8 @@ def _place_and_check(spec: Spec, cluster_name: str, deployments: list[Deployment
         except PlacementTimeout:
             raise FlowError([Diagnostic(
                 "F0511", f"no placement for the deployments on `{cluster_name}` was found within {time_limit_s:g} s",
-                help="raise the solver's time limit (`flowc compile --time-limit 60`) or narrow the search space")]) from None
+                help="raise the solver's time limit (`flowc compile --time-limit 60`) "
+                     "or narrow the search space")]) from None
         plans = [_deployment_plan(spec, d, placement, measured, rejected[d.name], seed) for d in deployments]
         short = [(d, p) for d, p in zip(deployments, plans)
                  if not p.predicted.meets_slo or p.predicted.goodput_rps < base_rate(spec.workloads[d.workload])]

@@ -9,7 +9,16 @@ from typing import Optional
 from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank, weight_bytes_per_rank
 from flowc.compiler.optimize.arena import pack_step
 from flowc.compiler.plan import (
-    DeploymentPlan, GpuRef, Instance, InstanceGroup, MemoryMap, Percentiles, Plan, Predicted, Scheduler, SolverStatus,
+    DeploymentPlan,
+    GpuRef,
+    Instance,
+    InstanceGroup,
+    MemoryMap,
+    Percentiles,
+    Plan,
+    Predicted,
+    Scheduler,
+    SolverStatus,
 )
 from flowc.compiler.spec import Model
 from flowc.compiler.version import FLOWC_VERSION

@@ -67,9 +67,9 @@ from typing import Optional
 
 from flowc.compiler import spec
 from flowc.compiler.model.cost import CostModel, Parallelism
-from flowc.compiler.model.operators import causal_pairs, operators
 from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank, layer_weight_bytes
 from flowc.compiler.model.memory import memory_budget
+from flowc.compiler.model.operators import causal_pairs, operators
 from flowc.compiler.plan import Scheduler
 from flowc.compiler.spec import DTYPE_BYTES
 
@@ -322,7 +322,8 @@ def plan_offload(model: spec.Model, gpu: spec.GPU, host_link: spec.Link, host_me
         if cost.model != m or cost.gpu.name != gpu.name:
             raise ValueError(f"cost model is for {cost.model.name} on {cost.gpu.name}, not {m.name} on {gpu.name}")
         if cost.parallelism.tp != tp or cost.parallelism.pp != pp:
-            raise ValueError(f"cost model is for tp {cost.parallelism.tp} pp {cost.parallelism.pp}, not tp {tp} pp {pp}")
+            raise ValueError(f"cost model is for tp {cost.parallelism.tp} pp {cost.parallelism.pp}, "
+                             f"not tp {tp} pp {pp}")
         intra, inter, ep = cost.intra_link, cost.inter_link, cost.parallelism.ep
     else:
         if intra_link is None and tp > 1:

@@ -24,7 +24,6 @@ from flowc.compiler.render.report_data import Flow, Runs
 from flowc.compiler.spec import Cluster
 from flowc.compiler.units import GiB, format_gbps, format_rps
 
-
 CELL_W, CELL_H, GAP, PAD, TITLE_H, FOOT_H = 1.0, 0.8, 0.15, 0.25, 0.55, 0.75
 
 
@@ -164,16 +163,17 @@ def cluster_figure(plan: Plan, cluster: Cluster, flows: list[Flow]) -> Figure:
         ax.text(x0 + PAD, y0 + PAD, foot, ha="left", va="bottom", fontsize=6.5, color="#333333")
 
     if net is not None:
-        ax.text(0, node_h + 0.15, f"network {net.name} ({net.kind}): {cluster.network_nics} x {format_gbps(net.bandwidth)} "
-                f"= {format_gbps(net.bandwidth * cluster.network_nics)} per node and direction", ha="left", va="bottom",
-                fontsize=7.5)
+        ax.text(0, node_h + 0.15, f"network {net.name} ({net.kind}): {cluster.network_nics} x "
+                f"{format_gbps(net.bandwidth)} = {format_gbps(net.bandwidth * cluster.network_nics)} "
+                "per node and direction", ha="left", va="bottom", fontsize=7.5)
         for row in range(rows):
             bus_y = -row * spacing_y - 0.8
             ax.plot([0, width], [bus_y, bus_y], color="#555555", linewidth=2.5, solid_capstyle="round")
         for index, (x, y) in anchors.items():
             ax.plot([x, x], [y, y - 0.8], color="#555555", linewidth=1.2)
             if index in egress or index in ingress:
-                ax.text(x + 0.1, y - 0.4, f"out {format_gbps(egress.get(index, 0.0))}\nin {format_gbps(ingress.get(index, 0.0))}",
+                ax.text(x + 0.1, y - 0.4,
+                        f"out {format_gbps(egress.get(index, 0.0))}\nin {format_gbps(ingress.get(index, 0.0))}",
                         ha="left", va="center", fontsize=6.5, color="#c0392b")
     for (a, b), bps in sorted(crossing.items()):
         (xa, ya), (xb, yb) = anchors[a], anchors[b]
@@ -206,7 +206,7 @@ def memory_figure(plan: Plan) -> Figure:
     fig = Figure(figsize=(11, 0.55 * len(rows) + 1.3))
     ax = fig.add_subplot()
     widest = 0.0
-    for y, (dp, j, g) in enumerate(rows):
+    for y, (_, _, g) in enumerate(rows):
         mm = g.memory
         left = 0.0
         for key in ON_GPU:

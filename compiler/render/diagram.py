@@ -19,10 +19,10 @@ from typing import Optional
 from rich.text import Text
 from rich.tree import Tree
 
-from flowc.compiler.plan import DeploymentPlan, GpuRef, Instance, InstanceGroup, Plan
-from flowc.compiler.spec import NodeGroup, Spec
 from flowc.compiler.model.topology import cluster_nodes
+from flowc.compiler.plan import DeploymentPlan, GpuRef, Instance, InstanceGroup, Plan
 from flowc.compiler.render.text import group_shape_text, memory_text, scheduler_text
+from flowc.compiler.spec import NodeGroup, Spec
 from flowc.compiler.units import format_gbps
 
 # Okabe-Ito, colorblind-safe; its black is left out so that no GPU is filled black.

@@ -160,9 +160,10 @@ def vllm_memory_fraction(group: InstanceGroup) -> Setting:
     m = group.memory
     used = m.weights + m.kv_cache + m.activations + m.reserve - CONTEXT_RESERVE - GRAPH_RESERVE
     hundredths = _floor_hundredths(used, m.capacity)
-    why = (f"(weights {format_gib(m.weights)} + KV {format_gib(m.kv_cache)} + activations {format_gib(m.activations)} + reserve "
-           f"{format_gib(m.reserve)} - CUDA context {format_gib(CONTEXT_RESERVE)} - CUDA graphs {format_gib(GRAPH_RESERVE)}) / "
-           f"{format_gib(m.capacity)} = {used / m.capacity:.4f}, rounded down")
+    why = (f"(weights {format_gib(m.weights)} + KV {format_gib(m.kv_cache)} + activations {format_gib(m.activations)} "
+           f"+ reserve {format_gib(m.reserve)} - CUDA context {format_gib(CONTEXT_RESERVE)} "
+           f"- CUDA graphs {format_gib(GRAPH_RESERVE)}) / {format_gib(m.capacity)} = {used / m.capacity:.4f}, "
+           "rounded down")
     return Setting(hundredths, why)
 
 
@@ -173,8 +174,8 @@ def sglang_memory_fraction(group: InstanceGroup) -> Setting:
     nccl = NCCL_RESERVE if group.gpus_per_instance > 1 else 0
     free_at_start = m.capacity - CONTEXT_RESERVE - nccl
     hundredths = _floor_hundredths(m.weights + m.kv_cache, free_at_start)
-    why = (f"(weights {format_gib(m.weights)} + KV {format_gib(m.kv_cache)}) / (capacity {format_gib(m.capacity)} - CUDA context "
-           f"{format_gib(CONTEXT_RESERVE)}" + (f" - NCCL {format_gib(nccl)}" if nccl else "")
+    why = (f"(weights {format_gib(m.weights)} + KV {format_gib(m.kv_cache)}) / (capacity {format_gib(m.capacity)} "
+           f"- CUDA context {format_gib(CONTEXT_RESERVE)}" + (f" - NCCL {format_gib(nccl)}" if nccl else "")
            + f") = {(m.weights + m.kv_cache) / free_at_start:.4f}, rounded down")
     return Setting(hundredths, why)
 

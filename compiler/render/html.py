@@ -27,13 +27,21 @@ from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION
 from flowc.compiler.model.topology import cluster_nodes
 from flowc.compiler.plan import DeploymentPlan, Plan
 from flowc.compiler.render.charts import (
-    MEMORY_COLORS, cdf_figure, cluster_figure, goodput_figure, group_label, memory_figure, memory_rows,
-    pareto_figure, svg, sweep_values, target_label,
+    MEMORY_COLORS,
+    cdf_figure,
+    cluster_figure,
+    goodput_figure,
+    group_label,
+    memory_figure,
+    memory_rows,
+    pareto_figure,
+    svg,
+    sweep_values,
+    target_label,
 )
 from flowc.compiler.render.report_data import Flow, Progress, Runs, flows, simulate_all
 from flowc.compiler.spec import Cluster, Spec
 from flowc.compiler.units import format_gbps, format_gib, format_ms, format_rps
-
 
 __all__ = ["render_report", "MEMORY_COLORS"]
 
@@ -120,8 +128,8 @@ def _links_table(cluster: Cluster, flows: list[Flow]) -> str:
         capacity = net.bandwidth * cluster.network_nics if net is not None else 0.0
         share = f"{f.bps / capacity:.1%} of a node's network" if capacity else "<b class='bad'>no network</b>"
         rows.append((f"n{f.src} -> n{f.dst}", f"{_e(net.name)} ({_e(net.kind)})" if net else "none",
-                     f"{cluster.network_nics} x {format_gbps(net.bandwidth)}" if net else "-", _e(f.deployment), _e(f.kind),
-                     format_gbps(f.bps), share))
+                     f"{cluster.network_nics} x {format_gbps(net.bandwidth)}" if net else "-", _e(f.deployment),
+                     _e(f.kind), format_gbps(f.bps), share))
     if not rows:
         return "<p>The plan sends no traffic between instances on this cluster (no disaggregation, no pipeline).</p>"
     return _table(("where", "link", "bandwidth", "deployment", "traffic", "bytes/s", "load"), rows, "links")
@@ -179,8 +187,8 @@ def _deployment_section(dp: DeploymentPlan, spec: Spec, runs: Runs, seed: int) -
     out.append("<h3>Goodput against arrival rate</h3>")
     out.append(_figure(goodput_figure(dp, runs, sweep), f"goodput-{dp.name}",
                        f"The same {len(runs.base)} requests arriving faster or slower; the plan's goodput "
-                       f"({format_rps(p.goodput_rps)}, {format_rps(p.goodput_rps_per_gpu)} per GPU) is the highest rate its "
-                       "compile-time search found to meet the SLO."))
+                       f"({format_rps(p.goodput_rps)}, {format_rps(p.goodput_rps_per_gpu)} per GPU) is the highest "
+                       "rate its compile-time search found to meet the SLO."))
     limits = [_e(target_label(t.metric, t.percentile, t.limit)) for t in runs.slo.targets]
     header = ("arrival rate", "attainment", *limits, "SLO")
     out.append(_table(header, [(format_rps(r["rate"]), f"{r['attainment']:.1%}", *(format_ms(v) for v in r["values"]),

@@ -17,7 +17,6 @@ from flowc.compiler.spec import SLO, Spec
 from flowc.compiler.units import format_rps
 from flowc.compiler.verify import PREDICTION_SEED
 
-
 RATE_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # of the workload's rate
 
 

@@ -62,7 +62,13 @@ from flowc.compiler.plan import SUPPORTED_MAJOR, Plan, parse_format_version
 from flowc.compiler.spec import Spec
 from flowc.compiler.verify.bandwidth import check_bandwidth
 from flowc.compiler.verify.context import (
-    ABS_TOLERANCE_MS, ATTAINMENT_TOLERANCE, BORDERLINE, PREDICTION_SEED, TOLERANCE, DeploymentCheck, Verifier,
+    ABS_TOLERANCE_MS,
+    ATTAINMENT_TOLERANCE,
+    BORDERLINE,
+    PREDICTION_SEED,
+    TOLERANCE,
+    DeploymentCheck,
+    Verifier,
 )
 from flowc.compiler.verify.memory import check_host_memory, check_memory
 from flowc.compiler.verify.predictions import check_predictions

@@ -38,8 +38,8 @@ def check_bandwidth(v: Verifier, deps: list[DeploymentCheck]) -> None:
                     if dp.name not in senders.setdefault(key, []):
                         senders[key].append(dp.name)
         nodes = cluster_nodes(cluster)
-        for verb, table in local.items():
-            for (j, k), bps in table.items():
+        for verb, by_instance in local.items():
+            for (j, k), bps in by_instance.items():
                 inst = dp.groups[j].instances[k]
                 link = nodes[inst.gpus[0].node].link
                 capacity = len(inst.gpus) * link.bandwidth

@@ -41,7 +41,7 @@ def check_memory(v: Verifier, dep: DeploymentCheck, host: dict[tuple[str, int], 
             kept = f"{format_gib(mm.weights)} of weights per GPU" + (
                 f" (+ {format_gib(off_weights)} offloaded)" if off_weights else "")
             fail(f"{kept}; the memory model gives {format_gib(b.weights)} for {m.name} at {m.weights}, {shape}",
-                 "compile the plan again: a rank's weights come from the memory model (compiler/model/memory.py)",
+                 "compile the plan again: a rank's weights come from the model's geometry (compiler/model/geometry.py)",
                  at=f"{gat}.weights",
                  notes=(f"plan: {mm.weights + off_weights:,} B, memory model: {b.weights:,} B",))
         block_bytes = b.kv_bytes_per_token * s.block_size
@@ -56,8 +56,9 @@ def check_memory(v: Verifier, dep: DeploymentCheck, host: dict[tuple[str, int], 
                  f"{s.block_size})", "compile the plan again: the KV cache is sized by the memory model "
                  "(memory_budget in compiler/model/memory.py)",
                  at=f"{gat}.kv_blocks",
-                 notes=(f"per GPU: {format_gib(b.usable)} usable - weights {format_gib(mm.weights)} - activations "
-                        f"{format_gib(b.activations)} - reserve {format_gib(b.reserve)}, / {block_bytes:,} B per block",))
+                 notes=(f"per GPU: {format_gib(b.usable)} usable - weights {format_gib(mm.weights)} "
+                        f"- activations {format_gib(b.activations)} - reserve {format_gib(b.reserve)}, "
+                        f"/ {block_bytes:,} B per block",))
         elif mm.kv_cache < mm.kv_blocks * block_bytes:
             fail(f"kv_cache {format_gib(mm.kv_cache)} cannot hold {mm.kv_blocks:,} blocks of {block_bytes:,} B per GPU "
                  f"({format_gib(mm.kv_blocks * block_bytes)})", "give kv_cache the bytes of its blocks",
@@ -88,7 +89,7 @@ def check_memory(v: Verifier, dep: DeploymentCheck, host: dict[tuple[str, int], 
             fail(f"an instance holds {mm.kv_blocks * s.block_size:,} tokens of KV, workload `{d.workload}` "
                  f"sends requests of up to {longest:,}", "use a larger tp or pp, `kv fp8`, or cap the lengths",
                  at=f"{gat}.kv_blocks")
-        offloaded = sum(v for v in mm.offloaded.values())
+        offloaded = sum(mm.offloaded.values())
         if offloaded > 0:
             if not d.allow_offload:
                 fail(f"{format_gib(offloaded)} per GPU offloaded to host memory, but the deployment does not "
@@ -99,7 +100,8 @@ def check_memory(v: Verifier, dep: DeploymentCheck, host: dict[tuple[str, int], 
                     host.setdefault((dep.cluster.name, ref.node), []).append((dp.name, offloaded))
 
 
-def check_host_memory(v: Verifier, deps: list[DeploymentCheck], host: dict[tuple[str, int], list[tuple[str, int]]]) -> None:
+def check_host_memory(v: Verifier, deps: list[DeploymentCheck],
+                      host: dict[tuple[str, int], list[tuple[str, int]]]) -> None:
     for (cluster_name, node), uses in sorted(host.items()):
         cluster = v.spec.clusters[cluster_name]
         nodes = cluster_nodes(cluster)

@@ -8,7 +8,13 @@ import math
 from flowc.compiler.model.goodput import steady_throughput
 from flowc.compiler.model.instance import simulate_plan_deployment
 from flowc.compiler.verify.context import (
-    ABS_TOLERANCE_MS, ATTAINMENT_TOLERANCE, BORDERLINE, BORDERLINE_SHARE, TOLERANCE, DeploymentCheck, Verifier,
+    ABS_TOLERANCE_MS,
+    ATTAINMENT_TOLERANCE,
+    BORDERLINE,
+    BORDERLINE_SHARE,
+    TOLERANCE,
+    DeploymentCheck,
+    Verifier,
 )
 
 

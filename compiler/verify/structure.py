@@ -167,8 +167,8 @@ def check_structure(v: Verifier, dep: DeploymentCheck) -> None:
                 on = sorted({ref.node for ref in tpg})
                 stage_nodes.append(on[0])
                 if len(on) > 1:
-                    v.error("F0523", f"{where}, instance {k}: the TP group of stage {stage} ({', '.join(map(str, tpg))}) "
-                            f"spans nodes " + ", ".join(f"n{n}" for n in on),
+                    v.error("F0523", f"{where}, instance {k}: the TP group of stage {stage} "
+                            f"({', '.join(map(str, tpg))}) spans nodes " + ", ".join(f"n{n}" for n in on),
                             "keep each TP group inside one node; split across nodes with pp", at=iat,
                             dep=dep, structural=True)
                     ok = False
@@ -176,11 +176,11 @@ def check_structure(v: Verifier, dep: DeploymentCheck) -> None:
                 domain = nodes[on[0]].link_domain
                 domains = sorted({ref.index // domain for ref in tpg})
                 if len(domains) > 1:
-                    v.error("F0523", f"{where}, instance {k}: the TP group of stage {stage} ({', '.join(map(str, tpg))}) "
-                            f"spans link domains {', '.join(map(str, domains))} of node n{on[0]} "
-                            f"(link_domain {domain})", f"keep each TP group inside one domain of {domain} "
-                            "GPUs (indices that agree on index // link_domain)", at=iat, dep=dep,
-                            structural=True)
+                    v.error("F0523", f"{where}, instance {k}: the TP group of stage {stage} "
+                            f"({', '.join(map(str, tpg))}) spans link domains {', '.join(map(str, domains))} "
+                            f"of node n{on[0]} (link_domain {domain})",
+                            f"keep each TP group inside one domain of {domain} "
+                            "GPUs (indices that agree on index // link_domain)", at=iat, dep=dep, structural=True)
                     ok = False
             if cluster.network is None and len(set(stage_nodes)) > 1:
                 v.error("F0523", f"{where}, instance {k}: pipeline stages on nodes "

@@ -14,7 +14,14 @@ from flowc.compiler.diagnostics import Diagnostic, FlowError, Label, did_you_mea
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check import constraints, deployments, hardware, models, slos, workloads
 from flowc.compiler.frontend.check.vocabulary import (
-    KIND_NAMES, KINDS, METRIC_ALIASES, REPEATABLE, SCHEMAS, describe, expr_text, with_article,
+    KIND_NAMES,
+    KINDS,
+    METRIC_ALIASES,
+    REPEATABLE,
+    SCHEMAS,
+    describe,
+    expr_text,
+    with_article,
 )
 from flowc.compiler.frontend.imports import Program
 from flowc.compiler.model.traces import Trace

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 from flowc.compiler import units
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import (
-    DTYPES, GPU_LINK_KINDS, LINK_KINDS, NETWORK_KINDS, OVERHEAD_KINDS, SCHEMAS, with_article,
+    DTYPES,
+    GPU_LINK_KINDS,
+    LINK_KINDS,
+    NETWORK_KINDS,
+    OVERHEAD_KINDS,
+    SCHEMAS,
+    with_article,
 )
 from flowc.compiler.model.parallelism import divisors
 from flowc.compiler.spec import GPU, Cluster, Link, NodeGroup
@@ -33,7 +39,7 @@ def build_link(c: Checker, decl: ast.Decl) -> Link | None:
 
 def build_gpu(c: Checker, decl: ast.Decl) -> GPU | None:
     b = c.block(decl.body, "gpu", decl.name)
-    r = lambda key, read, required=True: c.one_value(b, key, "gpu", read, required, "gpu")  # noqa: E731
+    r = lambda key, read, required=True: c.one_value(b, key, "gpu", read, required, "gpu")  # noqa: E731  (local shorthand)
     vendor = r("vendor", lambda e: c.word(e, ("nvidia", "amd", "cpu"), "vendor"))
     memory = r("memory", lambda e: c.count(e, "memory", 1, units.BYTES))
     bandwidth = r("memory_bandwidth", lambda e: c.positive(e, units.BANDWIDTH, "memory bandwidth"))

@@ -16,10 +16,11 @@ if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is 
 
 def build_model(c: Checker, decl: ast.Decl) -> Model | None:
     b = c.block(decl.body, "model", decl.name)
-    r = lambda key, read, required=False: c.one_value(b, key, "model", read, required, "model")  # noqa: E731
+    r = lambda key, read, required=False: c.one_value(b, key, "model", read, required, "model")  # noqa: E731  (local shorthand)
     fields = {
         "architecture": r("architecture", lambda e: c.word(e, ARCHITECTURES, "architecture"), True),
-        **{key: r(key, lambda e, key=key: c.count(e, key), True) for key in ("layers", "hidden", "heads", "ffn", "vocab")},
+        **{key: r(key, lambda e, key=key: c.count(e, key), True)
+           for key in ("layers", "hidden", "heads", "ffn", "vocab")},
         "max_context": r("max_context", lambda e: c.count(e, "max_context", 1, units.TOKENS), True),
     }
     optional = {
@@ -87,7 +88,7 @@ def _moe(c: Checker, stmt: ast.Statement | None, ffn: int | None):
     b = _nested(c, stmt, "moe")
     if b is None:
         return False
-    r = lambda key, required=False, minimum=1: c.one_value(  # noqa: E731
+    r = lambda key, required=False, minimum=1: c.one_value(  # noqa: E731  (local shorthand)
         b, key, "moe", lambda e: c.count(e, key, minimum), required, "moe")
     experts, top_k = r("experts", True), r("top_k", True)
     expert_ffn, shared, dense = r("expert_ffn"), r("shared_experts", minimum=0), r("dense_layers", minimum=0)

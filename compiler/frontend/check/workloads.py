@@ -110,7 +110,8 @@ def _lengths(c: Checker, b: Block, key: str) -> Lengths | None:
     fields: dict = {}
     if isinstance(head, ast.Name) and head.text == "trace":
         if not rest:
-            c.error("F0305", f"`{key} trace` needs a file", stmt.span, "incomplete", f'write `{key} trace "traces/conv.csv"`')
+            c.error("F0305", f"`{key} trace` needs a file", stmt.span, "incomplete",
+                    f'write `{key} trace "traces/conv.csv"`')
             return None
         path = _trace_file(c, rest.pop(0))
         if path is None:

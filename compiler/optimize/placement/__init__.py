@@ -144,9 +144,18 @@ read from the module that defines them: set them there.
 
 from flowc.compiler.optimize.placement.problem import COST_SCALE, RPS_SCALE
 from flowc.compiler.optimize.placement.solve import solve_placement
-from flowc.compiler.optimize.placement.types import (Candidate, Demand, DeploymentPlacement, Objective,
-                                                     PlacedInstance, Placement, PlacementError,
-                                                     PlacementInfeasible, PlacementTimeout, Role)
+from flowc.compiler.optimize.placement.types import (
+                                                     Candidate,
+                                                     Demand,
+                                                     DeploymentPlacement,
+                                                     Objective,
+                                                     PlacedInstance,
+                                                     Placement,
+                                                     PlacementError,
+                                                     PlacementInfeasible,
+                                                     PlacementTimeout,
+                                                     Role,
+)
 
 __all__ = ["COST_SCALE", "RPS_SCALE", "Candidate", "Demand", "DeploymentPlacement", "Objective", "PlacedInstance",
            "Placement", "PlacementError", "PlacementInfeasible", "PlacementTimeout", "Role", "solve_placement"]

@@ -132,7 +132,7 @@ class PerNodeLayer:
                 if single is not None:
                     h = mdl.bool_var(f"host[{v.index},{d}]")
                     hosts.append(h)
-                    for c, s in here:
+                    for _, s in here:
                         m.add(s == 0).only_enforce_if(~h)
                 nic = math.floor(v.nic / unit + 1e-9)
                 for direction, role, cap in (("out", "prefill", p.kv_out[d]), ("in", "decode", p.kv_in[d])):

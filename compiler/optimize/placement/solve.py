@@ -11,8 +11,7 @@ from flowc.compiler.optimize.placement.materialize import Materializer, check
 from flowc.compiler.optimize.placement.model import Model, ModelInfeasible
 from flowc.compiler.optimize.placement.objectives import Lex
 from flowc.compiler.optimize.placement.problem import Problem
-from flowc.compiler.optimize.placement.types import (Candidate, Demand, DeploymentPlacement, PlacedInstance,
-                                                     Placement)
+from flowc.compiler.optimize.placement.types import Candidate, Demand, DeploymentPlacement, PlacedInstance, Placement
 
 
 def solve_placement(cluster: spec.Cluster, gpus: dict[str, spec.GPU], demands: list[Demand],
