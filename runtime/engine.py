@@ -21,18 +21,20 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence as Seq
+from typing import Iterable, Iterator, Optional
+from typing import Sequence as Seq
 
 import torch
 
 from flowc.compiler.model.parallelism import problems
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
 from flowc.compiler.plan_io import load_plan_file
+
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .runner import RunnerSpec, make_runner
 from .sampler import Sampler
-from .scheduler import Scheduler, ScheduledSeq
+from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestError, SamplingParams, Sequence
 from .weights import load_config
 

@@ -8,18 +8,29 @@ prefill/decode batches and recompute after preemption are all this rule.
 
 Order, FCFS by arrival: running sequences first, then waiting ones admitted (through the
 block manager, reusing cached prefix blocks) while the budget, `max_seqs` and the free blocks
-allow; admission stops at the first that does not fit (no skipping). Invariant: running
-sequences all arrived before waiting ones, so both stay in arrival order by appending.
+allow; admission stops at the first that does not fit (no skipping), and not at a partial
+chunk, so several sequences may be partially prefilled at once. Invariant: running sequences
+all arrived before waiting ones, so both stay in arrival order by appending. Every running
+sequence gets its whole share of a step (one decode token, or its next chunk) except perhaps
+the latest arrival: each was admitted into budget that the earlier ones left over, and one
+that got its whole share never asks for more later. So the planner's simulator
+(compiler/model/simulator.py), which serves the decodes first, builds the same steps when
+prefix caching is off (tests/test_scheduler_differential.py).
 
 Preemption (recompute): when a running sequence cannot get its blocks, the most recently
 arrived running sequence is preempted (blocks freed, num_computed_tokens = 0, outputs kept as
-known tokens, back to the front of the waiting queue) until the blocks fit or the sequence
-preempted itself. A step with a preemption admits nothing new, so the preempted do not
-bounce straight back.
+known tokens, back to the front of the waiting queue), then the next, until the blocks fit or
+the sequence is itself the latest arrival left. Then a decoding sequence (`seq.decoding`: it
+sampled since it was last admitted) is preempted too, but a prefill chunk waits: the sequence
+keeps its blocks and its progress, gets no tokens in this step, and nothing is admitted behind
+it (preempting it would only redo its prefill later; the older sequences holding the blocks
+it needs either finish or, needing blocks themselves, preempt it). A step with a preemption
+admits nothing new, so the preempted do not bounce straight back.
 
 Without chunked prefill, a waiting sequence is admitted only if all its remaining tokens fit
 the remaining budget (chunk_size is ignored). The one exception is a preempted sequence whose
-prompt + outputs now exceed max_batched_tokens: it is recomputed in budget-sized pieces.
+prompt + outputs now exceed max_batched_tokens: it is recomputed in pieces, each what is left
+of a step's budget, like a chunked prefill.
 
 Requests that can never run are finished by `schedule` itself with finish_reason "abort" and
 a message for the user in `seq.error`, and handed to the engine by `take_aborted()` (call it
@@ -103,7 +114,7 @@ class Scheduler:
         bm = self.block_manager
         scheduled: list[ScheduledSeq] = []
         budget = self.max_batched_tokens
-        preempted = False
+        preempted = stalled = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -116,18 +127,21 @@ class Scheduler:
                 num = min(num, self.chunk_size)
             # Victims come from the tail, which is not scheduled yet (or is seq itself).
             while not bm.can_grow(seq, num):
+                if self.running[-1] is seq and not seq.decoding:
+                    stalled = True  # a prefill chunk waits rather than preempt itself
+                    break
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
-            if seq.status is SequenceStatus.WAITING:
+            if stalled or seq.status is SequenceStatus.WAITING:
                 break
             bm.grow(seq, num)
             scheduled.append(self._scheduled(seq, num))
             budget -= num
             i += 1
-        if preempted:
+        if preempted or stalled:
             return scheduled
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
@@ -161,6 +175,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
+        seq.decoding = False
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -203,6 +218,7 @@ class Scheduler:
                 continue
             seq.output_token_ids.append(token)
             seq.token_times.append(now)
+            seq.decoding = True
             if seq.first_token_time is None:
                 seq.first_token_time = now
             params = seq.params

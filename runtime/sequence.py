@@ -96,6 +96,8 @@ class Sequence:
     the sampler then draws from torch's global generator). `error` holds the message when the
     scheduler aborts the request itself (finish_reason "abort"). `block_hashes` is the block
     manager's record of the prefix-cache hashes of this sequence's registered blocks.
+    `decoding` (the scheduler's) says the sequence sampled since it was last admitted: each
+    step now computes its one newest token. A prefill chunk with one token left is not a decode.
     """
 
     request_id: str
@@ -109,6 +111,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
+    decoding: bool = False
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     first_token_time: Optional[float] = None

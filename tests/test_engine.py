@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runtime_models import hf_greedy, sample_prompts, save_tiny_model, tiny_spec
 
 from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank
+from flowc.compiler.optimize.instance_plan import instance_plan
 from flowc.runtime.engine import Engine, EngineError, Request
 from flowc.runtime.sequence import SamplingParams
 from flowc.runtime.workspace import Workspace
-from runtime_models import hf_greedy, save_tiny_model, sample_prompts, tiny_spec
-from flowc.compiler.optimize.instance_plan import instance_plan
 
 pytest.importorskip("transformers")
 
@@ -111,7 +111,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(saved):
     prompt = sample_prompts(spec.vocab)[2]
     with Engine.from_plan(plan, saved("llama")) as engine:
         alone = engine.generate([Request(prompt, params)])[0].output_token_ids
-        others = [Request(p, SamplingParams(max_tokens=12, temperature=1.0)) for p in sample_prompts(spec.vocab, seed=5)]
+        others = [Request(p, SamplingParams(max_tokens=12, temperature=1.0))
+                  for p in sample_prompts(spec.vocab, seed=5)]
         batched = engine.generate(others[:3] + [Request(prompt, params)] + others[3:])[3].output_token_ids
         greedy = engine.generate([Request(prompt, SamplingParams(max_tokens=12))])[0].output_token_ids
     assert alone == batched

@@ -1,6 +1,6 @@
 """The scheduler: the token budget, max_seqs and chunk_size, chunked prefill sampling only on
 the last chunk, mixed prefill/decode steps, chunked_prefill=False, preemption order and resume,
-stop conditions, aborts and requests that can never fit."""
+a prefill chunk waiting for blocks, stop conditions, aborts and requests that can never fit."""
 
 from __future__ import annotations
 
@@ -160,17 +160,35 @@ def test_a_sequence_that_cannot_grow_may_preempt_itself():
     assert b.finish_reason == "length" and b.num_computed_tokens == 9
 
 
-def test_a_step_with_a_preemption_admits_nothing():
+def test_a_prefill_chunk_that_cannot_grow_waits_keeping_its_blocks():
     sched = scheduler(num_blocks=6, block_size=4, chunk_size=4, prefix_caching=False)
-    for n, length in (("a", 4), ("b", 4), ("c", 12)):
-        sched.add(make(n, length, first_token=ord(n)))
+    a, b, c = (make(n, length, first_token=ord(n)) for n, length in (("a", 4), ("b", 4), ("c", 12)))
+    for seq in (a, b, c):
+        sched.add(seq)
     assert step(sched)[0] == [("a", 0, 4, True), ("b", 0, 4, True), ("c", 0, 4, False)]
     assert step(sched)[0] == [("a", 4, 1, True), ("b", 4, 1, True), ("c", 4, 4, False)]  # pool full
-    # c cannot grow and preempts itself, freeing 2 blocks; its first chunk would fit one of them,
-    # but it must not bounce straight back in the step that preempted it.
-    assert step(sched)[0] == [("a", 5, 1, True), ("b", 5, 1, True)]
-    assert sched.block_manager.num_free == 2
-    assert step(sched)[0] == [("a", 6, 1, True), ("b", 6, 1, True), ("c", 0, 4, False)]
+    # c's next chunk needs a block and c is the latest arrival: rather than preempt itself (and
+    # redo its 8 tokens later) it waits, keeping its blocks, while a and b decode
+    for p in (5, 6, 7):
+        assert step(sched)[0] == [("a", p, 1, True), ("b", p, 1, True)]
+        assert c.num_computed_tokens == 8 and len(c.block_ids) == 2 and c.num_preemptions == 0
+    assert sched.block_manager.num_free == 0
+    # a decode that needs a block still preempts the latest arrival
+    assert step(sched)[0] == [("a", 8, 1, True), ("b", 8, 1, True)]
+    assert c.num_preemptions == 1 and c.block_ids == [] and list(sched.waiting) == [c]
+
+
+def test_a_step_with_a_preemption_admits_nothing():
+    sched = scheduler(num_blocks=5, block_size=4, prefix_caching=False)
+    for n, length in (("a", 4), ("b", 4), ("c", 8)):
+        sched.add(make(n, length, first_token=ord(n)))
+    assert step(sched)[0] == [("a", 0, 4, True), ("b", 0, 4, True), ("c", 0, 8, True)]  # 1 block free
+    sched.add(d := make("d", 1, first_token=90))
+    # a takes the free block, b preempts c and takes one of its 2: d's 1 block is free, but d
+    # must not be admitted in the step that preempted c (nor jump ahead of it afterwards)
+    assert step(sched)[0] == [("a", 4, 1, True), ("b", 4, 1, True)]
+    assert sched.block_manager.num_free == 1 and list(sched.waiting) == [sched._by_id["c"], d]
+    assert step(sched)[0] == [("a", 5, 1, True), ("b", 5, 1, True)]  # c (9 tokens) does not fit
 
 
 def test_preempted_sequence_reuses_what_is_left_of_its_cached_prefix():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flowc.compiler import spec
-from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.goodput import goodput, goodput_search
+from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.workload import Requests, fixed_requests, sample_requests
 from flowc.compiler.plan import Scheduler
 
@@ -54,7 +54,7 @@ def fixed(value: int) -> spec.Lengths:
 
 
 def slo(*targets, attainment=None) -> spec.SLO:
-    return spec.SLO(name="s", targets=[spec.SLOTarget(metric=m, percentile=p, limit=l) for m, p, l in targets],
+    return spec.SLO(name="s", targets=[spec.SLOTarget(metric=m, percentile=p, limit=lim) for m, p, lim in targets],
                     attainment=attainment)
 
 
@@ -211,17 +211,20 @@ def test_a_request_that_can_never_fit_is_rejected_not_looped_on():
 
 def naive_simulate(requests: Requests, cfg: InstanceConfig):
     """The same scheduling rules, one Python object per sequence, every sequence visited every
-    iteration: slow and obviously right. Returns (ttft, e2e, preemptions, iterations)."""
+    iteration in the runtime scheduler's order (running sequences in arrival order, then
+    admissions) rather than the simulator's (decodes first, aggregated): slow and obviously
+    right. Returns (ttft, e2e, preemptions, iterations)."""
     s = cfg.scheduler
     B, cap = s.block_size, cfg.kv_capacity_tokens // s.block_size
+    chunk_cap = min(s.chunk_size, s.max_batched_tokens) if s.chunked_prefill else s.max_batched_tokens
     cost = cfg.cost
     n = len(requests)
-    P, O, A = requests.prompt.tolist(), requests.output.tolist(), requests.arrival.tolist()
-    gen, kv, target, blocks = [0] * n, [0] * n, list(P), [0] * n
+    P, Out, A = requests.prompt.tolist(), requests.output.tolist(), requests.arrival.tolist()
+    gen, kv, target, blocks, decoding = [0] * n, [0] * n, list(P), [0] * n, [False] * n
     first, end = [None] * n, [None] * n
-    rejected = [(P[i] + O[i] - 1 + B - 1) // B > cap or (not s.chunked_prefill and P[i] > s.max_batched_tokens)
+    rejected = [(P[i] + Out[i] - 1 + B - 1) // B > cap or (not s.chunked_prefill and P[i] > s.max_batched_tokens)
                 for i in range(n)]
-    waiting, running = [], []  # running: admission order; each is prefilling (kv < target) or decoding
+    waiting, running = [], []  # running: arrival (= admission) order
     free, now, nxt, preemptions, iterations = cap, 0.0, 0, 0, 0
     while nxt < n or waiting or running:
         while nxt < n and A[nxt] <= now:
@@ -231,70 +234,66 @@ def naive_simulate(requests: Requests, cfg: InstanceConfig):
         if not waiting and not running:
             now = A[nxt]
             continue
-        decoders = [r for r in running if kv[r] >= target[r]]
-        need = sum(1 for r in decoders if kv[r] % B == 0)
-        preempted = False
-        while need > free:
-            victim = running.pop()
-            preempted = True
-            preemptions += 1
-            free += blocks[victim]
-            if victim in decoders:
-                if kv[victim] % B == 0:
-                    need -= 1
-                decoders.remove(victim)
-                target[victim] = P[victim] + gen[victim]
-            waiting.insert(0, victim)
-            kv[victim], blocks[victim] = 0, 0
-        for r in decoders:
-            if kv[r] % B == 0:
-                blocks[r] += 1
-        free -= need
-        chunks = []
-        left = s.max_batched_tokens - len(decoders)
-        queue = [r for r in running if kv[r] < target[r]] + waiting
-        first_prefill = True
-        for r in (queue if not preempted else []):
-            if left <= 0:
-                break
-            if r not in running and len(running) >= s.max_seqs:
-                break
-            rest = target[r] - kv[r]
-            if s.chunked_prefill:
-                chunk = min(rest, left)
-            elif rest <= left or (first_prefill and rest > s.max_batched_tokens):
-                chunk = rest
-            else:
-                break
-            new_blocks = (kv[r] + chunk + B - 1) // B - blocks[r]
-            if new_blocks > free:
+        budget, batch, preempted, stalled = s.max_batched_tokens, [], False, False
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            num = 1 if decoding[r] else min(target[r] - kv[r], budget, chunk_cap)
+            new_blocks = (kv[r] + num + B - 1) // B - blocks[r]
+            while new_blocks > free:  # preempt the latest arrival; r itself only if decoding
+                if running[-1] == r and not decoding[r]:
+                    stalled = True  # a prefill chunk waits, keeping its blocks
+                    break
+                victim = running.pop()
+                preempted = True
+                preemptions += 1
+                free += blocks[victim]
+                kv[victim], blocks[victim] = 0, 0
+                if decoding[victim]:
+                    decoding[victim] = False
+                    target[victim] = P[victim] + gen[victim]
+                waiting.insert(0, victim)
+                if victim == r:
+                    break
+            if stalled or r not in running:
                 break
             free -= new_blocks
             blocks[r] += new_blocks
-            if r not in running:
-                waiting.remove(r)
-                running.append(r)
-            chunks.append((r, chunk))
-            left -= chunk
-            first_prefill = False
-            if chunk < rest:
+            batch.append((r, num))
+            budget -= num
+            i += 1
+        while not (preempted or stalled) and waiting and budget > 0 and len(running) < s.max_seqs:
+            r = waiting[0]
+            rest = target[r]
+            if s.chunked_prefill:
+                num = min(rest, budget, chunk_cap)
+            elif rest <= budget or rest > s.max_batched_tokens:
+                num = min(rest, budget)
+            else:
                 break
-        tokens = len(decoders) + sum(c for _, c in chunks)
+            new_blocks = (num + B - 1) // B
+            if new_blocks > free:
+                break
+            free -= new_blocks
+            blocks[r] = new_blocks
+            running.append(waiting.pop(0))
+            batch.append((r, num))
+            budget -= num
+        decoders = [r for r, _ in batch if decoding[r]]
+        chunks = [(r, c) for r, c in batch if not decoding[r]]
+        tokens = sum(c for _, c in batch)
         pairs = sum(c * kv[r] + c * (c + 1) // 2 for r, c in chunks)
-        dt = cost.step_time(tokens, pairs, len(decoders), sum(kv[r] + 1 for r in decoders))
-        now += dt
+        now += cost.step_time(tokens, pairs, len(decoders), sum(kv[r] + 1 for r in decoders))
         iterations += 1
-        for r in decoders:
-            kv[r] += 1
-            gen[r] += 1
-        for r, c in chunks:
+        for r, c in batch:
             kv[r] += c
-            if kv[r] == target[r]:
+            if decoding[r] or kv[r] == target[r]:
+                decoding[r] = True
                 gen[r] += 1
                 if first[r] is None:
                     first[r] = now
         for r in list(running):
-            if kv[r] >= target[r] and gen[r] == O[r]:
+            if decoding[r] and gen[r] == Out[r]:
                 running.remove(r)
                 free += blocks[r]
                 blocks[r] = 0
@@ -478,7 +477,8 @@ def test_attainment_and_meets_follow_percentile_semantics():
     assert report["joint"] == {"share": 0.9, "met": True}
     # two targets on one metric: each reported, the metric's share meets both
     report = result.attainment(slo(("ttft", 50, 5.0), ("ttft", 90, 8.0), ("e2e", 99, 100.0)))
-    assert [(t["value"], t["share"], t["met"]) for t in report["ttft"]["targets"]] == [(5.0, 0.5, True), (9.0, 0.8, False)]
+    assert [(t["value"], t["share"], t["met"]) for t in report["ttft"]["targets"]] == [(5.0, 0.5, True),
+                                                                                      (9.0, 0.8, False)]
     assert report["ttft"]["share"] == 0.5 and not report["ttft"]["met"] and report["e2e"]["met"]
     assert result.mean("ttft") == 5.5
     assert result.meets(slo(("ttft", 90, 9.0)))
@@ -534,8 +534,8 @@ def test_chunk_size_caps_one_requests_prefill_per_iteration():
     # budget 8 but chunks of at most 3: a 10-token prompt takes ceil(10 / 3) = 4 iterations
     result = simulate(fixed_requests(1, 10, 2), [instance(max_batched_tokens=8, chunk_size=3)])
     assert result.ttft[0] == 4 and result.e2e[0] == 5
-    # two 6-token prompts: a partial prefill ends the iteration's prefills (FCFS), so r0 takes
-    # 3 + 3 (first token after iteration 2), r1 starts with the 5 left of iteration 2's budget,
-    # capped at 3, and finishes in iteration 3
-    both = simulate(fixed_requests(2, 6, 1), [instance(max_batched_tokens=8, chunk_size=3)])
-    np.testing.assert_array_equal(both.ttft, [2, 3])
+    # several sequences prefill at once, each at most 3 tokens per iteration: three 6-token
+    # prompts take 3 + 3 + 2 of iteration 1's budget, 3 + 3 + 2 of iteration 2's (r0 and r1 get
+    # their first tokens), and r2 its last 2 tokens in iteration 3
+    three = simulate(fixed_requests(3, 6, 1), [instance(max_batched_tokens=8, chunk_size=3)])
+    np.testing.assert_array_equal(three.ttft, [2, 2, 3])

@@ -7,17 +7,34 @@ else about the hardware.
 
 The scheduler (one rule, like vLLM v1)
 --------------------------------------
-Each iteration of an engine:
-1. every decoding sequence gets its next token; when one needs a new KV block and none is
-   free, the most recently admitted sequence is preempted by recompute (its blocks are freed,
-   it goes back to the head of the waiting queue and later prefills prompt + the tokens it
-   generated so far). In an iteration with a preemption nothing new is admitted.
-2. the rest of the token budget (`max_batched_tokens` minus the decodes) goes to prefill
-   chunks in FCFS order: first the partially prefilled sequence, then the waiting queue.
-   A chunk is admitted only if the KV blocks for its tokens are free and, for a new sequence,
-   fewer than `max_seqs` are running; otherwise prefill stops for this iteration (FCFS, no
-   skipping). Without chunked prefill a prompt must fit the remaining budget whole (a recompute
-   longer than the whole budget may run alone as the first prefill of an iteration).
+For one colocated engine (pp 1) the same decisions, step for step, as the runtime's scheduler
+(runtime/scheduler.py) with prefix caching off; tests/test_scheduler_differential.py checks
+it. Each iteration of an engine:
+1. every running (admitted) sequence gets its tokens: a decoding one (it produced a token
+   since it was last admitted) its next token, a partially prefilled one its next chunk (the
+   rest of its tokens, at most `chunk_size` and the budget left). Several sequences can be
+   partially prefilled at once. All of them fit the token budget `max_batched_tokens`, except
+   that the most recently admitted one may get less than its chunk: each was admitted into
+   budget that the earlier ones left over, and a sequence that got its whole share never asks
+   for more later (a chunk is followed by a chunk no larger, or a decode). So the decodes are
+   served first here, in O(1), and the runtime serves its sequences in arrival order: the same
+   batch. When a sequence needs KV blocks and too few are free, the most recently admitted
+   running sequence (= the latest arrival: running sequences all arrived before waiting ones)
+   is preempted by recompute (its blocks are freed, it goes back to the head of the waiting
+   queue and later prefills prompt + the tokens it generated so far; a decode served first
+   gives its token back), then the next most recent, until the blocks fit or the sequence is
+   itself the most recent left: then a decode is preempted too, but a prefill chunk waits (the
+   sequence keeps its blocks and progress, gets no tokens in this iteration, and nothing is
+   admitted behind it; the older sequences holding the blocks it needs either finish or,
+   needing blocks themselves, preempt it). vLLM v1 preempts it instead and counts on its
+   prefix cache to find the blocks again; with no prefix cache here, that would redo the whole
+   prefill, over and over under KV pressure.
+2. unless the iteration preempted a sequence, the budget left admits waiting sequences in
+   FCFS order, each with its first chunk, while fewer than `max_seqs` run and the KV blocks
+   for the chunk are free; admission stops at the first that does not fit (no skipping).
+   Without chunked prefill a sequence is admitted only if all its tokens fit the budget left
+   (chunk_size is ignored), except a recompute longer than `max_batched_tokens`: it is
+   prefilled in pieces, each the budget left, like a chunked prefill.
 3. the iteration takes `cost.step_time(...)`, plus `cost.wake_time` when the engine had
    nothing to do before it (it waited for an arrival); the iteration that completes a prefill
    produces the first token (TTFT); each decode iteration one more token.
@@ -26,7 +43,12 @@ KV accounting. A sequence whose KV holds `c` tokens uses ceil(c/B) blocks; a pre
 prompt P produces token 1 with c = P, and the decode that produces token k+1 writes position
 P+k-1, so a request's peak is P + output - 1 tokens. A request whose peak can never fit in the
 instance's blocks (`kv_capacity_tokens // block_size`) is rejected at arrival, as is, without
-chunked prefill, a prompt longer than `max_batched_tokens`.
+chunked prefill, a prompt longer than `max_batched_tokens`. There is no prefix cache: requests
+with a common prefix share no blocks, and a recompute prefills all its tokens again (the
+runtime's block manager can reuse cached blocks in both cases, and then runs ahead of this).
+
+Tracing: `simulate(..., on_step=f)` calls f with a `StepRecord` (the iteration's decodes,
+prefill chunks, preemptions, finishes, free blocks) at the end of every iteration.
 
 Why it is fast: O(1) per iteration
 ----------------------------------
@@ -37,7 +59,7 @@ produced all its tokens, and, per block-phase, how many sequences will cross a b
 at a given iteration (all decoding sequences advance in lockstep, so a sequence with context
 c0 at iteration d0 needs a new block at iteration d exactly when (c0 - d0 + d) % B == 0: a
 histogram over (c0 - d0) % B answers "how many new blocks now" in O(1)). KV blocks are counts,
-not objects. Only rare events touch a single sequence: admission, prefill completion, finish,
+not objects. Only rare events touch a single sequence: admission, a prefill chunk, finish,
 preemption. Stale heap and stack entries are skipped lazily.
 
 Pipeline parallelism (the model, kept simple)
@@ -50,9 +72,9 @@ time, stages are taken as balanced), and the first stage accepts a new micro-bat
 every step_time (of the micro-batch before), so up to pp micro-batches are in flight; a
 virtual engine decides its micro-batch when its previous one ends, even if the first stage
 takes it a little later. An arrival goes to the instance's virtual engine with the least
-outstanding work. A virtual engine that needs a block preempts its own most recent sequence;
-when partial prefills on several idle virtual engines hold the blocks each other needs, the
-most recent one is preempted (see `_Engine._unstick`).
+outstanding work. A virtual engine that needs blocks preempts its own most recent sequences;
+when partial prefills on several idle virtual engines wait for the blocks each other holds,
+the most recent one is preempted (see `_Engine._unstick`).
 
 Disaggregation
 --------------
@@ -80,20 +102,22 @@ import heapq
 import itertools
 import math
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol, Sequence
 
 import numpy as np
 
 from flowc.compiler.model.results import SimResult
-from flowc.compiler.plan import Scheduler
 from flowc.compiler.model.workload import Requests
+from flowc.compiler.plan import Scheduler
 
 
 class StepCost(Protocol):
-    wake_time: float
-    """Extra seconds of the first iteration after an instance idled (a device and an engine loop
-    that waited for work start slower: clocks, caches, a sleeping thread)."""
+    @property
+    def wake_time(self) -> float:
+        """Extra seconds of the first iteration after an instance idled (a device and an engine loop
+        that waited for work start slower: clocks, caches, a sleeping thread)."""
+        ...
 
     def step_time(self, tokens: int, prefill_attn_pairs: int, decode_seqs: int, decode_kv_tokens: int) -> float:
         """Seconds for ONE pipeline stage to run one engine iteration. tokens: prefill-chunk tokens
@@ -141,6 +165,30 @@ class InstanceConfig:
         return self.kv_capacity_tokens // self.scheduler.block_size
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine iteration, as `simulate(..., on_step=...)` reports it at the iteration's end
+    (for tests and traces; recording walks the engine's sequences, so it is not for speed).
+
+    `start`: when the engine decided the iteration (with pp > 1 the first stage may take it
+    later); `end`: when it ended. `decodes`: the requests that computed one decode token in it,
+    sorted. `prefills`: the prefill chunks (request, tokens), in the order they were given
+    budget. `preempted`: the requests preempted by recompute since the engine's previous
+    iteration ended (while deciding this one; with pp > 1 also by `_Engine._unstick`), sorted.
+    `finished`: the requests that produced their last token in it, sorted. `free_blocks`: the
+    instance's free KV blocks once the iteration had its blocks."""
+
+    instance: int
+    engine: int
+    start: float
+    end: float
+    decodes: tuple[int, ...]
+    prefills: tuple[tuple[int, int], ...]
+    preempted: tuple[int, ...]
+    finished: tuple[int, ...]
+    free_blocks: int
+
+
 # Request states.
 _WAITING, _PREFILL, _DECODE, _TRANSFER, _KV_READY, _DONE, _REJECTED = range(7)
 _INF = math.inf
@@ -167,11 +215,13 @@ class _Instance:
 class _Engine:
     """One scheduler (a virtual engine when pp > 1). See the module docstring."""
 
-    __slots__ = ("sim", "inst", "cfg", "B", "budget", "chunk", "max_seqs", "chunked", "role", "pp", "step_time", "pair_count", "hop",
-                 "d", "n_dec", "kv_sum", "cnt", "fin_heap", "stack", "waiting", "completing",
-                 "work", "busy", "idle", "wake", "tokens_out", "preemptions", "iterations", "pending_tokens")
+    __slots__ = ("sim", "inst", "cfg", "B", "budget", "chunk", "max_seqs", "chunked", "role", "pp", "step_time",
+                 "pair_count", "hop",
+                 "d", "n_dec", "kv_sum", "cnt", "fin_heap", "stack", "waiting", "prefilling", "completing",
+                 "work", "busy", "idle", "wake", "tokens_out", "preemptions", "iterations", "pending_tokens",
+                 "index", "rec", "rec_start", "rec_decodes", "rec_chunks", "rec_preempted", "rec_finished", "rec_free")
 
-    def __init__(self, sim: "_Sim", inst: _Instance):
+    def __init__(self, sim: "_Sim", inst: _Instance, index: int = 0):
         cfg = inst.cfg
         self.sim, self.inst, self.cfg = sim, inst, cfg
         s = cfg.scheduler
@@ -186,7 +236,8 @@ class _Engine:
         self.cnt = [0] * self.B  # decoding sequences per block phase (c0 - d0) % B
         self.fin_heap: list[tuple[int, int]] = []  # (iteration of the last token, request)
         self.stack: list[tuple[int, int]] = []  # (admission id, request), admission order
-        self.waiting: deque[int] = deque()  # FCFS; a partially prefilled sequence stays at the head
+        self.waiting: deque[int] = deque()  # not admitted (new, preempted, KV transferred), FCFS
+        self.prefilling: list[int] = []  # admitted, partially prefilled, in admission order
         self.completing: list[int] = []  # prefills that complete in the running iteration
         self.work = 0  # outstanding tokens (prefill + decode) of the requests routed here
         self.busy = False
@@ -196,6 +247,15 @@ class _Engine:
         self.preemptions = 0
         self.iterations = 0
         self.pending_tokens = 0  # tokens of the running iteration
+        self.index = index  # the virtual engine's index in its instance
+        # on_step recording (None: off, and the rec_* fields stay unused)
+        self.rec = sim.on_step
+        self.rec_start = 0.0
+        self.rec_decodes: tuple[int, ...] = ()
+        self.rec_chunks: list[tuple[int, int]] = []
+        self.rec_preempted: list[int] = []
+        self.rec_finished: list[int] = []
+        self.rec_free = 0
 
     # ---------------------------------------------------------------- one iteration
 
@@ -206,7 +266,7 @@ class _Engine:
         d = self.d
         n_dec = self.n_dec
         preempted = False
-        # 1. decodes: blocks for the sequences crossing a block boundary now
+        # 1a. decodes: blocks for the sequences crossing a block boundary now
         if n_dec:
             need = self.cnt[-d % B]
             if need > inst.free:
@@ -214,65 +274,95 @@ class _Engine:
                 preempted = True
                 n_dec = self.n_dec
             inst.free -= need
-        # 2. prefill chunks, FCFS
         tokens = 0
         pairs = 0
+        prefilling = self.prefilling
         waiting = self.waiting
-        if waiting and not preempted:
+        if prefilling or (waiting and not preempted):
             sim = self.sim
-            state, prompt, pre_done, pre_total = sim.state, sim.prompt, sim.pre_done, sim.pre_total
-            left = self.budget - n_dec
-            first = True
+            state, pre_done, pre_total = sim.state, sim.pre_done, sim.pre_total
             pair_count = self.pair_count
-            while waiting and left > 0:
-                rid = waiting[0]
-                st = state[rid]
-                if st == _KV_READY:  # transferred KV: admit straight into decoding
-                    if inst.n_run >= self.max_seqs:
+            budget = self.budget
+            left = budget - n_dec
+            cap = self.chunk if self.chunked else budget  # unchunked, only a long recompute is partial
+            stop = False
+            # 1b. the next chunk of each partially prefilled sequence, in admission order
+            i = 0
+            while i < len(prefilling) and left > 0:
+                rid = prefilling[i]
+                done = pre_done[rid]
+                rest = pre_total[rid] - done
+                chunk = rest if rest < left else left
+                if chunk > cap:
+                    chunk = cap
+                blocks = (done + chunk + B - 1) // B - (done + B - 1) // B
+                if blocks > inst.free:
+                    count = self.preemptions
+                    blocks = self._preempt(blocks, rid)
+                    preempted = preempted or self.preemptions != count
+                    if blocks < 0:  # it waits, and nothing is admitted behind it
+                        stop = True
                         break
-                    p = prompt[rid]
-                    blocks = p // B + 1  # the prompt's KV and the position this iteration writes
+                    left = budget - self.n_dec - tokens  # a preempted decode gives its token back
+                inst.free -= blocks
+                pre_done[rid] = done + chunk
+                if self.rec is not None:
+                    self.rec_chunks.append((rid, chunk))
+                tokens += chunk
+                pairs += pair_count(chunk, done)
+                left -= chunk
+                if chunk == rest:
+                    prefilling.pop(i)
+                    self.completing.append(rid)
+                else:
+                    i += 1
+            n_dec = self.n_dec
+            # 2. admissions, FCFS, unless the iteration preempted a sequence
+            if not (preempted or stop):
+                while waiting and left > 0 and inst.n_run < self.max_seqs:
+                    rid = waiting[0]
+                    if state[rid] == _KV_READY:  # transferred KV: admit straight into decoding
+                        p = sim.prompt[rid]
+                        blocks = p // B + 1  # the prompt's KV and the position this iteration writes
+                        if blocks > inst.free:
+                            break
+                        inst.free -= blocks
+                        waiting.popleft()
+                        self._admit(rid)
+                        self._start_decode(rid, d, p)
+                        n_dec += 1
+                        left -= 1
+                        continue
+                    rest = pre_total[rid]  # nothing computed yet
+                    if self.chunked:
+                        chunk = min(rest, left, cap)
+                    elif rest <= left:
+                        chunk = rest
+                    elif rest > budget:  # a recompute longer than the budget: in pieces
+                        chunk = left
+                    else:
+                        break
+                    blocks = (chunk + B - 1) // B
                     if blocks > inst.free:
                         break
                     inst.free -= blocks
                     waiting.popleft()
                     self._admit(rid)
-                    self._start_decode(rid, d, p)
-                    n_dec += 1
-                    left -= 1
-                    first = False
-                    continue
-                done = pre_done[rid]
-                rest = pre_total[rid] - done
-                if st == _WAITING and inst.n_run >= self.max_seqs:
-                    break
-                if self.chunked:
-                    chunk = min(rest, left, self.chunk)
-                elif rest <= left or (first and rest > self.budget):
-                    chunk = rest
-                else:
-                    break
-                blocks = (done + chunk + B - 1) // B - (done + B - 1) // B
-                if blocks > inst.free:
-                    break
-                inst.free -= blocks
-                if st == _WAITING:
-                    self._admit(rid)
-                pre_done[rid] = done + chunk
-                tokens += chunk
-                pairs += pair_count(chunk, done)
-                left -= chunk
-                first = False
-                if chunk == rest:
-                    waiting.popleft()
-                    self.completing.append(rid)
-                else:
-                    break
+                    pre_done[rid] = chunk
+                    if self.rec is not None:
+                        self.rec_chunks.append((rid, chunk))
+                    tokens += chunk
+                    pairs += pair_count(chunk, 0)
+                    left -= chunk
+                    if chunk == rest:
+                        self.completing.append(rid)
+                    else:
+                        prefilling.append(rid)
         tokens += n_dec
         if tokens == 0:
             self.busy = False
             self.idle = True
-            if waiting and self.pp > 1:
+            if prefilling and self.pp > 1:
                 self._unstick(now)
             return None
         dt = self.step_time(tokens, pairs, n_dec, self.kv_sum + n_dec)
@@ -281,6 +371,8 @@ class _Engine:
             self.idle = False
         self.busy = True
         self.pending_tokens = tokens
+        if self.rec is not None:
+            self._record_start(now)
         if self.pp == 1:
             return now + dt
         begin = now if now > inst.stage_free else inst.stage_free
@@ -314,12 +406,30 @@ class _Engine:
                 self.kv_sum -= c
                 inst.free += (c + B - 1) // B
                 sim.finish_request(rid, now)
+                if self.rec is not None:
+                    self.rec_finished.append(rid)
         if self.completing:
             completing = self.completing
             self.completing = []
             for rid in completing:
                 self._prefill_done(rid, now, d)
         self.d = d + 1
+        if self.rec is not None:
+            self._record_end(now)
+
+    def _record_start(self, now: float) -> None:
+        sim = self.sim
+        state, adm = sim.state, sim.adm
+        self.rec_start = now
+        self.rec_decodes = tuple(sorted(rid for a, rid in self.stack if adm[rid] == a and state[rid] == _DECODE))
+        self.rec_free = self.inst.free
+
+    def _record_end(self, now: float) -> None:
+        self.rec(StepRecord(instance=self.inst.index, engine=self.index, start=self.rec_start, end=now,
+                            decodes=self.rec_decodes, prefills=tuple(self.rec_chunks),
+                            preempted=tuple(sorted(self.rec_preempted)), finished=tuple(sorted(self.rec_finished)),
+                            free_blocks=self.rec_free))
+        self.rec_chunks, self.rec_preempted, self.rec_finished = [], [], []
 
     # ---------------------------------------------------------------- rare events
 
@@ -355,6 +465,8 @@ class _Engine:
             self.inst.n_run -= 1
             self.inst.free += (total + self.B - 1) // self.B
             sim.finish_request(rid, now)
+            if self.rec is not None:
+                self.rec_finished.append(rid)
         elif self.role == "prefill":
             self.inst.n_run -= 1
             sim.state[rid] = _TRANSFER
@@ -367,42 +479,54 @@ class _Engine:
         can each hold blocks the others wait for. When every virtual engine is idle (nothing in
         flight, no decoders) and no KV transfer will return blocks, preempt the most recently
         admitted partial prefill and restart the engine of the oldest one at once, before the
-        others (which are restarted next): the oldest always progresses."""
+        others (which are restarted next): the oldest always progresses. (An idle virtual engine
+        holds at most one partial prefill: one that cannot grow preempts its engine's later ones.)"""
         inst, sim = self.inst, self.sim
-        if inst.held or any(e.busy for e in inst.engines):
+        if inst.held or not all(e.idle for e in inst.engines):  # one that just finished restarts first
             return
-        state, adm = sim.state, sim.adm
-        partials = sorted((adm[e.waiting[0]], e) for e in inst.engines
-                          if e.waiting and state[e.waiting[0]] == _PREFILL)
+        adm = sim.adm
+        partials = sorted((adm[e.prefilling[0]], e) for e in inst.engines if e.prefilling)
         if len(partials) < 2:
             return  # one partial alone always fits: nothing else holds blocks
         owner = partials[-1][1]
-        victim = owner.waiting[0]
+        assert len(owner.prefilling) == 1
+        victim = owner.prefilling.pop()
         done = sim.pre_done[victim]
         inst.free += (done + owner.B - 1) // owner.B
         owner.work += done
         sim.pre_done[victim] = 0
-        state[victim] = _WAITING
+        sim.state[victim] = _WAITING
+        owner.waiting.appendleft(victim)
         inst.n_run -= 1
         owner.preemptions += 1
+        if owner.rec is not None:
+            owner.rec_preempted.append(victim)
         sim.launch(partials[0][1], now)
         sim.touched.extend(e for e in inst.engines if not e.busy)
 
-    def _preempt(self, need: int) -> int:
-        """Preempt the most recently admitted sequences until `need` new blocks are free;
-        returns the blocks still needed."""
+    def _preempt(self, need: int, owner: int = -1) -> int:
+        """Preempt the most recently admitted sequences until `need` more blocks are free; returns
+        the blocks still needed. For the decodes (owner -1), `need` counts one block per decoding
+        sequence crossing a block boundary, so a preempted one needs none (the last decoder left
+        always fits, alone or preempted). For the next chunk of the partial prefill `owner`, the
+        decodes already hold this iteration's blocks; returns -1 when owner becomes the most
+        recent sequence left: it waits, keeping its blocks."""
         sim = self.sim
         state, adm, c0s, d0s = sim.state, sim.adm, sim.c0, sim.d0
         B = self.B
         d = self.d
         inst = self.inst
         stack = self.stack
-        victims = []
+        decodes_hold_blocks = owner >= 0
         while need > inst.free:
-            adm_id, rid = stack.pop()
+            adm_id, rid = stack[-1]
             st = state[rid]
             if adm[rid] != adm_id or (st != _DECODE and st != _PREFILL):
+                stack.pop()
                 continue  # stale entry
+            if rid == owner:
+                return -1  # it waits, keeping its blocks
+            stack.pop()
             if st == _DECODE:
                 c = c0s[rid] + d - d0s[rid]
                 gen = sim.gen[rid] + d - d0s[rid]
@@ -410,23 +534,27 @@ class _Engine:
                 self.cnt[(c0s[rid] - d0s[rid]) % B] -= 1
                 self.n_dec -= 1
                 self.kv_sum -= c
-                inst.free += (c + B - 1) // B
-                if c % B == 0:
-                    need -= 1
+                if decodes_hold_blocks:
+                    inst.free += c // B + 1  # its KV and the position this iteration would write
+                else:
+                    inst.free += (c + B - 1) // B
+                    if c % B == 0:
+                        need -= 1
                 sim.pre_total[rid] = sim.prompt[rid] + gen
                 self.work += sim.prompt[rid] + gen - 1
-                victims.append(rid)
-            else:  # the partially prefilled head of the waiting queue
+            else:  # partially prefilled: the latest of them (victims are the latest admitted)
+                assert self.prefilling[-1] == rid
+                self.prefilling.pop()
                 done = sim.pre_done[rid]
                 inst.free += (done + B - 1) // B
                 self.work += done
-                assert self.waiting and self.waiting[0] == rid
             sim.pre_done[rid] = 0
             state[rid] = _WAITING
-            self.inst.n_run -= 1
+            inst.n_run -= 1
             self.preemptions += 1
-        for rid in victims:  # the oldest victim ends at the head
-            self.waiting.appendleft(rid)
+            self.waiting.appendleft(rid)  # popped latest first: the oldest victim ends at the head
+            if self.rec is not None:
+                self.rec_preempted.append(rid)
         return need
 
 
@@ -434,7 +562,7 @@ class _Sim:
     """Global state: per-request lists (indexed by request id), instances, events."""
 
     def __init__(self, requests: Requests, configs: Sequence[InstanceConfig], router: str,
-                 closed_loop_concurrency: int | None):
+                 closed_loop_concurrency: int | None, on_step: Callable[[StepRecord], None] | None = None):
         if not configs:
             raise ValueError("simulate needs at least one instance")
         if router not in ("round_robin", "least_work"):
@@ -442,6 +570,7 @@ class _Sim:
         n = len(requests)
         self.n = n
         self.router = router
+        self.on_step = on_step
         self.prompt = requests.prompt.tolist()
         self.output = requests.output.tolist()
         self.closed = closed_loop_concurrency
@@ -473,7 +602,7 @@ class _Sim:
         self.xfer_seq = 0
         self.instances = [_Instance(i, cfg) for i, cfg in enumerate(configs)]
         for inst in self.instances:
-            inst.engines = [_Engine(self, inst) for _ in range(inst.cfg.pp)]
+            inst.engines = [_Engine(self, inst, k) for k in range(inst.cfg.pp)]
         self.front = [i for i in self.instances if i.cfg.role != "decode"]
         self.back = [i for i in self.instances if i.cfg.role == "decode"]
         has_prefill = any(i.cfg.role == "prefill" for i in self.instances)
@@ -658,7 +787,8 @@ class _Sim:
         return SimResult(
             ttft=ttft, tpot=tpot, e2e=e2e, finished=finished, rejected=rejected, arrival=arrival,
             finish=np.where(finished, finish, np.nan), output=output,
-            instance=np.array(self.served_by, dtype=np.int64), decode_instance=np.array(self.decoded_by, dtype=np.int64),
+            instance=np.array(self.served_by, dtype=np.int64),
+            decode_instance=np.array(self.decoded_by, dtype=np.int64),
             preemptions=sum(e.preemptions for e in engines), iterations=sum(e.iterations for e in engines),
             tokens_generated=sum(e.tokens_out for e in engines),
             kv_blocks_in_use=[inst.cfg.kv_blocks - inst.free for inst in self.instances],
@@ -667,9 +797,11 @@ class _Sim:
 
 def simulate(requests: Requests, instances: Sequence[InstanceConfig], *,
              router: Literal["round_robin", "least_work"] = "round_robin",
-             closed_loop_concurrency: int | None = None) -> SimResult:
-    """Simulate serving `requests` on `instances` (see the module docstring for the model)."""
-    sim = _Sim(requests, instances, router, closed_loop_concurrency)
+             closed_loop_concurrency: int | None = None,
+             on_step: Callable[[StepRecord], None] | None = None) -> SimResult:
+    """Simulate serving `requests` on `instances` (see the module docstring for the model).
+    `on_step`, if given, is called with a `StepRecord` at the end of every engine iteration."""
+    sim = _Sim(requests, instances, router, closed_loop_concurrency, on_step)
     sim.run()
     stuck = sum(1 for st in sim.state if st != _DONE and st != _REJECTED)
     if stuck:  # a scheduler bug, never a property of the input: fail loudly rather than report it

@@ -25,14 +25,7 @@ from flowc.compiler.model.shapes import instance_shapes
 from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.workload import Requests, base_rate, sample_requests
 from flowc.compiler.optimize.arena import pack_step
-from flowc.compiler.optimize.candidates import (
-    CAPACITY_REQUESTS,
-    OFFLOAD_SLACK,
-    Measured,
-    Progress,
-    measure,
-    quiet,
-)
+from flowc.compiler.optimize.candidates import CAPACITY_REQUESTS, OFFLOAD_SLACK, Measured, Progress, measure, quiet
 from flowc.compiler.optimize.placement import Demand, PlacementInfeasible, PlacementTimeout, solve_placement
 from flowc.compiler.plan import (
     Alternative,
