@@ -19,6 +19,7 @@ from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.workload import fixed_requests
 from flowc.compiler.plan import Scheduler
 from flowc.compiler.spec import GPU, Link, Model
+from flowc.compiler.units import format_gib
 
 # Requests simulated per estimate: enough for stable percentiles, few enough to stay fast.
 OPEN_LOOP_REQUESTS = 400
@@ -94,9 +95,9 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
     if not budget.fits:
         raise _fail("F0503", f"{m.name} at {m.weights} does not fit on {tp * pp} x {g.name} (tp {tp}, pp {pp})",
                     "use a larger tp or pp, or quantize the weights",
-                    (f"per GPU: weights {budget.weights / 2**30:.1f} GiB + activations "
-                     f"{budget.activations / 2**30:.1f} GiB + reserve {budget.reserve / 2**30:.1f} GiB > "
-                     f"{budget.usable / 2**30:.1f} GiB usable",))
+                    (f"per GPU: weights {format_gib(budget.weights, 1)} + activations "
+                     f"{format_gib(budget.activations, 1)} + reserve {format_gib(budget.reserve, 1)} > "
+                     f"{format_gib(budget.usable, 1)} usable",))
     blocks_per_request = -(-(input_len + output_len) // block_size)
     concurrent = min(scheduler.max_seqs, budget.kv_blocks // blocks_per_request)
     if concurrent < 1:
@@ -107,7 +108,7 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
                     f"KV cache: at most {concurrent} fit at once",
                     f"use batch <= {concurrent}, a larger tp or pp, or `kv_dtype='fp8'`",
                     (f"KV cache: {budget.kv_tokens:,} tokens per instance "
-                     f"({budget.kv / 2**30:.1f} GiB per GPU / {budget.kv_bytes_per_token:,} B per token)",))
+                     f"({format_gib(budget.kv, 1)} per GPU / {budget.kv_bytes_per_token:,} B per token)",))
 
     def config(role: Role):
         return instance_config(m, g, link, kv_capacity_tokens=budget.kv_tokens, tp=tp, pp=pp, ep=ep,

@@ -10,10 +10,6 @@ import numpy as np
 from flowc.compiler import spec
 
 
-def _label(target: spec.SLOTarget) -> str:
-    return target.metric if target.percentile is None else f"{target.metric} p{target.percentile:g}"
-
-
 @dataclass(frozen=True)
 class SimResult:
     """Per-request metrics (seconds) and totals. A request never served has ttft/e2e/tpot inf

@@ -70,10 +70,9 @@ def scheduler_choices(d: Deployment) -> list[Scheduler]:
 def roomiest_scheduler(d: Deployment) -> Scheduler:
     """The allowed setting that leaves the most memory for KV: the smallest token budget,
     sequence cap and block size (what the capacity checks size instances with)."""
-    budget = min(batched_token_choices(d))
-    return Scheduler(max_batched_tokens=budget, max_seqs=min(_values(d, "max_seqs", _DEFAULTS.max_seqs)),
-                     block_size=min(_values(d, "block_size", _DEFAULTS.block_size)),
-                     chunk_size=min([budget, *d.search.get("chunk_size", [])]))
+    return Scheduler(max_batched_tokens=min(batched_token_choices(d)),
+                     max_seqs=min(_values(d, "max_seqs", _DEFAULTS.max_seqs)),
+                     block_size=min(_values(d, "block_size", _DEFAULTS.block_size)))
 
 
 def baseline_scheduler(d: Deployment) -> Scheduler:

@@ -25,6 +25,7 @@ from flowc.compiler.model.geometry import kv_bytes_per_token
 from flowc.compiler.model.workload import base_rate, sample_requests
 from flowc.compiler.plan import DeploymentPlan, GpuRef
 from flowc.compiler.spec import Model, Spec
+from flowc.compiler.units import format_gbps
 
 Kind = Literal["pipeline activations", "KV cache"]
 
@@ -73,7 +74,7 @@ def deployment_traffic(dp: DeploymentPlan, model: Model, rate: float, mean_promp
         peers = sum(x.replicas for x in dp.groups if x.role == g.role) or 1
         bps = rate / peers * tokens * model.hidden * 2 * g.tp
         arithmetic.append(f"`{dp.name}` group {j}: {rate:g} req/s / {peers} instances x {tokens:.0f} tok x hidden "
-                          f"{model.hidden} x 2 B x tp {g.tp} = {bps / 1e9:.2f} GB/s per pipeline hop")
+                          f"{model.hidden} x 2 B x tp {g.tp} = {format_gbps(bps)} per pipeline hop")
         for k, inst in enumerate(g.instances):
             for stage in range(g.pp - 1):
                 transfers.append(Transfer(dp.name, "pipeline activations",
@@ -89,26 +90,12 @@ def deployment_traffic(dp: DeploymentPlan, model: Model, rate: float, mean_promp
     per_token = kv_bytes_per_token(model)
     kv_bps = rate * mean_prompt * per_token
     arithmetic.append(f"`{dp.name}`: {rate:g} req/s x {mean_prompt:.0f} tok mean prompt x {per_token:,} B of KV per "
-                      f"token = {kv_bps / 1e9:.2f} GB/s from prefill to decode instances")
+                      f"token = {format_gbps(kv_bps)} from prefill to decode instances")
     pair = kv_bps / (len(prefill) * len(decode))
     for pj, pk, p in prefill:
         for dj, dk, q in decode:
             transfers.append(Transfer(dp.name, "KV cache", tuple(p.gpus), tuple(q.gpus), pair, (pj, pk), (dj, dk)))
     return Traffic(transfers, arithmetic)
-
-
-def network_load(transfers: list[Transfer]) -> tuple[dict[int, float], dict[int, float]]:
-    """Bytes/s leaving and entering each node over the network."""
-    egress: dict[int, float] = {}
-    ingress: dict[int, float] = {}
-    for t in transfers:
-        if t.node is not None:
-            continue
-        for node, bps in t.node_shares("src").items():
-            egress[node] = egress.get(node, 0.0) + bps
-        for node, bps in t.node_shares("dst").items():
-            ingress[node] = ingress.get(node, 0.0) + bps
-    return egress, ingress
 
 
 def spec_traffic(spec: Spec, dp: DeploymentPlan, seed: int = 0) -> Traffic:

@@ -28,6 +28,7 @@ from flowc.compiler.optimize.offload import OffloadInfeasible, OffloadPlan, plan
 from flowc.compiler.optimize.placement import Candidate
 from flowc.compiler.plan import Alternative, Scheduler
 from flowc.compiler.spec import SLO, Deployment, Spec
+from flowc.compiler.units import format_gib
 
 CAPACITY_REQUESTS = 400  # requests per instance and simulation when measuring a candidate's capacity
 POOL_GPUS = 8  # capacity is measured on a pool of about this many GPUs: replicas share load like a real fleet
@@ -68,7 +69,7 @@ class Measured:
         c, s = self.candidate, self.scheduler
         chunks = f" in chunks of {s.chunk_size}" if s.chunk_size < s.max_batched_tokens else ""
         ep = f" ep {self.ep}" if self.ep > 1 else ""
-        offloaded = f", {self.offload.offloaded_bytes / 2**30:.1f} GiB offloaded" if self.offload is not None else ""
+        offloaded = f", {format_gib(self.offload.offloaded_bytes, 1)} offloaded" if self.offload is not None else ""
         return (f"{c.gpu} tp {c.tp} x pp {c.pp}{ep}, {s.max_batched_tokens} batched tokens{chunks}, "
                 f"{s.max_seqs} sequences, blocks of {s.block_size}, {c.role}{offloaded}")
 

@@ -17,6 +17,7 @@ from flowc.compiler.model.parallelism import Problem, problems, valid_ep
 from flowc.compiler.model.search import tp_choices
 from flowc.compiler.model.shapes import instance_shapes
 from flowc.compiler.spec import DTYPE_BYTES, Deployment, Spec
+from flowc.compiler.units import format_gib
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
     from flowc.compiler.frontend.check.core import Checker
@@ -98,8 +99,8 @@ def check_capacity(c: Checker, spec: Spec) -> None:
         cluster = spec.clusters[cluster_name]
         hbm = sum(g.count * g.gpus_per_node * spec.gpus[g.gpu].memory for g in cluster.nodes)
         host = sum(g.count * (g.host_memory or 0) for g in cluster.nodes)
-        hbm_note = " + ".join(f"{g.count * g.gpus_per_node} x {g.gpu} {_bytes(spec.gpus[g.gpu].memory)}"
-                              for g in cluster.nodes) + f" = {_bytes(hbm)}"
+        hbm_note = " + ".join(f"{g.count * g.gpus_per_node} x {g.gpu} {format_gib(spec.gpus[g.gpu].memory, 1)}"
+                              for g in cluster.nodes) + f" = {format_gib(hbm, 1)}"
         fits_alone = True
         for d in deployments:
             need = weight_bytes(d.model)
@@ -115,11 +116,12 @@ def check_capacity(c: Checker, spec: Spec) -> None:
             fixes = [f"`weights {smaller[0]}`" if smaller else None, "`allow offload`" if offload_fits else None,
                      "more or larger GPUs"]
             c.error("F0501", f"{d.model.name} cannot fit in cluster `{cluster.name}` at any parallelism",
-                    stmt.args[0].span, f"needs {_bytes(need)} of weights",
+                    stmt.args[0].span, f"needs {format_gib(need, 1)} of weights",
                     "try " + ", ".join(f for f in fixes if f),
-                    notes=(f"weights: {counts.total / 1e9:.2f} B parameters at {d.model.weights} = {_bytes(need)}",
+                    notes=(f"weights: {counts.total / 1e9:.2f} B parameters at {d.model.weights} = "
+                           f"{format_gib(need, 1)}",
                            f"GPU memory: {hbm_note}"
-                           + (f"; host memory {_bytes(host)}" if d.allow_offload else "")))
+                           + (f"; host memory {format_gib(host, 1)}" if d.allow_offload else "")))
         for d in deployments:
             if weight_bytes(d.model) <= hbm and not d.allow_offload:
                 _check_instances(c, spec, d)
@@ -130,10 +132,11 @@ def check_capacity(c: Checker, spec: Spec) -> None:
                 first = deployments[0]
                 stmt = _deploy_stmt(c, first, "on")
                 c.error("F0502", f"the {len(deployments)} deployments on `{cluster.name}` cannot all fit",
-                        stmt.args[0].span, f"together they need {_bytes(need)} of weights",
+                        stmt.args[0].span, f"together they need {format_gib(need, 1)} of weights",
                         "move a deployment to another cluster, quantize, or add nodes",
-                        notes=tuple(f"{d.name}: {d.model.name} at {d.model.weights} = {_bytes(weight_bytes(d.model))}"
-                                    for d in deployments) + (f"GPU memory: {hbm_note}",))
+                        notes=tuple(f"{d.name}: {d.model.name} at {d.model.weights} = "
+                                    f"{format_gib(weight_bytes(d.model), 1)}" for d in deployments)
+                        + (f"GPU memory: {hbm_note}",))
 
 
 def _check_instances(c: Checker, spec: Spec, d: Deployment) -> None:
@@ -151,8 +154,9 @@ def _check_instances(c: Checker, spec: Spec, d: Deployment) -> None:
                 stmt.args[0].span, "too large per GPU",
                 "allow a larger tp or pp (e.g. `tp in [2, 4, 8]`), quantize the weights, or `allow offload`",
                 notes=(f"the roomiest allowed instance, tp {best.tp} x pp {best.pp} on {best.gpu}: weights "
-                       f"{_bytes(b.weights)} + activations {_bytes(b.activations)} + reserve {_bytes(b.reserve)}"
-                       f" > {_bytes(b.usable)} usable ({GPU_MEMORY_UTILIZATION:.0%} of {_bytes(b.capacity)})",))
+                       f"{format_gib(b.weights, 1)} + activations {format_gib(b.activations, 1)} + reserve "
+                       f"{format_gib(b.reserve, 1)} > {format_gib(b.usable, 1)} usable "
+                       f"({GPU_MEMORY_UTILIZATION:.0%} of {format_gib(b.capacity, 1)})",))
         return
     longest = longest_request(spec.workloads[d.workload])
     best = max(fitting, key=lambda shape: shape.budget.kv_tokens)
@@ -161,7 +165,7 @@ def _check_instances(c: Checker, spec: Spec, d: Deployment) -> None:
         c.error("F0504", f"a request of up to {longest} tokens cannot fit in the KV cache of any allowed instance",
                 stmt.args[0].span, "KV cache too small",
                 "allow a larger tp or pp, use `kv fp8`, or cap the request lengths with `max`",
-                notes=(f"the largest KV cache, tp {best.tp} x pp {best.pp} on {best.gpu}: {_bytes(b.kv)} per GPU"
+                notes=(f"the largest KV cache, tp {best.tp} x pp {best.pp} on {best.gpu}: {format_gib(b.kv, 1)} per GPU"
                        f" / {b.kv_bytes_per_token:,} B per token = {b.kv_tokens:,} tokens",))
 
 
@@ -175,7 +179,3 @@ def warn_unused(c: Checker) -> None:
                 c.warnings.append(Diagnostic("W0201", f"{KIND_NAMES[kind]} `{name}` is never used",
                                              decl.name.span, "defined here",
                                              "remove it, or reference it from a `deploy` block"))
-
-
-def _bytes(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB"

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 from flowc.compiler.optimize.placement.problem import Problem
 from flowc.compiler.plan import GpuRef
+from flowc.compiler.units import format_gbps
 
 
 def _kv_traffic(p: Problem, placed: dict[int, list[list[GpuRef]]]) -> tuple[dict, dict, set[str]]:
@@ -41,10 +42,6 @@ def _kv_traffic(p: Problem, placed: dict[int, list[list[GpuRef]]]) -> tuple[dict
         for node, x in per_node_in.items():
             inn[node] += min(x, p.kv_in[d])
     return out, inn, single
-
-
-def gbps(x: float) -> str:
-    return f"{x / 1e9:.3g} GB/s"
 
 
 def replicas_text(replicas: tuple[int, ...]) -> str:
@@ -99,13 +96,14 @@ def binding(p: Problem, placed: dict[int, list[list[GpuRef]]], gpus_of: dict[str
                     out.append(f"no network between nodes: the KV traffic of deployment {name} keeps its prefill "
                                f"and decode instances on node {node}")
                 else:
-                    out.append(f"network bandwidth between nodes ({gbps(nic)} per node and direction) cannot carry "
-                               f"the KV traffic of deployment {name} ({gbps(p.kv_out[name])}): its prefill and "
-                               f"decode instances share node {node}")
+                    out.append(f"network bandwidth between nodes ({format_gbps(nic)} per node and direction) "
+                               f"cannot carry the KV traffic of deployment {name} ({format_gbps(p.kv_out[name])}): "
+                               f"its prefill and decode instances share node {node}")
         peak = max(list(traffic_out.values()) + list(traffic_in.values()) + [0.0])
         if nic > 0 and peak >= 0.8 * nic:
             for name in p.kv_deps:
                 if name not in single and any(p.cands[ci].dep == name and insts for ci, insts in placed.items()):
                     out.append(f"network bandwidth between nodes carries the KV traffic of deployment {name} "
-                               f"(the busiest node uses {100 * peak / nic:.0f}% of its {gbps(nic)} per direction)")
+                               f"(the busiest node uses {100 * peak / nic:.0f}% of its {format_gbps(nic)} per "
+                               "direction)")
     return out

@@ -8,10 +8,11 @@ from typing import Optional
 
 from ortools.sat.python import cp_model
 
-from flowc.compiler.optimize.placement.binding import gbps, replicas_text
+from flowc.compiler.optimize.placement.binding import replicas_text
 from flowc.compiler.optimize.placement.model import Model
 from flowc.compiler.optimize.placement.problem import RPS_SCALE, Problem, scale_load, scale_rps
 from flowc.compiler.optimize.placement.types import Candidate, PlacementInfeasible
+from flowc.compiler.units import format_gbps
 
 
 def gpus_needed(p: Problem, name: str, oversized: list[Candidate], time_s: float, workers: int,
@@ -103,8 +104,8 @@ def diagnose(p: Problem, oversized: list[Candidate], deadline: float, workers: i
             parts.append(f"next to {', '.join(others)}")
         if name in p.kv_deps and p.kv_out[name] > p.groups[0].nic:
             if p.network:
-                parts.append(f"with the network carrying {gbps(p.groups[0].nic)} of KV traffic per node and direction "
-                             f"(the load needs {gbps(p.kv_out[name])})")
+                parts.append(f"with the network carrying {format_gbps(p.groups[0].nic)} of KV traffic per node and "
+                             f"direction (the load needs {format_gbps(p.kv_out[name])})")
             else:
                 parts.append("with prefill and decode on one node (no network carries KV traffic between nodes)")
         return " ".join(parts)
