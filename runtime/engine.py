@@ -9,8 +9,13 @@ colocated instance group (TP degree, scheduler settings, memory map) and builds:
   * the block manager, the scheduler with the plan's token budget, chunk size and max
     sequences, and the sampler.
 
-A step is: schedule -> prepare inputs -> run the model -> sample -> postprocess. Requests are
-validated on submission; a bad request gets its own error and never disturbs the others.
+A step is: schedule -> prepare inputs -> run the model -> sample -> postprocess. The API
+(docs/runtime.md): `generate` and `stream` run a batch; a server loop calls `add_request`,
+`poll` (one step, its events) and `abort` itself. Requests are validated before anything is
+queued; a bad request gets its own error (RequestError, or an error event in a batch) and never
+disturbs the others. A request ends with exactly one final event: its last token with
+finish_reason "stop" or "length", or, aborted, an event without a token and finish_reason
+"abort". The engine is not thread-safe: one loop drives it.
 Tensor parallelism runs one process per rank over torch.distributed (`runner.py`); this
 process is rank 0 and drives the others.
 """
@@ -19,9 +24,10 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Container, Iterable, Iterator, Optional
 from typing import Sequence as Seq
 
 import torch
@@ -35,7 +41,7 @@ from .config import ModelConfig
 from .runner import RunnerSpec, make_runner
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
-from .sequence import RequestError, SamplingParams, Sequence
+from .sequence import RequestError, SamplingParams, Sequence, finite_float, is_token_id
 from .weights import load_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -89,6 +95,22 @@ class TokenEvent:
     index: int
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+
+
+def _final_event(output: RequestOutput) -> TokenEvent:
+    """The last event of a request that ends without a token (aborted)."""
+    return TokenEvent(output.request_id, None, len(output.output_token_ids), output.finish_reason, output.error)
+
+
+def _arrival(request: Request) -> Optional[float]:
+    """A request's arrival_time in seconds; None when it is not a finite number >= 0."""
+    seconds = finite_float(request.arrival_time)
+    return seconds if seconds is not None and seconds >= 0 else None
+
+
+def _replay_time(request: Request) -> float:
+    """When a replay submits `request` (unscaled); at once for an invalid arrival (it is rejected)."""
+    return _arrival(request) or 0.0
 
 
 def load_plan(plan: Plan | str | Path) -> Plan:
@@ -159,7 +181,8 @@ class Engine:
                                    chunk_size=s.chunk_size, chunked_prefill=s.chunked_prefill)
         self.sampler = Sampler()
         self._ids = itertools.count()
-        self.outputs: dict[str, RequestOutput] = {}
+        self._live: dict[str, RequestOutput] = {}  # the requests in flight, by id
+        self._events: list[TokenEvent] = []  # final events of aborted requests, for the next poll
         self._warm_up()
         self._clock_start = time.perf_counter()
 
@@ -228,29 +251,53 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def _sequence(self, request: Request, arrival_time: float) -> Sequence:
-        """A validated sequence for `request`; RequestError says what is wrong with it."""
+    def _validate(self, request: Request) -> None:
+        """Raise RequestError saying what is wrong with `request` for this engine; whatever its
+        fields hold, nothing else is raised."""
         prompt, params, c = request.prompt_token_ids, request.params, self.config
+        if request.request_id is not None and not isinstance(request.request_id, str):
+            raise RequestError(f"request_id must be a string or None, got {request.request_id!r}")
+        if _arrival(request) is None:
+            raise RequestError(f"arrival_time must be a finite number of seconds >= 0, got {request.arrival_time!r}")
         if not isinstance(params, SamplingParams):
-            raise RequestError("params must be a SamplingParams")
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(prompt, (list, tuple)):
+            raise RequestError(f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}")
         if not prompt:
             raise RequestError("the prompt is empty: give at least one token")
-        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < c.vocab]
-        if bad:
-            raise RequestError(f"prompt token {bad[0]!r} is not a token id of this model (0 to {c.vocab - 1})")
+        for i, token in enumerate(prompt):
+            if not is_token_id(token, c.vocab):
+                raise RequestError(f"prompt token {i} is {token!r}, not a token id of this model "
+                                   f"(an int from 0 to {c.vocab - 1})")
         params.validate(c.vocab)
         if len(prompt) + params.max_tokens > c.max_context:
             raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the "
                                f"model's context of {c.max_context} tokens; shorten the prompt or lower max_tokens")
-        # the last sampled token is never fed back, so the peak is prompt + max_tokens - 1 tokens
-        blocks = self.block_manager.blocks_for(len(prompt) + params.max_tokens - 1)
-        if blocks > self.block_manager.num_blocks:
-            raise RequestError(f"the request needs {blocks} KV blocks; the plan's pool has "
-                               f"{self.block_manager.num_blocks}")
-        request_id = request.request_id if request.request_id is not None else str(next(self._ids))
-        seq = Sequence(request_id=request_id, prompt_token_ids=list(prompt), params=params,
-                       eos_token_ids=c.eos_token_ids, arrival_time=arrival_time)
-        return seq
+        # the last sampled token is never fed back: the cache holds at most prompt + max_tokens - 1
+        peak = len(prompt) + params.max_tokens - 1
+        problem = (self.scheduler.unservable(peak, prompt_only=False)
+                   or self.scheduler.unservable(len(prompt), prompt_only=True))
+        if problem:
+            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} cannot run on this "
+                               f"instance: {problem}; shorten the prompt or lower max_tokens")
+
+    def _new_id(self, taken: Container[str] = ()) -> str:
+        """A request id for a request that has none: not in flight, and not in `taken`."""
+        while True:
+            request_id = str(next(self._ids))
+            if request_id not in self._live and request_id not in taken:
+                return request_id
+
+    def _queue(self, request: Request, request_id: str, arrival_time: float) -> RequestOutput:
+        """Queue a validated request under `request_id` (RequestError if that id is in flight)."""
+        if request_id in self._live:
+            raise RequestError(f"duplicate request id {request_id!r}: a request with this id is in flight")
+        seq = Sequence(request_id=request_id, prompt_token_ids=list(request.prompt_token_ids), params=request.params,
+                       eos_token_ids=self.config.eos_token_ids, arrival_time=arrival_time)
+        self.scheduler.add(seq)
+        output = RequestOutput(request_id, seq.prompt_token_ids, seq.output_token_ids, None, arrival_time=arrival_time)
+        self._live[request_id] = output
+        return output
 
     def now(self) -> float:
         return time.perf_counter() - self._clock_start
@@ -258,7 +305,8 @@ class Engine:
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> tuple[list[ScheduledSeq], list[Sequence]]:
-        """One iteration: the sequences it ran and those that finished."""
+        """One iteration: the sequences it ran and those that finished (`poll` records them
+        and makes their events; call that unless you keep the books yourself)."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return [], []
@@ -288,64 +336,164 @@ class Engine:
 
     # ------------------------------------------------------------------ the API
 
+    def add_request(self, request: Request, arrival_time: Optional[float] = None) -> RequestOutput:
+        """Validate `request` and queue it; RequestError (and nothing queued) when it is invalid
+        or its id is in flight. Its latencies count from `arrival_time` (engine clock, `now()`),
+        by default now. Returns its output, complete once its final event is out; `poll`
+        (or a running `stream`) runs it."""
+        self._validate(request)
+        request_id = request.request_id if request.request_id is not None else self._new_id()
+        return self._queue(request, request_id, self.now() if arrival_time is None else arrival_time)
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request in flight (waiting, running or preempted): its blocks are freed at
+        once, its output finishes with finish_reason "abort", and the next `poll` (or the
+        running `stream`) gives its final event. Returns its output, or None when no request
+        with this id is in flight (it finished already, or never came)."""
+        output = self._abort(request_id)
+        if output is not None:
+            self._events.append(_final_event(output))
+        return output
+
+    def _abort(self, request_id: str) -> Optional[RequestOutput]:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return None
+        return self._record(seq)
+
+    def has_work(self) -> bool:
+        """Whether a request is in flight or a final event is still to be given."""
+        return self.scheduler.has_work() or bool(self._events)
+
+    def poll(self) -> list[TokenEvent]:
+        """Run one step (if a request is in flight) and return the events since the last call:
+        final events of aborted requests, then each token the step sampled, in batch order
+        (a request's last token carries its finish_reason), then final events of requests the
+        scheduler gave up on (`error` says why)."""
+        events, self._events = self._events, []
+        if not self.scheduler.has_work():
+            return events
+        scheduled, finished = self.step()
+        done = {id(seq) for seq in finished}
+        for s in scheduled:
+            if s.samples:
+                seq = s.seq
+                reason = seq.finish_reason if id(seq) in done else None
+                events.append(TokenEvent(seq.request_id, seq.output_token_ids[-1], len(seq.output_token_ids) - 1,
+                                         reason))
+        for seq in finished:
+            self._record(seq)
+        events.extend(_final_event(self._record(seq)) for seq in self.scheduler.take_aborted())
+        return events
+
     def stream(self, requests: Iterable[Request], *, replay: bool = False, time_scale: float = 1.0
                ) -> Iterator[TokenEvent]:
-        """Run `requests` to completion, yielding each token as it is sampled. With `replay`,
-        each request is submitted at `arrival_time * time_scale` seconds after the start."""
-        pending = sorted(requests, key=lambda r: r.arrival_time) if replay else list(requests)
-        self.outputs = {}
+        """Run `requests` and yield each event (`poll`) until the engine has no work, the
+        events of requests added with `add_request` meanwhile included. Each invalid request
+        yields one event with `error` set (token_id None) and never runs; the rest run as if
+        it were not there. Request ids must be unique among the requests and those in flight.
+        With `replay`, each request is submitted at `arrival_time * time_scale` seconds after
+        the start. Closing the generator early aborts the requests it submitted that are
+        still in flight (without events: nobody is listening). TypeError at once, nothing
+        queued, for an item that is not a Request."""
+        batch = list(requests)
+        errors = self._check_batch(batch, time_scale)
+        return self._serve(batch, errors, [], replay, time_scale)
+
+    def generate(self, requests: Seq[Request], *, replay: bool = False, time_scale: float = 1.0
+                 ) -> list[RequestOutput]:
+        """Run `requests` to completion (as `stream`); one output per request, in the order
+        given. An invalid request's output has `error` set and no tokens."""
+        batch = list(requests)
+        errors = self._check_batch(batch, time_scale)
+        outputs: list[RequestOutput] = []
+        for _ in self._serve(batch, errors, outputs, replay, time_scale):
+            pass
+        return outputs
+
+    def _serve(self, requests: list[Request], errors: list[Optional[str]], outputs: list[RequestOutput],
+               replay: bool, time_scale: float) -> Iterator[TokenEvent]:
+        """`stream`'s loop; fills `outputs` with one output per request, in the order given."""
+        taken = {r.request_id for r in requests if isinstance(r.request_id, str)}
         start = self.now()
-        queue = iter(pending)
-        upcoming = next(queue, None)
-        while upcoming is not None or self.scheduler.has_work():
-            while upcoming is not None and (not replay or self.now() - start >= upcoming.arrival_time * time_scale):
-                # a replayed request's latency counts from its arrival, also when a running step
-                # kept it waiting to be submitted (as a server's queue would)
-                arrival = start + upcoming.arrival_time * time_scale if replay else self.now()
-                yield from self._submit(upcoming, arrival)
-                upcoming = next(queue, None)
-            if not self.scheduler.has_work():
-                if upcoming is not None:  # idle until the next arrival
-                    time.sleep(max(0.0, start + upcoming.arrival_time * time_scale - self.now()))
-                continue
-            scheduled, finished = self.step()
-            done = {id(seq) for seq in finished}
-            for s in scheduled:
-                if s.samples:
-                    seq = s.seq
-                    reason = seq.finish_reason if id(seq) in done else None
-                    yield TokenEvent(seq.request_id, seq.output_token_ids[-1], len(seq.output_token_ids) - 1, reason)
-            for seq in finished:
-                self._record(seq)
-            for seq in self.scheduler.take_aborted():
-                self._record(seq)
-                yield TokenEvent(seq.request_id, None, len(seq.output_token_ids), "abort", seq.error)
 
-    def add_request(self, request: Request, arrival_time: Optional[float] = None) -> Sequence:
-        """Validate `request` and queue it for the next steps (RequestError when it is invalid);
-        `stream` and `generate` call this, and so can code that drives `step` itself. Its
-        latencies count from `arrival_time` (engine clock, `now()`), by default now."""
-        seq = self._sequence(request, self.now() if arrival_time is None else arrival_time)
-        if seq.request_id in self.outputs:
-            raise RequestError(f"duplicate request id {seq.request_id!r}")
-        self.outputs[seq.request_id] = RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids, None,
-                                                     arrival_time=seq.arrival_time)
-        self.scheduler.add(seq)
-        return seq
+        def due(i: int) -> float:  # when a replay submits request i, on the engine clock
+            return start + _replay_time(requests[i]) * time_scale
 
-    def _submit(self, request: Request, arrival_time: float) -> Iterator[TokenEvent]:
+        pending = deque(sorted(range(len(requests)), key=due) if replay else range(len(requests)))
+        slots: list[Optional[RequestOutput]] = [None] * len(requests)
+        events: deque[TokenEvent] = deque()  # the current step's, not yielded yet
         try:
-            self.add_request(request, arrival_time)
-        except RequestError as e:
-            request_id = request.request_id if request.request_id is not None else str(next(self._ids))
-            if request_id in self.outputs:  # a duplicate id: keep the first request's output
-                request_id = f"{request_id} (duplicate {next(self._ids)})"
-            self.outputs[request_id] = RequestOutput(request_id, list(request.prompt_token_ids or []), [], None,
-                                                     error=str(e), arrival_time=arrival_time)
-            yield TokenEvent(request_id, None, 0, None, str(e))
+            while pending or self.has_work():
+                while pending and (not replay or self.now() >= due(pending[0])):
+                    i = pending.popleft()
+                    # a replayed request's latency counts from its arrival, also when a running step
+                    # kept it waiting to be submitted (as a server's queue would)
+                    slots[i], event = self._submit(requests[i], errors[i], taken, due(i) if replay else self.now())
+                    if event is not None:
+                        yield event
+                if self.has_work():
+                    events.extend(self.poll())
+                    while events:
+                        yield events.popleft()
+                elif pending:  # idle until the next arrival
+                    time.sleep(max(0.0, due(pending[0]) - self.now()))
+        finally:
+            self._leave([o for o in slots if o is not None], events)
+            outputs.extend(o for o in slots if o is not None)
 
-    def _record(self, seq: Sequence):
-        out = self.outputs[seq.request_id]
+    def _leave(self, mine: list[RequestOutput], undelivered: deque[TokenEvent]) -> None:
+        """A stream ends (perhaps closed early, or failed): abort its requests still in flight,
+        which must not outlive it, and keep the undelivered events of other requests for the
+        next poll."""
+        ids = {o.request_id for o in mine}
+        for output in mine:
+            if self._live.get(output.request_id) is output:
+                self._abort(output.request_id)
+        self._events[:0] = [e for e in undelivered if e.request_id not in ids]
+
+    def _check_batch(self, requests: list[Request], time_scale: float) -> list[Optional[str]]:
+        """Each request's error (None when valid); a duplicate id's second use is an error.
+        TypeError for an item that is not a Request, ValueError for a bad time_scale."""
+        if finite_float(time_scale) is None or time_scale <= 0:
+            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+        for i, request in enumerate(requests):
+            if not isinstance(request, Request):
+                raise TypeError(f"request {i} is a {type(request).__name__}, not a flowc.runtime.Request")
+        errors: list[Optional[str]] = []
+        seen: set[str] = set()
+        for request in requests:
+            try:
+                self._validate(request)
+            except RequestError as e:
+                errors.append(str(e))
+                continue
+            if request.request_id in seen:
+                errors.append(f"duplicate request id {request.request_id!r}: an earlier request has it")
+            else:
+                errors.append(None)
+            if request.request_id is not None:
+                seen.add(request.request_id)
+        return errors
+
+    def _submit(self, request: Request, error: Optional[str], taken: set[str], arrival_time: float
+                ) -> tuple[RequestOutput, Optional[TokenEvent]]:
+        """Queue one request of a batch, or reject it: its output, and its error event if rejected."""
+        # a rejected request keeps the id it came with, even one that is not a string
+        request_id = request.request_id if request.request_id is not None else self._new_id(taken)
+        if error is None:
+            try:
+                return self._queue(request, request_id, arrival_time), None
+            except RequestError as e:  # its id came in flight since the batch was checked
+                error = str(e)
+        prompt = request.prompt_token_ids
+        output = RequestOutput(request_id, list(prompt) if isinstance(prompt, (list, tuple)) else [], [], None,
+                               error=error, arrival_time=arrival_time)
+        return output, TokenEvent(request_id, None, 0, None, error)
+
+    def _record(self, seq: Sequence) -> RequestOutput:
+        """Fill in the output of a request that finished (or was aborted); it leaves the engine."""
+        out = self._live.pop(seq.request_id)
         out.output_token_ids = list(seq.output_token_ids)
         out.finish_reason = seq.finish_reason
         out.first_token_time = seq.first_token_time
@@ -353,13 +501,7 @@ class Engine:
         out.num_cached_tokens = seq.num_cached_tokens
         out.num_preemptions = seq.num_preemptions
         out.error = seq.error
-
-    def generate(self, requests: Seq[Request], *, replay: bool = False, time_scale: float = 1.0
-                 ) -> list[RequestOutput]:
-        """Run `requests` to completion; one output per request, in the order given."""
-        for _ in self.stream(requests, replay=replay, time_scale=time_scale):
-            pass
-        return list(self.outputs.values())
+        return out
 
     def close(self):
         self.runner.close()

@@ -41,7 +41,8 @@ class Sampler:
             # Work in descending order: top-k is then a prefix, top-p a prefix of what is left.
             logits, token_ids = logits.sort(dim=-1, descending=True, stable=True)
             rank = torch.arange(vocab, device=device)
-            top_k = torch.tensor([s.params.top_k or vocab for s in seqs], device=device)
+            # a top_k beyond the vocabulary keeps it all, as 0 does (and may not fit an int64)
+            top_k = torch.tensor([min(s.params.top_k or vocab, vocab) for s in seqs], device=device)
             logits = logits.masked_fill(rank >= top_k[:, None], float("-inf"))
             probs = logits.softmax(dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs  # 0 for the top token: it is always kept

@@ -75,6 +75,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self._by_id: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []  # finished by schedule(), until take_aborted()
+        self.num_preemptions = 0  # since the start, over every request
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request (status WAITING, holding no blocks) behind every earlier one."""
@@ -177,19 +178,27 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.decoding = False
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def unservable(self, num_tokens: int, prompt_only: bool) -> Optional[str]:
+        """Why a sequence of num_tokens known tokens (a prompt alone, if prompt_only) can never
+        be scheduled, for its user; None when it can. The engine refuses such requests on
+        submission; `schedule` aborts a sequence that grows into one."""
+        bm = self.block_manager
+        needed = bm.blocks_for(num_tokens)
+        if needed > bm.num_blocks:
+            return (f"{num_tokens} tokens need {needed} KV-cache blocks of {bm.block_size} tokens "
+                    f"but the cache has only {bm.num_blocks}")
+        if prompt_only and not self.chunked_prefill and num_tokens > self.max_batched_tokens:
+            return (f"the prompt has {num_tokens} tokens, more than max_batched_tokens "
+                    f"({self.max_batched_tokens}), and chunked prefill is off")
+        return None
 
     def _never_fits(self, seq: Sequence) -> bool:
         """Finish (abort) seq if it can never be scheduled; say whether it was."""
-        bm = self.block_manager
-        needed = bm.blocks_for(seq.num_tokens)
-        if needed > bm.num_blocks:
-            error = (f"the request needs {needed} KV-cache blocks for its {seq.num_tokens} tokens "
-                     f"but the cache has only {bm.num_blocks} blocks of {bm.block_size} tokens")
-        elif not self.chunked_prefill and not seq.output_token_ids and seq.num_tokens > self.max_batched_tokens:
-            error = (f"the prompt has {seq.num_tokens} tokens, more than max_batched_tokens "
-                     f"({self.max_batched_tokens}), and chunked prefill is off")
-        else:
+        error = self.unservable(seq.num_tokens, prompt_only=not seq.output_token_ids)
+        if error is None:
             return False
         del self._by_id[seq.request_id]
         seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, "abort", error

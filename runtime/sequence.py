@@ -29,8 +29,21 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def finite_float(x: object) -> Optional[float]:
+    """x as a float when it is a real number (not a bool) that a float holds finitely, else
+    None (NaN, infinities, ints beyond any float, other types)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def is_token_id(x: object, vocab_size: int) -> bool:
+    """Whether x is a token id of a vocabulary of vocab_size tokens (an int, not a bool)."""
+    return _is_int(x) and 0 <= x < vocab_size  # type: ignore[operator]
 
 
 @dataclass(frozen=True)
@@ -62,18 +75,20 @@ class SamplingParams:
         """Raise RequestError naming the first bad field, its value and the allowed range."""
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+        temperature = finite_float(self.temperature)
+        if temperature is None or temperature < 0:
             raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:  # NaN fails the comparison too
+        top_p = finite_float(self.top_p)
+        if top_p is None or not 0.0 < top_p <= 1.0:
             raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
             raise RequestError(f"seed must be an integer in [0, 2**64) or null, got {self.seed!r}")
         if not isinstance(self.stop_token_ids, tuple):
             raise RequestError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         for i, token in enumerate(self.stop_token_ids):
-            if not _is_int(token) or not 0 <= token < vocab_size:
+            if not is_token_id(token, vocab_size):
                 raise RequestError(f"stop_token_ids[{i}] = {token!r} is not a token id in [0, {vocab_size})")
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")

@@ -96,7 +96,7 @@ def test_a_request_that_can_never_fit_the_cache_is_aborted_not_deadlocked():
     plan, _ = step(sched)
     assert plan == [("ok", 0, 5, True)]
     assert sched.take_aborted() == [huge] and huge.is_finished and huge.finish_reason == "abort"
-    assert "needs 5 KV-cache blocks" in huge.error and huge.block_ids == []
+    assert "17 tokens need 5 KV-cache blocks" in huge.error and huge.block_ids == []
 
 
 def test_a_request_that_outgrows_the_cache_is_aborted_without_preempting_others():
@@ -110,7 +110,8 @@ def test_a_request_that_outgrows_the_cache_is_aborted_without_preempting_others(
     plan, finished = step(sched)
     assert plan == [] and finished == [] and sched.has_work()  # until the engine takes it
     assert sched.take_aborted() == [grows] and not sched.has_work()
-    assert grows.num_preemptions == 0 and "needs 5 KV-cache blocks for its 17 tokens" in grows.error
+    assert grows.num_preemptions == 0
+    assert grows.error == "17 tokens need 5 KV-cache blocks of 4 tokens but the cache has only 4"
     assert sched.block_manager.num_used == 0 and grows.block_ids == []
 
 
@@ -239,6 +240,30 @@ def test_abort_waiting_running_and_during_a_step():
     sched.block_manager.check(sched.running)
 
 
+def test_aborting_a_preempted_request_leaves_the_others_schedule_alone():
+    def run(abort: bool) -> list:
+        # as in test_preemption_takes_the_latest_arrival_and_it_resumes_by_recompute: c is preempted
+        sched = scheduler(num_blocks=6, block_size=4, prefix_caching=False)
+        for i, n in enumerate("abc"):
+            sched.add(make(n, 8, first_token=10 * i, max_tokens=5))
+        plans = [step(sched)[0] for _ in range(2)]
+        c = sched._by_id["c"]
+        assert c.num_preemptions == 1 and c.output_token_ids == [7] and list(sched.waiting) == [c]
+        if abort:
+            assert sched.abort("c") is c and c.finish_reason == "abort" and not sched.waiting
+            assert sched.abort("c") is None
+        while sched.has_work():
+            plans.append(step(sched)[0])
+        assert sched.block_manager.num_used == 0
+        return plans
+
+    kept, aborted = run(abort=False)[2:], run(abort=True)[2:]  # the steps after the abort
+    without_c = [[s for s in plan if s[0] != "c"] for plan in kept]
+    assert aborted == [plan for plan in without_c if plan] == [[("a", p, 1, True), ("b", p, 1, True)]
+                                                              for p in (9, 10, 11)]
+    assert len(kept) == 7  # without the abort, c's recompute and its last three decodes follow
+
+
 def test_postprocess_checks_the_number_of_sampled_tokens():
     sched = scheduler()
     sched.add(make("a", 3))
@@ -265,6 +290,8 @@ def test_scheduled_seq_is_frozen():
     (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=10**400), "temperature"),  # beyond any float: used to raise OverflowError
+    (dict(top_p=10**400), "top_p"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_p=float("nan")), "top_p"),
