@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -32,15 +33,77 @@ def load_plan_file(path: Path) -> tuple[Optional[Plan], list[Diagnostic]]:
                                      f"{SUPPORTED_MAJOR}.x)", help="compile the plan again with this flowc, or "
                                      "verify it with the flowc that wrote it", notes=("at format_version",))]
     try:
-        return Plan.model_validate(data), []
+        plan = Plan.model_validate(data)
     except ValidationError as error:
-        problems = error.errors()
-        notes = tuple(f"at {_json_path(p['loc'])}: {p['msg']}" for p in problems[:MAX_NOTES])
-        if len(problems) > MAX_NOTES:
-            notes += (f"and {len(problems) - MAX_NOTES} more",)
-        return None, [Diagnostic("F0520", f"`{name}` is not a flowc plan ({len(problems)} problem"
-                                 f"{'s' if len(problems) != 1 else ''})", help="give a plan written by `flowc`",
-                                 notes=notes)]
+        return None, [_not_a_plan(name, [(_json_path(p["loc"]), p["msg"]) for p in error.errors()])]
+    problems = _not_numbers(data) or _out_of_range(plan)
+    if problems:
+        return None, [_not_a_plan(name, problems)]
+    return plan, []
+
+
+def _not_a_plan(name: str, problems: list[tuple[str, str]]) -> Diagnostic:
+    """F0520 for a document that is not a plan, one note per problem (JSON path: why)."""
+    notes = tuple(f"at {path}: {why}" for path, why in problems[:MAX_NOTES])
+    if len(problems) > MAX_NOTES:
+        notes += (f"and {len(problems) - MAX_NOTES} more",)
+    return Diagnostic("F0520", f"`{name}` is not a flowc plan ({len(problems)} problem"
+                      f"{'s' if len(problems) != 1 else ''})", help="give a plan written by `flowc`", notes=notes)
+
+
+def _not_numbers(data, loc: tuple = ()) -> list[tuple[str, str]]:
+    """NaN anywhere in the document: flowc never writes one (an infinite percentile is
+    Infinity), and no check downstream can compare it."""
+    if isinstance(data, float) and math.isnan(data):
+        return [(_json_path(loc), "NaN is not a number")]
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    return [problem for key, value in items for problem in _not_numbers(value, (*loc, key))]
+
+
+def _out_of_range(plan: Plan) -> list[tuple[str, str]]:
+    """Values of a well-typed plan that no compiler writes and no command can use: counts below
+    1, negative sizes or GPU indices, instances of the wrong GPU count, activation buffers
+    outside the arena. (The verifier checks the plan against its spec; this is the document
+    alone, so that every command can rely on it.)"""
+    found = []
+    for d, dep in enumerate(plan.deployments):
+        for g, group in enumerate(dep.groups):
+            at = f"deployments[{d}].groups[{g}]"
+            found += _below(at, {"tp": group.tp, "pp": group.pp, "ep": group.ep, "instances": len(group.instances),
+                                 **{f"scheduler.{k}": v for k, v in group.scheduler.model_dump().items()
+                                    if not isinstance(v, bool)}}, 1)
+            found += _instance_problems(at, group)
+            found += _memory_problems(f"{at}.memory", group.memory)
+            if not (group.capacity_rps >= 0 and math.isfinite(group.capacity_rps)):
+                found.append((f"{at}.capacity_rps", f"{group.capacity_rps} is not a rate"))
+    return found
+
+
+def _below(at: str, values: dict[str, int], minimum: int) -> list[tuple[str, str]]:
+    return [(f"{at}.{key}", f"{value} is below {minimum}") for key, value in values.items() if value < minimum]
+
+
+def _instance_problems(at: str, group) -> list[tuple[str, str]]:
+    found = []
+    for i, instance in enumerate(group.instances):
+        if group.tp >= 1 and group.pp >= 1 and len(instance.gpus) != group.tp * group.pp:
+            found.append((f"{at}.instances[{i}].gpus", f"{len(instance.gpus)} GPUs for tp {group.tp} x pp {group.pp}"))
+        for k, gpu in enumerate(instance.gpus):
+            found += _below(f"{at}.instances[{i}].gpus[{k}]", {"node": gpu.node, "index": gpu.index}, 0)
+    return found
+
+
+def _memory_problems(at: str, memory) -> list[tuple[str, str]]:
+    sizes = {k: getattr(memory, k) for k in ("capacity", "weights", "kv_cache", "kv_blocks", "activations", "reserve")}
+    found = _below(at, sizes, 0) + _below(at, {f"offloaded.{k}": v for k, v in memory.offloaded.items()}, 0)
+    if not (memory.offload_step_s >= 0 and math.isfinite(memory.offload_step_s)):
+        found.append((f"{at}.offload_step_s", f"{memory.offload_step_s} is not a duration"))
+    for name, offset in memory.arena_offsets.items():
+        end = offset + memory.arena_sizes.get(name, 0)
+        if offset < 0 or memory.arena_sizes.get(name, 0) < 0 or end > memory.activations:
+            found.append((f"{at}.arena_offsets.{name}", f"bytes {offset} to {end} are not inside the arena of "
+                          f"{memory.activations} bytes"))
+    return found
 
 
 def _json_path(loc) -> str:

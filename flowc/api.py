@@ -65,19 +65,22 @@ def simulate(spec_or_plan: Spec | str | os.PathLike, workload=None, *, goodput: 
     return simulate_spec(spec, workload=workload, with_goodput=goodput, seed=seed)
 
 
-def estimate(model: str | Model, gpu: str | GPU, *, tp: int = 1, pp: int = 1, ep: int = 1, replicas: int = 1,
-             dtype: str = "bf16", kv_dtype: Optional[str] = None, input_len: int, output_len: int,
-             batch: Optional[int] = None, rate: Optional[float] = None,
+def estimate(model: str | Model, gpu: str | GPU, *, tp: int = 1, pp: int = 1, ep: int = 1,
+             replicas: Optional[int] = None, dtype: Optional[str] = None, kv_dtype: Optional[str] = None,
+             input_len: int, output_len: int, batch: Optional[int] = None, rate: Optional[float] = None,
              disaggregated: Optional[tuple[int, int]] = None, max_batched_tokens: Optional[int] = None,
              max_seqs: Optional[int] = None, block_size: Optional[int] = None, link: Optional[Link] = None,
-             seed: int = 0):
+             link_domain: Optional[int] = None, seed: int = 0):
     """Predict one configuration (no search): a standard library model and GPU by name (or spec
-    objects), weights in `dtype`, KV in `kv_dtype` (default: the model's). With `batch` a closed
-    loop at that concurrency, with `rate` Poisson arrivals, with neither offline throughput.
-    Scheduler settings left out take the engine defaults (`plan.Scheduler`); `link` joins an
-    instance's GPUs (default: the GPU's own interconnect). Raises FlowError for an unknown name,
-    a parallelism the model cannot take or a configuration that does not fit."""
+    objects), weights in `dtype` and KV in `kv_dtype` (default: the model's own). With `batch`
+    a closed loop at that concurrency, with `rate` Poisson arrivals, with neither offline
+    throughput; `replicas` colocated instances (default 1) or `disaggregated=(prefill, decode)`
+    instances. Scheduler settings left out take the engine defaults (`plan.Scheduler`); `link`
+    joins an instance's GPUs (default: the GPU's own interconnect), `link_domain` of them at
+    most (default: an 8-GPU board). Raises FlowError for an unknown name, an argument out of
+    range, a parallelism the model cannot take or a configuration that does not fit."""
     from flowc.compiler.frontend.library import stdlib_spec
+    from flowc.compiler.model.estimate import DEFAULT_LINK_DOMAIN
     from flowc.compiler.model.estimate import estimate as estimate_config
     from flowc.compiler.plan import Scheduler
     from flowc.compiler.spec import DTYPE_BYTES
@@ -85,14 +88,16 @@ def estimate(model: str | Model, gpu: str | GPU, *, tp: int = 1, pp: int = 1, ep
     stdlib = stdlib_spec()
     m = _stdlib_object(model, stdlib.models, "model")
     g = _stdlib_object(gpu, stdlib.gpus, "GPU")
-    for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype or m.kv)):
+    dtypes = {"weights": dtype or m.weights, "kv": kv_dtype or m.kv}
+    for (name, value), given in zip(dtypes.items(), ("dtype", "kv_dtype")):
         if value not in DTYPE_BYTES:
-            raise FlowError([Diagnostic("F0306", f"unknown {name} `{value}`",
+            raise FlowError([Diagnostic("F0306", f"unknown {given} `{value}` for the {name}",
                                         help=suggestion_help(value, DTYPE_BYTES, "dtypes"))])
-    m = m.model_copy(update={"weights": dtype, "kv": kv_dtype or m.kv})
+    m = m.model_copy(update=dtypes)
     given = {"max_batched_tokens": max_batched_tokens, "max_seqs": max_seqs, "block_size": block_size}
     scheduler = Scheduler(**{knob: value for knob, value in given.items() if value is not None})
     return estimate_config(m, g, link or stdlib.links[g.interconnect], tp=tp, pp=pp, ep=ep, replicas=replicas,
+                           link_domain=DEFAULT_LINK_DOMAIN if link_domain is None else link_domain,
                            input_len=input_len, output_len=output_len, batch=batch, rate=rate,
                            disaggregated=disaggregated, scheduler=scheduler, seed=seed)
 
@@ -106,13 +111,16 @@ def _stdlib_object(name_or_object, table: dict, kind: str):
                                 help=suggestion_help(name_or_object, table, f"standard library {kind}s"))])
 
 
-def compile(spec_or_path: Spec | str | os.PathLike, *, time_limit_s: float = 10.0, seed: int = 0):
+def compile(spec_or_path: Spec | str | os.PathLike, *, time_limit_s: float = 10.0, seed: int = 0,
+            on_progress=None):
     """Compile a spec (a Spec, a path or spec text) into a Plan; raises FlowError when the
-    spec is invalid or no plan can serve it."""
+    spec is invalid, deploys nothing (F0512) or no plan can serve it. `on_progress(what, done,
+    total)` hears of the compiler's progress."""
     from flowc.compiler.optimize.compile import compile_spec
 
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load(spec_or_path)
-    return compile_spec(spec, time_limit_s=time_limit_s, seed=seed)
+    progress = {} if on_progress is None else {"on_progress": on_progress}
+    return compile_spec(spec, time_limit_s=time_limit_s, seed=seed, **progress)
 
 
 __all__ = ["load", "check_sources", "compile", "estimate", "simulate", "Checked", "FlowError"]

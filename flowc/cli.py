@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -53,9 +54,12 @@ def _build_parser() -> argparse.ArgumentParser:
     estimate = commands.add_parser("estimate", parents=[common], help="predict one configuration (no search)")
     estimate.add_argument("model", help="a standard library model, e.g. llama-3.1-70b")
     estimate.add_argument("gpu", help="a standard library GPU, e.g. h100-sxm")
-    for flag in ("tp", "pp", "ep", "replicas"):
+    for flag in ("tp", "pp", "ep"):
         estimate.add_argument(f"--{flag}", type=int, default=1)
-    estimate.add_argument("--dtype", default="bf16", help="weight dtype (bf16, fp8, int4, ...)")
+    estimate.add_argument("--replicas", type=int, help="colocated instances (default 1)")
+    estimate.add_argument("--link-domain", type=int, metavar="GPUS",
+                          help="GPUs one fast link joins, the most tp may take (default 8: one board)")
+    estimate.add_argument("--dtype", default=None, help="weight dtype (bf16, fp8, int4, ...; default: the model's)")
     estimate.add_argument("--kv-dtype", default=None, help="KV-cache dtype (default: the model's)")
     estimate.add_argument("--input-len", type=int, required=True, metavar="TOKENS")
     estimate.add_argument("--output-len", type=int, required=True, metavar="TOKENS")
@@ -229,8 +233,8 @@ def _cmd_estimate(args, out: _Output) -> int:
 
     try:
         result = estimate(args.model, args.gpu, tp=args.tp, pp=args.pp, ep=args.ep, replicas=args.replicas,
-                          dtype=args.dtype, kv_dtype=args.kv_dtype, input_len=args.input_len,
-                          output_len=args.output_len, batch=args.batch, rate=args.rate,
+                          link_domain=args.link_domain, dtype=args.dtype, kv_dtype=args.kv_dtype,
+                          input_len=args.input_len, output_len=args.output_len, batch=args.batch, rate=args.rate,
                           disaggregated=tuple(args.disaggregated) if args.disaggregated else None)
     except FlowError as error:
         out.diagnostics(error.diagnostics, error.sources)
@@ -262,12 +266,14 @@ def _on_checked_spec(path: str, out: _Output, work):
 
 
 def _cmd_compile(args, out: _Output) -> int:
-    from flowc.compiler.optimize.compile import compile_spec
+    from flowc.api import compile as compile_checked
     from flowc.progress import progress
 
+    if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
+        return out.usage_error(f"--time-limit must be a positive number of seconds (got {args.time_limit})")
     with progress("compiling", enabled=not out.json, color=out.color) as bar:
         done = _on_checked_spec(args.file, out,
-                                lambda spec: compile_spec(spec, time_limit_s=args.time_limit, on_progress=bar))
+                                lambda spec: compile_checked(spec, time_limit_s=args.time_limit, on_progress=bar))
     if isinstance(done, int):
         return done
     spec, plan = done

@@ -47,15 +47,23 @@ def cmd_run(args, out) -> int:
     except ImportError as error:
         return out.usage_error(f"the flowc runtime needs torch ({error})",
                                'install it with `pip install "flowc[runtime]"`')
-    for path, what in ((args.plan, "plan"), (args.prompts, "prompts file")):
-        if path is not None and not Path(path).is_file():
-            return out.usage_error(f"`{path}` does not exist", f"give the path of a {what}")
+    from flowc.plan_io import read_plan
+
     if args.time_scale <= 0 or not math.isfinite(args.time_scale):
         return out.usage_error(f"--time-scale must be a positive number (got {args.time_scale})")
     if args.requests < 1:
         return out.usage_error(f"--requests must be at least 1 (got {args.requests})")
+    backend = _backend_problem(args.backend)
+    if backend is not None:
+        return out.usage_error(*backend)
+    plan = read_plan(args.plan, out)
+    if isinstance(plan, int):
+        return plan
+    lines = _prompt_lines(args.prompts, out) if args.prompts is not None else None
+    if isinstance(lines, int):
+        return lines
     try:
-        engine = Engine.from_plan(args.plan, args.weights, deployment=args.deployment, dtype=args.dtype,
+        engine = Engine.from_plan(plan, args.weights, deployment=args.deployment, dtype=args.dtype,
                                   backend=args.backend, seed=args.seed)
     except (EngineError, ValueError) as error:  # WeightsError and UnsupportedModel are ValueErrors
         sys.stderr.write(f"error: {error}\n")
@@ -63,7 +71,17 @@ def cmd_run(args, out) -> int:
     with engine:
         if args.replay:
             return _replay(args, engine, out)
-        return _prompts(args, engine)
+        return _prompts(args, lines, engine)
+
+
+def _backend_problem(backend: str) -> tuple[str, str] | None:
+    """(message, help) when `--backend` cannot run on this machine at all (the engine checks
+    again on the device the plan picks)."""
+    import torch
+
+    from flowc.runtime.kernels import backend_problem
+
+    return backend_problem(backend, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -103,26 +121,47 @@ def _request(line: str, number: int, tokenizer):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer: give --weights a directory with tokenizer.json "
                              "(and `pip install tokenizers`), or give prompt_token_ids")
-        tokens = tokenizer.encode(str(item["prompt"])).ids
+        if not isinstance(item["prompt"], str):
+            raise ValueError(f"prompt must be a string, got {item['prompt']!r}")
+        tokens = tokenizer.encode(item["prompt"]).ids
     else:
         raise ValueError("give prompt_token_ids (or prompt)")
-    fields = {k: item[k] for k in SAMPLING_FIELDS if k in item}
-    if "stop_token_ids" in fields:
-        fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    request_id = item.get("id", number)
+    if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+        raise ValueError(f"id must be a string or a number, got {request_id!r}")
+    fields = {k: item[k] for k in SAMPLING_FIELDS if k in item}  # the engine validates their values
     try:
         params = SamplingParams(**fields)
     except TypeError as error:
         raise ValueError(str(error)) from None
-    return Request(prompt_token_ids=tokens, params=params, request_id=str(item.get("id", number)))
+    return Request(prompt_token_ids=tokens, params=params, request_id=str(request_id))
 
 
-def _prompts(args, engine) -> int:
+def _prompt_lines(path: str, out) -> list[tuple[int, str]] | int:
+    """The prompts file's (line number, text) of every non-blank line, or the exit code of a
+    usage error when it cannot be read, is not UTF-8 text or holds no request."""
+    help = 'one JSON object per line, e.g. {"prompt_token_ids": [1, 2, 3], "max_tokens": 16}'
+    file = Path(path)
+    if not file.is_file():
+        state = "is a directory" if file.is_dir() else "does not exist"
+        return out.usage_error(f"`{path}` {state}", "give the path of a prompts file: " + help)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        return out.usage_error(f"`{path}` is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                               f"{error.start})", "give a prompts file: " + help)
+    except OSError as error:
+        return out.usage_error(f"cannot read `{path}`: {error.strerror or error}")
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        return out.usage_error(f"`{path}` holds no request", "give a prompts file: " + help)
+    return lines
+
+
+def _prompts(args, lines: list[tuple[int, str]], engine) -> int:
     tokenizer = _tokenizer(args.weights)
     requests, failed = [], 0
-    lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in lines:
         try:
             requests.append(_request(line, number, tokenizer))
         except ValueError as error:

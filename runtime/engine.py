@@ -38,6 +38,7 @@ from flowc.compiler.plan_io import load_plan_file
 
 from .block_manager import BlockManager
 from .config import ModelConfig
+from .kernels import backend_problem
 from .runner import RunnerSpec, make_runner
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
@@ -242,6 +243,9 @@ class Engine:
             weights_dir = Path(weights)
             config = _hf_config(weights_dir, dp)
         device = _device_for(group)
+        problem = backend_problem(backend, str(device))
+        if problem is not None:  # before any worker starts: a plan for cpu-local on a GPU machine
+            raise EngineError(f"{problem[0]}; {problem[1]}")
         if dtype is not None and dtype not in DTYPES:
             raise EngineError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         w_dtype = DTYPES[dtype] if dtype else _dtype(dp.weights, "weights")

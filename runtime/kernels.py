@@ -9,15 +9,37 @@ reference elsewhere: on CPU, Triton only runs under TRITON_INTERPRET=1, which is
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
+from typing import Optional
+
+from .triton_shim import HAVE_TRITON
 
 OP_NAMES = ("rms_norm", "rotary", "store_kv", "paged_attention", "silu_and_mul", "moe_topk")
 BACKENDS = ("auto", "torch", "triton")
 
 
-def get_ops(backend: str = "auto", device: str = "cpu") -> SimpleNamespace:
+def backend_problem(backend: str, device: str) -> Optional[tuple[str, str]]:
+    """(message, help) when the kernel `backend` cannot run on `device`: Triton compiles its
+    kernels for a CUDA GPU, and runs on the CPU only in its interpreter (TRITON_INTERPRET=1)."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        return f"unknown kernel backend {backend!r}", f"choose one of {', '.join(BACKENDS)}"
+    if backend != "triton":
+        return None
+    if not HAVE_TRITON:
+        return ("the triton kernel backend needs the triton package, which is not installed",
+                "install it with `pip install triton`, or use the torch backend (the reference kernels)")
+    if str(device).startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the triton kernel backend needs a CUDA GPU, and this runs on {device}",
+            "use the torch backend (the reference kernels), or set TRITON_INTERPRET=1 to run the Triton kernels "
+            "in Triton's CPU interpreter (slow: for tests)")
+
+
+def get_ops(backend: str = "auto", device: str = "cpu") -> SimpleNamespace:
+    problem = backend_problem(backend, device)
+    if problem is not None:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
     if backend == "auto":
         backend = "triton" if str(device).startswith("cuda") else "torch"
     if backend == "torch":

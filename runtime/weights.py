@@ -54,12 +54,16 @@ def load_config(path: str | Path) -> ModelConfig:
         raise WeightsError(f"{root} has no {CONFIG}: a Hugging Face model directory holds the {CONFIG} "
                            f"written by save_pretrained (download it with the weights)")
     raw = _read_json(file)
+    _check_config_values(raw, file)
     try:
         config = ModelConfig.from_hf(raw)
     except KeyError as e:
         raise WeightsError(f"{file} lacks {e.args[0]!r}: re-download or re-save the model's {CONFIG}") from e
     except ValueError as e:
         raise WeightsError(f"{file}: {e}") from e
+    except (TypeError, ArithmeticError, AttributeError) as e:  # a value of another JSON type than transformers'
+        raise WeightsError(f"{file} holds a value flowc cannot read ({e}): re-download or re-save the model's "
+                           f"{CONFIG}") from e
     generation = root / GENERATION_CONFIG
     if not generation.is_file():
         return config
@@ -186,6 +190,29 @@ def _model_dir(path: str | Path) -> Path:
         raise WeightsError(f"model directory {root} {what}: pass a local Hugging Face model directory "
                            f"({CONFIG} and {SINGLE_FILE} or sharded safetensors with {INDEX_FILE})")
     return root
+
+
+# config.json fields read as sizes and counts, with their least value (null: the default), and
+# as positive reals.
+CONFIG_COUNTS = {"num_hidden_layers": 1, "hidden_size": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+                 "head_dim": 1, "intermediate_size": 1, "vocab_size": 1, "max_position_embeddings": 1,
+                 "num_local_experts": 1, "num_experts_per_tok": 1, "sliding_window": 1, "max_window_layers": 0}
+CONFIG_REALS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_config_values(raw: dict[str, Any], file: Path) -> None:
+    """WeightsError naming the first size, count or real of config.json that is not one."""
+    for key, least in CONFIG_COUNTS.items():
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise WeightsError(f"{file}: {key} is {value!r}, not a whole number of at least {least}: re-download "
+                               f"or re-save the model's {CONFIG}")
+    for key in CONFIG_REALS:
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not 0 < value < float("inf")):
+            raise WeightsError(f"{file}: {key} is {value!r}, not a positive number: re-download or re-save the "
+                               f"model's {CONFIG}")
 
 
 def _read_json(file: Path) -> dict[str, Any]:

@@ -333,3 +333,35 @@ def test_caret_lines_up_under_tab_indented_code(capsys, tmp_path):
     at = next(i for i, line in enumerate(lines) if line.startswith("4 |"))
     code_line, caret_line = lines[at].expandtabs(), lines[at + 1].expandtabs()
     assert caret_line.index("^") == code_line.rindex("G")
+
+
+# ------------------------------------------------------------------ compile: nothing to compile
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "use std.gpus\ncluster c {\n  node x 1 {\n"
+                                  "    gpu h100-sxm x 1\n  }\n}\n"])
+def test_compile_of_a_spec_without_deployments_is_f0512(capsys, tmp_path, text):
+    """Regression: an empty or comment-only spec ended in an internal error (max() of nothing)."""
+    path = tmp_path / "nothing.flow"
+    path.write_text(text, encoding="utf-8")
+    code, out, err = run(capsys, "compile", str(path))
+    assert code == 1 and out == ""
+    assert err.startswith(f"error[F0512]: nothing to compile: `{path}` declares no `deploy` block")
+    assert "internal error" not in err
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.compile(path)
+    assert caught.value.codes == ["F0512"]
+
+
+def test_simulate_of_a_spec_without_deployments_is_f0512(capsys, tmp_path):
+    """It printed nothing and exited 0."""
+    path = tmp_path / "nothing.flow"
+    path.write_text("# only a comment\n", encoding="utf-8")
+    code, out, err = run(capsys, "simulate", str(path))
+    assert code == 1 and out == ""
+    assert err.startswith(f"error[F0512]: nothing to simulate: `{path}` declares no `deploy` block")
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "nan", "inf"])
+def test_compile_time_limit_must_be_positive(capsys, valid, limit):
+    code, _, err = run(capsys, "compile", str(valid), "--time-limit", limit)
+    assert code == 2 and f"--time-limit must be a positive number of seconds (got {float(limit)})" in err

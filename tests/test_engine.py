@@ -368,3 +368,11 @@ def test_plans_the_runtime_cannot_run_are_refused(saved, tmp_path):
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(EngineError, match="not a flowc plan"):
         Engine.from_plan(tmp_path / "junk.json")
+
+
+def test_the_triton_backend_on_a_cpu_device_is_refused_before_anything_starts(saved, monkeypatch):
+    """A cpu-local plan runs on the CPU even on a GPU machine: Triton there needs its interpreter."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plan = instance_plan(tiny_spec("llama"), max_batched_tokens=32, max_seqs=4, kv_blocks=8)
+    with pytest.raises(EngineError, match="the triton kernel backend needs a CUDA GPU, and this runs on cpu"):
+        Engine.from_plan(plan, saved("llama"), backend="triton")

@@ -77,7 +77,7 @@ def _fixtures() -> list[str]:
 
 
 # Codes that `flowc compile` raises on a spec that checks clean; the others come from `check`.
-COMPILE_CODES = {"F0510", "F0511"}
+COMPILE_CODES = {"F0510", "F0511", "F0512"}
 DOCUMENTED = _documented()
 FIXTURES = _fixtures()
 

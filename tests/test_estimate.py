@@ -79,6 +79,75 @@ def test_bad_configurations_are_diagnostics(kwargs, code, words):
     assert words in str(caught.value)
 
 
+@pytest.mark.parametrize("kwargs, code, words", [
+    (dict(batch=0), "F0307", "batch must be a whole number of at least 1, not 0"),
+    (dict(batch=-3), "F0307", "batch must be a whole number of at least 1, not -3"),
+    (dict(rate=0.0), "F0307", "rate must be a positive, finite number of requests/s, not 0.0"),
+    (dict(rate=-1.0), "F0307", "not -1.0"),
+    (dict(rate=float("nan")), "F0307", "not nan"),
+    (dict(rate=float("inf")), "F0307", "not inf"),
+    (dict(replicas=0), "F0307", "replicas must be a whole number of at least 1, not 0"),
+    (dict(replicas=257), "F0307", "estimate simulates at most 256 instances, not 257"),
+    (dict(disaggregated=(0, 1)), "F0307", "at least 1 prefill and 1 decode instance, not (0, 1)"),
+    (dict(disaggregated=(200, 57)), "F0307", "at most 256 instances, not 257"),
+    (dict(tp=-1), "F0307", "tp must be a whole number of at least 1, not -1"),
+    (dict(input_len=0), "F0307", "input_len must be a whole number of at least 1, not 0"),
+    (dict(input_len=-5), "F0307", "not -5"),
+    (dict(output_len=0), "F0307", "output_len must be a whole number of at least 1, not 0"),
+    (dict(max_seqs=0), "F0307", "max_seqs must be a whole number of at least 1, not 0"),
+    (dict(link_domain=0), "F0307", "link_domain must be a whole number of at least 1, not 0"),
+    (dict(batch=2, rate=1.0), "F0405", "give batch (a closed loop) or rate (open-loop arrivals), not both"),
+    (dict(replicas=2, disaggregated=(1, 1)), "F0405", "give replicas (colocated instances) or disaggregated"),
+    (dict(tp=16), "F0404", "tp 16 is larger than one link domain of h100-sxm over nvlink4 (8 GPUs)"),
+    (dict(input_len=131_000, output_len=73), "F0410",
+     "a request of 131073 tokens (input_len + output_len) is longer than llama-3.1-8b's context of 131072 tokens"),
+])
+def test_arguments_out_of_range_are_diagnostics(kwargs, code, words):
+    """Regression: each of these ended in an internal error (or ran) instead of a diagnostic."""
+    kwargs = {"input_len": 100, "output_len": 10, **kwargs}
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.estimate("llama-3.1-8b", "h100-sxm", **kwargs)
+    assert caught.value.codes == [code]
+    assert words in str(caught.value)
+
+
+def test_every_argument_out_of_range_is_reported_at_once():
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.estimate("llama-3.1-8b", "h100-sxm", tp=0, input_len=0, output_len=10, batch=0)
+    assert caught.value.codes == ["F0307"] * 3
+
+
+def test_a_larger_link_domain_lets_tp_grow():
+    e = flowc.estimate("llama-3.1-8b", "h100-sxm", tp=16, link_domain=16, input_len=100, output_len=10)
+    assert e.tp == 16 and e.gpus == 16
+
+
+def test_weights_and_kv_default_to_the_models_own_dtypes(std):
+    """Regression: the default dtype bf16 replaced DeepSeek-V3's declared fp8 weights, and it did
+    not fit on 8 x H200."""
+    m = std.models["deepseek-v3"]
+    assert (m.weights, m.kv) == ("fp8", "bf16")
+    e = flowc.estimate("deepseek-v3", "h200-sxm", tp=8, input_len=100, output_len=10, batch=1)
+    assert e.memory_per_gpu == memory_budget(m, std.gpus["h200-sxm"].memory, tp=8).by_category()
+    with pytest.raises(flowc.FlowError) as caught:  # bf16 given on purpose still does not fit
+        flowc.estimate("deepseek-v3", "h200-sxm", tp=8, dtype="bf16", input_len=100, output_len=10, batch=1)
+    assert caught.value.codes == ["F0503"] and "deepseek-v3 at bf16" in str(caught.value)
+
+
+@pytest.mark.parametrize("flags, code", [
+    (["--batch", "0"], "F0307"), (["--rate", "0"], "F0307"), (["--rate", "-1"], "F0307"),
+    (["--rate", "nan"], "F0307"), (["--replicas", "0"], "F0307"), (["--disaggregated", "0", "1"], "F0307"),
+    (["--pp", "0"], "F0307"), (["--ep", "-2"], "F0307"), (["--output-len", "0"], "F0307"),
+    (["--tp", "16"], "F0404"), (["--input-len", "200000"], "F0410"),
+    (["--replicas", "2", "--disaggregated", "1", "1"], "F0405"),
+])
+def test_cli_estimate_arguments_out_of_range(capsys, flags, code):
+    argv = ["estimate", "llama-3.1-8b", "h100-sxm", "--input-len", "100", "--output-len", "10", *flags]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error[{code}]" in err and "internal error" not in err
+
+
 def test_cli_estimate_json_and_errors(capsys):
     assert main(["estimate", "llama-3.1-8b", "h100-sxm", "--input-len", "256", "--output-len", "32", "--batch", "4",
                  "--json"]) == 0

@@ -81,3 +81,63 @@ def test_user_mistakes_are_diagnosed(capsys, plan, tmp_path):
     assert code == 2 and "--time-scale" in err
     code, _, err = run(capsys, "run", str(plan), "--replay", "--weights", str(tmp_path))
     assert code == 1 and "config.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"\x00\x01\xff\xfe", "is not UTF-8 text (byte 0xff at offset 2)"),
+    (b"", "holds no request"),
+    (b"\n  \n", "holds no request"),
+])
+def test_a_prompts_file_that_is_not_requests_is_a_usage_error(capsys, plan, tmp_path, data, words):
+    """Regression: a file that is not UTF-8 ended in an internal error; an empty one ran nothing
+    and exited 0."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(data)
+    code, out, err = run(capsys, "run", str(plan), "--prompts", str(prompts))
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: `{prompts}` {words}") and "internal error" not in err
+
+
+def test_prompt_lines_of_the_wrong_types_are_request_errors(capsys, plan, tmp_path):
+    """Regression: `"stop_token_ids": 5` ended in an internal error (tuple() of an int)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join([
+        json.dumps({"id": "ok", "prompt_token_ids": [1, 2], "max_tokens": 2}),
+        json.dumps({"prompt_token_ids": [1], "stop_token_ids": 5}),
+        json.dumps({"prompt_token_ids": [1], "id": {"a": 1}}),
+        json.dumps({"prompt": 5}),
+        json.dumps({"prompt_token_ids": [1, True]}),
+    ]) + "\n")
+    code, out, err = run(capsys, "run", str(plan), "--prompts", str(prompts))
+    lines = {item["id"]: item for item in map(json.loads, out.splitlines())}
+    assert code == 1 and "internal error" not in err
+    assert len(lines["ok"]["output_token_ids"]) == 2
+    assert lines["2"]["error"] == "stop_token_ids must be a list of token ids, got 5"
+    assert lines["3"]["error"] == f"{prompts}:3: id must be a string or a number, got {{'a': 1}}"
+    assert lines["4"]["error"].startswith(f"{prompts}:4: a text prompt needs a tokenizer")
+    assert "prompt token 1 is True" in lines["5"]["error"]
+
+
+def test_a_malformed_plan_is_f0520(capsys, plan, tmp_path):
+    broken = tmp_path / "plan.json"
+    broken.write_text(plan.read_text()[:200])
+    code, _, err = run(capsys, "run", str(broken), "--prompts", str(broken))
+    assert code == 1 and err.startswith("error[F0520]: `plan.json` is not valid JSON")
+
+
+def test_triton_without_a_gpu_is_a_usage_error(capsys, plan, tmp_path, monkeypatch):
+    """Regression: `--backend triton` on a machine without a GPU ended in Triton's internal
+    error ("0 active drivers") after loading the model."""
+    import torch
+
+    from flowc.runtime.triton_shim import HAVE_TRITON
+
+    if torch.cuda.is_available() or not HAVE_TRITON:
+        pytest.skip("needs a machine without a CUDA device, with triton installed")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1]}) + "\n")
+    code, _, err = run(capsys, "run", str(plan), "--prompts", str(prompts), "--backend", "triton")
+    assert code == 2
+    assert err.startswith("error: the triton kernel backend needs a CUDA GPU, and this runs on cpu")
+    assert "TRITON_INTERPRET=1" in err

@@ -7,6 +7,7 @@ Poisson run; with neither, offline maximum throughput (every request queued at t
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
@@ -14,7 +15,7 @@ from pydantic import BaseModel, Field
 from flowc.compiler.diagnostics import Diagnostic, FlowError
 from flowc.compiler.model.instance import Role, instance_config
 from flowc.compiler.model.memory import memory_budget
-from flowc.compiler.model.parallelism import problems
+from flowc.compiler.model.parallelism import domain_problem, problems
 from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.workload import fixed_requests
 from flowc.compiler.plan import Scheduler
@@ -25,6 +26,12 @@ from flowc.compiler.units import format_gib
 OPEN_LOOP_REQUESTS = 400
 CLOSED_LOOP_ROUNDS = 4
 OFFLINE_REQUESTS_MAX = 2048
+# The simulation's time and memory grow with the instances (a closed loop simulates `batch`
+# sequences of each): more than this is refused rather than left running for minutes.
+MAX_INSTANCES = 256
+# GPUs per link domain when the caller gives none: one 8-GPU board (HGX, OAM), how every
+# standard library GPU with a fast link ships.
+DEFAULT_LINK_DOMAIN = 8
 
 
 Mode = Literal["closed_loop", "open_loop", "offline"]
@@ -70,26 +77,87 @@ def _fail(code: str, message: str, help: str | None = None, notes: tuple[str, ..
     return FlowError([Diagnostic(code, message, help=help, notes=notes)])
 
 
-def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int = 1, replicas: int = 1,
-             input_len: int, output_len: int, batch: Optional[int] = None, rate: Optional[float] = None,
-             disaggregated: Optional[tuple[int, int]] = None, scheduler: Scheduler = Scheduler(),
-             seed: int = 0) -> Estimate:
-    """Predict one configuration of model `m` (its weight and KV dtypes as given) on `g`, an
-    instance's GPUs joined by `link`. Raises FlowError (never a traceback) for a parallelism the
-    model cannot take or a configuration that does not fit in memory.
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
-    `disaggregated=(p, d)` runs p prefill and d decode instances instead of `replicas`
-    colocated ones. `flowc.estimate` resolves standard library names and calls this."""
-    for name, value in (("tp", tp), ("pp", pp), ("ep", ep)):
-        if not isinstance(value, int) or value < 1:
-            raise _fail("F0307", f"{name} must be a whole number of at least 1, not {value!r}")
-    found = problems(m, tp, pp, ep)
-    if found:
-        raise FlowError([Diagnostic(p.code, p.message, help=p.help) for p in found])
+
+def _range_errors(counts: dict[str, object], rate: Optional[float],
+                  disaggregated: Optional[tuple[int, int]]) -> list[Diagnostic]:
+    """F0307 for every argument outside its range: counts (degrees, instances, lengths, batch,
+    scheduler settings) are whole numbers of at least 1, a rate is a positive finite number,
+    and disaggregation needs a prefill and a decode instance."""
+    found = [Diagnostic("F0307", f"{name} must be a whole number of at least 1, not {value!r}")
+             for name, value in counts.items() if value is not None and not _is_whole(value)]
+    if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool)
+                                 and math.isfinite(rate) and rate > 0):
+        found.append(Diagnostic("F0307", f"rate must be a positive, finite number of requests/s, not {rate!r}",
+                                help="for the most the instances can serve, leave out the rate (offline throughput)"))
+    if disaggregated is not None and not (len(disaggregated) == 2 and all(map(_is_whole, disaggregated))):
+        found.append(Diagnostic("F0307", "disaggregated takes whole numbers of at least 1 prefill and 1 decode "
+                                f"instance, not {tuple(disaggregated)!r}",
+                                help="prefill instances take the arrivals, decode instances finish them"))
+    return found
+
+
+def _conflicts(batch: Optional[int], rate: Optional[float], replicas: Optional[int],
+               disaggregated: Optional[tuple[int, int]]) -> list[Diagnostic]:
+    """F0405 for arguments that exclude each other."""
+    found = []
     if batch is not None and rate is not None:
-        raise ValueError("give `batch` (closed loop) or `rate` (open loop), not both")
-    if input_len < 1 or output_len < 1:
-        raise _fail("F0307", "input_len and output_len must be at least 1 token")
+        found.append(Diagnostic("F0405", "give batch (a closed loop) or rate (open-loop arrivals), not both"))
+    if replicas is not None and disaggregated is not None:
+        found.append(Diagnostic("F0405", "give replicas (colocated instances) or disaggregated (prefill and decode "
+                                "instances), not both"))
+    return found
+
+
+def _instance_count_errors(replicas: Optional[int], disaggregated: Optional[tuple[int, int]]) -> list[Diagnostic]:
+    instances = sum(disaggregated) if disaggregated else (replicas or 1)
+    if instances <= MAX_INSTANCES:
+        return []
+    return [Diagnostic("F0307", f"estimate simulates at most {MAX_INSTANCES} instances, not {instances}",
+                       help="estimate fewer instances (colocated instances behind one router scale about "
+                            "linearly), or simulate a spec's deployment with `flowc simulate`")]
+
+
+def _fit_errors(m: Model, g: GPU, link: Link, *, tp: int, pp: int, ep: int, link_domain: int,
+                tokens: int) -> list[Diagnostic]:
+    """A parallelism the model cannot take (F0401-F0403), tp beyond a link domain (F0404),
+    requests of `tokens` longer than the model's context (F0410)."""
+    found = [Diagnostic(p.code, p.message, help=p.help) for p in problems(m, tp, pp, ep)]
+    wide = domain_problem(tp, link_domain, f"one link domain of {g.name} over {link.name}")
+    if wide is not None:
+        default = " (the default: one 8-GPU board)" if link_domain == DEFAULT_LINK_DOMAIN else ""
+        found.append(Diagnostic(wide.code, wide.message, help=wide.help, notes=(
+            f"a link domain holds {link_domain} GPUs{default}; for a larger NVLink domain give "
+            "link_domain (`--link-domain N`)",)))
+    if tokens > m.max_context:
+        found.append(Diagnostic("F0410", f"a request of {tokens} tokens (input_len + output_len) is longer than "
+                                f"{m.name}'s context of {m.max_context} tokens",
+                                help=f"keep input_len + output_len within {m.max_context} tokens"))
+    return found
+
+
+def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int = 1, replicas: Optional[int] = None,
+             link_domain: int = DEFAULT_LINK_DOMAIN, input_len: int, output_len: int, batch: Optional[int] = None,
+             rate: Optional[float] = None, disaggregated: Optional[tuple[int, int]] = None,
+             scheduler: Scheduler = Scheduler(), seed: int = 0) -> Estimate:
+    """Predict one configuration of model `m` (its weight and KV dtypes as given) on `g`, an
+    instance's GPUs joined by `link`, `link_domain` of them in one domain. Raises FlowError
+    (never a traceback) for an argument out of range, a parallelism the model cannot take or a
+    configuration that does not fit in memory.
+
+    `replicas` colocated instances (default 1), or `disaggregated=(p, d)`: p prefill and d
+    decode instances. `flowc.estimate` resolves standard library names and calls this."""
+    counts = {"tp": tp, "pp": pp, "ep": ep, "replicas": replicas, "link_domain": link_domain,
+              "input_len": input_len, "output_len": output_len, "batch": batch,
+              **scheduler.model_dump(include={"max_batched_tokens", "chunk_size", "max_seqs", "block_size"})}
+    found = _range_errors(counts, rate, disaggregated) + _conflicts(batch, rate, replicas, disaggregated)
+    if not found:
+        found = _instance_count_errors(replicas, disaggregated) or _fit_errors(
+            m, g, link, tp=tp, pp=pp, ep=ep, link_domain=link_domain, tokens=input_len + output_len)
+    if found:
+        raise FlowError(found)
     block_size = scheduler.block_size
     budget = memory_budget(m, g.memory, tp=tp, pp=pp, scheduler=scheduler, vendor=g.vendor)
     if not budget.fits:
@@ -118,7 +186,7 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
         prefill, decode = disaggregated
         instances = [config("prefill")] * prefill + [config("decode")] * decode
     else:
-        instances = [config("colocated")] * replicas
+        instances = [config("colocated")] * (replicas or 1)
 
     mode: Mode
     if batch is not None:

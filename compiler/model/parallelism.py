@@ -10,13 +10,15 @@ enumerates), `flowc.estimate`, the plan verifier and the runtime all apply:
 * pp splits the layers evenly;
 * ep > 1 needs a mixture-of-experts model; it divides the experts and the TP degree (whole
   experts are spread over groups of the instance's TP ranks: ep <= tp, see the cost model).
+
+And one rule of the hardware (`domain_problem`): a TP group stays inside one link domain.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from flowc.compiler.spec import Model
 
@@ -34,10 +36,11 @@ class Problem:
     message: str
     help: str
     label: str = "uneven split"
+    code: str = ""  # left out: the knob's code (CODES)
 
-    @property
-    def code(self) -> str:
-        return CODES[self.knob]
+    def __post_init__(self):
+        if not self.code:
+            object.__setattr__(self, "code", CODES[self.knob])
 
 
 def divisors(n: int) -> list[int]:
@@ -105,3 +108,14 @@ def problems(m: Model, tp: int = 1, pp: int = 1, ep: int = 1) -> list[Problem]:
                                  "it must divide both", "expert parallel degrees with tp "
                                  f"{tp}: " + ", ".join(map(str, valid_ep(m, tp)))))
     return found
+
+
+def domain_problem(tp: int, domain: int, where: str = "a link domain") -> Optional[Problem]:
+    """F0404 when a TP group of `tp` GPUs cannot stay inside one link domain of `domain` GPUs
+    (`where` names the domain in the message), else None. Tensor parallelism exchanges
+    activations at every layer, so its group runs over the fast link only, never the network."""
+    if tp <= domain:
+        return None
+    return Problem("tp", f"tp {tp} is larger than {where} ({domain} GPUs)",
+                   f"tensor parallelism stays inside one domain: use tp <= {domain}, with pp across nodes",
+                   "does not fit a domain", code="F0404")

@@ -22,7 +22,7 @@ from flowc.compiler.model.search import baseline_scheduler
 from flowc.compiler.model.shapes import Shape, instance_shapes
 from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.topology import gpu_link
-from flowc.compiler.model.workload import sample_requests
+from flowc.compiler.model.workload import is_batch, sample_requests
 from flowc.compiler.plan import Scheduler
 from flowc.compiler.spec import Deployment, Spec, Workload
 
@@ -107,8 +107,10 @@ def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None 
                for t in slo.targets]
     gpus = replicas * shape.gpus
     rate = None
-    if with_goodput:
-        rate = goodput(instances, lambda scale: sample_requests(workload, seed=seed, rate_scale=scale), slo)
+    if with_goodput and is_batch(workload):  # a batch's goodput: its throughput when it meets the SLO
+        rate = result.request_throughput if result.meets(slo) else 0.0
+    elif with_goodput:  # the same requests and rates as `requests` above (model/goodput.py)
+        rate = goodput(instances, workload, slo, seed=seed, router=ROUTER)
     return DeploymentReport(
         deployment=d.name, model=d.model.name, gpu=shape.gpu, tp=shape.tp, pp=shape.pp, replicas=replicas, gpus=gpus,
         kv_capacity_tokens=budget.kv_tokens, requests=len(requests.arrival), scheduler=scheduler,
@@ -121,11 +123,26 @@ def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None 
     )
 
 
+def require_deployments(spec: Spec, command: str) -> None:
+    """F0512: a plan or a simulation is made of deployments, and the spec has none (a library
+    of clusters and models, or an empty file)."""
+    if spec.deployments:
+        return
+    files = ", ".join(f"`{name}`" for name in spec.files) or "the spec"
+    tables = {"cluster": spec.clusters, "workload": spec.workloads, "SLO": spec.slos}
+    declared = [f"{len(table)} {kind}{'s' if len(table) != 1 else ''}" for kind, table in tables.items() if table]
+    notes = (f"it declares {', '.join(declared)}",) if declared else ()
+    raise FlowError([Diagnostic("F0512", f"nothing to {command}: {files} declares no `deploy` block",
+                                help="add `deploy NAME { model MODEL; on CLUSTER; serve WORKLOAD under SLO }`, "
+                                     "or check a library file with `flowc check`", notes=notes)])
+
+
 def simulate_spec(spec: Spec, *, workload: Workload | str | None = None, with_goodput: bool = False,
                   seed: int = 0, on_progress: Optional[Callable[[str, int, Optional[int]], None]] = None
                   ) -> dict[str, DeploymentReport]:
     """Simulate every deployment, each under its own workload or under `workload` (a name in
     the spec or a Workload); `on_progress(what, done, total)` hears of each deployment."""
+    require_deployments(spec, "simulate")
     if isinstance(workload, str):
         if workload not in spec.workloads:
             raise FlowError([Diagnostic("F0201", f"unknown workload `{workload}`",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowc.compiler.model.memory import MemoryBudget, memory_budget
+from flowc.compiler.model.parallelism import domain_problem
 from flowc.compiler.model.search import pp_choices, roomiest_scheduler, tp_choices
 from flowc.compiler.spec import Deployment, Spec
 
@@ -34,7 +35,7 @@ def instance_shapes(spec: Spec, d: Deployment) -> list[Shape]:
         domain = max(group.link_domain for group in cluster.nodes if group.gpu == gpu)
         for tp in tp_choices(d):
             for pp in pp_choices(d):
-                if tp <= domain and tp * pp <= limit:
+                if domain_problem(tp, domain) is None and tp * pp <= limit:
                     budget = memory_budget(m, spec.gpus[gpu].memory, tp=tp, pp=pp, scheduler=scheduler,
                                            vendor=spec.gpus[gpu].vendor)
                     shapes.append(Shape(gpu, tp, pp, budget))

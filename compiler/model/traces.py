@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,9 +91,11 @@ def _read_trace(path: Path, mtime_ns: int, size: int) -> Trace:
                 try:
                     arrival = _timestamp(row[where[0]])
                     p, o = int(row[where[1]]), int(row[where[2]])
-                except (ValueError, IndexError):
+                except (ValueError, IndexError, OverflowError):
                     raise TraceError(f"cannot read `{','.join(row)[:60]}`: expected a time and two token counts",
                                      line) from None
+                if not math.isfinite(arrival):
+                    raise TraceError(f"the arrival time `{row[where[0]].strip()[:40]}` is not a finite number", line)
                 if p < 0 or o < 0:
                     raise TraceError("token counts cannot be negative", line)
                 if arrivals and arrival < arrivals[-1]:
