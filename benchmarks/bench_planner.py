@@ -1,12 +1,11 @@
 """flowc's plans against two baselines, all judged by the same simulator, and compile times.
 
-Baselines, per deployment, on the GPUs the flowc plan uses (so per-GPU figures compare):
-- vLLM-style default: the smallest TP that holds the weights and the longest request,
-  colocated, replicated over those GPUs;
-- DistServe-style: the prefill and the decode candidate with the best capacity per GPU (each
-  phase searched alone, no placement constraints), split over those GPUs in proportion to the
-  GPUs each phase needs per request.
-Goodput is the highest arrival rate meeting the SLO (bisection), divided by the GPUs.
+The baselines are the ones every plan reports (`compiler/optimize/baselines.py`): vLLM-style
+(replicas of the smallest instance that fits, at the engine's default settings) and, with
+`allow disaggregation`, DistServe-style (the best prefill and decode instances in a balanced
+mix), sized like the plan and measured with the plan's goodput definition; the compiler places
+a baseline instead when it does better, so flowc's column is never below theirs in the
+deployment's objective. Goodput is the highest arrival rate that sustains the SLO, per GPU.
 
 Also: compile time of every example, and of generated specs (a 70B model on 8 and 16 GPUs, two
 models on a 512-GPU cluster), with the solver's status.
@@ -17,49 +16,20 @@ Run: python benchmarks/bench_planner.py
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import flowc
-from flowc.compiler.model.goodput import goodput_search
-from flowc.compiler.model.workload import sample_requests
-from flowc.compiler.optimize.candidates import CAPACITY_REQUESTS, measure
 from flowc.compiler.optimize.compile import compile_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _goodput_per_gpu(configs, requests, slo) -> float:
-    gpus = sum(c.pp * c.cost.parallelism.tp for c in configs)
-    return goodput_search(configs, lambda scale: requests.scaled(scale), slo).goodput / gpus
-
-
-def _config(measured, role=None):
-    return replace(measured.config, role=role or measured.config.role)
-
-
-def baselines(spec, deployment, gpus: int) -> tuple[float | None, float | None]:
-    requests = sample_requests(spec.workloads[deployment.workload], CAPACITY_REQUESTS)
-    slo = spec.slos[deployment.slo]
-    measured, _, _ = measure(spec, deployment, requests, seed=0)
-    colocated = [m for m in measured if m.candidate.role == "colocated"]
-    vllm = None
-    if colocated:
-        smallest = min(colocated, key=lambda m: (m.candidate.gpus, m.candidate.tp))
-        replicas = max(1, gpus // smallest.candidate.gpus)
-        vllm = _goodput_per_gpu([_config(smallest)] * replicas, requests, slo)
-    prefill = [m for m in measured if m.candidate.role == "prefill"]
-    decode = [m for m in measured if m.candidate.role == "decode"]
-    distserve = None
-    if prefill and decode:
-        best_p = max(prefill, key=lambda m: m.candidate.capacity_rps / m.candidate.gpus)
-        best_d = max(decode, key=lambda m: m.candidate.capacity_rps / m.candidate.gpus)
-        need_p = best_p.candidate.gpus / best_p.candidate.capacity_rps  # GPUs per req/s of each phase
-        need_d = best_d.candidate.gpus / best_d.candidate.capacity_rps
-        n_p = max(1, round(gpus * need_p / (need_p + need_d) / best_p.candidate.gpus))
-        n_d = max(1, (gpus - n_p * best_p.candidate.gpus) // best_d.candidate.gpus)
-        distserve = _goodput_per_gpu([_config(best_p)] * n_p + [_config(best_d)] * n_d, requests, slo)
-    return vllm, distserve
+def per_gpu(plan_deployment, name: str) -> float | None:
+    """A baseline's goodput per GPU, as the plan reports it (`optimize/baselines.py`)."""
+    for b in plan_deployment.baselines:
+        if b.name == name:
+            return b.goodput_rps / b.gpus
+    return None
 
 
 def compare_examples() -> None:
@@ -71,7 +41,7 @@ def compare_examples() -> None:
         plan = compile_spec(spec)
         took = time.perf_counter() - start
         for d in plan.deployments:
-            vllm, distserve = baselines(spec, spec.deployments[d.name], d.gpus)
+            vllm, distserve = per_gpu(d, "vLLM-style"), per_gpu(d, "DistServe-style")
             show = lambda x: f"{x:.3f}" if x is not None else "-"  # noqa: E731  (a one-line cell formatter)
             print(f"{path.stem:<22} {d.name:<10} {d.gpus:>4} {d.predicted.goodput_rps_per_gpu:>8.3f} "
                   f"{show(vllm):>10} {show(distserve):>9} {took:>7.1f}s  {plan.solver.status}")

@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flowc.compiler.spec import Model
 
 # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s;
-# 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor; 1.4: MemoryMap.arena_sizes
-FORMAT_VERSION = "1.4"
+# 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor; 1.4: MemoryMap.arena_sizes;
+# 1.5: Predicted.makespan_s (offline batches), the objective max_throughput, DeploymentPlan.baselines;
+# compile_s and solver.wall_s are no longer written (a plan is the same bytes on every compile)
+FORMAT_VERSION = "1.5"
 SUPPORTED_MAJOR = int(FORMAT_VERSION.split(".")[0])
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 
@@ -137,18 +139,33 @@ class Predicted(PlanModel):
     tpot_ms: Percentiles
     e2e_ms: Percentiles
     output_tokens_per_s: float
-    goodput_rps: float = Field(description="highest arrival rate meeting the SLO, for the whole deployment")
+    goodput_rps: float = Field(description="highest arrival rate that sustains the SLO, for the whole deployment "
+                                           "(model/goodput.py); of a batch: its requests / makespan_s")
     goodput_rps_per_gpu: float
     attainment: float = Field(description="joint SLO attainment at the workload's rate")
     meets_slo: bool
     requests: Optional[int] = Field(None, description="requests simulated (the workload sampled with seed 0); "
                                     "None: the workload's default count")
+    makespan_s: Optional[float] = Field(None, description="a batch: seconds from its start to its last request's "
+                                        "end (1.5)")
 
 
 class Alternative(PlanModel):
     summary: str = Field(description="e.g. `tp 2 x 4 replicas, colocated`")
     objective_value: Optional[float] = None
     reason: str = Field(description="why it lost")
+
+
+class Baseline(PlanModel):
+    """A configuration the plan is compared with, measured end to end the way the plan is
+    (`optimize/baselines.py`); the plan is never worse in its objective (1.5)."""
+
+    name: str = Field(description="`vLLM-style` or `DistServe-style`")
+    summary: str = Field(description="its instances, e.g. `4 x h100-sxm tp 2 x pp 1 colocated`")
+    gpus: int
+    goodput_rps: float
+    sustains_load: bool = Field(description="whether it sustains the workload's rate under the SLO")
+    note: Optional[str] = None
 
 
 class DeploymentPlan(PlanModel):
@@ -164,6 +181,7 @@ class DeploymentPlan(PlanModel):
     groups: list[InstanceGroup]
     predicted: Predicted
     alternatives: list[Alternative] = Field(default_factory=list)
+    baselines: list[Baseline] = Field(default_factory=list, description="what the plan was compared with (1.5)")
     binding: list[str] = Field(default_factory=list, description="constraints that limit the plan")
 
     @property
@@ -181,7 +199,8 @@ class SolverStatus(PlanModel):
     objective: float
     bound: float
     gap: float = Field(description="relative gap between objective and bound")
-    wall_s: float
+    # wall-clock: kept in memory for the CLI, never written, so a spec compiles to the same bytes
+    wall_s: Optional[float] = Field(None, exclude=True)
 
 
 class Plan(PlanModel):
@@ -190,4 +209,4 @@ class Plan(PlanModel):
     spec_files: list[str]
     deployments: list[DeploymentPlan]
     solver: SolverStatus
-    compile_s: float
+    compile_s: Optional[float] = Field(None, exclude=True)  # as `SolverStatus.wall_s`

@@ -120,8 +120,9 @@ class Model(IR):
 
 
 class Arrival(IR):
-    kind: Literal["poisson", "gamma", "constant", "trace"]
-    rate: Optional[float] = Field(None, description="requests/s (from the trace for `trace`)")
+    kind: Literal["poisson", "gamma", "constant", "trace", "batch"]
+    rate: Optional[float] = Field(None, description="requests/s (from the trace for `trace`; None for a `batch`, "
+                                  "whose requests are all queued at the start)")
     cv: Optional[float] = Field(None, description="coefficient of variation of inter-arrival times (gamma)")
     trace: Optional[str] = Field(None, description="path of the trace file")
 
@@ -184,7 +185,7 @@ class Deployment(IR):
     cluster: str
     workload: str
     slo: str
-    objective: Literal["max_goodput_per_gpu", "min_gpus", "min_cost"] = "max_goodput_per_gpu"
+    objective: Literal["max_goodput_per_gpu", "min_gpus", "min_cost", "max_throughput"] = "max_goodput_per_gpu"
     search: dict[str, list[int]] = Field(default_factory=dict, description="knob -> allowed values")
     max_gpus: Optional[int] = None
     allow_disaggregation: bool = False

@@ -266,5 +266,21 @@ def format_ms(ms: float) -> str:
     return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
 
 
-def format_rps(rps: float) -> str:
-    return f"{rps:,.0f} req/s" if rps >= 100 else f"{rps:.3g} req/s"
+def format_rps(rps: float, digits: int = 3) -> str:
+    """A request rate, `digits` significant digits below 100 req/s (more to tell close rates apart)."""
+    return f"{rps:,.0f} req/s" if rps >= 100 else f"{rps:.{digits}g} req/s"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration to read: `850 ms`, `42.5 s`, `12 min 5 s`, `3 h 20 min`; `never` for inf."""
+    if math.isinf(seconds):
+        return "never"
+    if seconds < 1:
+        return format_ms(seconds * 1e3)
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    if seconds < 3600:
+        minutes, rest = divmod(round(seconds), 60)
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    hours, rest = divmod(round(seconds / 60), 60)
+    return f"{hours} h {rest} min" if rest else f"{hours} h"

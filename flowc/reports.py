@@ -7,8 +7,9 @@ from rich.table import Table
 
 from flowc.compiler.model.estimate import Estimate, LatencyStats
 from flowc.compiler.model.serving import DeploymentReport
+from flowc.compiler.model.workload import base_rate, is_batch
 from flowc.compiler.render.text import gpu_ranges, group_shape_text, memory_text, scheduler_text, shape_text
-from flowc.compiler.units import format_gib
+from flowc.compiler.units import format_duration, format_gib, format_rps
 from flowc.console import make_console
 
 
@@ -76,19 +77,25 @@ def _target_text(target, predicted) -> str:
     return f"{target.metric.upper()} limit {target.limit * 1e3:,.0f} ms"
 
 
+def _seconds(prefix: str, seconds: float | None, digits: int) -> str:
+    """Wall-clock of this compile; a plan read from a file has none (plans keep no timings)."""
+    return "" if seconds is None else f"{prefix} {seconds:.{digits}f} s"
+
+
 def print_plan(plan, spec, *, explain: bool = False, console: Console | None = None) -> None:
     """Terraform-style: a legend, one block per deployment, one summary line."""
     console = console or make_console()
     console.print("[dim]legend:[/] [green]+[/] instance group   [yellow]~[/] alternative   "
-                  "[red]![/] binding constraint\n")
+                  "[red]![/] binding constraint   = baseline\n")
     for d in plan.deployments:
         slo = spec.slos[spec.deployments[d.name].slo]
         workload = spec.workloads[spec.deployments[d.name].workload]
         console.print(f"[bold]deploy {d.name}[/] ({d.model}, {d.weights} weights, {d.kv} KV) on {d.cluster}: "
                       f"{d.mode}, objective {d.objective.replace('_', ' ')}")
+        measured = "when saturated" if is_batch(workload) else "under the SLO"
         for g in d.groups:
             console.print(f"  [green]+[/] {g.replicas} x ({group_shape_text(g)}) {g.gpu}, {g.role}: "
-                          f"{g.capacity_rps:.2f} req/s each under the SLO")
+                          f"{g.capacity_rps:.2f} req/s each {measured}")
             for instance in g.instances:
                 console.print(f"      {gpu_ranges(instance.gpus)}")
             console.print(f"      scheduler: {scheduler_text(g.scheduler)}")
@@ -96,19 +103,28 @@ def print_plan(plan, spec, *, explain: bool = False, console: Console | None = N
         p = d.predicted
         limits = ", ".join(_target_text(t, p) for t in slo.targets)
         verdict = "[green]meets the SLO[/]" if p.meets_slo else "[red]misses the SLO[/]"
-        rate = workload.arrival.rate
-        console.print(f"  predicted{f' at {rate:g} req/s' if rate else ''}: {limits}; {verdict} "
-                      f"(attainment {p.attainment:.1%})")
-        console.print(f"  goodput {p.goodput_rps:,.2f} req/s ({p.goodput_rps_per_gpu:,.3f} per GPU), "
-                      f"{p.output_tokens_per_s:,.0f} output tok/s")
+        if p.makespan_s is not None:  # an offline batch: how long the job takes
+            console.print(f"  predicted for a batch of {p.requests:,} requests: all done in "
+                          f"{format_duration(p.makespan_s)}; {limits}; {verdict} (attainment {p.attainment:.1%})")
+            console.print(f"  throughput {format_rps(p.goodput_rps)} ({format_rps(p.goodput_rps_per_gpu)} per GPU), "
+                          f"{p.output_tokens_per_s:,.0f} output tok/s")
+        else:
+            console.print(f"  predicted at {format_rps(base_rate(workload))}: {limits}; {verdict} "
+                          f"(attainment {p.attainment:.1%})")
+            console.print(f"  goodput {p.goodput_rps:,.2f} req/s ({p.goodput_rps_per_gpu:,.3f} per GPU), "
+                          f"{p.output_tokens_per_s:,.0f} output tok/s")
+        for b in d.baselines:  # measured as the plan is: the plan is never worse in its objective
+            verdict = "sustains the load" if b.sustains_load else "[red]misses the load[/]"
+            console.print(f"  = {b.name} baseline, {b.summary} ({b.gpus} GPUs): goodput {format_rps(b.goodput_rps)} "
+                          f"({format_rps(b.goodput_rps / b.gpus)} per GPU), {verdict}{b.note or ''}")
         for constraint in d.binding:
             console.print(f"  [red]![/] {constraint}")
         if explain:
-            for a in d.alternatives:
-                value = f" ({a.objective_value:.3f} req/s per GPU)" if a.objective_value is not None else ""
-                console.print(f"  [yellow]~[/] {a.summary}{value}: {a.reason}")
+            for a in d.alternatives:  # the reason carries the objective value, in the objective's unit
+                console.print(f"  [yellow]~[/] {a.summary}: {a.reason}")
         console.print()
     gpus = sum(d.gpus for d in plan.deployments)
     s = plan.solver
     console.print(f"Plan: {len(plan.deployments)} deployment{'s' if len(plan.deployments) != 1 else ''}, {gpus} GPUs; "
-                  f"solver {s.status} (gap {s.gap:.1%}) in {s.wall_s:.2f} s; compiled in {plan.compile_s:.1f} s.")
+                  f"solver {s.status} (gap {s.gap:.1%}){_seconds(' in', s.wall_s, 2)}; compiled"
+                  f"{_seconds(' in', plan.compile_s, 1)}.")

@@ -24,10 +24,13 @@ pytest.importorskip("matplotlib")
 
 from flowc.api import check_sources
 from flowc.cli import main
+from flowc.compiler.model.goodput import CONFIRM_SCALE
 from flowc.compiler.model.workload import base_rate, sample_requests
 from flowc.compiler.optimize.compile import compile_spec
 from flowc.compiler.plan import GpuRef, Instance
+from flowc.compiler.render.charts import sweep_values
 from flowc.compiler.render.html import render_report
+from flowc.compiler.render.report_data import simulate_all
 from flowc.compiler.units import format_gbps
 from flowc.progress import progress
 
@@ -216,6 +219,21 @@ def test_cdf_slo_markers_are_drawn_at_the_specs_limits(example, name):
             which = f"p{t.percentile:g}" if t.percentile is not None else "all"
             expected.add(f"slo-limit-{dp.name}-{t.metric}-{which}-{t.limit * 1e3:g}ms")
     assert markers == expected
+
+
+@pytest.mark.parametrize("name", ["code-assistant-8b", "tiny-cpu"])
+def test_the_reports_attainment_table_agrees_with_the_plans_goodput(example, name):
+    # One definition (model/goodput.sustains) and one measurement (the plan's request count and
+    # seed): at the goodput itself the table says the SLO is met, and at the workload's rate it
+    # says what the plan says; no rate past the confirmation point is sustained.
+    plan, checked, _ = example(name)
+    runs = simulate_all(plan, checked.spec, None, 0, None)
+    for dp in plan.deployments:
+        r = runs[dp.name]
+        rows = {round(row["rate"], 9): row for row in sweep_values(r)}
+        assert rows[round(dp.predicted.goodput_rps, 9)]["meets"]
+        assert rows[round(r.rate, 9)]["meets"] == dp.predicted.meets_slo
+        assert not any(row["meets"] for rate, row in rows.items() if rate > dp.predicted.goodput_rps * CONFIRM_SCALE)
 
 
 def test_report_is_deterministic_and_escapes_the_spec(example):

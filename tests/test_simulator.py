@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flowc.compiler import spec
-from flowc.compiler.model.goodput import goodput, goodput_search
+from flowc.compiler.model.goodput import CONFIRM_SCALE, goodput, goodput_search
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.workload import Requests, fixed_requests, sample_requests
 from flowc.compiler.plan import Scheduler
@@ -504,8 +504,28 @@ def test_goodput_bisection_finds_the_closed_form_rate():
     # hi is the capacity with max_seqs 256: N = r O tau = 256 with tau = a / (1 - b r (P + O - 1))
     capacity = 256 / (out * a + 256 * b * (prompt + out - 1))
     assert search.capacity == pytest.approx(capacity, rel=0.1)
-    assert search.simulations == 1 + 1 + math.ceil(math.log2(search.capacity / tol))
+    # the capacity probe, hi, the bisection, and one confirmation at CONFIRM_SCALE x the result
+    assert search.simulations == 1 + 1 + math.ceil(math.log2(search.capacity / tol)) + 1
+    assert search.trials[-1][0] == pytest.approx(search.goodput * CONFIRM_SCALE)
     assert all(met == (rate <= r_star) for rate, met in search.trials)
+
+
+def test_goodput_search_goes_on_above_a_failing_midpoint_when_a_higher_rate_passes():
+    # A finite queueing run is not exactly monotone in the rate. Here the run at scale 5 (50 req/s,
+    # the bisection's first midpoint) is made to fail: every request queued at once. A plain
+    # bisection would settle just under 50 req/s; the confirmation at 1.25 x that passes, so the
+    # search goes on and finds the true edge, just under the capacity (100 req/s).
+    step, n = 0.01, 1000
+
+    def requests_at(scale: float):
+        if 4.9 < scale < 5.1 or scale >= 9.99:
+            return fixed_requests(n, 64, 1, None)
+        return fixed_requests(n, 64, 1, 10.0 * scale, poisson=False)
+
+    search = goodput_search([instance(LinearCost(step), max_seqs=1)], requests_at, slo(("ttft", 100, 0.015)))
+    assert search.capacity == pytest.approx(100.0)
+    assert (50.0, False) in [(pytest.approx(r), met) for r, met in search.trials]
+    assert 97.0 < search.goodput < 100.0
 
 
 def test_goodput_with_an_explicit_bracket_and_a_callable_workload():

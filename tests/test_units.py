@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -220,3 +221,9 @@ def test_format_value_round_trips_through_the_unit_table():
     for unit in UNITS.values():
         value = Value(unit.scale, unit.dim)
         assert evaluate(format_value(value)) == value, unit.symbol
+
+
+@pytest.mark.parametrize("seconds, text", [(0.85, "850 ms"), (42.5, "42.5 s"), (725, "12 min 5 s"), (600, "10 min"),
+                                           (12000, "3 h 20 min"), (7200, "2 h"), (math.inf, "never")])
+def test_format_duration(seconds, text):
+    assert units.format_duration(seconds) == text

@@ -25,3 +25,14 @@ def gpu_price(group: NodeGroup, gpu: GPU) -> Optional[float]:
     """usd per GPU-hour of a GPU in `group`: the node's price split over its GPUs, else the GPU
     type's own price; None when neither is declared."""
     return group.price / group.gpus_per_node if group.price is not None else gpu.price
+
+
+def gpu_prices(cluster: Cluster, gpus: dict[str, GPU]) -> dict[str, Optional[float]]:
+    """usd per GPU-hour by GPU type on a cluster (its cheapest node group; None: no price)."""
+    prices: dict[str, Optional[float]] = {}
+    for group in cluster.nodes:
+        price = gpu_price(group, gpus[group.gpu])
+        if price is not None and (prices.get(group.gpu) is None or price < prices[group.gpu]):
+            prices[group.gpu] = price
+        prices.setdefault(group.gpu, price)
+    return prices

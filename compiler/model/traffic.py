@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from flowc.compiler.model.geometry import kv_bytes_per_token
-from flowc.compiler.model.workload import base_rate, sample_requests
+from flowc.compiler.model.workload import base_rate, is_batch, sample_requests
 from flowc.compiler.plan import DeploymentPlan, GpuRef
 from flowc.compiler.spec import Model, Spec
 from flowc.compiler.units import format_gbps
@@ -99,10 +99,11 @@ def deployment_traffic(dp: DeploymentPlan, model: Model, rate: float, mean_promp
 
 
 def spec_traffic(spec: Spec, dp: DeploymentPlan, seed: int = 0) -> Traffic:
-    """A deployment's traffic at its workload's rate and mean lengths (the workload sampled with
-    `seed`, its default request count)."""
+    """A deployment's traffic at its workload's rate (a batch: at the plan's throughput) and mean
+    lengths (the workload sampled with `seed`, its default request count)."""
     workload = spec.workloads[spec.deployments[dp.name].workload]
     requests = sample_requests(workload, seed=seed)
     mean_prompt = float(requests.prompt.mean()) if len(requests) else 0.0
     mean_output = float(requests.output.mean()) if len(requests) else 0.0
-    return deployment_traffic(dp, spec.deployments[dp.name].model, base_rate(workload), mean_prompt, mean_output)
+    rate = dp.predicted.goodput_rps if is_batch(workload) else base_rate(workload)
+    return deployment_traffic(dp, spec.deployments[dp.name].model, rate, mean_prompt, mean_output)

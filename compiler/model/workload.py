@@ -15,7 +15,8 @@ Arrival processes:
   Poisson; cv > 1 is burstier);
 - constant(rate): one request every 1/rate seconds;
 - trace: the arrival times of the file. Asking for more requests than the trace has repeats
-  it, each copy shifted by the trace's span plus one mean inter-arrival time.
+  it, each copy shifted by the trace's span plus one mean inter-arrival time;
+- batch: an offline job, every request queued at t = 0 (no rate: `base_rate` is 0).
 
 Lengths: fixed, uniform(low, high) (integers, both ends included), normal(mean, std),
 lognormal(median, sigma), or trace: resampled with replacement from the file's column; when the
@@ -35,9 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from flowc.compiler import spec
+from flowc.compiler.diagnostics import Diagnostic, FlowError
 from flowc.compiler.model.traces import Trace, read_trace
 
 DEFAULT_REQUESTS = 1000
+# The most requests one sample may hold: about 0.25 GB of arrays, and hours of simulation.
+# More is a typo (`requests 1e12 req`) rather than a workload, and would exhaust memory.
+MAX_REQUESTS = 10**7
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,15 @@ def fixed_requests(n: int, input_len: int, output_len: int, rate: float | None =
     return Requests(arrival, np.full(n, input_len, dtype=np.int64), np.full(n, output_len, dtype=np.int64))
 
 
+def is_batch(workload: spec.Workload) -> bool:
+    return workload.arrival.kind == "batch"
+
+
 def base_rate(workload: spec.Workload) -> float:
-    """The workload's arrival rate in requests/s (for a trace: its mean rate)."""
+    """The workload's arrival rate in requests/s (for a trace: its mean rate; a batch: 0, it
+    has no rate to serve)."""
+    if is_batch(workload):
+        return 0.0
     if workload.arrival.kind == "trace":
         return _trace(workload.arrival.trace).rate
     return float(workload.arrival.rate)
@@ -115,6 +127,12 @@ def sample_requests(workload: spec.Workload, n: int | None = None, *, seed: int 
         n = workload.requests
     if n is None and workload.duration is None:
         n = len(trace.arrivals) if trace is not None else DEFAULT_REQUESTS
+    expected = n if n is not None else workload.duration * base_rate(workload) * rate_scale
+    if expected > MAX_REQUESTS:
+        raise FlowError([Diagnostic("F0307", f"workload `{workload.name}` asks to simulate {expected:.3g} requests; "
+                                    f"flowc simulates at most {MAX_REQUESTS:,} in one run",
+                                    help="lower `requests` (or `duration`): percentiles settle within a few "
+                                         "thousand requests")])
     if n is not None:
         arrival = _arrivals(a, trace, n, np.random.default_rng(arrival_seed)) / rate_scale
     else:  # as many as arrive within the duration: draw in growing batches (same draws as one big batch)
@@ -141,8 +159,8 @@ def _trace(path: str | None) -> Trace:
 
 def _arrivals(a: spec.Arrival, trace: Trace | None, n: int, rng: np.random.Generator) -> np.ndarray:
     """n sorted arrival times starting at 0, at the unscaled rate."""
-    if n <= 0:
-        return np.zeros(0)
+    if n <= 0 or a.kind == "batch":
+        return np.zeros(max(n, 0))
     if a.kind == "trace":
         assert trace is not None  # sample_requests reads the trace of a trace arrival
         times = np.asarray(trace.arrivals, dtype=np.float64)

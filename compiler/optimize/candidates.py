@@ -11,19 +11,20 @@ instance's every step carries the streaming overhead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.model.geometry import kv_bytes_per_token
-from flowc.compiler.model.goodput import goodput_search
-from flowc.compiler.model.instance import cost_model, instance_config
+from flowc.compiler.model.goodput import goodput_search, steady_throughput
+from flowc.compiler.model.instance import ROUTER, cost_model, instance_config
 from flowc.compiler.model.memory import MemoryBudget, memory_budget
 from flowc.compiler.model.search import ep_choices, scheduler_choices
 from flowc.compiler.model.shapes import Shape, instance_shapes
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.topology import gpu_link
-from flowc.compiler.model.workload import Requests, sample_requests
+from flowc.compiler.model.workload import Requests, is_batch, sample_requests
 from flowc.compiler.optimize.offload import OffloadInfeasible, OffloadPlan, plan_offload
 from flowc.compiler.optimize.placement import Candidate
 from flowc.compiler.plan import Alternative, Scheduler
@@ -104,11 +105,11 @@ def _slo_part(slo: SLO, metrics: set[str]) -> SLO:
 
 def _capacity(instance: InstanceConfig, partner: InstanceConfig | None, workload, slo: SLO, seed: int,
               pool: int) -> float:
-    """Requests/s one instance sustains under the SLO, measured on `pool` replicas behind a
-    router (one instance alone has a worse tail than the same instance in a fleet, so per-GPU
-    figures of shapes of different sizes compare only at equal GPU counts). A prefill (decode)
-    pool is measured beside enough decode (prefill) instances not to be the bottleneck,
-    against the TTFT (TPOT and end-to-end) part of the SLO."""
+    """Requests/s one instance sustains under the SLO (of a batch: completes when saturated),
+    measured on `pool` replicas behind a router (one instance alone has a worse tail than the
+    same instance in a fleet, so per-GPU figures of shapes of different sizes compare only at
+    equal GPU counts). A prefill (decode) pool is measured beside enough decode (prefill)
+    instances not to be the bottleneck, against the TTFT (TPOT and end-to-end) part of the SLO."""
     if instance.role == "colocated":
         instances, part = [instance] * pool, slo
     elif instance.role == "prefill":  # a decode instance serves many prefill instances' output: a few suffice
@@ -117,20 +118,24 @@ def _capacity(instance: InstanceConfig, partner: InstanceConfig | None, workload
         instances, part = [partner] * DISAGG_PARTNERS * pool + [instance] * pool, _slo_part(slo, {"tpot", "e2e"})
     if not part.targets:
         part = slo
-    requests = sample_requests(workload, CAPACITY_REQUESTS * pool, seed=seed)
-    search = goodput_search(instances, lambda scale: requests.scaled(scale), part, seed=seed)
+    if is_batch(workload):  # no rate to meet an SLO at: the throughput of a saturated pool
+        requests = sample_requests(workload, CAPACITY_REQUESTS * pool, seed=seed)
+        return steady_throughput(simulate(requests, instances, router=ROUTER)) / pool
+    search = goodput_search(instances, workload, part, seed=seed, n=CAPACITY_REQUESTS * pool)
     return search.goodput / pool
 
 
-def _best_reachable(instance: InstanceConfig, requests: Requests, slo: SLO) -> str:
-    """What one instance reaches with requests arriving far apart: the floor of each limit."""
+def _best_reachable(instance: InstanceConfig, requests: Requests, slo: SLO) -> tuple[str, float]:
+    """What one instance reaches with requests arriving far apart, the floor of each limit, and
+    how far the worst floor is from its limit (floor / limit: the closest shape has the lowest)."""
     result = simulate(requests.scaled(LOW_LOAD_SCALE), [instance])
-    parts = []
+    parts, worst = [], 0.0
     for t in slo.targets:
         p = t.percentile if t.percentile is not None else 50.0
-        parts.append(f"{t.metric} p{p:g} {result.percentile(t.metric, p) * 1e3:,.0f} ms at best, "
-                     f"limit {t.limit * 1e3:,.0f} ms")
-    return "; ".join(parts)
+        floor = result.percentile(t.metric, p)
+        worst = max(worst, floor / t.limit if t.limit > 0 else math.inf)
+        parts.append(f"{t.metric} p{p:g} {floor * 1e3:,.0f} ms at best, limit {t.limit * 1e3:,.0f} ms")
+    return "; ".join(parts), worst
 
 
 def _offload_kv_tokens(budget: MemoryBudget, longest: int) -> int:
@@ -169,7 +174,8 @@ def _cost(spec: Spec, d: Deployment, shape: Shape, ep: int) -> CostModel:
 def measure(spec: Spec, d: Deployment, requests: Requests, seed: int, on_progress: Progress = quiet
             ) -> tuple[list[Measured], list[Alternative], list[str]]:
     """The deployment's measured candidates, the alternatives rejected on the way (they miss the
-    SLO at any load), and why shapes that needed offloading could not be offloaded."""
+    SLO at any load; the closest to meeting it first), and why shapes that needed offloading
+    could not be offloaded."""
     slo, workload = spec.slos[d.slo], spec.workloads[d.workload]
     cluster = spec.clusters[d.cluster]
     longest = int((requests.prompt + requests.output).max())
@@ -211,9 +217,10 @@ def measure(spec: Spec, d: Deployment, requests: Requests, seed: int, on_progres
                                           role=role, capacity_rps=float(capacity), kv_bytes_per_request=kv_per_request)
                     m = Measured(candidate, sized, scheduler, ep, configs[role], offload, overhead)
                     if capacity <= 0:
-                        reach = _best_reachable(configs["colocated"], requests, slo)
-                        rejected.append(Alternative(summary=m.summary,
-                                                    reason=f"misses the SLO even at the lowest load ({reach})"))
+                        reach, distance = _best_reachable(configs["colocated"], requests, slo)
+                        rejected.append((distance, Alternative(
+                            summary=m.summary, reason=f"misses the SLO even at the lowest load ({reach})")))
                         continue
                     measured.append(m)
-    return measured, rejected, infeasible
+    rejected.sort(key=lambda pair: pair[0])  # stable: equally close shapes stay in search order
+    return measured, [alternative for _, alternative in rejected], infeasible

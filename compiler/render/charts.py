@@ -292,7 +292,8 @@ def cdf_figure(dp: DeploymentPlan, runs: Runs) -> Figure:
 
 
 def sweep_values(runs: Runs) -> list[dict]:
-    """Per simulated rate: joint attainment, whether the SLO is met, each target's value (ms)."""
+    """Per simulated rate: joint attainment, whether the rate sustains the SLO (met, and within
+    the capacity), whether it is over the capacity, each target's value (ms)."""
     rows = []
     for rate, result in runs.sweep:
         report = result.attainment(runs.slo)
@@ -301,8 +302,8 @@ def sweep_values(runs: Runs) -> list[dict]:
             entry = next(e for e in report[t.metric]["targets"]
                          if e["percentile"] == t.percentile and e["limit"] == t.limit)
             values.append(entry["value"] * 1e3)
-        rows.append({"rate": rate, "attainment": report["joint"]["share"], "meets": result.meets(runs.slo),
-                     "values": values})
+        rows.append({"rate": rate, "attainment": report["joint"]["share"], "meets": runs.sustained(rate, result),
+                     "over_capacity": rate > max(runs.capacity, runs.goodput) * (1 + 1e-9), "values": values})
     return rows
 
 

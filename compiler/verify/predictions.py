@@ -7,6 +7,7 @@ import math
 
 from flowc.compiler.model.goodput import steady_throughput
 from flowc.compiler.model.instance import simulate_plan_deployment
+from flowc.compiler.model.workload import is_batch
 from flowc.compiler.verify.context import (
     ABS_TOLERANCE_MS,
     ATTAINMENT_TOLERANCE,
@@ -86,6 +87,8 @@ def simulated_problem(v: Verifier, dep: DeploymentCheck):
         if math.isinf(ours) or abs(theirs - ours) > max(TOLERANCE * ours, ABS_TOLERANCE_MS):
             return (f"predicted p50 {metric.upper()} {theirs:.2f} ms; re-simulated {ours:.2f} ms (more than "
                     f"{TOLERANCE:.0%} apart)", again, f".{metric}_ms.p50", ())
+    if is_batch(v.spec.workloads[d.workload]):
+        return _batch_problem(result, pred, slo)
     if pred.goodput_rps > rate and pred.goodput_rps > 0:
         capacity = steady_throughput(run(requests.all_at_once()))
         if pred.goodput_rps > capacity * (1 + TOLERANCE):
@@ -100,6 +103,20 @@ def simulated_problem(v: Verifier, dep: DeploymentCheck):
                         f"({1 - TOLERANCE:.0%} of it) the re-simulation misses slo `{d.slo}`",
                         "compile the plan again: its goodput is overstated", ".goodput_rps",
                         (_attainment_note(at_probe, slo),))
+    return None
+
+
+def _batch_problem(result, pred, slo):
+    """A batch's claims: the time its requests take, and its throughput (requests / that time,
+    0 when the SLO is missed)."""
+    again = "compile the plan again: its predictions do not follow from its configuration"
+    if pred.makespan_s is None or not math.isclose(pred.makespan_s, result.makespan, rel_tol=TOLERANCE):
+        return (f"predicted batch time {pred.makespan_s} s; re-simulated {result.makespan:.4g} s (more than "
+                f"{TOLERANCE:.0%} apart)", again, ".makespan_s", ())
+    throughput = result.request_throughput if result.meets(slo) else 0.0
+    if not math.isclose(pred.goodput_rps, throughput, rel_tol=TOLERANCE, abs_tol=1e-9):
+        return (f"predicted batch throughput {pred.goodput_rps:g} req/s; re-simulated {throughput:.4g} req/s",
+                again, ".goodput_rps", ())
     return None
 
 

@@ -9,7 +9,8 @@ from flowc.compiler import units
 from flowc.compiler.diagnostics import Label, did_you_mean
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import DTYPES, SCHEMAS, TOKEN_KNOBS, expr_text
-from flowc.compiler.spec import SEARCH_KNOBS, Deployment, Model
+from flowc.compiler.model.workload import is_batch
+from flowc.compiler.spec import SEARCH_KNOBS, Deployment, Model, Workload
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
     from flowc.compiler.frontend.check.core import Block, Checker
@@ -33,6 +34,8 @@ def build_deploy(c: Checker, decl: ast.Decl) -> Deployment | None:
     max_gpus = c.one_value(b, "max_gpus", "deploy", lambda e: c.count(e, "max_gpus"))
     switches = _switches(c, b)
     if None in (model, cluster, workload, slo, objective, switches) or None in search.values():
+        return None
+    if not _objective_fits_workload(c, b, objective, workload, switches):
         return None
     return Deployment(name=decl.name.text, model=model, cluster=cluster.name, workload=workload.name,
                       slo=slo.name, objective=objective, search=search, max_gpus=max_gpus,
@@ -62,7 +65,7 @@ def _objective(c: Checker, stmt: ast.Statement | None) -> str | None:
     if stmt is None:
         return "max_goodput_per_gpu"
     choices = {("max", "goodput_per_gpu"): "max_goodput_per_gpu", ("min", "gpus"): "min_gpus",
-               ("min", "cost"): "min_cost"}
+               ("min", "cost"): "min_cost", ("max", "throughput"): "max_throughput"}
     words = tuple(a.text if isinstance(a, ast.Name) else "?" for a in stmt.args)
     if words in choices:
         return choices[words]
@@ -70,8 +73,34 @@ def _objective(c: Checker, stmt: ast.Statement | None) -> str | None:
     best = did_you_mean(written, [" ".join(choice) for choice in choices])
     c.error("F0306", f"unknown objective `{written}`", stmt.span, "not an objective",
             f"did you mean `objective {best}`?" if best else
-            "objectives are `max goodput_per_gpu`, `min gpus` and `min cost`")
+            "objectives are `max goodput_per_gpu`, `min gpus`, `min cost` and `max throughput`")
     return None
+
+
+def _objective_fits_workload(c: Checker, b: Block, objective: str, workload: Workload, switches: dict) -> bool:
+    """An offline batch (`arrival batch`) has no arrival rate to serve: its objective is the most
+    throughput; every other objective serves a rate. Disaggregation trades throughput for
+    latency under a rate, so a batch job does not take it."""
+    batch = is_batch(workload)
+    at = b.one("objective") or b.one("serve")
+    if batch and objective != "max_throughput":
+        c.error("F0411", f"workload `{workload.name}` is a batch, which has no arrival rate to serve",
+                at.span, f"`{objective.replace('_', ' ', 1)}` serves a rate",
+                "write `objective max throughput`: finish the batch as fast as the GPUs allow")
+        return False
+    if not batch and objective == "max_throughput":
+        c.error("F0411", f"`objective max throughput` needs a batch workload; `{workload.name}` arrives at a rate",
+                at.span, "an offline objective for an online workload",
+                f"give workload `{workload.name}` `arrival batch` and `requests N`, or choose "
+                "`objective max goodput_per_gpu`")
+        return False
+    if batch and switches["disaggregation"]:
+        allow = next(s for s in b.all("allow") if "disaggregation" in " ".join(map(expr_text, s.args)))
+        c.error("F0411", "a batch job does not take disaggregation", allow.span,
+                "prefill/decode disaggregation trades throughput for latency under a rate",
+                "remove `disaggregation` from `allow`")
+        return False
+    return True
 
 
 def _search_values(c: Checker, stmt: ast.Statement) -> list[int] | None:

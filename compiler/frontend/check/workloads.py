@@ -30,6 +30,10 @@ def build_workload(c: Checker, decl: ast.Decl) -> Workload | None:
         c.error("F0311", "give `requests` or `duration`, not both", b.one("duration").key.span,
                 "one of the two", "the simulation stops after the first one anyway")
         return None
+    if arrival is not None and arrival.kind == "batch" and requests is None:
+        c.error("F0305", "a batch workload needs its size", arrival_stmt.span, "how many requests?",
+                "add `requests 10000 req`: a batch is a fixed number of requests, all queued at the start")
+        return None
     if None in (arrival, prompt, output):
         return None
     return Workload(name=decl.name.text, arrival=arrival, prompt=prompt, output=output, requests=requests,
@@ -37,18 +41,21 @@ def build_workload(c: Checker, decl: ast.Decl) -> Workload | None:
 
 
 def _arrival(c: Checker, stmt: ast.Statement) -> Arrival | None:
-    usage = "arrival poisson 12 req/s | arrival gamma 12 req/s cv 2 | arrival constant 5 req/s | arrival trace \"FILE\""
+    usage = ("arrival poisson 12 req/s | arrival gamma 12 req/s cv 2 | arrival constant 5 req/s | "
+             "arrival trace \"FILE\" | arrival batch")
     if not stmt.args:
         c.error("F0305", "`arrival` needs a process", stmt.span, "incomplete", f"write `{usage}`")
         return None
-    kind = c.word(stmt.args[0], ("poisson", "gamma", "constant", "trace"), "arrival process")
+    kind = c.word(stmt.args[0], ("poisson", "gamma", "constant", "trace", "batch"), "arrival process")
     rest = stmt.args[1:]
     if kind is None:
         return None
-    expected = {"poisson": 1, "constant": 1, "gamma": 3, "trace": 1}[kind]
+    expected = {"poisson": 1, "constant": 1, "gamma": 3, "trace": 1, "batch": 0}[kind]
     if len(rest) != expected or (kind == "gamma" and not (isinstance(rest[1], ast.Name) and rest[1].text == "cv")):
         c.error("F0305", f"malformed `arrival {kind}`", stmt.span, "unexpected shape", f"write `{usage}`")
         return None
+    if kind == "batch":  # an offline job: every request queued at the start, no rate
+        return Arrival(kind="batch")
     if kind == "trace":
         trace_path = _trace_file(c, rest[0])
         if trace_path is None:

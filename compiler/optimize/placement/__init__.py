@@ -92,7 +92,9 @@ priority). For each in turn, with the earlier ones' results locked as constraint
   a/b optimal (each step is an integer CP-SAT solve, so the ratio is exact in the scaled
   units; typically 2-3 steps); then (tie-break) minimize K_d at that ratio. The deployment
   needs >= 1 instance. With `ratio_tolerance` t > 0 the tie-break takes the fewest GPUs with
-  ratio >= (1 - t) * best, then the most goodput at those GPUs.
+  ratio >= (1 - t) * best, then the most goodput at those GPUs;
+* max_throughput (an offline batch, load 0): maximize G_d, the capacities of saturated
+  instances, then (tie-break) minimize K_d. The deployment needs >= 1 instance.
 
 Locks: K_d <= k*, G_d >= g*, cost_d <= c*, b*G_d >= a*K_d. Guarantee (when every solve is
 OPTIMAL): the result is the lexicographic optimum over (deployment 1 objective, its

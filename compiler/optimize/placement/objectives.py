@@ -73,6 +73,13 @@ class Lex:
                 scale = 1 if d.objective == "min_gpus" else COST_SCALE
                 bound = v if opt else max(0.0, b if b is not None else 0.0)
                 out[name] = Outcome(v / scale, bound / scale, opt and opt2)
+            elif d.objective == "max_throughput":  # an offline batch: the most req/s, then the fewest GPUs
+                opt, g, b = self.phase("max", G, lambda s: s[G.index], primary_until)
+                m.add(G >= g)
+                opt2, k, _ = self.phase("min", K, lambda s: s[K.index], until)
+                m.add(K <= k)
+                bound = g if opt else max(g, b if b is not None else g)
+                out[name] = Outcome(g / RPS_SCALE, bound / RPS_SCALE, opt and opt2)
             else:
                 out[name] = self._ratio(name, K, G, primary_until, until)
         return out

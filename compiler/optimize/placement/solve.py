@@ -27,7 +27,7 @@ def solve_placement(cluster: spec.Cluster, gpus: dict[str, spec.GPU], demands: l
     deadline = t0 + time_limit_s
     p = Problem(cluster, gpus, demands, candidates)
     oversized = [c for c in p.unplaceable if c.tp <= p.max_domain.get(c.gpu, 0)]
-    need = {n for n in p.order if p.demands[n].objective == "max_goodput_per_gpu"}
+    need = {n for n in p.order if p.demands[n].objective in ("max_goodput_per_gpu", "max_throughput")}
     model = Model(p, p.order, set(p.order), need_instance=need)
     lex = Lex(model, deadline, workers, ratio_tolerance)
     try:

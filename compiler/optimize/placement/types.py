@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from flowc.compiler.plan import GpuRef
 
 Role = Literal["colocated", "prefill", "decode"]
-Objective = Literal["max_goodput_per_gpu", "min_gpus", "min_cost"]
+Objective = Literal["max_goodput_per_gpu", "min_gpus", "min_cost", "max_throughput"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class DeploymentPlacement:
     goodput_rps: float  # sum of capacities; disaggregated: min(prefill sum, decode sum)
     gpus: int
     cost_per_hour: Optional[float]  # None when a GPU used has no price
-    objective_value: float  # GPUs, usd/h or req/s per GPU, as the objective says
+    objective_value: float  # GPUs, usd/h, req/s per GPU or req/s, as the objective says
     bound: float  # best bound on objective_value (given the earlier deployments' locks)
     gap: float
     optimal: bool
