@@ -43,13 +43,23 @@ Contracts:
   until the budget is spent. A line search is one batch (evaluated in parallel).
   The budget counts configurations, from the cache or not.
 - Cache: one JSON file per trial in `cache_dir` (default `$XDG_CACHE_HOME/flowc/autotune`,
-  else `~/.cache/flowc/autotune`), named by a hash of the flowc version, the calibration
-  data, the evaluator (measured: with the host and the request count), the seed, the router
-  and what the trial depends on (the pinned deployments of the cluster with their model, the
-  cluster, its GPU types, the workloads with their trace files' contents, the SLOs; for a
-  configuration the checker rejects, the spec's text). Written to a temporary file and
-  renamed, so an interrupted run never leaves half an entry; an entry that does not read back
-  is evaluated again.
+  else `~/.cache/flowc/autotune`), named by a hash of everything that can change its result:
+  - the code that evaluates it, by content: every .py, .flow, .json and .lark file of
+    `flowc.compiler`, `flowc.stdlib` (calibration.json included) and `flowc.grammar`, and
+    `flowc/autotune.py`; for "measure" also `flowc.runtime` and `flowc/replay.py` (hashed once
+    per process, about 30 ms; the flowc version is in the key too, but an edited tree or a
+    rebuild under the same version never reuses results);
+  - the Python version and the versions of the libraries under that code (ortools, numpy;
+    for "measure" torch and triton);
+  - the evaluator and its settings: the seed, the router, the compile's CP-SAT time limit
+    (`COMPILE_TIME_LIMIT_S`); for "measure" the host, its CUDA devices and the request count;
+  - what the trial depends on in the spec: the pinned deployments of the cluster with their
+    model, the cluster, its GPU types, the workloads with their trace files' contents, the
+    SLOs, as checked (locations and doc comments left out); for a configuration the checker
+    rejects, the spec's text.
+  The objective is not in the key: a trial's metrics are kept, and scored on reading.
+  Written to a temporary file and renamed, so an interrupted run never leaves half an entry;
+  an entry that does not read back is evaluated again.
 - `cancel` (a threading.Event) is checked between trials, Ctrl-C (KeyboardInterrupt) stops
   the search too; either way the trials done so far are returned with `cancelled=True`.
 - `parallel=N` evaluates a batch in N spawned worker processes (they ignore Ctrl-C: the
@@ -61,6 +71,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -72,7 +83,7 @@ import threading
 import time
 import types
 from dataclasses import dataclass, replace
-from importlib import resources
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
@@ -97,6 +108,7 @@ ROUTERS = ("round_robin", "least_work")
 OBJECTIVES = ("max_goodput_per_gpu", "min_gpus", "min_cost", "min_ttft_p90", "min_tpot_p90")
 EVALUATORS = ("simulate", "measure")
 CACHE_FORMAT = 1
+COMPILE_TIME_LIMIT_S = 10.0  # CP-SAT's limit per trial compile (compile_spec's default), part of every key
 
 Value = Union[bool, int, str]  # bool first: pydantic keeps True a bool, not 1
 Progress = Callable[[str, int, Optional[int]], None]
@@ -387,6 +399,79 @@ def _trial_material(spec: Spec, d: Deployment) -> dict:
             "traces": {t: _file_hash(Path(t)) for t in sorted(traces)}}
 
 
+# The modules whose code computes a trial's result, per evaluator: the compiler (with the
+# standard library, its calibration and the grammar), this module's evaluators and, for
+# "measure", the runtime. Data files count as code: calibration.json changes predictions.
+_SIMULATE_CODE = ("flowc.compiler", "flowc.stdlib", "flowc.grammar", "flowc.autotune")
+_CODE = {"simulate": _SIMULATE_CODE, "measure": _SIMULATE_CODE + ("flowc.runtime", "flowc.replay")}
+_CODE_SUFFIXES = (".py", ".flow", ".json", ".lark")
+# The libraries under that code whose versions can move a result (solver, random streams, kernels).
+_LIBRARIES = {"simulate": ("ortools", "numpy"), "measure": ("ortools", "numpy", "torch", "triton")}
+
+
+def _settings(evaluator: str, seed: int, measure_requests: int) -> dict:
+    """What every trial's key holds besides the trial itself: the code that evaluates it, the
+    library versions under that code, the evaluator and all its settings."""
+    settings = {"flowc": __version__, "code": _code_hash(evaluator), "python": platform.python_version(),
+                "libraries": _library_versions(evaluator), "evaluator": evaluator, "seed": seed,
+                "compile_time_limit_s": COMPILE_TIME_LIMIT_S}
+    if evaluator == "measure":  # measured timings belong to this machine, its devices, this many requests
+        settings.update(host=platform.node(), devices=_devices(), requests=measure_requests)
+    return settings
+
+
+@functools.lru_cache(maxsize=None)
+def _code_hash(evaluator: str) -> str:
+    """A hash of the evaluator's code (`_CODE`) as installed, computed once per process: an
+    edited tree or another build never reuses results, whatever its version says."""
+    return _files_hash(_code_files(_CODE[evaluator]))
+
+
+def _code_files(modules: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """(name, path) of each module's source and data files, packages recursively, without
+    caches and hidden folders; the name is the module's plus the path inside it."""
+    files = []
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        if spec.submodule_search_locations is None:
+            files.append((module, Path(spec.origin)))
+            continue
+        for root in map(Path, spec.submodule_search_locations):
+            files += [(f"{module}/{path.relative_to(root).as_posix()}", path) for path in root.rglob("*")
+                      if path.suffix in _CODE_SUFFIXES and path.is_file()
+                      and not any(part.startswith((".", "__pycache__")) for part in path.relative_to(root).parts)]
+    return sorted(files)
+
+
+def _files_hash(files: list[tuple[str, Path]]) -> str:
+    """sha256 over each file's name and content, in order: a renamed, added, removed or edited
+    file changes it, a moved checkout does not."""
+    digest = hashlib.sha256()
+    for name, path in files:
+        content = path.read_bytes()
+        digest.update(f"{name}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()
+
+
+def _library_versions(evaluator: str) -> dict[str, Optional[str]]:
+    versions: dict[str, Optional[str]] = {}
+    for name in _LIBRARIES[evaluator]:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _devices() -> list[str]:
+    """The CUDA devices "measure" may run on (none: the CPU, which `host` names)."""
+    import torch
+
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+
+
 def _key(material: dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
@@ -437,7 +522,7 @@ def _run_job(job: _Job) -> list[_Outcome]:
     from flowc.compiler.optimize.compile import compile_spec
 
     try:
-        plan = compile_spec(job.spec, seed=job.seed)
+        plan = compile_spec(job.spec, seed=job.seed, time_limit_s=COMPILE_TIME_LIMIT_S)
     except FlowError as error:
         return [_Outcome(status="failed", problems=_problems(error))] * len(job.routers)
     dp = next(p for p in plan.deployments if p.name == job.deployment)
@@ -598,8 +683,7 @@ class _Tuner:
         self.trials: dict[tuple, Trial] = {}
         self.evaluations = self.cached = 0
         self.pool = None
-        # measured timings belong to this machine and this many requests
-        self.measured_on = {"host": platform.node(), "requests": measure_requests} if evaluator == "measure" else {}
+        self.settings = _settings(evaluator, seed, measure_requests)
 
     @staticmethod
     def _id(config: dict) -> tuple:
@@ -617,8 +701,7 @@ class _Tuner:
                 raise _Stop
             config = dict(zip(self.space, ident))
             pinned, material = self._pinned(config)
-            key = _key({"flowc": __version__, "calibration": _calibration_hash(), "evaluator": self.evaluator,
-                        "seed": self.seed, "router": config.get("router"), **self.measured_on, **material})
+            key = _key({**self.settings, "router": config.get("router"), **material})
             outcome = self.cache.get(key)
             if outcome is not None:
                 self._record(ident, key, outcome, fresh=False)
@@ -758,15 +841,6 @@ def _pareto(trials: list[Trial]) -> set[int]:
     feasible = [(i, vector(t)) for i, t in enumerate(trials) if t.meets_slo]
     return {i for i, v in feasible
             if not any(all(a >= b for a, b in zip(w, v)) and w != v for _, w in feasible)}
-
-
-@functools.lru_cache(maxsize=1)
-def _calibration_hash() -> Optional[str]:
-    """The cost model's fitted constants change predictions without changing the version."""
-    try:
-        return hashlib.sha256(resources.files("flowc.stdlib").joinpath("calibration.json").read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def _quiet(what: str, done: int, total: Optional[int]) -> None:

@@ -140,6 +140,102 @@ def test_a_rerun_reads_every_trial_from_the_cache_and_a_corrupt_entry_is_evaluat
     json.loads(entries[0].read_text())  # rewritten whole
 
 
+def test_edited_code_misses_the_cache_and_unchanged_code_hits_it(truth, monkeypatch):
+    cache, trials = truth
+    space = {"max_batched_tokens": [512], "max_seqs": [32]}
+    same = flowc.autotune(OPEN, space=space, cache_dir=cache)
+    assert (same.evaluations, same.cached) == (0, 1)
+    assert same.trials[0].key == trials[CONFIGS.index({"max_batched_tokens": 512, "max_seqs": 32})].key
+    monkeypatch.setattr(flowc.autotune, "_code_hash", lambda evaluator: "the hash of an edited tree")
+    edited = flowc.autotune(OPEN, space=space, cache_dir=cache)
+    assert (edited.evaluations, edited.cached) == (1, 0)
+    assert edited.trials[0].key != same.trials[0].key
+
+
+def _settings_with(monkeypatch, target, name: str, value) -> dict:
+    with monkeypatch.context() as patched:
+        patched.setattr(target, name, value)
+        return flowc.autotune._settings("simulate", 0, 16)
+
+
+def test_every_evaluator_setting_and_library_version_is_in_the_key(monkeypatch):
+    import platform
+    from importlib import metadata
+
+    module = flowc.autotune
+    base = module._settings("simulate", 0, 16)
+    assert base["code"] == module._code_hash("simulate") and len(base["code"]) == 64
+    assert base["libraries"] == {"ortools": metadata.version("ortools"), "numpy": metadata.version("numpy")}
+    assert base["python"] == platform.python_version() and base["compile_time_limit_s"] == 10.0
+    assert module._settings("simulate", 0, 99) == base  # the request count only matters to "measure"
+    variants = [module._settings("simulate", 1, 16),
+                _settings_with(monkeypatch, module, "COMPILE_TIME_LIMIT_S", 30.0),
+                _settings_with(monkeypatch, module.metadata, "version", lambda name: "0.0"),
+                _settings_with(monkeypatch, module.platform, "python_version", lambda: "3.99.0")]
+    keys = {module._key(settings) for settings in [base, *variants]}
+    assert len(keys) == 5
+
+
+def test_measured_keys_hold_the_runtime_code_the_machine_and_the_request_count():
+    pytest.importorskip("torch")
+    from importlib import metadata
+
+    module = flowc.autotune
+    measured = module._settings("measure", 0, 16)
+    assert measured["code"] == module._code_hash("measure") != module._code_hash("simulate")
+    assert measured["libraries"]["torch"] == metadata.version("torch") and measured["requests"] == 16
+    assert measured["host"] and isinstance(measured["devices"], list)
+    assert module._key(module._settings("measure", 0, 4)) != module._key(measured)
+    names = {name for name, _ in module._code_files(module._CODE["measure"])}
+    assert {"flowc.runtime/engine.py", "flowc.replay"} <= names
+
+
+def _package(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def _probe_hash(monkeypatch, root: Path) -> tuple[list[str], str]:
+    """(file names, code hash) of the package `probe_pkg` found under root."""
+    import importlib
+
+    with monkeypatch.context() as patched:
+        patched.syspath_prepend(str(root))
+        importlib.invalidate_caches()
+        files = flowc.autotune._code_files(("probe_pkg",))
+    return [name for name, _ in files], flowc.autotune._files_hash(files)
+
+
+def test_the_code_hash_follows_every_source_and_data_file_and_nothing_else(monkeypatch, tmp_path):
+    names = {name for name, _ in flowc.autotune._code_files(flowc.autotune._CODE["simulate"])}
+    assert {"flowc.compiler/model/simulator.py", "flowc.compiler/optimize/placement/solve.py",
+            "flowc.stdlib/calibration.json", "flowc.stdlib/gpus.flow", "flowc.grammar/flow.lark",
+            "flowc.autotune"} <= names
+    assert not any(n.startswith("flowc.runtime") or "__pycache__" in n or "/." in n for n in names)
+
+    tree = {"probe_pkg/__init__.py": "", "probe_pkg/model/cost.py": "A = 1\n", "probe_pkg/data.json": "{}",
+            "probe_pkg/__pycache__/cost.cpython-311.pyc": "x", "probe_pkg/.ruff_cache/entry.json": "x",
+            "probe_pkg/notes.md": "x"}
+    _package(tmp_path / "a", tree)
+    files, original = _probe_hash(monkeypatch, tmp_path / "a")
+    assert files == ["probe_pkg/__init__.py", "probe_pkg/data.json", "probe_pkg/model/cost.py"]
+    _package(tmp_path / "moved", tree)
+    assert _probe_hash(monkeypatch, tmp_path / "moved")[1] == original  # another checkout of the same code
+    _package(tmp_path / "a", {"probe_pkg/__pycache__/cost.cpython-311.pyc": "y", "probe_pkg/.ruff_cache/e.json": "y",
+                              "probe_pkg/notes.md": "y"})
+    assert _probe_hash(monkeypatch, tmp_path / "a")[1] == original  # caches and prose are not code
+
+    changed = set()
+    for edit in ({"probe_pkg/model/cost.py": "A = 2\n"}, {"probe_pkg/data.json": '{"fit": 1}'},
+                 {"probe_pkg/model/extra.py": ""}):
+        _package(tmp_path / "moved", edit)
+        changed.add(_probe_hash(monkeypatch, tmp_path / "moved")[1])
+    (tmp_path / "moved" / "probe_pkg" / "model" / "extra.py").rename(tmp_path / "moved" / "probe_pkg" / "other.py")
+    changed.add(_probe_hash(monkeypatch, tmp_path / "moved")[1])
+    assert len(changed) == 4 and original not in changed
+
+
 def test_the_default_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
     from flowc.autotune import default_cache_dir
 

@@ -13,7 +13,6 @@ with NoOverlap2D warm-started from it, so it is never worse.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -119,8 +118,13 @@ def pack(buffers: list[Buffer], time_limit_s: float = 5.0, alignment: int = ALIG
     model.minimize(arena)
 
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.num_workers = workers or min(8, os.cpu_count() or 1)
+    # A plan records these offsets, so they must not depend on the machine that compiled it: one
+    # worker, stopped by deterministic time (a parallel portfolio returns a different optimum per
+    # core count). One worker proves every stdlib step graph optimal within 0.8 s; the wall-clock
+    # cap only guards a machine far slower than that.
+    solver.parameters.num_workers = workers or 1
+    solver.parameters.max_deterministic_time = time_limit_s
+    solver.parameters.max_time_in_seconds = 4 * time_limit_s
     # By default CP-SAT installs a C handler for SIGINT that ends the search as if out of time (a
     # wrong result, silently) and stays installed after the solve, where a Ctrl-C exits the
     # process without Python's cleanup: leave Ctrl-C to Python, a KeyboardInterrupt after the solve.
