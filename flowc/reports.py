@@ -77,6 +77,10 @@ def _target_text(target, predicted) -> str:
     return f"{target.metric.upper()} limit {target.limit * 1e3:,.0f} ms"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _seconds(prefix: str, seconds: float | None, digits: int) -> str:
     """Wall-clock of this compile; a plan read from a file has none (plans keep no timings)."""
     return "" if seconds is None else f"{prefix} {seconds:.{digits}f} s"
@@ -115,8 +119,9 @@ def print_plan(plan, spec, *, explain: bool = False, console: Console | None = N
                           f"{p.output_tokens_per_s:,.0f} output tok/s")
         for b in d.baselines:  # measured as the plan is: the plan is never worse in its objective
             verdict = "sustains the load" if b.sustains_load else "[red]misses the load[/]"
-            console.print(f"  = {b.name} baseline, {b.summary} ({b.gpus} GPUs): goodput {format_rps(b.goodput_rps)} "
-                          f"({format_rps(b.goodput_rps / b.gpus)} per GPU), {verdict}{b.note or ''}")
+            console.print(f"  = {b.name} baseline, {b.summary} ({_count(b.gpus, 'GPU')}): goodput "
+                          f"{format_rps(b.goodput_rps)} ({format_rps(b.goodput_rps / b.gpus)} per GPU), "
+                          f"{verdict}{b.note or ''}")
         for constraint in d.binding:
             console.print(f"  [red]![/] {constraint}")
         if explain:
@@ -125,6 +130,6 @@ def print_plan(plan, spec, *, explain: bool = False, console: Console | None = N
         console.print()
     gpus = sum(d.gpus for d in plan.deployments)
     s = plan.solver
-    console.print(f"Plan: {len(plan.deployments)} deployment{'s' if len(plan.deployments) != 1 else ''}, {gpus} GPUs; "
+    console.print(f"Plan: {_count(len(plan.deployments), 'deployment')}, {_count(gpus, 'GPU')}; "
                   f"solver {s.status} (gap {s.gap:.1%}){_seconds(' in', s.wall_s, 2)}; compiled"
                   f"{_seconds(' in', plan.compile_s, 1)}.")

@@ -251,6 +251,13 @@ def test_one_token_outputs_have_no_tpot_and_still_compile():
     assert plan.deployments[0].predicted.ttft_ms.p50 > 0
 
 
+def test_a_65536_gpu_node_places_without_overflowing_the_solver():
+    # the ratio lock's coefficients (1e4 x GPUs x capacity) overflowed CP-SAT's int64: exit 3
+    text = (Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu.flow").read_text()
+    plan = flowc.compile(text.replace("gpu cpu-local x 1", "gpu cpu-local x 65536"))
+    assert plan.deployments[0].gpus == 1 and plan.solver.status == "optimal"
+
+
 def _impossible_slo_spec(search: str) -> str:
     catalog = (Path(__file__).resolve().parent / "error_catalog" / "F0510.flow").read_text()
     return catalog.replace("  tp in [4, 8]\n", search)

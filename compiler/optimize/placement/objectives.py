@@ -15,6 +15,16 @@ from flowc.compiler.optimize.placement.problem import COST_SCALE, RPS_SCALE, sca
 from flowc.compiler.optimize.placement.types import PlacementError, PlacementTimeout
 
 TOLERANCE_STEPS = 10_000  # ratio_tolerance resolution: 1e-4
+COEFFICIENT_LIMIT = 2**61  # CP-SAT's linear expressions must stay inside int64, with room to spare
+
+
+def _fit(a: int, b: int, scale: int, g_max: int, k_max: int) -> tuple[int, int]:
+    """A ratio a'/b' <= a/b whose products scale*b'*G and scale*a'*K fit int64 for every G and
+    K: on a large cluster (65,536 GPUs) the exact coefficients overflow."""
+    factor = max(1, -(-scale * max(b * g_max, a * k_max) // COEFFICIENT_LIMIT))
+    if factor == 1:
+        return a, b
+    return a // factor, -(-b // factor)
 
 
 @dataclass
@@ -96,7 +106,9 @@ class Lex:
             self.phase(None, None, lambda s: 0, primary_until)
         a, b = self.cur[G.index], self.cur[K.index]
         optimal, upper = False, trivial
+        g_max, k_max = mdl.ub[G.index], mdl.ub[K.index]
         for _ in range(100):
+            a, b = _fit(a, b, 1, g_max, k_max)
             opt, val, bnd = self.phase("max", b * G - a * K, lambda s: b * s[G.index] - a * s[K.index], primary_until)
             g1, k1 = self.cur[G.index], self.cur[K.index]
             if opt and g1 * b <= a * k1:
@@ -112,6 +124,7 @@ class Lex:
             a, b = g1, k1
         # lock the ratio (within the tolerance, in steps of 1e-4) and take the fewest GPUs at it
         slack = min(TOLERANCE_STEPS, max(0, round(self.ratio_tolerance * TOLERANCE_STEPS)))
+        a, b = _fit(a, b, TOLERANCE_STEPS, g_max, k_max)
         m.add(TOLERANCE_STEPS * b * G >= (TOLERANCE_STEPS - slack) * a * K)
         opt2, k, _ = self.phase("min", K, lambda s: s[K.index], until)
         m.add(K <= k)
