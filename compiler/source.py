@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 
 
@@ -31,11 +32,8 @@ class SourceFile:
     text: str
 
     def __post_init__(self) -> None:
-        starts = [0]
-        for i, ch in enumerate(self.text):
-            if ch == "\n":
-                starts.append(i + 1)
-        object.__setattr__(self, "_line_starts", starts)
+        lengths = (len(line) + 1 for line in self.text.split("\n")[:-1])  # str.split runs in C: fast on big files
+        object.__setattr__(self, "_line_starts", list(itertools.accumulate(lengths, initial=0)))
 
     def position(self, offset: int) -> tuple[int, int]:
         starts = self._line_starts  # type: ignore[attr-defined]

@@ -215,9 +215,16 @@ def test_trailing_comment_follows_the_code_it_was_written_after():
     assert fmt("x y { a 1\n  b 2 }  # end of y\n") == "x y {\n  a 1\n  b 2\n}  # end of y\n"
 
 
-def test_nul_characters_in_strings_and_comments_are_kept():
-    assert fmt('x y { a "p\0q" }\n') == 'x y { a "p\0q" }\n'
+def test_nul_characters_in_comments_are_kept():
     assert fmt("# a\0b\nx y {}\n") == "# a\0b\nx y {}\n"
+
+
+def test_a_nul_character_in_a_string_is_a_syntax_error():
+    # Strings name files, and no file name holds a NUL: refused where it is, not at the file system.
+    with pytest.raises(flowc.FlowError) as info:
+        fmt('x y { a "p\0q" }\n')
+    assert info.value.codes == ["F0101"]
+    assert (info.value.diagnostics[0].span.line, info.value.diagnostics[0].span.col) == (1, 11)
 
 
 def test_formatting_a_syntax_error_raises():
@@ -231,9 +238,8 @@ def test_formatting_a_syntax_error_raises():
 def tokens(text: str) -> list[tuple[str, str]]:
     """The token stream without newlines, `;` and comments, with the blanks inside a quantity
     removed and trailing commas in lists and calls dropped: what formatting must not change."""
-    parser, _ = _parser()
     raw = [(t.type, "".join(t.value.split()) if t.type == "QUANTITY" else t.value)
-           for t in parser.lex(text, dont_ignore=False) if t.type not in ("_NL", "SEMICOLON", "COMMENT")]
+           for t in _parser().lark.lex(text, dont_ignore=False) if t.type not in ("_NL", "SEMICOLON", "COMMENT")]
     return [t for i, t in enumerate(raw)
             if not (t[0] == "COMMA" and i + 1 < len(raw) and raw[i + 1][0] in ("RSQB", "RPAR"))]
 

@@ -95,10 +95,9 @@ class _Printer:
         self.last_line = last_line
 
     def block(self, head: str, head_line: int, body: ast.Body, next_line: int, depth: int) -> None:
-        if self._stays_inline(body):
-            inner = "; ".join(" ".join([s.key.text, *(format_expr(a) for a in s.args)]) for s in body.statements)
-            self.emit(f"{head} {{ {inner} }}" if inner else f"{head} {{}}", head_line, body.close.line, next_line,
-                      depth)
+        inline = self._inline(body)
+        if inline is not None:
+            self.emit(f"{head} {inline}", head_line, body.close.line, next_line, depth)
             return
         starts = [stmt.span.line for stmt in body.statements] + [body.close.line]
         self.emit(head + " {", head_line, body.open.line, starts[0], depth)
@@ -108,13 +107,16 @@ class _Printer:
         self.line(INDENT * depth + "}", body.close.line, body.close.line, next_line, depth)
         self.last_line = body.close.line
 
-    def _stays_inline(self, body: ast.Body) -> bool:
-        """A body written on one line stays on one line when it is short and simple."""
+    def _inline(self, body: ast.Body) -> str | None:
+        """A body written on one line stays on one line when it is simple and, as printed, short:
+        the printed width decides, so that the output is a fixed point."""
         if body.open.line != body.close.line or any(s.body for s in body.statements):
-            return False
-        width = body.close.end - body.open.start
-        return width <= INLINE_WIDTH and not any(body.open.start < c.span.start < body.close.start
-                                                 for c in self.comments)
+            return None
+        if any(body.open.start < c.span.start < body.close.start for c in self.comments):
+            return None
+        inner = "; ".join(" ".join([s.key.text, *(format_expr(a) for a in s.args)]) for s in body.statements)
+        printed = f"{{ {inner} }}" if inner else "{}"
+        return printed if len(printed) <= INLINE_WIDTH else None
 
     def statement(self, stmt: ast.Statement, next_line: int, depth: int) -> None:
         head = " ".join([stmt.key.text, *(format_expr(a) for a in stmt.args)])
@@ -159,5 +161,9 @@ def _align_comments(lines: list[tuple[str, str | None]]) -> list[str]:
 
 def format_source(source: SourceFile) -> str:
     """Format one file's text. Raises FlowError on syntax errors."""
-    module = parse(source)
+    return format_module(source, parse(source))
+
+
+def format_module(source: SourceFile, module: ast.Module) -> str:
+    """Format a module already parsed from `source`."""
     return _Printer(source, module).module(module)

@@ -4,13 +4,14 @@ the root spec's directory tree are errors (F0205-F0207)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from flowc.compiler.diagnostics import Diagnostic, FlowError, did_you_mean
 from flowc.compiler.frontend import ast
-from flowc.compiler.frontend.parser import parse
+from flowc.compiler.frontend.parser import MAX_ERRORS, MAX_SOURCE_CHARS, capped, parse
 from flowc.compiler.source import SourceFile, Span
 
 STD_PREFIX = "std."
@@ -36,19 +37,47 @@ class Program:
         return seen
 
 
-def std_modules() -> list[str]:
+@functools.cache
+def _parse_std(source: SourceFile) -> ast.Module:
+    """The standard library never changes while flowc runs: parse each module once."""
+    return parse(source)
+
+
+@functools.cache
+def std_modules() -> tuple[str, ...]:
     names = [p.name[:-5] for p in resources.files("flowc.stdlib").iterdir() if p.name.endswith(".flow")]
-    return sorted(names + ["cpu_local"])
+    return tuple(sorted(names + ["cpu_local"]))
 
 
 def std_source(module: str) -> SourceFile | None:
+    """A standard library module's text, None when there is no such module. `module` is user
+    text: it is looked up among the modules before it names a file."""
+    return _std_source(module) if module in std_modules() else None
+
+
+@functools.cache
+def _std_source(module: str) -> SourceFile:
     display = f"<std>/{module}.flow"
     if module == "cpu_local":
         from flowc.compiler.frontend.cpu_local import cpu_local_flow
 
         return SourceFile(display, cpu_local_flow())
-    path = resources.files("flowc.stdlib").joinpath(f"{module}.flow")
-    return SourceFile(display, path.read_text(encoding="utf-8")) if path.is_file() else None
+    return SourceFile(display, resources.files("flowc.stdlib").joinpath(f"{module}.flow").read_text(encoding="utf-8"))
+
+
+def locate(base: Path, name: str) -> tuple[Path | None, str | None]:
+    """Resolve a file name a spec gives (`use "x.flow"`, `trace "t.csv"`) against `base`: (the
+    path, None) for a file, (the path, "no such file") when there is none, and (None, why) for a
+    name no file can have, since the name is user text: a NUL character, a name too long."""
+    if "\0" in name:
+        return None, "a file name cannot contain a NUL character"
+    try:
+        path = (base / name).resolve()
+        return path, (None if path.is_file() else "no such file")
+    except RuntimeError:  # how pathlib reports a loop of symbolic links
+        return None, "a loop of symbolic links"
+    except OSError as error:  # ENAMETOOLONG, EACCES, ...
+        return None, error.strerror or str(error)
 
 
 def display_path(path: Path) -> str:
@@ -73,7 +102,8 @@ class _Loader:
         if self._cycle(key, via):
             return None
         try:
-            text = path.read_text(encoding="utf-8")
+            with path.open(encoding="utf-8") as file:  # one character past the limit is enough to refuse it
+                text = file.read(MAX_SOURCE_CHARS + 1)
         except UnicodeDecodeError:
             self.errors.append(Diagnostic("F0205", f"`{key}` is not a UTF-8 text file", via, "imported here"))
             return None
@@ -109,9 +139,10 @@ class _Loader:
         return True
 
     def _load(self, source: SourceFile, root: Path | None, via: Span | None) -> None:
+        """Parse a module (root is None for the standard library) and load what it uses."""
         self.program.sources[source.name] = source
         try:
-            module = parse(source)
+            module = _parse_std(source) if root is None else parse(source)
         except FlowError as error:
             self.errors.extend(error.diagnostics)
             self.done.add(source.name)
@@ -119,6 +150,8 @@ class _Loader:
         self.stack.append((source.name, via))
         uses = []
         for use in module.uses:
+            if len(self.errors) >= MAX_ERRORS:
+                break
             target = self._resolve(use, source, root)
             if target:
                 uses.append(target)
@@ -153,7 +186,11 @@ class _Loader:
             return None
         relative = Path(target.value)
         base = Path(importer.name).parent if not importer.name.startswith("<") else Path.cwd()
-        path = (base / relative).resolve()
+        path, problem = locate(base, target.value)
+        if path is None:
+            self.errors.append(Diagnostic("F0205", f"cannot import `{target.value}`", target.span, problem,
+                                          "give the path of a .flow file, relative to this file's directory"))
+            return None
         if not self.allow_outside and not path.is_relative_to(root):
             self.errors.append(Diagnostic(
                 "F0207", f"`{target.value}` is outside the spec's directory tree", target.span,
@@ -162,7 +199,7 @@ class _Loader:
                 notes=(f"the spec's directory is {display_path(root)}",),
             ))
             return None
-        if not path.is_file():
+        if problem:
             near = [p.name for p in path.parent.glob("*.flow")] if path.parent.is_dir() else []
             best = did_you_mean(path.name, near)
             self.errors.append(Diagnostic(
@@ -188,7 +225,7 @@ def load_program(paths: list[Path] | None = None, text: SourceFile | None = None
         loader.load_text(text, Path.cwd().resolve())
         loader.program.roots.append(text.name)
     if loader.errors:
-        raise FlowError(loader.errors, loader.program.sources)
+        raise FlowError(capped(loader.errors), loader.program.sources)
     return loader.program
 
 

@@ -24,6 +24,7 @@ from flowc.compiler.frontend.check.vocabulary import (
     with_article,
 )
 from flowc.compiler.frontend.imports import Program
+from flowc.compiler.frontend.parser import MAX_ERRORS, capped
 from flowc.compiler.model.traces import Trace
 from flowc.compiler.spec import Location, Spec
 from flowc.compiler.units import Dim, Value
@@ -37,6 +38,10 @@ BUILDERS = {
     "model": models.build_model, "workload": workloads.build_workload, "slo": slos.build_slo,
     "deploy": deployments.build_deploy,
 }
+
+
+class _TooManyErrors(Exception):
+    """Raised when the check has found MAX_ERRORS errors: the rest would only cost time."""
 
 
 class Block:
@@ -73,6 +78,12 @@ class Checker:
     # ------------------------------------------------------------------------------ driver
 
     def run(self) -> Spec:
+        try:
+            return self._phases()
+        except _TooManyErrors:
+            raise FlowError(capped(self._in_source_order()), self.program.sources) from None
+
+    def _phases(self) -> Spec:
         for module in self.program.modules:
             self._collect(module)
         self._stop_if_errors()
@@ -97,12 +108,16 @@ class Checker:
     def _stop_if_errors(self) -> None:
         self._report_missing()
         if self.errors:
-            self.errors.sort(key=lambda d: (d.span.file, d.span.start) if d.span else ("", 0))
-            raise FlowError(self.errors, self.program.sources)
+            raise FlowError(capped(self._in_source_order()), self.program.sources)
+
+    def _in_source_order(self) -> list[Diagnostic]:
+        return sorted(self.errors, key=lambda d: (d.span.file, d.span.start) if d.span else ("", 0))
 
     def error(self, code: str, message: str, span, label: str = "", help: str | None = None,
               notes: Iterable[str] = (), related: Iterable[Label] = ()) -> None:
         self.errors.append(Diagnostic(code, message, span, label, help, tuple(notes), tuple(related)))
+        if len(self.errors) >= MAX_ERRORS:
+            raise _TooManyErrors
 
     # ------------------------------------------------------------------------------ names
 
@@ -224,8 +239,8 @@ class Checker:
         for (span, what), examples in self.missing.items():
             keys = [example.split()[0] for example in examples]
             listed = ", ".join(f"`{k}`" for k in keys)
-            self.error("F0310", f"{what} `{self._text_at(span)}` has no {listed}", span,
-                       f"missing {listed}", "add " + "; ".join(f"`{e}`" for e in examples))
+            self.errors.append(Diagnostic("F0310", f"{what} `{self._text_at(span)}` has no {listed}", span,
+                                          f"missing {listed}", "add " + "; ".join(f"`{e}`" for e in examples)))
         self.missing.clear()
 
     def _text_at(self, span) -> str:
