@@ -161,6 +161,11 @@ class Workload(IR):
     doc: Optional[str] = None
     location: Optional[Location] = None
 
+    @property
+    def is_batch(self) -> bool:
+        """An offline job (`arrival batch`): every request queued at the start, no rate."""
+        return self.arrival.kind == "batch"
+
 
 class SLOTarget(IR):
     metric: Literal["ttft", "tpot", "e2e"]

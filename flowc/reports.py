@@ -7,7 +7,7 @@ from rich.table import Table
 
 from flowc.compiler.model.estimate import Estimate, LatencyStats
 from flowc.compiler.model.serving import DeploymentReport
-from flowc.compiler.model.workload import base_rate, is_batch
+from flowc.compiler.model.workload import base_rate
 from flowc.compiler.render.text import gpu_ranges, group_shape_text, memory_text, scheduler_text, shape_text
 from flowc.compiler.units import format_duration, format_gib, format_rps
 from flowc.console import make_console
@@ -96,7 +96,7 @@ def print_plan(plan, spec, *, explain: bool = False, console: Console | None = N
         workload = spec.workloads[spec.deployments[d.name].workload]
         console.print(f"[bold]deploy {d.name}[/] ({d.model}, {d.weights} weights, {d.kv} KV) on {d.cluster}: "
                       f"{d.mode}, objective {d.objective.replace('_', ' ')}")
-        measured = "when saturated" if is_batch(workload) else "under the SLO"
+        measured = "when saturated" if workload.is_batch else "under the SLO"
         for g in d.groups:
             console.print(f"  [green]+[/] {g.replicas} x ({group_shape_text(g)}) {g.gpu}, {g.role}: "
                           f"{g.capacity_rps:.2f} req/s each {measured}")

@@ -242,3 +242,14 @@ def test_the_fuzzer_flags_an_exception(tmp_path, monkeypatch):
     outcome = fuzz.run_input(b"gpu g {}\n", tmp_path)
     assert (outcome.check_exit, outcome.fmt_exit) == (3, 3)
     assert "ZeroDivisionError" in outcome.failure
+
+
+def test_a_trace_name_no_file_can_have_is_a_diagnostic():
+    """Regression (29 of 100,000 fuzzed inputs): a 300-character trace name raised OSError
+    (File name too long) out of the checker."""
+    text = (ROOT / "examples" / "tiny-cpu.flow").read_text().replace(
+        "arrival poisson 4 req/s", 'arrival trace "' + "x" * 300 + '.csv"')
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.load(text)
+    (d,) = caught.value.diagnostics
+    assert d.code == "F0208" and d.label == "File name too long"

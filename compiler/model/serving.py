@@ -22,7 +22,7 @@ from flowc.compiler.model.search import baseline_scheduler
 from flowc.compiler.model.shapes import Shape, instance_shapes
 from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.topology import gpu_link
-from flowc.compiler.model.workload import is_batch, sample_requests
+from flowc.compiler.model.workload import sample_requests
 from flowc.compiler.plan import Scheduler
 from flowc.compiler.spec import Deployment, Spec, Workload
 
@@ -107,7 +107,7 @@ def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None 
                for t in slo.targets]
     gpus = replicas * shape.gpus
     rate = None
-    if with_goodput and is_batch(workload):  # a batch's goodput: its throughput when it meets the SLO
+    if with_goodput and workload.is_batch:  # a batch's goodput: its throughput when it meets the SLO
         rate = result.request_throughput if result.meets(slo) else 0.0
     elif with_goodput:  # the same requests and rates as `requests` above (model/goodput.py)
         rate = goodput(instances, workload, slo, seed=seed, router=ROUTER)

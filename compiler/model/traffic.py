@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from flowc.compiler.model.geometry import kv_bytes_per_token
-from flowc.compiler.model.workload import base_rate, is_batch, sample_requests
+from flowc.compiler.model.workload import base_rate, sample_requests
 from flowc.compiler.plan import DeploymentPlan, GpuRef
 from flowc.compiler.spec import Model, Spec
 from flowc.compiler.units import format_gbps
@@ -105,5 +105,5 @@ def spec_traffic(spec: Spec, dp: DeploymentPlan, seed: int = 0) -> Traffic:
     requests = sample_requests(workload, seed=seed)
     mean_prompt = float(requests.prompt.mean()) if len(requests) else 0.0
     mean_output = float(requests.output.mean()) if len(requests) else 0.0
-    rate = dp.predicted.goodput_rps if is_batch(workload) else base_rate(workload)
+    rate = dp.predicted.goodput_rps if workload.is_batch else base_rate(workload)
     return deployment_traffic(dp, spec.deployments[dp.name].model, rate, mean_prompt, mean_output)

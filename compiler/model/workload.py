@@ -102,14 +102,10 @@ def fixed_requests(n: int, input_len: int, output_len: int, rate: float | None =
     return Requests(arrival, np.full(n, input_len, dtype=np.int64), np.full(n, output_len, dtype=np.int64))
 
 
-def is_batch(workload: spec.Workload) -> bool:
-    return workload.arrival.kind == "batch"
-
-
 def base_rate(workload: spec.Workload) -> float:
     """The workload's arrival rate in requests/s (for a trace: its mean rate; a batch: 0, it
     has no rate to serve)."""
-    if is_batch(workload):
+    if workload.is_batch:
         return 0.0
     if workload.arrival.kind == "trace":
         return _trace(workload.arrival.trace).rate

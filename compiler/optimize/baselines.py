@@ -22,7 +22,7 @@ from flowc.compiler.model.goodput import goodput_search, steady_throughput, sust
 from flowc.compiler.model.instance import ROUTER
 from flowc.compiler.model.search import baseline_scheduler
 from flowc.compiler.model.simulator import simulate
-from flowc.compiler.model.workload import Requests, base_rate, is_batch, sample_requests
+from flowc.compiler.model.workload import Requests, base_rate, sample_requests
 from flowc.compiler.optimize.candidates import CAPACITY_REQUESTS, Measured
 from flowc.compiler.spec import Deployment, Spec, Workload
 
@@ -136,6 +136,6 @@ def fleet_requests(workload: Workload, instances: int) -> Optional[int]:
     """Requests simulated to measure a fleet of this many instances: the plan's predictions and
     its baselines are measured on the same count (`optimize/compile.py`). A workload that says
     how many (`requests`, `duration`, or a batch) is taken at its word: None."""
-    if workload.requests is not None or workload.duration is not None or is_batch(workload):
+    if workload.requests is not None or workload.duration is not None or workload.is_batch:
         return None
     return max(CHECK_REQUESTS, CAPACITY_REQUESTS * instances)

@@ -24,7 +24,7 @@ from flowc.compiler.model.search import ep_choices, scheduler_choices
 from flowc.compiler.model.shapes import Shape, instance_shapes
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.topology import gpu_link
-from flowc.compiler.model.workload import Requests, is_batch, sample_requests
+from flowc.compiler.model.workload import Requests, sample_requests
 from flowc.compiler.optimize.offload import OffloadInfeasible, OffloadPlan, plan_offload
 from flowc.compiler.optimize.placement import Candidate
 from flowc.compiler.plan import Alternative, Scheduler
@@ -118,7 +118,7 @@ def _capacity(instance: InstanceConfig, partner: InstanceConfig | None, workload
         instances, part = [partner] * DISAGG_PARTNERS * pool + [instance] * pool, _slo_part(slo, {"tpot", "e2e"})
     if not part.targets:
         part = slo
-    if is_batch(workload):  # no rate to meet an SLO at: the throughput of a saturated pool
+    if workload.is_batch:  # no rate to meet an SLO at: the throughput of a saturated pool
         requests = sample_requests(workload, CAPACITY_REQUESTS * pool, seed=seed)
         return steady_throughput(simulate(requests, instances, router=ROUTER)) / pool
     search = goodput_search(instances, workload, part, seed=seed, n=CAPACITY_REQUESTS * pool)

@@ -29,7 +29,7 @@ from flowc.compiler.model.serving import require_deployments
 from flowc.compiler.model.shapes import instance_shapes
 from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.topology import gpu_prices
-from flowc.compiler.model.workload import Requests, base_rate, is_batch, sample_requests
+from flowc.compiler.model.workload import Requests, base_rate, sample_requests
 from flowc.compiler.optimize.alternatives import alternatives
 from flowc.compiler.optimize.arena import pack_step
 from flowc.compiler.optimize.baselines import Fleet, baseline_fleets, fleet_requests
@@ -252,7 +252,7 @@ def _place_and_check(spec: Spec, cluster_name: str, deployments: list[Deployment
                 continue
             return placement, [p.model_copy(update={"baselines": _reported(reported.get(p.name, []),
                                                                            p.name in blocked)}) for p in plans]
-        late = [(d, p) for d, p in short if is_batch(spec.workloads[d.workload])]
+        late = [(d, p) for d, p in short if spec.workloads[d.workload].is_batch]
         if late:  # a batch already has every GPU it may take: derating cannot help
             raise _batch_too_slow(spec, *late[0])
         if derated == RECHECK_ROUNDS:
@@ -331,7 +331,7 @@ def _better_fleets(spec: Spec, deployments: list[Deployment], plans: list[Deploy
     for d, p in zip(deployments, plans):
         if d.name in settled:
             continue
-        if is_batch(spec.workloads[d.workload]):
+        if spec.workloads[d.workload].is_batch:
             key = _fastest_fleet(spec, d, p, measured, seed)
             if key is not None:
                 better[d.name] = Pin(frozenset({key}))
@@ -387,7 +387,7 @@ def _fastest_fleet(spec: Spec, d: Deployment, p: DeploymentPlan, measured: dict[
     instance is faster (measured: 2,000 requests of Llama-3.1-8B on 8 H100s finish in 24.7 s on
     4 x tp 2, in 26.1 s on 8 x tp 1, though tp 1 has the higher throughput per GPU)."""
     workload = spec.workloads[d.workload]
-    if not is_batch(workload) or p.predicted.makespan_s is None or len({g.gpu for g in p.groups}) != 1:
+    if not workload.is_batch or p.predicted.makespan_s is None or len({g.gpu for g in p.groups}) != 1:
         return None
     gpu, requests = p.groups[0].gpu, sample_requests(workload, seed=seed)
     best, best_time = None, p.predicted.makespan_s
@@ -426,7 +426,7 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, M
                                     memory=_memory_map(d.model, m), capacity_rps=c.capacity_rps))
         configs.extend([m.config] * len(instances))
     workload, slo = spec.workloads[d.workload], spec.slos[d.slo]
-    batch = is_batch(workload)
+    batch = workload.is_batch
     # a batch is simulated as the job it is (its `requests`, all queued at the start)
     n = fleet_requests(workload, len(configs))
     requests = sample_requests(workload, n, seed=seed)

@@ -7,7 +7,6 @@ import math
 
 from flowc.compiler.model.goodput import steady_throughput
 from flowc.compiler.model.instance import simulate_plan_deployment
-from flowc.compiler.model.workload import is_batch
 from flowc.compiler.verify.context import (
     ABS_TOLERANCE_MS,
     ATTAINMENT_TOLERANCE,
@@ -87,7 +86,7 @@ def simulated_problem(v: Verifier, dep: DeploymentCheck):
         if math.isinf(ours) or abs(theirs - ours) > max(TOLERANCE * ours, ABS_TOLERANCE_MS):
             return (f"predicted p50 {metric.upper()} {theirs:.2f} ms; re-simulated {ours:.2f} ms (more than "
                     f"{TOLERANCE:.0%} apart)", again, f".{metric}_ms.p50", ())
-    if is_batch(v.spec.workloads[d.workload]):
+    if v.spec.workloads[d.workload].is_batch:
         return _batch_problem(result, pred, slo)
     if pred.goodput_rps > rate and pred.goodput_rps > 0:
         capacity = steady_throughput(run(requests.all_at_once()))

@@ -9,7 +9,6 @@ from flowc.compiler import units
 from flowc.compiler.diagnostics import Label, did_you_mean
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import DTYPES, SCHEMAS, TOKEN_KNOBS, expr_text
-from flowc.compiler.model.workload import is_batch
 from flowc.compiler.spec import SEARCH_KNOBS, Deployment, Model, Workload
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
@@ -81,7 +80,7 @@ def _objective_fits_workload(c: Checker, b: Block, objective: str, workload: Wor
     """An offline batch (`arrival batch`) has no arrival rate to serve: its objective is the most
     throughput; every other objective serves a rate. Disaggregation trades throughput for
     latency under a rate, so a batch job does not take it."""
-    batch = is_batch(workload)
+    batch = workload.is_batch
     at = b.one("objective") or b.one("serve")
     if batch and objective != "max_throughput":
         c.error("F0411", f"workload `{workload.name}` is a batch, which has no arrival rate to serve",

@@ -10,7 +10,7 @@ from flowc.compiler import units
 from flowc.compiler.diagnostics import did_you_mean, suggestion_help
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import SCHEMAS, describe
-from flowc.compiler.frontend.imports import display_path
+from flowc.compiler.frontend.imports import display_path, locate
 from flowc.compiler.model.traces import TraceError, read_trace
 from flowc.compiler.spec import Arrival, Lengths, Workload
 
@@ -30,7 +30,7 @@ def build_workload(c: Checker, decl: ast.Decl) -> Workload | None:
         c.error("F0311", "give `requests` or `duration`, not both", b.one("duration").key.span,
                 "one of the two", "the simulation stops after the first one anyway")
         return None
-    if arrival is not None and arrival.kind == "batch" and requests is None:
+    if arrival is not None and arrival.kind == "batch" and requests is None:  # before a Workload exists
         c.error("F0305", "a batch workload needs its size", arrival_stmt.span, "how many requests?",
                 "add `requests 10000 req`: a batch is a fixed number of requests, all queued at the start")
         return None
@@ -81,11 +81,14 @@ def _trace_file(c: Checker, expr: ast.Expr) -> str | None:
         c.expected(expr, "a file name in double quotes", 'write `trace "traces/conv.csv"`')
         return None
     base = Path(c.module).parent if not c.module.startswith("<") else Path.cwd()
-    path = (base / expr.value).resolve()
+    path, problem = locate(base, expr.value)
+    if path is None:  # a name no file can have: too long, a loop of links
+        c.error("F0208", f"trace file `{expr.value}` not found", expr.span, problem)
+        return None
     if path not in c.traces:
-        if not path.is_file():
+        if problem:
             c.traces[path] = None  # reported once, however often it is referenced
-            near = [p.name for p in path.parent.iterdir() if p.is_file()] if path.parent.is_dir() else []
+            near = _names_in(path.parent)
             best = did_you_mean(path.name, near)
             c.error("F0208", f"trace file `{expr.value}` not found", expr.span,
                     f"no such file in {display_path(path.parent)}",
@@ -103,6 +106,14 @@ def _trace_file(c: Checker, expr: ast.Expr) -> str | None:
                     notes=(f"{where}{path.name}: {error}",))
             return None
     return str(path) if c.traces[path] is not None else None
+
+
+def _names_in(folder: Path) -> list[str]:
+    """The file names of a folder, for did-you-mean; none when it cannot be listed."""
+    try:
+        return [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    except OSError:
+        return []
 
 
 def _lengths(c: Checker, b: Block, key: str) -> Lengths | None:
