@@ -181,6 +181,15 @@ class SLO(IR):
     location: Optional[Location] = None
 
 
+# The largest values a spec may give, far above any real deployment: flowc's solvers count in
+# 64-bit integers, and its simulations allocate per GPU and per request.
+MAX_CLUSTER_GPUS = 2**20  # GPUs in one cluster
+MAX_COUNT = 2**16  # nodes in a group, GPUs or NICs per node
+MAX_RATE = 1e6  # requests/s of one workload
+MAX_CV = 100.0  # coefficient of variation of inter-arrival times
+MAX_PRICE = 1e6 / 3600  # usd per second (1,000,000 usd/h)
+MAX_KNOB = 2**24  # a search knob's value (tp, replicas, tokens, ...)
+
 SEARCH_KNOBS = ("tp", "pp", "ep", "replicas", "max_batched_tokens", "chunk_size", "block_size", "max_seqs")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from flow_samples import VALID_SPEC, load_error
 
@@ -464,3 +466,32 @@ def test_paths_below_the_working_directory_are_relative(tmp_path, monkeypatch):
     with pytest.raises(flowc.FlowError) as info:
         flowc.load(spec)
     assert info.value.diagnostics[0].span.file == "specs/s.flow"
+
+
+TINY = (Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu.flow").read_text()
+
+
+@pytest.mark.parametrize("old, new, what", [
+    ("arrival poisson 4 req/s", "arrival poisson 123456789012345678901234567890 req/s", "arrival rate"),
+    ("gpu cpu-local x 1", "gpu cpu-local x 120000000000000000000000000000", "the number of GPUs per node"),
+    ("node x 1 {", "node x 70000 {", "the number of nodes"),
+    ("max_seqs in [32]", "max_seqs in [32]\n  replicas in [1, 120000000000000000000000000000]", "replicas"),
+    ("arrival poisson 4 req/s", "arrival gamma 4 req/s cv 1e29", "cv"),
+    ("gpu cpu-local x 1\n", "gpu cpu-local x 1\n    price 1.2e29 usd/h\n", "a price"),
+])
+def test_values_beyond_what_the_solvers_hold_are_f0307(old, new, what):
+    """Regression (fuzzed compiles): these overflowed CP-SAT's int64 or hung the simulation."""
+    assert old in TINY
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.load(TINY.replace(old, new, 1))
+    (d,) = [d for d in caught.value.diagnostics if d.code == "F0307"]
+    assert d.message == f"{what} is beyond the largest flowc takes"
+
+
+def test_more_pipeline_stages_than_gpus_is_a_check_error():
+    """Regression: `pp 32` on 8 GPUs passed check, then compile said the weights did not fit
+    even with offload. Here: tiny-llama's two layers in two stages, on one GPU."""
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.load(TINY.replace("max_seqs in [32]", "max_seqs in [32]\n  pp in [1, 2]"))
+    (d,) = caught.value.diagnostics
+    assert d.code == "F0405" and d.message == "pp 2 needs at least 2 GPUs per instance; deployment `tiny` may use 1"

@@ -13,7 +13,7 @@ from flowc.compiler.frontend.check.vocabulary import KIND_NAMES
 from flowc.compiler.model.geometry import param_counts, weight_bytes
 from flowc.compiler.model.lengths import length_bound, longest_request
 from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION
-from flowc.compiler.model.parallelism import Problem, problems, valid_ep
+from flowc.compiler.model.parallelism import Problem, domain_problem, problems, valid_ep
 from flowc.compiler.model.search import tp_choices
 from flowc.compiler.model.shapes import instance_shapes
 from flowc.compiler.spec import DTYPE_BYTES, Deployment, Spec
@@ -41,10 +41,16 @@ def check_deployment(c: Checker, spec: Spec, d: Deployment) -> None:
     _check_parallelism(c, d)
     largest_domain = max(group.link_domain for group in cluster.nodes)
     for tp in d.search.get("tp", []):
-        if tp > largest_domain:
-            c.error("F0404", f"tp {tp} is larger than any link domain of cluster `{cluster.name}` "
-                    f"({largest_domain} GPUs)", _knob_span(c, d, "tp", tp), "does not fit a domain",
-                    f"tensor parallelism stays inside one domain: use tp <= {largest_domain}, with pp across nodes")
+        problem = domain_problem(tp, largest_domain, f"any link domain of cluster `{cluster.name}`")
+        if problem is not None:
+            c.error(problem.code, problem.message, _knob_span(c, d, "tp", tp), problem.label, problem.help)
+    limit = min(d.max_gpus or cluster.total_gpus, cluster.total_gpus)
+    smallest_tp = min(tp_choices(d), default=1)
+    for pp in d.search.get("pp", []):
+        if smallest_tp * pp > limit:  # no instance with this many stages fits (shapes.instance_shapes)
+            c.error("F0405", f"pp {pp} needs at least {smallest_tp * pp} GPUs per instance; deployment `{d.name}` "
+                    f"may use {limit}", _knob_span(c, d, "pp", pp), "more stages than GPUs",
+                    f"use pp <= {limit // smallest_tp}" + (" or raise `max_gpus`" if d.max_gpus else ""))
     if d.max_gpus is not None and d.max_gpus > cluster.total_gpus:
         stmt = _deploy_stmt(c, d, "max_gpus")
         c.error("F0405", f"max_gpus {d.max_gpus} is more than cluster `{cluster.name}` has ({cluster.total_gpus})",

@@ -330,7 +330,8 @@ class Checker:
             return None
         return value.magnitude
 
-    def count(self, expr: ast.Expr, what: str, minimum: int = 1, dim: Dim = units.NUMBER) -> int | None:
+    def count(self, expr: ast.Expr, what: str, minimum: int = 1, dim: Dim = units.NUMBER,
+              maximum: int | None = None) -> int | None:
         if dim == units.NUMBER and isinstance(expr, ast.Quantity):
             self.error("F0302", f"{what} is a plain number, found a quantity", expr.span, "remove the unit",
                        f"write `{expr.number.text}`")
@@ -344,16 +345,29 @@ class Checker:
         if magnitude < minimum:
             self.error("F0307", f"{what} must be at least {minimum}", expr.span, f"{int(magnitude)} is too small")
             return None
+        if not self.within(expr, what, magnitude, maximum):
+            return None
         return int(magnitude)
 
-    def positive(self, expr: ast.Expr, dim: Dim, what: str) -> float | None:
+    def positive(self, expr: ast.Expr, dim: Dim, what: str, maximum: float | None = None) -> float | None:
         magnitude = self.quantity(expr, dim)
         if magnitude is None:
             return None
         if magnitude <= 0:
             self.error("F0307", f"{what} must be greater than zero", expr.span, "zero")
             return None
+        if not self.within(expr, what, magnitude, maximum):
+            return None
         return float(magnitude)
+
+    def within(self, expr: ast.Expr, what: str, magnitude, maximum) -> bool:
+        """Whether a value is at most `maximum` (in base units): the largest a position takes,
+        far above any real deployment and below what the solvers' 64-bit integers hold."""
+        if maximum is None or magnitude <= maximum:
+            return True
+        self.error("F0307", f"{what} is beyond the largest flowc takes", expr.span, f"at most {maximum:,g}",
+                   f"use a value up to {maximum:,g}")
+        return False
 
     def keyed(self, b, key: str, choices: Iterable[str], what: str, read) -> dict[str, float]:
         """A gpu's repeatable `KEY WORD VALUE` lines (`flops bf16 989 TFLOP/s`) as {word: value},

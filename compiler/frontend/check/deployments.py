@@ -9,7 +9,7 @@ from flowc.compiler import units
 from flowc.compiler.diagnostics import Label, did_you_mean
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import DTYPES, SCHEMAS, TOKEN_KNOBS, expr_text
-from flowc.compiler.spec import SEARCH_KNOBS, Deployment, Model, Workload
+from flowc.compiler.spec import MAX_KNOB, SEARCH_KNOBS, Deployment, Model, Workload
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
     from flowc.compiler.frontend.check.core import Block, Checker
@@ -107,14 +107,14 @@ def _search_values(c: Checker, stmt: ast.Statement) -> list[int] | None:
     dim = units.TOKENS if knob in TOKEN_KNOBS else units.NUMBER
     args = stmt.args
     if len(args) == 1:
-        value = c.count(args[0], knob, 1, dim)
+        value = c.count(args[0], knob, 1, dim, MAX_KNOB)
         return None if value is None else [value]
     if len(args) == 2 and isinstance(args[0], ast.Name) and args[0].text == "in" and isinstance(args[1], ast.ListExpr):
         if not args[1].items:
             c.error("F0405", f"`{knob}` has no values to choose from", args[1].span, "empty list",
                     f"write `{SCHEMAS['deploy'][knob]}`")
             return None
-        values = [c.count(item, knob, 1, dim) for item in args[1].items]
+        values = [c.count(item, knob, 1, dim, MAX_KNOB) for item in args[1].items]
         if None in values:
             return None
         for index, value in enumerate(values):

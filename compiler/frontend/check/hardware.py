@@ -18,7 +18,7 @@ from flowc.compiler.frontend.check.vocabulary import (
     with_article,
 )
 from flowc.compiler.model.parallelism import divisors
-from flowc.compiler.spec import GPU, Cluster, Link, NodeGroup
+from flowc.compiler.spec import GPU, MAX_CLUSTER_GPUS, MAX_COUNT, MAX_PRICE, Cluster, Link, NodeGroup
 from flowc.compiler.units import Value, format_value
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
@@ -45,7 +45,7 @@ def build_gpu(c: Checker, decl: ast.Decl) -> GPU | None:
     bandwidth = r("memory_bandwidth", lambda e: c.positive(e, units.BANDWIDTH, "memory bandwidth"))
     interconnect = r("interconnect", lambda e: c.ref(e, "link"))
     host_link = r("host_link", lambda e: c.ref(e, "link"))
-    price = r("price", lambda e: c.quantity(e, units.PRICE), False)
+    price = r("price", lambda e: _price(c, e), False)
     flops = c.keyed(b, "flops", DTYPES, "dtype",
                     lambda e: c.positive(e, units.COMPUTE, "peak compute"))
     if not b.all("flops"):
@@ -79,10 +79,15 @@ def _link_arg(c: Checker, stmt: ast.Statement, schema: str, kinds: tuple[str, ..
     return link
 
 
+def _price(c: Checker, expr: ast.Expr):
+    price = c.quantity(expr, units.PRICE)
+    return price if price is None or c.within(expr, "a price", price, MAX_PRICE) else None
+
+
 def _times(c: Checker, args: tuple[ast.Expr, ...], what: str) -> tuple[tuple[ast.Expr, ...], int | None]:
     """Split a trailing `x N` off the arguments."""
     if len(args) >= 2 and isinstance(args[-2], ast.Name) and args[-2].text == "x":
-        return args[:-2], c.count(args[-1], what)
+        return args[:-2], c.count(args[-1], what, maximum=MAX_COUNT)
     return args, 1
 
 
@@ -102,8 +107,14 @@ def build_cluster(c: Checker, decl: ast.Decl) -> Cluster | None:
         c.error("F0310", f"cluster `{decl.name.text}` has several nodes but no `network`", decl.name.span,
                 "nodes cannot reach each other", "add `network ib-ndr x 8` (from std.links)")
         return None
-    return Cluster(name=decl.name.text, nodes=nodes, network=network, network_nics=nics, doc=decl.doc,
-                   location=c.location(decl))
+    cluster = Cluster(name=decl.name.text, nodes=nodes, network=network, network_nics=nics, doc=decl.doc,
+                      location=c.location(decl))
+    if cluster.total_gpus > MAX_CLUSTER_GPUS:
+        c.error("F0307", f"cluster `{cluster.name}` has {cluster.total_gpus:,} GPUs; flowc plans at most "
+                f"{MAX_CLUSTER_GPUS:,}", decl.name.span, "too many GPUs",
+                "declare the nodes you deploy on (`node x N`, `gpu NAME x N`)")
+        return None
+    return cluster
 
 
 def _node(c: Checker, stmt: ast.Statement) -> NodeGroup | None:
@@ -139,7 +150,7 @@ def _node(c: Checker, stmt: ast.Statement) -> NodeGroup | None:
         host_link = c.build("link", gpu.host_link)
     domain = c.one_value(b, "link_domain", "node", lambda e: c.count(e, "link_domain"))
     host_memory = c.one_value(b, "host_memory", "node", lambda e: c.count(e, "host memory", 1, units.BYTES))
-    price = c.one_value(b, "price", "node", lambda e: c.quantity(e, units.PRICE))
+    price = c.one_value(b, "price", "node", lambda e: _price(c, e))
     if gpu is None or per_node is None or count is None or link is None or host_link is None:
         return None
     if domain is not None and per_node % domain:

@@ -12,7 +12,7 @@ from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import SCHEMAS, describe
 from flowc.compiler.frontend.imports import display_path, locate
 from flowc.compiler.model.traces import TraceError, read_trace
-from flowc.compiler.spec import Arrival, Lengths, Workload
+from flowc.compiler.spec import MAX_CV, MAX_RATE, Arrival, Lengths, Workload
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
     from flowc.compiler.frontend.check.core import Block, Checker
@@ -62,12 +62,14 @@ def _arrival(c: Checker, stmt: ast.Statement) -> Arrival | None:
             return None
         trace = c.traces.get(Path(trace_path))
         return Arrival(kind="trace", trace=trace_path, rate=trace.rate if trace else None)
-    rate = c.positive(rest[0], units.REQUEST_RATE, "arrival rate")
+    rate = c.positive(rest[0], units.REQUEST_RATE, "arrival rate", MAX_RATE)
     cv = None
     if kind == "gamma":
         cv = c.quantity(rest[2], units.NUMBER)
         if cv is not None and cv <= 0:
             c.error("F0307", "cv must be greater than zero", rest[2].span, "zero")
+            cv = None
+        elif cv is not None and not c.within(rest[2], "cv", cv, MAX_CV):
             cv = None
         if cv is None:
             return None

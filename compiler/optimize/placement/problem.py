@@ -15,7 +15,6 @@ from flowc.compiler.optimize.placement.types import Candidate, Demand
 RPS_SCALE = 1000  # capacities and loads in milli-requests/s
 # The most GPUs of one cluster placed: the problem lists every node and link domain, so a typo
 # such as `gpu h100-sxm x 1e12` would otherwise exhaust memory before CP-SAT starts.
-MAX_CLUSTER_GPUS = 2**20
 COST_SCALE = 10_000  # prices in 1e-4 usd/h
 
 
@@ -87,9 +86,9 @@ def scale_load(x: float) -> int:
 class Problem:
     def __init__(self, cluster: spec.Cluster, gpus: dict[str, spec.GPU], demands: list[Demand],
                  candidates: list[Candidate]):
-        if cluster.total_gpus > MAX_CLUSTER_GPUS:
+        if cluster.total_gpus > spec.MAX_CLUSTER_GPUS:
             raise FlowError([Diagnostic("F0307", f"cluster `{cluster.name}` has {cluster.total_gpus:,} GPUs; flowc "
-                                        f"places at most {MAX_CLUSTER_GPUS:,}",
+                                        f"places at most {spec.MAX_CLUSTER_GPUS:,}",
                                         help="declare the nodes you deploy on (`node x N`, `gpu NAME x N`)")])
         self.cluster = cluster
         names = [d.deployment for d in demands]
