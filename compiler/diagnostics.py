@@ -81,6 +81,21 @@ def render_text(diagnostics: Iterable[Diagnostic], sources: Mapping[str, SourceF
     return "\n".join(_render_one(d, sources, color) for d in diagnostics)
 
 
+SHOWN_COLUMNS = 120  # of a long source line, the columns around the span that a diagnostic shows
+
+
+def _window(code: str, start: int, width: int) -> tuple[str, int, int]:
+    """A long line cut to SHOWN_COLUMNS around the span (with `...` where it was cut), and the
+    span's start and width in the cut line."""
+    if len(code) <= SHOWN_COLUMNS:
+        return code, start, width
+    lo = max(0, min(start - SHOWN_COLUMNS // 3, len(code) - SHOWN_COLUMNS))
+    hi = lo + SHOWN_COLUMNS
+    cut = ("..." if lo else "") + code[lo:hi] + ("..." if hi < len(code) else "")
+    shift = 3 if lo else 0
+    return cut, start - lo + shift, max(1, min(width, hi - start))
+
+
 def _render_one(d: Diagnostic, sources: Mapping[str, SourceFile], color: bool) -> str:
     def paint(text: str, style: str) -> str:
         return f"{_COLORS[style]}{text}{_COLORS['reset']}" if color else text
@@ -102,6 +117,7 @@ def _render_one(d: Diagnostic, sources: Mapping[str, SourceFile], color: bool) -
         code = raw.expandtabs(TAB_WIDTH)
         start = len(raw[: span.col - 1].expandtabs(TAB_WIDTH))
         span_width = len(raw[:stop].expandtabs(TAB_WIDTH)) - start
+        code, start, span_width = _window(code, start, span_width)
         marker = ("^" if index == 0 else "-") * max(1, span_width)
         underline = " " * start + marker + (f" {label.message}" if label.message else "")
         lines.append(f"{gutter} {paint('|', 'blue')}")

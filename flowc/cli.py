@@ -171,6 +171,7 @@ def _cmd_check(args, out: _Output) -> int:
 def _cmd_fmt(args, out: _Output) -> int:
     from flowc.compiler.diagnostics import FlowError, to_json
     from flowc.compiler.frontend.fmt import format_source
+    from flowc.compiler.frontend.parser import MAX_SOURCE_CHARS
     from flowc.compiler.source import SourceFile
 
     missing = _missing_files(args.files, out)
@@ -179,7 +180,8 @@ def _cmd_fmt(args, out: _Output) -> int:
     errors, sources, changed, diffs = [], {}, [], []
     for name in args.files:
         try:
-            text = Path(name).read_text(encoding="utf-8")
+            with open(name, encoding="utf-8") as file:  # one character past the limit is enough to refuse it
+                text = file.read(MAX_SOURCE_CHARS + 1)
         except (OSError, UnicodeDecodeError) as error:
             return out.usage_error(f"cannot read `{name}`: {error}")
         try:

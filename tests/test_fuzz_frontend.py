@@ -253,3 +253,17 @@ def test_a_trace_name_no_file_can_have_is_a_diagnostic():
         flowc.load(text)
     (d,) = caught.value.diagnostics
     assert d.code == "F0208" and d.label == "File name too long"
+
+
+def test_a_diagnostic_on_a_long_line_shows_the_columns_around_it():
+    """A diagnostic printed its whole source line: on a 1 MiB line, 1 MiB of output."""
+    from flowc.compiler.diagnostics import render_text
+
+    text = "slo s { ttft p90 <= 2 s }  # " + "x" * 3000 + "\nslo t { ttft p90 <= 2 G }  # " + "y" * 3000 + "\n"
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.load(text)
+    out = render_text(caught.value.diagnostics, caught.value.sources)
+    assert max(map(len, out.splitlines())) < 200
+    shown = [line for line in out.splitlines() if line.startswith(("2 |", "  |"))]
+    code, caret = [line for line in shown if "^" in line or "y" in line]
+    assert code[caret.index("^")] == "G"
