@@ -81,7 +81,7 @@ def render_text(diagnostics: Iterable[Diagnostic], sources: Mapping[str, SourceF
     return "\n".join(_render_one(d, sources, color) for d in diagnostics)
 
 
-SHOWN_COLUMNS = 120  # of a long source line, the columns around the span that a diagnostic shows
+SHOWN_COLUMNS = 160  # of a long source line, the columns around the span that a diagnostic shows
 
 
 def _window(code: str, start: int, width: int) -> tuple[str, int, int]:
