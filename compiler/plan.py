@@ -14,14 +14,14 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flowc.compiler.spec import Model
 
 # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s;
 # 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor; 1.4: MemoryMap.arena_sizes;
 # 1.5: Predicted.makespan_s (offline batches), the objective max_throughput, DeploymentPlan.baselines;
-# compile_s and solver.wall_s are no longer written (a plan is the same bytes on every compile)
+# compile_s and solver.wall_s are no longer set (a plan is the same on every compile; the CLI times it)
 FORMAT_VERSION = "1.5"
 SUPPORTED_MAJOR = int(FORMAT_VERSION.split(".")[0])
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
@@ -199,8 +199,13 @@ class SolverStatus(PlanModel):
     objective: float
     bound: float
     gap: float = Field(description="relative gap between objective and bound")
-    # wall-clock: kept in memory for the CLI, never written, so a spec compiles to the same bytes
+    # wall-clock, written by plans before 1.5: read and dropped, so a spec compiles to the same plan
     wall_s: Optional[float] = Field(None, exclude=True)
+
+    @field_validator("wall_s")
+    @classmethod
+    def _drop_wall_clock(cls, value: Optional[float]) -> None:
+        return None
 
 
 class Plan(PlanModel):
@@ -210,3 +215,8 @@ class Plan(PlanModel):
     deployments: list[DeploymentPlan]
     solver: SolverStatus
     compile_s: Optional[float] = Field(None, exclude=True)  # as `SolverStatus.wall_s`
+
+    @field_validator("compile_s")
+    @classmethod
+    def _drop_wall_clock(cls, value: Optional[float]) -> None:
+        return None

@@ -81,12 +81,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _seconds(prefix: str, seconds: float | None, digits: int) -> str:
-    """Wall-clock of this compile; a plan read from a file has none (plans keep no timings)."""
-    return "" if seconds is None else f"{prefix} {seconds:.{digits}f} s"
-
-
-def print_plan(plan, spec, *, explain: bool = False, console: Console | None = None) -> None:
+def print_plan(plan, spec, *, explain: bool = False, console: Console | None = None,
+               compile_s: float | None = None) -> None:
     """Terraform-style: a legend, one block per deployment, one summary line."""
     console = console or make_console()
     console.print("[dim]legend:[/] [green]+[/] instance group   [yellow]~[/] alternative   "
@@ -131,5 +127,5 @@ def print_plan(plan, spec, *, explain: bool = False, console: Console | None = N
     gpus = sum(d.gpus for d in plan.deployments)
     s = plan.solver
     console.print(f"Plan: {_count(len(plan.deployments), 'deployment')}, {_count(gpus, 'GPU')}; "
-                  f"solver {s.status} (gap {s.gap:.1%}){_seconds(' in', s.wall_s, 2)}; compiled"
-                  f"{_seconds(' in', plan.compile_s, 1)}.")
+                  f"solver {s.status} (gap {s.gap:.1%})"
+                  + (f"; compiled in {compile_s:.1f} s." if compile_s is not None else "."))

@@ -70,7 +70,7 @@ def deployment(name: str, cluster: str, groups: list[InstanceGroup]) -> Deployme
 
 def make_plan(*deployments: DeploymentPlan) -> Plan:
     return Plan(flowc_version=flowc.__version__, spec_files=["spec.flow"], deployments=list(deployments),
-                solver=SolverStatus(status="optimal", objective=1.0, bound=1.0, gap=0.0, wall_s=0.1), compile_s=1.0)
+                solver=SolverStatus(status="optimal", objective=1.0, bound=1.0, gap=0.0))
 
 
 def code_assistant() -> tuple[Plan, Spec]:

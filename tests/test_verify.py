@@ -178,8 +178,7 @@ def build_plan(spec: Spec, groups: list[Group], mode: Optional[str] = None, kv_b
                                 mode=mode or ("disaggregated" if groups[0].role != "colocated" else "colocated"),
                                 objective=d.objective, groups=plan_groups, predicted=predicted)
     return Plan(flowc_version=flowc.__version__, spec_files=["main.flow"], deployments=[deployment],
-                solver=SolverStatus(status="optimal", objective=float(rate), bound=float(rate), gap=0.0, wall_s=0.1),
-                compile_s=0.2)
+                solver=SolverStatus(status="optimal", objective=float(rate), bound=float(rate), gap=0.0))
 
 
 def edit(plan: Plan, change) -> Plan:

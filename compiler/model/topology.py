@@ -31,8 +31,8 @@ def gpu_prices(cluster: Cluster, gpus: dict[str, GPU]) -> dict[str, Optional[flo
     """usd per GPU-hour by GPU type on a cluster (its cheapest node group; None: no price)."""
     prices: dict[str, Optional[float]] = {}
     for group in cluster.nodes:
-        price = gpu_price(group, gpus[group.gpu])
-        if price is not None and (prices.get(group.gpu) is None or price < prices[group.gpu]):
+        price, known = gpu_price(group, gpus[group.gpu]), prices.get(group.gpu)
+        if price is not None and (known is None or price < known):
             prices[group.gpu] = price
         prices.setdefault(group.gpu, price)
     return prices

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -151,7 +150,6 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0,
     """Compile every deployment of a checked spec into one plan; `on_progress` hears of each
     candidate shape measured and each placement round."""
     require_deployments(spec, "compile")
-    start = time.perf_counter()
     measured: dict[str, Measured] = {}
     rejected: dict[str, list[Alternative]] = {}
     requests: dict[str, Requests] = {}
@@ -182,9 +180,8 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0,
         plans.extend(cluster_plans)
     solver = SolverStatus(status="optimal" if all(p.status == "optimal" for p in statuses) else "feasible",
                           objective=sum(p.objective for p in statuses), bound=sum(p.bound for p in statuses),
-                          gap=max(p.gap for p in statuses), wall_s=sum(p.wall_s for p in statuses))
-    plan = Plan(flowc_version=FLOWC_VERSION, spec_files=list(spec.files), deployments=plans, solver=solver,
-                compile_s=time.perf_counter() - start)
+                          gap=max(p.gap for p in statuses))
+    plan = Plan(flowc_version=FLOWC_VERSION, spec_files=list(spec.files), deployments=plans, solver=solver)
     problems = [p for p in verify_plan(plan, spec) if p.severity == "error"]
     if problems:  # the optimizer and the verifier disagree: a bug, never the user's spec
         raise RuntimeError("the plan verifier rejected the optimizer's plan: "

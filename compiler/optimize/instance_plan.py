@@ -52,4 +52,4 @@ def instance_plan(model: Model, *, gpu: str = "local", vendor: str = "cpu", tp: 
                                 mode="colocated" if role == "colocated" else "disaggregated",
                                 objective="max_goodput_per_gpu", groups=[group], predicted=predicted)
     return Plan(flowc_version=FLOWC_VERSION, spec_files=[], deployments=[deployment],
-                solver=SolverStatus(status="optimal", objective=0.0, bound=0.0, gap=0.0, wall_s=0.0), compile_s=0.0)
+                solver=SolverStatus(status="optimal", objective=0.0, bound=0.0, gap=0.0))
