@@ -52,7 +52,8 @@ def _copy(plan_folder: Path, tmp_path: Path) -> dict:
 
 def test_a_short_run_of_both_fuzzers_finds_no_internal_error():
     pytest.importorskip("torch")
-    report = fuzzer.fuzz(compiles=20, files=100, seed=7, runs=4, large=False, timeout_s=120)
+    # the watchdog is for hangs, not speed: generous, as a loaded CI machine runs an engine case slowly
+    report = fuzzer.fuzz(compiles=20, files=100, seed=7, runs=4, large=False, timeout_s=900)
     kinds = {o.case.kind for o in report.outcomes}
     assert len(report.outcomes) == 120 and {"compile", "plan", "trace"} <= kinds
     assert [(o.case.argv, o.case.what, o.error or o.stderr[-300:]) for o in report.failures] == []
