@@ -471,3 +471,17 @@ def test_replicas_pins_the_number_of_instances():
         flowc.compile(REPLICAS_SPEC % "replicas 3")
     assert caught.value.codes == ["F0511"]
     assert "with 3 instances" in str(caught.value)
+
+
+def test_a_baseline_that_only_ties_the_plan_is_not_placed_instead():
+    from types import SimpleNamespace
+
+    from flowc.compiler.optimize.baselines import Fleet
+    from flowc.compiler.optimize.compile import _best_beating
+
+    d = SimpleNamespace(objective="min_gpus", max_gpus=None, search={})
+    plan = SimpleNamespace(gpus=8, predicted=SimpleNamespace(goodput_rps_per_gpu=1.0))
+    one_gpu = SimpleNamespace(candidate=SimpleNamespace(gpus=1, gpu="h100-sxm"))
+    assert _best_beating(d, plan, None, [Fleet("vLLM-style", ((one_gpu, 8),), 10.0, True)], {}) is None
+    fewer = Fleet("vLLM-style", ((one_gpu, 7),), 10.0, True)
+    assert _best_beating(d, plan, None, [fewer], {}) is fewer

@@ -367,7 +367,7 @@ def _best_beating(d: Deployment, p: DeploymentPlan, plan_cost: Optional[float], 
     if plan_score is None or not scored:
         return None
     s, f = max(scored, key=lambda pair: pair[0])
-    return f if s > plan_score * (1 + 1e-9) + (1e-9 if plan_score == 0 else 0) else None
+    return f if s > plan_score + 1e-9 * max(1.0, abs(plan_score)) else None  # strictly better, not a tie
 
 
 def _reported(fleets: list[Fleet], blocked: bool) -> list[Baseline]:
