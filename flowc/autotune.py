@@ -105,7 +105,7 @@ __all__ = ["autotune", "AutotuneResult", "AutotuneError", "Trial", "Metrics", "P
 INT_KNOBS = ("tp", "pp", "ep", "max_batched_tokens", "chunk_size", "block_size", "max_seqs")
 KNOBS = INT_KNOBS + ("weights", "kv", "disaggregation", "router")
 ROUTERS = ("round_robin", "least_work")
-OBJECTIVES = ("max_goodput_per_gpu", "min_gpus", "min_cost", "min_ttft_p90", "min_tpot_p90")
+OBJECTIVES = ("max_goodput_per_gpu", "min_gpus", "min_cost", "min_ttft_p90", "min_tpot_p90", "max_throughput")
 EVALUATORS = ("simulate", "measure")
 CACHE_FORMAT = 1
 COMPILE_TIME_LIMIT_S = 10.0  # CP-SAT's limit per trial compile (compile_spec's default), part of every key
@@ -573,11 +573,14 @@ def _simulated(spec: Spec, dp: DeploymentPlan, router: Optional[str], seed: int)
     instances = plan_instances(spec, dp)
     requests = sample_requests(workload, p.requests, seed=seed)
     result = simulate(requests, instances, router=router)
-    search = goodput_search(instances, requests.scaled, slo, seed=seed, router=router,
-                            lo=base_rate(workload) if result.meets(slo) else 0.0)
-    return Metrics(goodput_rps_per_gpu=search.goodput / dp.gpus, ttft_p90_ms=result.percentile("ttft", 90) * 1e3,
+    if workload.is_batch:  # a batch's goodput: its throughput when it meets the SLO (as compile says)
+        goodput = result.request_throughput if result.meets(slo) else 0.0
+    else:  # the same requests and rates as the plan's goodput (model/goodput.py)
+        goodput = goodput_search(instances, workload, slo, seed=seed, n=p.requests, router=router,
+                                 lo=base_rate(workload) if result.meets(slo) else 0.0).goodput
+    return Metrics(goodput_rps_per_gpu=goodput / dp.gpus, ttft_p90_ms=result.percentile("ttft", 90) * 1e3,
                    tpot_p90_ms=result.percentile("tpot", 90) * 1e3, meets_slo=result.meets(slo),
-                   goodput_rps=search.goodput, **shared)
+                   goodput_rps=goodput, **shared)
 
 
 def _measure(job: _Job, plan: Plan, dp: DeploymentPlan) -> _Outcome:
@@ -664,7 +667,8 @@ def _objective(objective, d: Deployment, spec: Spec) -> tuple[str, Callable[[Met
                             "add `price 98 usd/h` to each node group, or choose another objective")
     return name, {"max_goodput_per_gpu": lambda m: m.goodput_rps_per_gpu, "min_gpus": lambda m: -m.gpus,
                   "min_cost": lambda m: -m.cost_per_hour, "min_ttft_p90": lambda m: -m.ttft_p90_ms,
-                  "min_tpot_p90": lambda m: -m.tpot_p90_ms}[name]
+                  "min_tpot_p90": lambda m: -m.tpot_p90_ms,
+                  "max_throughput": lambda m: m.goodput_rps}[name]  # a batch's goodput is its throughput
 
 
 class _Stop(Exception):

@@ -475,3 +475,13 @@ def test_flowc_autotune_is_callable_and_holds_the_api():
 
     assert flowc.autotune is module and callable(flowc.autotune)
     assert flowc.autotune.AutotuneResult is AutotuneResult
+
+
+def test_an_offline_batch_autotunes_on_its_throughput(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu.flow").read_text()
+    text = text.replace("arrival poisson 4 req/s", "arrival batch\n  requests 40 req").replace(
+        "serve chat-tiny under relaxed", "serve chat-tiny under relaxed\n  objective max throughput")
+    result = flowc.autotune(text, space={"router": ["round_robin", "least_work"]}, cache_dir=tmp_path)
+    assert [t.status for t in result.trials] == ["ok", "ok"]
+    for t in result.trials:  # one instance: both routers give the plan's own batch throughput
+        assert t.metrics.goodput_rps == pytest.approx(t.plan.deployments[0].predicted.goodput_rps, rel=1e-9)
