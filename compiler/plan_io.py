@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from flowc.compiler.diagnostics import Diagnostic
 from flowc.compiler.plan import SUPPORTED_MAJOR, Plan, parse_format_version
+from flowc.compiler.spec import MAX_REQUESTS
 
 MAX_NOTES = 10
 
@@ -76,6 +77,10 @@ def _out_of_range(plan: Plan) -> list[tuple[str, str]]:
             found += _memory_problems(f"{at}.memory", group.memory)
             if not (group.capacity_rps >= 0 and math.isfinite(group.capacity_rps)):
                 found.append((f"{at}.capacity_rps", f"{group.capacity_rps} is not a rate"))
+        requests = dep.predicted.requests
+        if requests is not None and not 1 <= requests <= MAX_REQUESTS:  # commands re-simulate that many
+            found.append((f"deployments[{d}].predicted.requests", f"{requests} is not a request count from 1 to "
+                          f"{MAX_REQUESTS:,}"))
     return found
 
 

@@ -189,6 +189,9 @@ MAX_RATE = 1e6  # requests/s of one workload
 MAX_CV = 100.0  # coefficient of variation of inter-arrival times
 MAX_PRICE = 1e6 / 3600  # usd per second (1,000,000 usd/h)
 MAX_KNOB = 2**24  # a search knob's value (tp, replicas, tokens, ...)
+# The most requests one sample may hold: about 0.25 GB of arrays, and hours of simulation.
+# More is a typo (`requests 1e12 req`) rather than a workload, and would exhaust memory.
+MAX_REQUESTS = 10**7
 
 SEARCH_KNOBS = ("tp", "pp", "ep", "replicas", "max_batched_tokens", "chunk_size", "block_size", "max_seqs")
 

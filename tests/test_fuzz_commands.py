@@ -163,3 +163,15 @@ def test_a_cluster_of_too_many_gpus_is_f0307(tmp_path, capsys):
     code, _, err = run(capsys, "compile", str(spec), "--time-limit", "1")
     assert code == 1 and "internal error" not in err
     assert "error[F0307]: the number of GPUs per node is beyond the largest flowc takes" in err
+
+
+def test_a_plan_asking_to_simulate_1e30_requests_is_f0520(tmp_path, capsys):
+    """Regression (fuzz seed 12): `viz --format dot` of such a plan ended in an internal error."""
+    plan = tmp_path / "plan.json"
+    assert run(capsys, "compile", str(REPO / "examples" / "tiny-cpu.flow"), "-o", str(plan))[0] == 0
+    document = json.loads(plan.read_text())
+    document["deployments"][0]["predicted"]["requests"] = 10**30
+    plan.write_text(json.dumps(document))
+    code, _, err = run(capsys, "viz", str(plan), "--format", "dot")
+    assert code == 1 and "internal error" not in err
+    assert "predicted.requests: 1000000000000000000000000000000 is not a request count from 1 to 10,000,000" in err

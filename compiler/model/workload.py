@@ -38,11 +38,9 @@ import numpy as np
 from flowc.compiler import spec
 from flowc.compiler.diagnostics import Diagnostic, FlowError
 from flowc.compiler.model.traces import Trace, read_trace
+from flowc.compiler.spec import MAX_REQUESTS
 
 DEFAULT_REQUESTS = 1000
-# The most requests one sample may hold: about 0.25 GB of arrays, and hours of simulation.
-# More is a typo (`requests 1e12 req`) rather than a workload, and would exhaust memory.
-MAX_REQUESTS = 10**7
 
 
 @dataclass(frozen=True)
