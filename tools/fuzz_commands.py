@@ -13,7 +13,9 @@ Two parts, each case run in process in a folder of its own:
   and given to `flowc verify`, `viz` and `export` (and a few `run`s); the plan's spec deleted
   or broken; prompts files, trace CSVs and checkpoints (`run --weights`) broken the same ways.
 
-Each case runs in a fork of the fuzzer (flowc already imported: no new interpreter), killed
+Each case runs in a fork of the fuzzer (flowc already imported: no new interpreter; a `run`
+case, which starts the engine, in a fresh interpreter, since a fork of a process whose torch
+thread pools are running can deadlock), killed
 when it runs longer than --timeout or grows beyond --max-rss-gib (reported as `slow`, not as a
 failure). Prints the inputs tried per kind, the histogram of exit codes, every failure with
 its command and the folder that reproduces it (kept under --keep), cases per second and the
@@ -33,6 +35,7 @@ import re
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -580,6 +583,21 @@ def _call_main(argv: list[str]) -> tuple[Optional[int], str]:
         return None, f"{type(error).__name__}: {error}"
 
 
+# `_call_main` in a fresh interpreter: argv (JSON) and the result file as arguments
+_FRESH_CHILD = """
+import json, sys
+from flowc.cli import main
+try:
+    code, error = main(json.loads(sys.argv[1])), ""
+except SystemExit as exit_:
+    code, error = (exit_.code if isinstance(exit_.code, int) else 2), ""
+except BaseException as error_:
+    code, error = None, f"{type(error_).__name__}: {error_}"
+with open(sys.argv[2], "w") as out:
+    json.dump({"code": code, "error": error}, out)
+"""
+
+
 def run_case(case: Case, folder: Path, timeout_s: float, max_rss: int) -> Outcome:
     """Write the case's files into `folder` and run its command there, in a fork of this process
     (flowc's modules already imported), so that a case stuck in native code or growing without
@@ -591,8 +609,13 @@ def run_case(case: Case, folder: Path, timeout_s: float, max_rss: int) -> Outcom
         (folder / name).write_bytes(data)
     result, err = folder / ".result.json", folder / ".stderr"
     start = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # the child: run the command, write the result, exit without cleanup
+    if case.argv[0] == "run":  # a fork of a process with torch's thread pools running can deadlock
+        with open(err, "w") as stderr:
+            child = subprocess.Popen([sys.executable, "-c", _FRESH_CHILD, json.dumps(case.argv), str(result)],
+                                     cwd=folder, stdout=subprocess.DEVNULL, stderr=stderr)
+        slow = _wait(child.pid, lambda: child.poll() is not None, child.kill, timeout_s, max_rss)
+        child.wait()
+    elif (pid := os.fork()) == 0:  # the child: run the command, write the result, exit without cleanup
         code, error = 1, "the case did not finish"
         try:
             os.chdir(folder)
@@ -602,7 +625,10 @@ def run_case(case: Case, folder: Path, timeout_s: float, max_rss: int) -> Outcom
             result.write_text(json.dumps({"code": code, "error": error}))
         finally:
             os._exit(0)
-    outcome = Outcome(case, None, slow=_wait(pid, timeout_s, max_rss))
+    else:
+        slow = _wait(pid, lambda: os.waitpid(pid, os.WNOHANG)[0] != 0,
+                     lambda: (os.kill(pid, signal.SIGKILL), os.waitpid(pid, 0)), timeout_s, max_rss)
+    outcome = Outcome(case, None, slow=slow)
     if not outcome.slow:
         found = json.loads(result.read_text()) if result.is_file() else {"code": None, "error": "the case crashed"}
         outcome.code, outcome.error = found["code"], found["error"]
@@ -611,20 +637,19 @@ def run_case(case: Case, folder: Path, timeout_s: float, max_rss: int) -> Outcom
     return outcome
 
 
-def _wait(pid: int, timeout_s: float, max_rss: int) -> str:
-    """Wait for the child `pid`; kill it past `timeout_s` or `max_rss` bytes and say why."""
+def _wait(pid: int, finished: Callable[[], bool], kill: Callable[[], object], timeout_s: float,
+          max_rss: int) -> str:
+    """Wait until the child `pid` has `finished` (which reaps it); `kill` it past `timeout_s` or
+    `max_rss` bytes and say why."""
     start = time.monotonic()
-    while True:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return ""
+    while not finished():
         reason = (f"ran past {timeout_s:g} s" if time.monotonic() - start > timeout_s else
                   f"grew past {max_rss / 2**30:g} GiB" if _rss_bytes(pid) > max_rss else "")
         if reason:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            kill()
             return reason
         time.sleep(0.02)
+    return ""
 
 
 # ---------------------------------------------------------------------------------- report
