@@ -495,3 +495,13 @@ def test_more_pipeline_stages_than_gpus_is_a_check_error():
         flowc.load(TINY.replace("max_seqs in [32]", "max_seqs in [32]\n  pp in [1, 2]"))
     (d,) = caught.value.diagnostics
     assert d.code == "F0405" and d.message == "pp 2 needs at least 2 GPUs per instance; deployment `tiny` may use 1"
+
+
+def test_a_model_of_1e12_layers_is_f0307():
+    """Regression (fuzz seed 13): `layers 1e12` checked clean and compile ran for hours."""
+    text = ("model huge {\n  architecture llama\n  layers 1e12\n  hidden 64\n  heads 4\n  ffn 128\n"
+            "  vocab 256\n  max_context 1024 tok\n}\n")
+    with pytest.raises(flowc.FlowError) as caught:
+        flowc.load(text)
+    assert [d.message for d in caught.value.diagnostics if d.code == "F0307"] == [
+        "layers is beyond the largest flowc takes"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from flowc.compiler import units
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import ARCHITECTURES, DTYPES, SCHEMAS
-from flowc.compiler.spec import MLA, Model, MoE
+from flowc.compiler.spec import MAX_COUNT, MAX_KNOB, MLA, Model, MoE
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
     from flowc.compiler.frontend.check.core import Block, Checker
@@ -19,13 +19,16 @@ def build_model(c: Checker, decl: ast.Decl) -> Model | None:
     r = lambda key, read, required=False: c.one_value(b, key, "model", read, required, "model")  # noqa: E731  (local shorthand)
     fields = {
         "architecture": r("architecture", lambda e: c.word(e, ARCHITECTURES, "architecture"), True),
-        **{key: r(key, lambda e, key=key: c.count(e, key), True)
-           for key in ("layers", "hidden", "heads", "ffn", "vocab")},
-        "max_context": r("max_context", lambda e: c.count(e, "max_context", 1, units.TOKENS), True),
+        # counts of layers and heads stay far below MAX_COUNT, widths below MAX_KNOB: beyond, the
+        # cost model and the search loop for hours (a fuzzed `layers 1e12` never finished)
+        **{key: r(key, lambda e, key=key: c.count(e, key, maximum=MAX_COUNT), True) for key in ("layers", "heads")},
+        **{key: r(key, lambda e, key=key: c.count(e, key, maximum=MAX_KNOB), True)
+           for key in ("hidden", "ffn", "vocab")},
+        "max_context": r("max_context", lambda e: c.count(e, "max_context", 1, units.TOKENS, MAX_KNOB), True),
     }
     optional = {
-        "kv_heads": r("kv_heads", lambda e: c.count(e, "kv_heads")),
-        "head_dim": r("head_dim", lambda e: c.count(e, "head_dim")),
+        "kv_heads": r("kv_heads", lambda e: c.count(e, "kv_heads", maximum=MAX_COUNT)),
+        "head_dim": r("head_dim", lambda e: c.count(e, "head_dim", maximum=MAX_KNOB)),
         "weights": r("weights", lambda e: c.word(e, DTYPES, "dtype")),
         "kv": r("kv", lambda e: c.word(e, DTYPES, "dtype")),
         "tied_embeddings": r("tied_embeddings", c.boolean),
@@ -89,7 +92,8 @@ def _moe(c: Checker, stmt: ast.Statement | None, ffn: int | None):
     if b is None:
         return False
     r = lambda key, required=False, minimum=1: c.one_value(  # noqa: E731  (local shorthand)
-        b, key, "moe", lambda e: c.count(e, key, minimum), required, "moe")
+        b, key, "moe", lambda e: c.count(e, key, minimum, maximum=MAX_KNOB if key == "expert_ffn" else MAX_COUNT),
+        required, "moe")
     experts, top_k = r("experts", True), r("top_k", True)
     expert_ffn, shared, dense = r("expert_ffn"), r("shared_experts", minimum=0), r("dense_layers", minimum=0)
     if experts is None or top_k is None or (expert_ffn or ffn) is None:
