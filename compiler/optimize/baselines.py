@@ -128,7 +128,8 @@ def _measure(name: str, members: list[Measured], counts: list[int], workload, sl
     at_load = simulate(requests, configs, router=ROUTER)
     capacity = steady_throughput(simulate(requests.all_at_once(), configs, router=ROUTER))
     met = sustains(at_load, slo, load, capacity)
-    goodput = goodput_search(configs, workload, slo, seed=seed, n=n, lo=load if met else 0.0).goodput
+    # the capacity just measured bounds the search (it would otherwise probe it again)
+    goodput = goodput_search(configs, workload, slo, seed=seed, n=n, lo=load if met else 0.0, hi=capacity).goodput
     return Fleet(name, tuple(zip(members, counts)), goodput, met and goodput >= load)
 
 
