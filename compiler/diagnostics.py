@@ -12,7 +12,7 @@ import difflib
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 from flowc.compiler.source import SourceFile, Span
 
@@ -76,6 +76,27 @@ def suggestion_help(word: str, choices: Iterable[str], what: str) -> str:
 TAB_WIDTH = 4
 _COLORS = {"error": "\x1b[1;31m", "warning": "\x1b[1;33m", "blue": "\x1b[1;34m", "bold": "\x1b[1m", "reset": "\x1b[0m"}
 
+# Characters a terminal acts on rather than shows: C0 controls, DEL, C1 controls, and the bidi
+# embeddings, overrides and isolates that reorder what follows them ("Trojan Source").
+_ESCAPES = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
+    **{ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"},
+    **{c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+}
+
+
+def escape_control(text: str) -> str:
+    """`text` safe to print on a terminal: every control character as a visible escape (`\\x1b`,
+    `\\n`, `\\u202e`). User text (file names, source lines, values echoed in messages) could
+    otherwise move the cursor, rewrite what was printed or reorder it."""
+    return text.translate(_ESCAPES)
+
+
+def first_control_character(text: str) -> Optional[str]:
+    """The first character of `text` that `escape_control` escapes (a terminal or a shell acts on
+    it rather than shows it), or None."""
+    return next((c for c in text if ord(c) in _ESCAPES), None)
+
 
 def render_text(diagnostics: Iterable[Diagnostic], sources: Mapping[str, SourceFile], *, color: bool = False) -> str:
     return "\n".join(_render_one(d, sources, color) for d in diagnostics)
@@ -96,39 +117,46 @@ def _window(code: str, start: int, width: int) -> tuple[str, int, int]:
     return cut, start - lo + shift, max(1, min(width, hi - start))
 
 
+def _shown(raw: str) -> str:
+    """A source line as printed: tabs expanded, so that carets sit under the characters they
+    mark, and control characters escaped, which widens the line by each escape."""
+    return escape_control(raw.expandtabs(TAB_WIDTH))
+
+
 def _render_one(d: Diagnostic, sources: Mapping[str, SourceFile], color: bool) -> str:
     def paint(text: str, style: str) -> str:
         return f"{_COLORS[style]}{text}{_COLORS['reset']}" if color else text
 
-    lines = [paint(f"{d.severity}[{d.code}]", d.severity) + paint(f": {d.message}", "bold")]
+    safe = escape_control
+    lines = [paint(f"{d.severity}[{d.code}]", d.severity) + paint(f": {safe(d.message)}", "bold")]
     spans = ([Label(d.span, d.label)] if d.span else []) + list(d.related)
     width = max((len(str(label.span.line)) for label in spans), default=1)
     gutter = " " * width
     for index, label in enumerate(spans):
         span = label.span
         arrow = "-->" if index == 0 else ":::"
-        lines.append(f"{gutter}{paint(arrow, 'blue')} {span.file}:{span.line}:{span.col}")
+        lines.append(f"{gutter}{paint(arrow, 'blue')} {safe(span.file)}:{span.line}:{span.col}")
         source = sources.get(span.file)
         if source is None:
             continue
         raw = source.line_text(span.line)
         stop = span.end_col - 1 if span.end_line == span.line else len(raw)
-        # Expand tabs so that the carets sit under the characters they mark.
-        code = raw.expandtabs(TAB_WIDTH)
-        start = len(raw[: span.col - 1].expandtabs(TAB_WIDTH))
-        span_width = len(raw[:stop].expandtabs(TAB_WIDTH)) - start
+        # Columns in the printed line: a prefix's printed width is where the span starts.
+        code = _shown(raw)
+        start = len(_shown(raw[: span.col - 1]))
+        span_width = len(_shown(raw[:stop])) - start
         code, start, span_width = _window(code, start, span_width)
         marker = ("^" if index == 0 else "-") * max(1, span_width)
-        underline = " " * start + marker + (f" {label.message}" if label.message else "")
+        underline = " " * start + marker + (f" {safe(label.message)}" if label.message else "")
         lines.append(f"{gutter} {paint('|', 'blue')}")
         lines.append(f"{paint(str(span.line).rjust(width), 'blue')} {paint('|', 'blue')} {code}")
         lines.append(f"{gutter} {paint('|', 'blue')} {paint(underline, d.severity if index == 0 else 'blue')}")
     if d.help or d.notes:
         if spans:
             lines.append(f"{gutter} {paint('|', 'blue')}")
-        lines.extend(f"{gutter} {paint('=', 'blue')} note: {note}" for note in d.notes)
+        lines.extend(f"{gutter} {paint('=', 'blue')} note: {safe(note)}" for note in d.notes)
         if d.help:
-            lines.append(f"{gutter} {paint('=', 'blue')} help: {d.help}")
+            lines.append(f"{gutter} {paint('=', 'blue')} help: {safe(d.help)}")
     return "\n".join(lines) + "\n"
 
 

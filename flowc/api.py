@@ -51,6 +51,8 @@ def check_sources(sources: list[str | os.PathLike] | str | os.PathLike, *, allow
 def load(source: str | os.PathLike, *, allow_outside: bool = False) -> Spec:
     """Load and check a spec from a path (`"chat.flow"`, a Path) or from spec text.
 
+    Files the spec names (`use`, `trace`) must lie in the spec's directory tree (the working
+    directory for spec text), symbolic links resolved; `allow_outside=True` lifts that (F0207).
     Raises FlowError with the diagnostics when the spec is invalid, FileNotFoundError when a
     path does not exist."""
     return check_sources(source, allow_outside=allow_outside).spec

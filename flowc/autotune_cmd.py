@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowc.compiler.diagnostics import escape_control
+
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SWITCHES = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
@@ -93,7 +95,7 @@ def cmd_autotune(args, out) -> int:
     else:
         _print(result, out.color)
         if args.output:
-            print(f"wrote {args.output}")
+            print(f"wrote {escape_control(args.output)}")
     if result.cancelled:
         return EXIT_INTERRUPTED
     return EXIT_OK if result.best is not None else EXIT_INVALID

@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from flowc.compiler.diagnostics import escape_control
+
 FIT_KINDS = ("step", "layer", "sequence", "token", "layer_token")  # per-iteration terms, fitted together
 OVERHEAD_KINDS = FIT_KINDS + ("wake",)  # wake: the first iteration after idling, measured apart
 GEMM_SHAPES = ((256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (64, 2048, 2048), (2048, 2048, 512))
@@ -400,7 +402,8 @@ def cmd_calibrate(args, out) -> int:
         return 0
     print(summary(profile))
     if args.out:
-        print(f"wrote {args.out}: `use \"{args.out}\"` in a spec and place `gpu {args.name} x 1` in a node")
+        out_path = escape_control(args.out)
+        print(f"wrote {out_path}: `use \"{out_path}\"` in a spec and place `gpu {args.name} x 1` in a node")
     else:
         print(text)
     return 0

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from flowc import __version__
+from flowc.compiler.diagnostics import escape_control  # user text (file names, values) for the terminal
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -24,7 +25,14 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 on usage errors, as we want; keep its text short
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"error: {message}\n")
+        self.exit(EXIT_USAGE, f"error: {escape_control(message)}\n")  # the message quotes the bad argument
+
+
+def _allow_outside(parser: argparse.ArgumentParser) -> None:
+    # --allow-outside-imports is the name from before traces were confined too; it stays an alias
+    parser.add_argument("--allow-outside", "--allow-outside-imports", dest="allow_outside", action="store_true",
+                        help="let the spec read files outside its directory tree (`use` and `trace` paths: "
+                             "`../`, absolute, symbolic links out)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -41,8 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", parents=[common], help="check specs and report every mistake")
     check.add_argument("files", nargs="+", metavar="FILE")
-    check.add_argument("--allow-outside-imports", action="store_true",
-                       help="let `use` import files outside the spec's directory tree")
+    _allow_outside(check)
 
     fmt = commands.add_parser("fmt", parents=[common], help="format specs canonically, in place")
     fmt.add_argument("files", nargs="+", metavar="FILE")
@@ -75,21 +82,27 @@ def _build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
     compile_.add_argument("--explain", action="store_true", help="also print the alternatives and why each lost")
     compile_.add_argument("--time-limit", type=float, default=10.0, metavar="SECONDS", help="CP-SAT time limit")
+    _allow_outside(compile_)
 
     simulate = commands.add_parser("simulate", parents=[common], help="simulate every deployment of a spec")
     simulate.add_argument("file", metavar="FILE")
     simulate.add_argument("--goodput", action="store_true", help="also search the highest rate that meets the SLO")
+    _allow_outside(simulate)
 
     verify = commands.add_parser("verify", parents=[common], help="check a plan against its spec")
     verify.add_argument("plan", metavar="PLAN", help="a plan written by `flowc compile -o PLAN.json`")
     verify.add_argument("--against", metavar="SPEC",
                         help="the spec to check against (default: the plan's spec_files[0])")
+    _allow_outside(verify)
 
     from flowc import autotune_cmd, calibrate, export_cmd, run_cmd, viz_cmd
 
-    run_cmd.add_arguments(commands.add_parser("run", parents=[common], help="execute a plan with the flowc runtime"))
-    viz_cmd.add_arguments(commands.add_parser("viz", parents=[common],
-                                              help="draw a plan: HTML report, Graphviz DOT, Mermaid or a tree"))
+    run = commands.add_parser("run", parents=[common], help="execute a plan with the flowc runtime")
+    run_cmd.add_arguments(run)
+    _allow_outside(run)  # the spec of --replay
+    viz = commands.add_parser("viz", parents=[common], help="draw a plan: HTML report, Graphviz DOT, Mermaid or a tree")
+    viz_cmd.add_arguments(viz)
+    _allow_outside(viz)
     export_cmd.add_arguments(commands.add_parser("export", parents=[common],
                                                  help="launch scripts for vLLM or SGLang from a plan"))
     calibrate.add_arguments(commands.add_parser("calibrate", parents=[common],
@@ -129,7 +142,9 @@ class _Output:
                         "diagnostics": [{"severity": "error", "code": None, "summary": message, "detail": help or ""}]}
             sys.stdout.write(json.dumps(document, indent=2) + "\n")
         else:
-            sys.stderr.write(f"error: {message}\n" + (f"  = help: {help}\n" if help else ""))
+            # the messages echo file names and values
+            sys.stderr.write(f"error: {escape_control(message)}\n"
+                             + (f"  = help: {escape_control(help)}\n" if help else ""))
         return EXIT_USAGE
 
 
@@ -151,7 +166,7 @@ def _cmd_check(args, out: _Output) -> int:
     found, sources, failed = [], {}, 0
     for name in args.files:
         try:
-            checked = check_sources(Path(name), allow_outside=args.allow_outside_imports)
+            checked = check_sources(Path(name), allow_outside=args.allow_outside)
             found.extend(checked.warnings)
             sources.update(checked.sources)
         except FlowError as error:
@@ -210,7 +225,7 @@ def _cmd_fmt(args, out: _Output) -> int:
         if args.diff:
             sys.stdout.write("".join(diffs))
         for name in changed:
-            print(f"{'would reformat' if dry_run else 'formatted'} {name}", file=sys.stderr)
+            print(f"{'would reformat' if dry_run else 'formatted'} {escape_control(name)}", file=sys.stderr)
     return EXIT_INVALID if errors or (dry_run and changed) else EXIT_OK
 
 
@@ -251,7 +266,7 @@ def _cmd_estimate(args, out: _Output) -> int:
     return EXIT_OK
 
 
-def _on_checked_spec(path: str, out: _Output, work):
+def _on_checked_spec(path: str, out: _Output, work, allow_outside: bool):
     """Check the spec at `path`, then run `work(spec)`. Returns (spec, result) or the exit code
     after printing the diagnostics of either step."""
     from flowc.api import check_sources
@@ -261,7 +276,7 @@ def _on_checked_spec(path: str, out: _Output, work):
     if missing is not None:
         return missing
     try:
-        spec = check_sources(Path(path)).spec
+        spec = check_sources(Path(path), allow_outside=allow_outside).spec
         return spec, work(spec)
     except FlowError as error:
         out.diagnostics(error.diagnostics, error.sources)
@@ -277,7 +292,8 @@ def _cmd_compile(args, out: _Output) -> int:
     start = time.perf_counter()  # the plan keeps no timings: it is the same on every compile
     with progress("compiling", enabled=not out.json, color=out.color) as bar:
         done = _on_checked_spec(args.file, out,
-                                lambda spec: compile_checked(spec, time_limit_s=args.time_limit, on_progress=bar))
+                                lambda spec: compile_checked(spec, time_limit_s=args.time_limit, on_progress=bar),
+                                args.allow_outside)
     if isinstance(done, int):
         return done
     spec, plan = done
@@ -291,7 +307,7 @@ def _cmd_compile(args, out: _Output) -> int:
 
     print_plan(plan, spec, explain=args.explain, compile_s=time.perf_counter() - start)
     if args.output:
-        print(f"wrote {args.output}")
+        print(f"wrote {escape_control(args.output)}")
     return EXIT_OK
 
 
@@ -301,7 +317,8 @@ def _cmd_simulate(args, out: _Output) -> int:
 
     with progress("simulating", enabled=not out.json, color=out.color) as bar:
         done = _on_checked_spec(args.file, out,
-                                lambda spec: simulate_spec(spec, with_goodput=args.goodput, on_progress=bar))
+                                lambda spec: simulate_spec(spec, with_goodput=args.goodput, on_progress=bar),
+                                args.allow_outside)
     if isinstance(done, int):
         return done
     _, reports = done
@@ -361,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug in flowc, never the user's fault
         if os.environ.get("FLOWC_DEBUG"):
             raise
-        sys.stderr.write(f"internal error: {type(error).__name__}: {error}\n"
+        sys.stderr.write(f"internal error: {type(error).__name__}: {escape_control(str(error))}\n"
                          f"  = note: this is a bug in flowc {__version__}, not in your spec; "
                          "please report it with the command you ran\n"
                          "  = help: rerun with FLOWC_DEBUG=1 for the full traceback\n")

@@ -28,24 +28,27 @@ def read_plan(path: str, out):
     return plan
 
 
-def read_spec(plan, plan_path: str, against: Optional[str], out, *, why: str = ""):
+def read_spec(plan, plan_path: str, against: Optional[str], out, *, why: str = "", allow_outside: bool = False):
     """The checked spec of `plan` (`--against`, else the plan's spec file: see
     `compiler.plan_io.plan_spec_path`), or the exit code after printing why there is none: 2
     for a missing or unreadable file, 1 for a spec with errors (its diagnostics). `why` says
-    what the command needs the spec for."""
+    what the command needs the spec for; `allow_outside` lets the spec read files outside its
+    directory tree (--allow-outside)."""
     from flowc.api import check_sources
     from flowc.compiler.diagnostics import FlowError
     from flowc.compiler.plan_io import plan_spec_path
 
-    path = plan_spec_path(plan, Path(plan_path), against)
+    path, refused = plan_spec_path(plan, Path(plan_path), against)
     need = f"; {why}" if why else ""
+    if refused is not None:
+        return out.usage_error(f"{refused} (`{path}`){need}", "give the spec with `--against SPEC.flow`")
     if path is None:
         return out.usage_error(f"`{plan_path}` names no spec file{need}", "give the spec with `--against SPEC.flow`")
     if not path.is_file():
         state = "is a directory" if path.is_dir() else "does not exist"
         return out.usage_error(f"the spec `{path}` {state}{need}", "give the spec with `--against SPEC.flow`")
     try:
-        return check_sources(path)
+        return check_sources(path, allow_outside=allow_outside)
     except FlowError as error:
         out.diagnostics(error.diagnostics, error.sources)
         return EXIT_INVALID

@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from flowc.compiler.diagnostics import escape_control
+
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos")
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -45,6 +47,8 @@ def cmd_run(args, out) -> int:
     try:
         from flowc.runtime.engine import Engine, EngineError
     except ImportError as error:
+        if not (error.name or "").startswith("torch"):  # a broken install of flowc itself is not this
+            raise
         return out.usage_error(f"the flowc runtime needs torch ({error})",
                                'install it with `pip install "flowc[runtime]"`')
     from flowc.plan_io import read_plan
@@ -66,7 +70,7 @@ def cmd_run(args, out) -> int:
         engine = Engine.from_plan(plan, args.weights, deployment=args.deployment, dtype=args.dtype,
                                   backend=args.backend, seed=args.seed)
     except (EngineError, ValueError) as error:  # WeightsError and UnsupportedModel are ValueErrors
-        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.write(f"error: {escape_control(str(error))}\n")
         return EXIT_INVALID
     with engine:
         if args.replay:
@@ -193,7 +197,8 @@ def _replay(args, engine, out) -> int:
     from flowc.replay import replay_report, replay_requests
 
     plan, dp = engine.plan_document, engine.plan
-    checked = read_spec(plan, args.plan, args.against, out, why="a replay samples the spec's workload")
+    checked = read_spec(plan, args.plan, args.against, out, why="a replay samples the spec's workload",
+                        allow_outside=args.allow_outside)
     if isinstance(checked, int):
         return checked
     spec = checked.spec
@@ -230,4 +235,4 @@ def print_replay(report: dict, args, name: str) -> None:
                   f"{tput['measured'] / tput['predicted']:.2f}" if tput["predicted"] > 0 else "-")
     Console(no_color=bool(args.no_color)).print(table)
     for error in report["errors"]:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {escape_control(str(error))}", file=sys.stderr)

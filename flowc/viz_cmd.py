@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from flowc.compiler.diagnostics import escape_control
+
 FORMATS = ("html", "dot", "mermaid", "tree")
 EXIT_OK, EXIT_INVALID = 0, 1
 # The verifier's codes after which a plan cannot be drawn against its spec: unknown names
@@ -62,7 +64,7 @@ def cmd_viz(args, out) -> int:
         return plan
     if args.format == "tree":
         return _tree(plan, args, out)
-    loaded = _checked_spec(plan, plan_path, args.against, out)
+    loaded = _checked_spec(plan, plan_path, args, out)
     if isinstance(loaded, int):
         return loaded
     spec, sources, findings = loaded
@@ -74,19 +76,20 @@ def cmd_viz(args, out) -> int:
     return _write_text(draw(plan, spec), args, out)
 
 
-def _checked_spec(plan, plan_path: Path, against: str | None, out):
+def _checked_spec(plan, plan_path: Path, args, out):
     """(spec, sources, verifier findings) or the exit code, after printing why."""
     from flowc.compiler.verify import verify_plan
     from flowc.plan_io import read_spec
 
-    checked = read_spec(plan, str(plan_path), against, out, why="drawing the plan needs its spec")
+    checked = read_spec(plan, str(plan_path), args.against, out, why="drawing the plan needs its spec",
+                        allow_outside=args.allow_outside)
     if isinstance(checked, int):
         return checked
     findings = [d for d in verify_plan(plan, checked.spec) if d.severity == "error"]
     if any(d.code in STRUCTURAL for d in findings):
         out.diagnostics(findings, checked.sources)
         if not out.json:
-            print(f"error: `{plan_path}` does not match its spec", file=sys.stderr)
+            print(f"error: `{escape_control(str(plan_path))}` does not match its spec", file=sys.stderr)
         return EXIT_INVALID
     sources = {name: source.text for name, source in checked.sources.items()}
     return checked.spec, sources, findings
@@ -129,8 +132,9 @@ def _html(plan, spec, sources, findings, args, out) -> int:
                           "verifier": [{"code": d.code, "message": d.message} for d in findings]}, indent=2))
         return EXIT_OK
     for d in findings:
-        print(f"warning: the plan does not verify: {d.code} {d.message} (listed in the report)", file=sys.stderr)
-    print(f"wrote {args.output}")
+        print(f"warning: the plan does not verify: {d.code} {escape_control(d.message)} (listed in the report)",
+              file=sys.stderr)
+    print(f"wrote {escape_control(args.output)}")
     return EXIT_OK
 
 
@@ -160,7 +164,7 @@ def _write_text(text: str, args, out) -> int:
             document["text"] = text
         print(json.dumps(document, indent=2))
     elif args.output:
-        print(f"wrote {args.output}")
+        print(f"wrote {escape_control(args.output)}")
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return EXIT_OK

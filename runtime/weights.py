@@ -225,6 +225,35 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
+def _trees(root: Path) -> tuple[Path, ...]:
+    """Where the files a checkpoint's index names may lie: its directory and, for a snapshot in
+    the Hugging Face cache (`models--ORG--NAME/snapshots/REV/`, whose files are links to
+    `../../blobs/`), that model's blobs."""
+    real = root.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real, real.parent.parent / "blobs"
+    return (real,)
+
+
+def _shard(root: Path, trees: tuple[Path, ...], index: Path, tensor: str, file: Any) -> Path:
+    """The file `index` maps `tensor` to, its symbolic links resolved; WeightsError when that is
+    no file name or lies outside `trees` (`../`, an absolute path, a link out): a downloaded
+    checkpoint must not read files elsewhere on the machine. Index values are quoted with repr,
+    which escapes control characters."""
+    if not isinstance(file, str) or not file or "\0" in file:
+        raise WeightsError(f"{index} maps {tensor!r} to {file!r}, which is not a file name: re-download or "
+                           f"re-save the model")
+    try:
+        path = (root / file).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a loop of symbolic links
+        raise WeightsError(f"{index} maps {tensor!r} to {file!r}, which cannot be resolved ({e}): re-download "
+                           f"or re-save the model") from e
+    if not any(path.is_relative_to(tree) for tree in trees):
+        raise WeightsError(f"{index} maps {tensor!r} to {file!r}, which lies outside {root}: a checkpoint's "
+                           f"shards are files in its directory; re-download or re-save the model")
+    return path
+
+
 class _Checkpoint(contextlib.ExitStack):
     """The safetensors tensors of a model directory by name; files are opened once, on first
     use, and closed on exit."""
@@ -239,7 +268,8 @@ class _Checkpoint(contextlib.ExitStack):
             if not isinstance(weight_map, dict):
                 raise WeightsError(f"{index} has no \"weight_map\" object: re-download or re-save the model")
             self.source = f"the shards {index.name} lists"
-            self.files = {name: root / file for name, file in weight_map.items()}
+            trees = _trees(root)
+            self.files = {name: _shard(root, trees, index, name, file) for name, file in weight_map.items()}
             return
         if not single.is_file():
             bins = sorted(p.name for p in root.glob("*.bin"))

@@ -141,3 +141,29 @@ def test_triton_without_a_gpu_is_a_usage_error(capsys, plan, tmp_path, monkeypat
     assert code == 2
     assert err.startswith("error: the triton kernel backend needs a CUDA GPU, and this runs on cpu")
     assert "TRITON_INTERPRET=1" in err
+
+
+def _engine_import_fails(monkeypatch, error: ImportError) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name == "flowc.runtime.engine":
+            raise error
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", failing)
+
+
+def test_a_missing_torch_is_a_usage_error(capsys, plan, monkeypatch):
+    _engine_import_fails(monkeypatch, ModuleNotFoundError("No module named 'torch'", name="torch"))
+    code, _, err = run(capsys, "run", str(plan), "--replay", "--requests", "1")
+    assert code == 2
+    assert "the flowc runtime needs torch" in err and 'pip install "flowc[runtime]"' in err
+
+
+def test_another_import_error_is_not_blamed_on_torch(capsys, plan, monkeypatch):
+    _engine_import_fails(monkeypatch, ImportError("cannot import name 'Block'", name="flowc.runtime.blocks"))
+    code, _, err = run(capsys, "run", str(plan), "--replay", "--requests", "1")
+    assert code == 3  # a broken flowc install is an internal error, reported as one
+    assert "needs torch" not in err and "cannot import name 'Block'" in err

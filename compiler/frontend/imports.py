@@ -1,6 +1,7 @@
 """Loading a spec and everything it `use`s: the standard library (`use std.gpus`) and files
 relative to the importing file (`use "common.flow"`). Cycles, missing modules and files outside
-the root spec's directory tree are errors (F0205-F0207)."""
+the root spec's directory tree are errors (F0205-F0207); `outside_tree` is the rule for every
+file a spec names, `use` and `trace` alike."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class Program:
     sources: dict[str, SourceFile] = field(default_factory=dict)
     imports: dict[str, list[str]] = field(default_factory=dict)  # module -> modules it uses directly
     roots: list[str] = field(default_factory=list)
+    # module -> the directory tree the files it names must stay in: its root spec's directory
+    # (the working directory for spec text); none for the standard library
+    trees: dict[str, Path] = field(default_factory=dict)
+    allow_outside: bool = False  # whether files outside those trees may be read
 
     def visible(self, module: str) -> set[str]:
         """The module and everything it imports, transitively."""
@@ -80,6 +85,21 @@ def locate(base: Path, name: str) -> tuple[Path | None, str | None]:
         return None, error.strerror or str(error)
 
 
+def outside_tree(path: Path, name: str, span: Span | None, root: Path, allow_outside: bool) -> Diagnostic | None:
+    """F0207 when the file a spec names as `name` lies outside `root`, the root spec's directory
+    tree, once every symbolic link on the way is resolved; None when it is inside or
+    `allow_outside` lifts the rule. Specs travel between people and CI systems: they must not
+    read, or reveal anything of, files elsewhere on the machine."""
+    resolved = path.resolve()
+    if allow_outside or resolved.is_relative_to(root):
+        return None
+    return Diagnostic(
+        "F0207", f"`{name}` is outside the spec's directory tree", span, f"resolves to {display_path(resolved)}",
+        "move the file under the spec's directory, or pass --allow-outside (`allow_outside=True` in Python)",
+        notes=(f"the spec's directory is {display_path(root)}",),
+    )
+
+
 def display_path(path: Path) -> str:
     """Paths in diagnostics: relative to the working directory when below it, else absolute."""
     path = Path(path).resolve()
@@ -90,7 +110,7 @@ def display_path(path: Path) -> str:
 class _Loader:
     def __init__(self, allow_outside: bool):
         self.allow_outside = allow_outside
-        self.program = Program()
+        self.program = Program(allow_outside=allow_outside)
         self.errors: list[Diagnostic] = []
         self.done: set[str] = set()
         self.stack: list[tuple[str, Span | None]] = []
@@ -141,6 +161,8 @@ class _Loader:
     def _load(self, source: SourceFile, root: Path | None, via: Span | None) -> None:
         """Parse a module (root is None for the standard library) and load what it uses."""
         self.program.sources[source.name] = source
+        if root is not None:
+            self.program.trees[source.name] = root
         try:
             module = _parse_std(source) if root is None else parse(source)
         except FlowError as error:
@@ -191,16 +213,14 @@ class _Loader:
             self.errors.append(Diagnostic("F0205", f"cannot import `{target.value}`", target.span, problem,
                                           "give the path of a .flow file, relative to this file's directory"))
             return None
-        if not self.allow_outside and not path.is_relative_to(root):
-            self.errors.append(Diagnostic(
-                "F0207", f"`{target.value}` is outside the spec's directory tree", target.span,
-                f"resolves to {display_path(path)}",
-                "move the file under the spec's directory, or pass --allow-outside-imports",
-                notes=(f"the spec's directory is {display_path(root)}",),
-            ))
+        outside = outside_tree(path, target.value, target.span, root, self.allow_outside)
+        if outside is not None:
+            self.errors.append(outside)
             return None
         if problem:
-            near = [p.name for p in path.parent.glob("*.flow")] if path.parent.is_dir() else []
+            # names of the folder only inside the tree: a listing of any other reveals the machine
+            listable = path.parent.is_relative_to(root) and path.parent.is_dir()
+            near = [p.name for p in path.parent.glob("*.flow")] if listable else []
             best = did_you_mean(path.name, near)
             self.errors.append(Diagnostic(
                 "F0205", f"cannot find `{target.value}`", target.span, "no such file",
@@ -229,4 +249,4 @@ def load_program(paths: list[Path] | None = None, text: SourceFile | None = None
     return loader.program
 
 
-__all__ = ["Program", "load_program", "std_modules", "std_source"]
+__all__ = ["Program", "load_program", "outside_tree", "std_modules", "std_source"]

@@ -21,6 +21,9 @@ LAYOUTS = (
 
 
 class TraceError(Exception):
+    """A trace that cannot be read. The message says which line and field are wrong, never what
+    they hold: a trace may be any file, and diagnostics travel further than the files they name."""
+
     def __init__(self, message: str, line: int | None = None):
         super().__init__(message)
         self.line = line
@@ -74,11 +77,11 @@ def _read_trace(path: Path, mtime_ns: int, size: int) -> Trace:
         except StopIteration:
             raise TraceError("the file is empty", 1) from None
         except (csv.Error, UnicodeDecodeError) as error:
-            raise TraceError(f"not a CSV file: {error}", 1) from None
+            raise _not_csv(error, 1) from None
         layout = next((cols for cols in LAYOUTS if set(cols) <= set(header)), None)
         if layout is None:
             expected = " or ".join(",".join(cols) for cols in LAYOUTS)
-            raise TraceError(f"the header has no {expected} columns (found {','.join(header)[:80]})", 1)
+            raise TraceError(f"the header has no {expected} columns", 1)
         where = [header.index(col) for col in layout]
         arrivals: list[float] = []
         prompt: list[int] = []
@@ -88,24 +91,44 @@ def _read_trace(path: Path, mtime_ns: int, size: int) -> Trace:
                 line = rows.line_num
                 if not row:
                     continue
+                if len(row) <= max(where):
+                    raise TraceError(f"the row has {len(row)} of the header's {len(header)} fields", line)
                 try:
                     arrival = _timestamp(row[where[0]])
-                    p, o = int(row[where[1]]), int(row[where[2]])
-                except (ValueError, IndexError, OverflowError):
-                    raise TraceError(f"cannot read `{','.join(row)[:60]}`: expected a time and two token counts",
-                                     line) from None
+                except (ValueError, OverflowError):
+                    raise TraceError(f"the arrival time ({layout[0]}) is neither a number of seconds nor a date "
+                                     "and time", line) from None
                 if not math.isfinite(arrival):
-                    raise TraceError(f"the arrival time `{row[where[0]].strip()[:40]}` is not a finite number", line)
-                if p < 0 or o < 0:
-                    raise TraceError("token counts cannot be negative", line)
+                    raise TraceError(f"the arrival time ({layout[0]}) is not a finite number", line)
+                p, o = (_count(row[where[i]], f"{what} ({layout[i]})", line) for i, what in
+                        ((1, "prompt length"), (2, "output length")))
                 if arrivals and arrival < arrivals[-1]:
                     raise TraceError("arrival times must not go backwards", line)
                 arrivals.append(arrival)
                 prompt.append(p)
                 output.append(o)
         except (csv.Error, UnicodeDecodeError) as error:
-            raise TraceError(f"not a CSV file: {error}", rows.line_num) from None
+            raise _not_csv(error, rows.line_num) from None
     if not arrivals:
         raise TraceError("the file has a header but no requests", 2)
     start = arrivals[0]
     return Trace(tuple(a - start for a in arrivals), tuple(prompt), tuple(output))
+
+
+def _count(text: str, field: str, line: int) -> int:
+    """A row's token count, or TraceError naming its field."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise TraceError(f"the {field} is not a whole number of tokens", line) from None
+    if count < 0:
+        raise TraceError(f"the {field} is negative", line)
+    return count
+
+
+def _not_csv(error: csv.Error | UnicodeDecodeError, line: int) -> TraceError:
+    # csv's own reasons are fixed texts; a decoding error's would quote the file's bytes, and
+    # its line is unknown (the file is decoded ahead of the rows read)
+    if isinstance(error, UnicodeDecodeError):
+        return TraceError("not UTF-8 text")
+    return TraceError(f"not a CSV file: {error}", line)

@@ -10,7 +10,7 @@ from flowc.compiler import units
 from flowc.compiler.diagnostics import did_you_mean, suggestion_help
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import SCHEMAS, describe
-from flowc.compiler.frontend.imports import display_path, locate
+from flowc.compiler.frontend.imports import display_path, locate, outside_tree
 from flowc.compiler.model.traces import TraceError, read_trace
 from flowc.compiler.spec import MAX_CV, MAX_RATE, Arrival, Lengths, Workload
 
@@ -87,11 +87,17 @@ def _trace_file(c: Checker, expr: ast.Expr) -> str | None:
     if path is None:  # a name no file can have: too long, a loop of links
         c.error("F0208", f"trace file `{expr.value}` not found", expr.span, problem)
         return None
-    if path not in c.traces:
+    root = c.program.trees.get(c.module, Path.cwd().resolve())
+    if path not in c.traces:  # each file is reported once, however often it is referenced
+        outside = outside_tree(path, expr.value, expr.span, root, c.program.allow_outside)
+        if outside is not None:
+            c.traces[path] = None
+            c.error(outside.code, outside.message, outside.span, outside.label, outside.help, outside.notes)
+            return None
         if problem:
-            c.traces[path] = None  # reported once, however often it is referenced
-            near = _names_in(path.parent)
-            best = did_you_mean(path.name, near)
+            c.traces[path] = None
+            # names of the folder only inside the tree: a listing of any other reveals the machine
+            best = did_you_mean(path.name, _names_in(path.parent) if path.parent.is_relative_to(root) else [])
             c.error("F0208", f"trace file `{expr.value}` not found", expr.span,
                     f"no such file in {display_path(path.parent)}",
                     f'did you mean `"{(Path(expr.value).parent / best).as_posix()}"`?' if best
