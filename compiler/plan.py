@@ -12,7 +12,7 @@ A GPU is named by `GpuRef(node, index)`: `node` counts the cluster's nodes in de
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,8 +21,11 @@ from flowc.compiler.spec import Model
 # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s;
 # 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor; 1.4: MemoryMap.arena_sizes;
 # 1.5: Predicted.makespan_s (offline batches), the objective max_throughput, DeploymentPlan.baselines;
-# compile_s and solver.wall_s are no longer set (a plan is the same on every compile; the CLI times it)
-FORMAT_VERSION = "1.5"
+# compile_s and solver.wall_s are no longer set (a plan is the same on every compile; the CLI times it);
+# 1.6: Plan.clusters (the node groups of each cluster: GPU references are checked without the spec)
+FORMAT_VERSION = "1.6"
+# The minor version that added each field a reader may require (the comment above says what each added).
+ADDED_IN = {"model_spec": 3, "arena_sizes": 4, "clusters": 6}
 SUPPORTED_MAJOR = int(FORMAT_VERSION.split(".")[0])
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 
@@ -47,6 +50,15 @@ class GpuRef(PlanModel):
 
     def __str__(self) -> str:
         return f"n{self.node}g{self.index}"
+
+
+class NodeGroupShape(PlanModel):
+    """`count` nodes of `gpus` GPUs of type `gpu` each: a cluster's node group as GPU references
+    count it (1.6)."""
+
+    gpu: str
+    gpus: int
+    count: int
 
 
 class Instance(PlanModel):
@@ -212,11 +224,38 @@ class Plan(PlanModel):
     format_version: str = FORMAT_VERSION
     flowc_version: str
     spec_files: list[str]
+    clusters: dict[str, list[NodeGroupShape]] = Field(
+        default_factory=dict, description="the node groups of each cluster the plan places on, in declaration order "
+        "(1.6): every command checks a plan's GPU references against them, without the spec")
     deployments: list[DeploymentPlan]
     solver: SolverStatus
     compile_s: Optional[float] = Field(None, exclude=True)  # as `SolverStatus.wall_s`
+
+    def texts(self) -> Iterator[tuple[str, str]]:
+        """(JSON path, text) of every string of the plan, keys included: the texts a command
+        might print, write into a script or a manifest."""
+        return _texts(self.model_dump())
+
+    def has(self, field: str) -> bool:
+        """Whether the plan's format version carries `field` (one added by a minor version after 1.0):
+        a plan written before it may leave it empty."""
+        version = parse_format_version(self.format_version)
+        return version is not None and version[1] >= ADDED_IN[field]
 
     @field_validator("compile_s")
     @classmethod
     def _drop_wall_clock(cls, value: Optional[float]) -> None:
         return None
+
+
+def _texts(data, where: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(data, str):
+        yield where, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            inner = f"{where}.{key}" if where else str(key)
+            yield from _texts(key, inner)
+            yield from _texts(value, inner)
+    elif isinstance(data, list):
+        for k, value in enumerate(data):
+            yield from _texts(value, f"{where}[{k}]")

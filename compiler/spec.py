@@ -193,6 +193,9 @@ MAX_KNOB = 2**24  # a search knob's value (tp, replicas, tokens, ...)
 # More is a typo (`requests 1e12 req`) rather than a workload, and would exhaust memory.
 MAX_REQUESTS = 10**7
 
+# A name of a spec object: the grammar's WORD (grammar/flow.lark; a test pins the two together).
+NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(?:[-.][A-Za-z0-9_]+)*"
+
 SEARCH_KNOBS = ("tp", "pp", "ep", "replicas", "max_batched_tokens", "chunk_size", "block_size", "max_seqs")
 
 

@@ -23,6 +23,7 @@ process is rank 0 and drives the others.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,13 +33,13 @@ from typing import Sequence as Seq
 
 import torch
 
-from flowc.compiler.model.parallelism import problems
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
-from flowc.compiler.plan_io import load_plan_file
+from flowc.compiler.plan_io import load_plan_file, plan_problems
+from flowc.compiler.units import format_gib
 
 from .block_manager import BlockManager
 from .config import ModelConfig
-from .kernels import backend_problem
+from .kernels import backend_problem, resolve_backend, tile_problem
 from .runner import RunnerSpec, make_runner
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
@@ -115,7 +116,13 @@ def _replay_time(request: Request) -> float:
 
 
 def load_plan(plan: Plan | str | Path) -> Plan:
+    """A plan that passes the one validation every command applies (`plan_io.plan_problems`),
+    from a Plan object or a file; EngineError otherwise."""
     if isinstance(plan, Plan):
+        found = plan_problems(plan)
+        if found:
+            raise EngineError(f"the plan cannot run: at {found[0][0]}: {found[0][1]}"
+                              + (f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""))
         return plan
     path = Path(plan)
     try:
@@ -123,8 +130,10 @@ def load_plan(plan: Plan | str | Path) -> Plan:
     except (OSError, UnicodeDecodeError) as e:
         raise EngineError(f"cannot read plan {path}: {getattr(e, 'strerror', None) or e}") from None
     if loaded is None:
-        raise EngineError(f"{path} is not a plan this flowc runs: {problems[0].message} "
-                          f"(run `flowc verify {path}` for details)")
+        first = problems[0]
+        raise EngineError(f"{path} is not a plan this flowc runs: {first.message}"
+                          + (f", {first.notes[0]}" if first.notes else "")
+                          + f" (run `flowc verify {path}` for details)")
     return loaded
 
 
@@ -156,6 +165,45 @@ def _device_for(group: InstanceGroup) -> torch.device:
         raise EngineError(f"the plan runs on {group.vendor} {group.gpu} GPUs and this machine has no such device "
                           "(torch sees no CUDA device): compile the spec for `cpu-local` to run here")
     return torch.device("cuda")
+
+
+def _tile_problem(backend: str, device: torch.device, model, group: InstanceGroup) -> Optional[tuple[str, str]]:
+    """(message, help) when the Triton attention cannot tile the plan's head_dim or block size."""
+    if resolve_backend(backend, str(device)) != "triton":
+        return None
+    problem = tile_problem("head_dim", model.head_dim) or tile_problem("block_size", group.scheduler.block_size)
+    if problem is None:
+        return None
+    return (f"the Triton kernels cannot run this plan: {problem}",
+            "compile with `block_size in [16 tok]` (or another power of two), or run with `--backend torch`")
+
+
+def _host_problem(group: InstanceGroup, device: torch.device) -> Optional[tuple[str, str]]:
+    """(message, help) when this machine cannot start the instance: one process per TP rank, each
+    on a device of its own (a CPU core, or a GPU) with the memory its memory map takes."""
+    if device.type == "cpu":
+        devices = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        memory, what = _host_memory(), f"{devices} CPU cores"
+    else:
+        devices = torch.cuda.device_count()
+        memory, what = torch.cuda.get_device_properties(0).total_memory * devices, f"{devices} CUDA devices"
+    if group.tp > devices:
+        return (f"the instance runs tp {group.tp}, one process per rank, and this machine has {what}",
+                "compile the spec for this machine's devices (`gpu cpu-local x N` counts CPU cores)")
+    m = group.memory
+    need = group.tp * (m.weights + m.kv_cache + m.activations)
+    if memory is not None and need > memory:
+        return (f"the instance takes {format_gib(need)} (weights, KV cache and activations of {group.tp} ranks), "
+                f"and this machine has {format_gib(memory)}", "compile the spec for this machine's memory")
+    return None
+
+
+def _host_memory() -> Optional[int]:
+    """Bytes of RAM the OS reports; None when it does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _dtype(name: str, what: str) -> torch.dtype:
@@ -221,13 +269,6 @@ class Engine:
             raise EngineError(f"plan format {p.format_version} does not carry the model; compile the spec again "
                               "with this flowc")
         group = _colocated_group(dp)
-        found = problems(dp.model_spec, group.tp, group.pp, group.ep)
-        if found:
-            raise EngineError(f"deployment `{dp.name}` cannot run: " + "; ".join(p.message for p in found)
-                              + ": compile the spec again")
-        if group.memory.arena_offsets and not group.memory.arena_sizes:
-            raise EngineError(f"plan format {p.format_version} does not carry the sizes of the activation arena's "
-                              "buffers: compile the spec again with this flowc")
         if group.pp > 1:
             raise EngineError(f"deployment `{dp.name}` uses pipeline parallelism (pp {group.pp}); the flowc runtime "
                               "runs pp 1 only: restrict the spec with `pp in [1]`")
@@ -243,7 +284,8 @@ class Engine:
             weights_dir = Path(weights)
             config = _hf_config(weights_dir, dp)
         device = _device_for(group)
-        problem = backend_problem(backend, str(device))
+        problem = (backend_problem(backend, str(device)) or _tile_problem(backend, device, dp.model_spec, group)
+                   or _host_problem(group, device))
         if problem is not None:  # before any worker starts: a plan for cpu-local on a GPU machine
             raise EngineError(f"{problem[0]}; {problem[1]}")
         if dtype is not None and dtype not in DTYPES:

@@ -36,12 +36,26 @@ def backend_problem(backend: str, device: str) -> Optional[tuple[str, str]]:
             "in Triton's CPU interpreter (slow: for tests)")
 
 
+def resolve_backend(backend: str, device: str) -> str:
+    """The backend "auto" stands for on `device`: Triton on a CUDA device, the torch reference elsewhere."""
+    if backend != "auto":
+        return backend
+    return "triton" if str(device).startswith("cuda") else "torch"
+
+
+def tile_problem(name: str, value: int) -> Optional[str]:
+    """Why `value` cannot be a dimension of the Triton attention's tiles (head_dim, block_size):
+    tl.dot on the GPU needs a power of two of at least 16."""
+    if value < 16 or value & (value - 1):
+        return f"{name} {value} is not a legal tl.dot tile dimension (a power of two >= 16 is required)"
+    return None
+
+
 def get_ops(backend: str = "auto", device: str = "cpu") -> SimpleNamespace:
     problem = backend_problem(backend, device)
     if problem is not None:
         raise ValueError(f"{problem[0]}: {problem[1]}")
-    if backend == "auto":
-        backend = "triton" if str(device).startswith("cuda") else "torch"
+    backend = resolve_backend(backend, device)
     if backend == "torch":
         from . import kernels_torch as impl
     else:

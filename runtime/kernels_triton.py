@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from .kernels import tile_problem
 from .triton_shim import require_triton
 
 require_triton()
@@ -45,10 +46,9 @@ def _pow2(n: int) -> int:
 
 
 def _check_dot_dim(name: str, value: int) -> None:
-    # tl.dot on the GPU needs every tile dimension to be a power of two of at least 16
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"paged_attention: {name} {value} is not a legal tl.dot tile dimension "
-                         "(a power of two >= 16 is required)")
+    problem = tile_problem(name, value)
+    if problem:
+        raise ValueError(f"paged_attention: {problem}")
 
 
 def _warps(block: int) -> int:

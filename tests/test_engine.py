@@ -4,6 +4,7 @@ preemption all happening; per-request validation; streaming; the plan's KV pool 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -360,8 +361,13 @@ def test_plans_the_runtime_cannot_run_are_refused(saved, tmp_path):
         Engine.from_plan(instance_plan(tiny_spec("qwen2")), saved("llama"))
     old = instance_plan(spec).model_dump()
     old["deployments"][0]["model_spec"] = None
-    (tmp_path / "old.json").write_text(__import__("json").dumps(old))
-    with pytest.raises(EngineError, match="does not carry the model"):
+    (tmp_path / "stripped.json").write_text(json.dumps(old))
+    with pytest.raises(EngineError, match="does not carry its model"):  # a 1.6 plan must
+        Engine.from_plan(tmp_path / "stripped.json")
+    old["format_version"] = "1.2"
+    del old["clusters"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(EngineError, match="does not carry the model"):  # a 1.2 plan may not, and cannot run
         Engine.from_plan(tmp_path / "old.json")
     with pytest.raises(EngineError, match="cannot read plan"):
         Engine.from_plan(tmp_path / "missing.json")

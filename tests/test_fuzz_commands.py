@@ -89,12 +89,13 @@ def test_nan_in_a_plan_is_f0520(plan_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("change, note", [
     (lambda g: g["memory"]["arena_offsets"].update(embed=10**30), "at deployments[0].groups[0].memory.arena_offsets"),
-    (lambda g: g.update(tp=0), "at deployments[0].groups[0].tp: 0 is below 1"),
+    (lambda g: g.update(tp=0), "at deployments[0].groups[0].tp: 0 is not from 1 to 16,777,216"),
     (lambda g: g["scheduler"].update(block_size=-16), "at deployments[0].groups[0].scheduler.block_size"),
     (lambda g: g["instances"][0]["gpus"].append({"node": 0, "index": 1}),
      "at deployments[0].groups[0].instances[0].gpus: 2 GPUs for tp 1 x pp 1"),
     (lambda g: g["instances"][0]["gpus"][0].update(index=-1),
-     "at deployments[0].groups[0].instances[0].gpus[0].index: -1 is below 0"),
+     "at deployments[0].groups[0].instances[0].gpus[0]: GPU n0g-1 is outside cluster `laptop` (nodes 0 to 0; "
+     "node 0: GPUs 0 to 0)"),
 ])
 def test_plan_values_no_compiler_writes_are_f0520(plan_folder, tmp_path, change, note):
     """Regression: `flowc run` of a plan with an activation buffer far outside its arena ended
@@ -127,7 +128,7 @@ def test_a_trace_with_a_nan_arrival_time_is_f0309(tmp_path, capsys):
     rows[5] = "nan," + rows[5].split(",", 1)[1]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     code, _, err = run(capsys, "simulate", str(tmp_path / "trace.flow"))
-    assert code == 1 and "error[F0309]" in err and "the arrival time `nan` is not a finite number" in err
+    assert code == 1 and "error[F0309]" in err and "the arrival time (arrival_time) is not a finite number" in err
 
 
 def test_a_config_json_value_of_the_wrong_type_is_an_error(plan_folder, tmp_path, capsys):

@@ -17,11 +17,13 @@ FOLDERS = {"compiler": "flowc.compiler", "runtime": "flowc.runtime", "flowc": "f
 
 # The compiler's rooms, in the order data flows, with what each may import besides itself.
 BASE = {"flowc.compiler.diagnostics", "flowc.compiler.source", "flowc.compiler.units", "flowc.compiler.version"}
-IR = {"flowc.compiler.spec", "flowc.compiler.plan", "flowc.compiler.plan_io"}
+IR = {"flowc.compiler.spec", "flowc.compiler.plan"}
 ALLOWED = {
     "base": {"base"},
     "ir": {"base", "ir"},
     "model": {"base", "ir", "model"},
+    # reading a plan checks it against the model it carries (geometry, parallelism, step graph)
+    "plan_io": {"base", "ir", "model"},
     "frontend": {"base", "ir", "model", "frontend"},
     "verify": {"base", "ir", "model", "verify"},
     "optimize": {"base", "ir", "model", "verify", "optimize"},
@@ -29,7 +31,7 @@ ALLOWED = {
 }
 # The runtime's contract with the compiler: the plan schema (with the model it carries) and the
 # geometry arithmetic both sides must agree on.
-RUNTIME_MAY_IMPORT = {"flowc.compiler.plan", "flowc.compiler.plan_io", "flowc.compiler.spec",
+RUNTIME_MAY_IMPORT = {"flowc.compiler.plan", "flowc.compiler.plan_io", "flowc.compiler.spec", "flowc.compiler.units",
                       "flowc.compiler.model.geometry", "flowc.compiler.model.parallelism"}
 
 

@@ -91,7 +91,8 @@ def test_cli_compile_writes_a_plan_that_flowc_verify_accepts(tmp_path, capsys):
     document["deployments"][0]["groups"][0]["instances"][0]["gpus"][0]["index"] = 99
     out.write_text(json.dumps(document))
     assert main(["verify", str(out), "--against", spec]) == 1
-    assert "F0521" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "F0520" in err and "GPU n0g99 is outside cluster" in err
 
 
 def test_infeasible_specs_are_diagnostics_not_crashes(tmp_path, capsys):

@@ -25,7 +25,9 @@ from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.model.goodput import goodput_search
 from flowc.compiler.model.memory import memory_budget
 from flowc.compiler.model.simulator import InstanceConfig, simulate
+from flowc.compiler.model.topology import cluster_shape
 from flowc.compiler.model.workload import sample_requests
+from flowc.compiler.optimize.arena import pack_step
 from flowc.compiler.plan import (
     DeploymentPlan,
     GpuRef,
@@ -78,6 +80,9 @@ deploy chat {{
   model llama-3.1-8b
   on box
   serve chat under fast
+  max_batched_tokens in [512 tok, 2048 tok, 8192 tok]
+  max_seqs in [64, 256]
+  block_size in [16 tok, 32 tok]
   {allow}
 }}
 """
@@ -156,6 +161,7 @@ def build_plan(spec: Spec, groups: list[Group], mode: Optional[str] = None, kv_b
 
     plan_groups = []
     for g, b, n_blocks in zip(groups, budgets, blocks):
+        layout = pack_step(d.model, g.tp, _scheduler(g))
         cats = b.by_category()
         if n_blocks < b.kv_blocks:
             cats["kv_cache"] = n_blocks * b.kv_bytes_per_token * g.block_size
@@ -168,16 +174,18 @@ def build_plan(spec: Spec, groups: list[Group], mode: Optional[str] = None, kv_b
                                 max_seqs=g.max_seqs, block_size=g.block_size),
             memory=MemoryMap(capacity=gpu.memory, weights=cats["weights"], kv_cache=cats["kv_cache"],
                              kv_blocks=n_blocks, activations=cats["activations"], reserve=cats["reserve"],
-                             free=cats["free"]),
+                             free=cats["free"], arena_offsets=layout.offsets, arena_sizes=layout.sizes),
             capacity_rps=float(rate) / max(1, len(g.instances))))
     predicted = Predicted(ttft_ms=pct("ttft"), tpot_ms=pct("tpot"), e2e_ms=pct("e2e"),
                           output_tokens_per_s=result.output_throughput, goodput_rps=float(rate),
                           goodput_rps_per_gpu=float(rate) / n_gpus, attainment=result.attainment(slo)["joint"]["share"],
                           meets_slo=result.meets(slo))
     deployment = DeploymentPlan(name="chat", cluster="box", model=d.model.name, weights=d.model.weights, kv=d.model.kv,
+                                model_spec=d.model.model_copy(update={"location": None}),
                                 mode=mode or ("disaggregated" if groups[0].role != "colocated" else "colocated"),
                                 objective=d.objective, groups=plan_groups, predicted=predicted)
-    return Plan(flowc_version=flowc.__version__, spec_files=["main.flow"], deployments=[deployment],
+    return Plan(flowc_version=flowc.__version__, spec_files=["main.flow"],
+                clusters={"box": cluster_shape(spec.clusters["box"])}, deployments=[deployment],
                 solver=SolverStatus(status="optimal", objective=float(rate), bound=float(rate), gap=0.0))
 
 
@@ -462,7 +470,8 @@ SPEC_DEFAULT = SPEC_TEXT.format(nodes=1, gpus=4, domain=4, rate=4, allow="allow 
 
 
 def _cli(plan_path, against=None, json_out=False):
-    args = argparse.Namespace(command="verify", plan=str(plan_path), against=against, json=json_out, no_color=True)
+    args = argparse.Namespace(command="verify", plan=str(plan_path), against=against, json=json_out, no_color=True,
+                              allow_outside=False)
     return cmd_verify(args, _Output(args))
 
 
@@ -496,7 +505,9 @@ def test_cmd_verify_exit_codes(tmp_path, plan, capsys):
     path = _write(tmp_path, plan, SPEC_DEFAULT)
     assert _cli(path, str(tmp_path / "main.flow")) == 0
     assert "ok" in capsys.readouterr().out
-    bad = edit(plan, lambda doc: _memory(doc, kv_blocks=10**9))
+    # a sound document, but not an H100's memory: the spec says so, not the plan (F0524, not F0520)
+    memory = plan.deployments[0].groups[0].memory
+    bad = edit(plan, lambda doc: _memory(doc, capacity=memory.capacity + GiB, free=memory.free + GiB))
     (tmp_path / "bad.json").write_text(bad.model_dump_json(), encoding="utf-8")
     assert _cli(tmp_path / "bad.json") == 1
     err = capsys.readouterr().err

@@ -67,6 +67,14 @@ def scheduler_choices(d: Deployment) -> list[Scheduler]:
             for chunk in d.search.get("chunk_size") or [budget] if chunk <= budget]
 
 
+def knob_choices(d: Deployment, tp: int) -> dict[str, list[int]]:
+    """The values of every knob of one instance group the deployment allows (its ep at `tp`): the
+    spec's lists, else flowc's defaults. A chunk size left open is the token budget."""
+    return {"tp": tp_choices(d), "pp": pp_choices(d), "ep": ep_choices(d, tp),
+            "max_batched_tokens": batched_token_choices(d), "max_seqs": _values(d, "max_seqs", _DEFAULTS.max_seqs),
+            "block_size": _values(d, "block_size", _DEFAULTS.block_size)}
+
+
 def roomiest_scheduler(d: Deployment) -> Scheduler:
     """The allowed setting that leaves the most memory for KV: the smallest token budget,
     sequence cap and block size (what the capacity checks size instances with)."""

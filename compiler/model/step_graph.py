@@ -302,3 +302,35 @@ def overlaps(buffers: list[Buffer], offsets: dict[str, int]) -> list[tuple[str, 
                 if oa < ob + b.size_bytes and ob < oa + a.size_bytes:
                     bad.append((a.name, b.name))
     return bad
+
+
+def layout_problems(model: Model, tp: int, tokens: int, max_seqs: int, offsets: dict[str, int],
+                    sizes: dict[str, int], arena_bytes: int) -> list[str]:
+    """Why a stated arena layout (each buffer's offset and size, the arena's bytes) cannot hold
+    the step graph of `model` at `tp`, `tokens` and `max_seqs`; empty when it can. The layout's
+    own sizes count, with the graph's lifetimes: a buffer the graph needs is missing or too
+    small, a name the graph has not, a buffer outside the arena or off the alignment, two
+    buffers alive together on the same bytes. The plan loader and the verifier both ask this."""
+    buffers = step_buffers(model, tp, tokens, max_seqs)
+    needed = {b.name: b.size_bytes for b in buffers}
+    found = []
+    missing = [name for name in needed if name not in offsets or name not in sizes]
+    if missing:
+        found.append(f"no offset or size for {', '.join(missing[:5])}" + (" and more" if len(missing) > 5 else ""))
+    unknown = sorted((set(offsets) | set(sizes)) - set(needed))
+    if unknown:
+        found.append(f"buffers the step graph does not have: {', '.join(unknown[:5])}")
+    for name, size in needed.items():
+        if name in sizes and sizes[name] < size:
+            found.append(f"{name} gets {sizes[name]:,} B, the step needs {size:,} B")
+    for name, offset in offsets.items():
+        size = sizes.get(name, 0)
+        if offset < 0 or size < 0 or offset + size > arena_bytes:
+            found.append(f"{name} at bytes {offset:,} to {offset + size:,} is not inside the arena of "
+                         f"{arena_bytes:,} B")
+        elif offset % ALIGNMENT:
+            found.append(f"{name} at byte {offset:,} is not aligned to {ALIGNMENT} B")
+    if found:
+        return found
+    stated = [Buffer(b.name, sizes[b.name], b.start, b.end) for b in buffers]
+    return [f"{a} and {b} are alive together and share bytes" for a, b in overlaps(stated, offsets)]

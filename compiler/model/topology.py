@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from typing import Optional
 
+from flowc.compiler.plan import NodeGroupShape
 from flowc.compiler.spec import GPU, Cluster, Link, NodeGroup
 
 
 def cluster_nodes(cluster: Cluster) -> list[NodeGroup]:
     """The node group of every node of the cluster, in plan order."""
     return [group for group in cluster.nodes for _ in range(group.count)]
+
+
+def cluster_shape(cluster: Cluster) -> list[NodeGroupShape]:
+    """The cluster's node groups as a plan records them (`Plan.clusters`)."""
+    return [NodeGroupShape(gpu=group.gpu, gpus=group.gpus_per_node, count=group.count) for group in cluster.nodes]
 
 
 def gpu_link(cluster: Cluster, gpu: str) -> Link:

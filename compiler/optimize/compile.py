@@ -27,7 +27,7 @@ from flowc.compiler.model.search import replica_choices
 from flowc.compiler.model.serving import require_deployments
 from flowc.compiler.model.shapes import instance_shapes
 from flowc.compiler.model.simulator import simulate
-from flowc.compiler.model.topology import gpu_prices
+from flowc.compiler.model.topology import cluster_shape, gpu_prices
 from flowc.compiler.model.workload import Requests, base_rate, sample_requests
 from flowc.compiler.optimize.alternatives import alternatives
 from flowc.compiler.optimize.arena import pack_step
@@ -181,7 +181,9 @@ def compile_spec(spec: Spec, *, time_limit_s: float = 10.0, seed: int = 0,
     solver = SolverStatus(status="optimal" if all(p.status == "optimal" for p in statuses) else "feasible",
                           objective=sum(p.objective for p in statuses), bound=sum(p.bound for p in statuses),
                           gap=max(p.gap for p in statuses))
-    plan = Plan(flowc_version=FLOWC_VERSION, spec_files=list(spec.files), deployments=plans, solver=solver)
+    plan = Plan(flowc_version=FLOWC_VERSION, spec_files=list(spec.files),
+                clusters={name: cluster_shape(spec.clusters[name]) for name in by_cluster}, deployments=plans,
+                solver=solver)
     problems = [p for p in verify_plan(plan, spec) if p.severity == "error"]
     if problems:  # the optimizer and the verifier disagree: a bug, never the user's spec
         raise RuntimeError("the plan verifier rejected the optimizer's plan: "

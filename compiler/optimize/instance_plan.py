@@ -14,6 +14,7 @@ from flowc.compiler.plan import (
     Instance,
     InstanceGroup,
     MemoryMap,
+    NodeGroupShape,
     Percentiles,
     Plan,
     Predicted,
@@ -51,5 +52,6 @@ def instance_plan(model: Model, *, gpu: str = "local", vendor: str = "cpu", tp: 
                                 kv=model.kv, model_spec=model,
                                 mode="colocated" if role == "colocated" else "disaggregated",
                                 objective="max_goodput_per_gpu", groups=[group], predicted=predicted)
-    return Plan(flowc_version=FLOWC_VERSION, spec_files=[], deployments=[deployment],
+    return Plan(flowc_version=FLOWC_VERSION, spec_files=[],
+                clusters={"local": [NodeGroupShape(gpu=gpu, gpus=tp, count=1)]}, deployments=[deployment],
                 solver=SolverStatus(status="optimal", objective=0.0, bound=0.0, gap=0.0))

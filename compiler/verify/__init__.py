@@ -17,8 +17,11 @@ Checks, one code each (F052x: planning):
   deployment / cluster / model / GPU type, dtypes other than the spec deployment's, a spec
   deployment the plan leaves out, groups and roles that contradict the mode, scheduler
   values that are not positive (or a chunk above the token budget), knob values outside the
-  deployment's `search` lists (`replicas` counts the deployment's instances, all groups
-  together), more GPUs than `max_gpus`, disaggregation not allowed.
+  deployment's `search` lists, or outside flowc's defaults for the scheduler knobs a spec leaves
+  open (`model/search.knob_choices`; `replicas` counts the deployment's instances, all groups
+  together), a recorded cluster (`Plan.clusters`) that is not the spec's, more GPUs than
+  `max_gpus`, disaggregation not allowed. (A plan read from a file has passed
+  `plan_io.plan_problems` before any of this.)
 - F0521 a GPU reference outside the cluster (node beyond the expanded node groups, index
   beyond gpus_per_node), or a group's GPU type that is not the node's GPU.
 - F0522 a GPU used twice (by two instances of any deployments, or twice in one instance).
@@ -33,7 +36,8 @@ Checks, one code each (F052x: planning):
   offload: the budget's kv_blocks) plus the blocks offloaded as "kv", and they fit in
   `kv_cache`; reserve not below the model's; the
   categories sum to capacity, and what the engine takes (all but `free`) stays within the
-  usable share (90%); arena offsets inside the arena; an instance holds the workload's
+  usable share (90%); the arena holds one step (`step_graph.layout_problems`: no two live
+  buffers share bytes, none leaves the arena); an instance holds the workload's
   longest request (prompt + output; prefill instances the prompt) when it is bounded;
   offloaded bytes need `allow offload` and fit in each node's host memory (all deployments).
 - F0525 bandwidth at the workload's rate (`model/traffic.py`): disaggregated KV traffic must

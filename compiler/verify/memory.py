@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flowc.compiler.model.lengths import longest_request
 from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION, memory_budget
+from flowc.compiler.model.step_graph import layout_problems
 from flowc.compiler.model.topology import cluster_nodes
 from flowc.compiler.units import format_gib
 from flowc.compiler.verify.context import DeploymentCheck, Verifier
@@ -75,15 +76,13 @@ def check_memory(v: Verifier, dep: DeploymentCheck, host: dict[tuple[str, int], 
             fail(f"the engine takes {format_gib(used)} per GPU, more than the usable {format_gib(b.usable)} "
                  f"({GPU_MEMORY_UTILIZATION:.0%} of {format_gib(gpu.memory)})",
                  "shrink the KV cache or the activation arena")
-        unsized = sorted(set(mm.arena_offsets) ^ set(mm.arena_sizes)) if mm.arena_sizes else []
-        outside = [name for name, offset in mm.arena_offsets.items()
-                   if not 0 <= offset or offset + mm.arena_sizes.get(name, 1) > max(mm.activations, 1)]
-        if unsized:
-            fail("arena buffers with an offset or a size but not both: " + ", ".join(unsized[:5]),
-                 "lay out the arena again", at=f"{gat}.arena_sizes")
-        elif outside:
-            fail("arena buffers outside the activation arena: " + ", ".join(outside[:5]),
-                 "lay out the arena again", at=f"{gat}.arena_offsets")
+        has_arena = mm.arena_offsets or mm.arena_sizes or v.plan.has("arena_sizes")
+        layout = has_arena and layout_problems(m, g.tp, s.max_batched_tokens, s.max_seqs, mm.arena_offsets,
+                                               mm.arena_sizes, mm.activations)
+        if layout:
+            fail(f"the activation arena cannot hold one step: {layout[0]}", "compile the plan again: the arena "
+                 "is laid out from the step graph (compiler/model/step_graph.py)", at=f"{gat}.arena_offsets",
+                 notes=tuple(layout[1:5]))
         longest = longest_request(v.spec.workloads[d.workload], g.role)
         if longest is not None and mm.kv_blocks >= 1 and mm.kv_blocks * s.block_size < longest:
             fail(f"an instance holds {mm.kv_blocks * s.block_size:,} tokens of KV, workload `{d.workload}` "

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from flowc.compiler.diagnostics import suggestion_help
 from flowc.compiler.model.parallelism import problems
-from flowc.compiler.model.topology import cluster_nodes
+from flowc.compiler.model.search import knob_choices
+from flowc.compiler.model.topology import cluster_nodes, cluster_shape
 from flowc.compiler.verify.context import DeploymentCheck, Verifier
 
 
@@ -39,6 +40,10 @@ def check_spec_match(v: Verifier, dep: DeploymentCheck) -> None:
         v.error("F0520", f"deployment `{dp.name}`: the plan's copy of model `{dp.model}` differs from the "
                 "spec's", "compile the plan again from this spec", at=f"{at}.model_spec", dep=dep,
                 structural=True)
+    recorded = v.plan.clusters.get(dp.cluster)
+    if recorded is not None and recorded != cluster_shape(spec.clusters[d.cluster]):
+        v.error("F0520", f"deployment `{dp.name}`: the plan's copy of cluster `{dp.cluster}` differs from the spec's",
+                "compile the plan again from this spec", at=f"clusters.{dp.cluster}", dep=dep, structural=True)
     if not dep.ok:
         return
     dep.spec, dep.cluster = d, spec.clusters[d.cluster]
@@ -92,16 +97,20 @@ def check_spec_match(v: Verifier, dep: DeploymentCheck) -> None:
                     at=f"{gat}.scheduler.chunk_size", dep=dep, structural=True)
             ok = False
         dep.groups_ok[j] = ok
-        # the deployment's own search space
+        # the deployment's own search space, flowc's defaults where the spec leaves a knob open
         values = {"tp": g.tp, "pp": g.pp, "ep": g.ep, "max_batched_tokens": s.max_batched_tokens,
                   "max_seqs": s.max_seqs, "block_size": s.block_size}
-        if s.chunked_prefill:
-            values["chunk_size"] = s.chunk_size
+        choices = knob_choices(d, g.tp)
+        if s.chunked_prefill and d.search.get("chunk_size"):
+            values["chunk_size"], choices["chunk_size"] = s.chunk_size, d.search["chunk_size"]
         for knob, value in values.items():
-            allowed = d.search.get(knob)
-            if allowed and value not in allowed:
-                v.error("F0520", f"deployment `{dp.name}`, group {j}: {knob} {value} is not one the spec "
-                        f"allows ({', '.join(map(str, allowed))})", "compile the plan again from this spec",
+            allowed = choices[knob]
+            if knob in ("tp", "pp", "ep") and not d.search.get(knob):
+                continue  # any the model can take: F0523 below
+            if value not in allowed:
+                source = "the spec allows" if d.search.get(knob) else "flowc tries where the spec leaves it open"
+                v.error("F0520", f"deployment `{dp.name}`, group {j}: {knob} {value} is not one {source} "
+                        f"({', '.join(map(str, allowed))})", "compile the plan again from this spec",
                         at=gat, dep=dep)
     allowed = d.search.get("replicas")
     if allowed and dp.replicas not in allowed:
