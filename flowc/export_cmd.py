@@ -6,6 +6,10 @@ labelled flowc.dev/node="<node index>". Written under `-o DIR`, else printed on 
 `==> PATH <==` lines; --json prints a JSON list of {path, content}. The mapping lives in
 compiler/render/export.py, the engines' flag lists in compiler/render/engines/.
 
+A plan may come from anyone: export.py quotes every value it writes and names files from slugs,
+and `-o` writes nothing unless every file lands inside DIR once the symbolic links already there
+are followed (a link to elsewhere is refused, exit 2).
+
 Exit codes: 0 ok, 1 not a plan or a plan the engine version cannot run (every reason is named;
 --allow-degrade turns the droppable ones into `# DEGRADED` comments and warnings), 2 usage or
 I/O (an unknown --version lists the known ones).
@@ -16,6 +20,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from flowc.compiler.diagnostics import escape_control
 
 EXIT_OK, EXIT_INVALID = 0, 1
 
@@ -56,15 +62,15 @@ def cmd_export(args, out) -> int:
     except ExportError as error:
         return _refuse(error.problems, out)
     for warning in export.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {escape_control(warning)}", file=sys.stderr)
     if args.output:
-        written = _write(export.files, Path(args.output))
-        if written is not None:
-            return out.usage_error(written)
+        failed = _write(export.files, Path(args.output))
+        if failed is not None:
+            return out.usage_error(*failed)
     if out.json:
         print(json.dumps([{"path": path, "content": content} for path, content in export.files], indent=2))
     elif args.output:
-        print(f"wrote {len(export.files)} files under {args.output}")
+        print(f"wrote {len(export.files)} files under {escape_control(args.output)}")
     else:
         sys.stdout.write("\n".join(f"==> {path} <==\n{content}" for path, content in export.files))
     return EXIT_OK
@@ -85,17 +91,29 @@ def _model_paths(given: list[str], models: set[str]) -> dict[str, str] | str:
     return paths
 
 
-def _write(files: list[tuple[str, str]], root: Path) -> str | None:
-    """Write the files under `root` (scripts executable); the error's message on failure."""
+def _write(files: list[tuple[str, str]], root: Path) -> tuple[str, str | None] | None:
+    """Write the files under `root` (scripts executable), or none of them when one would land
+    outside it; the error's message and help on failure."""
+    shown = escape_control(str(root))
     try:
+        inside = root.resolve()
+        for path, _ in files:
+            # resolve() follows the links already there: a link inside DIR must not lead out of it
+            landing = (root / path).resolve()
+            if Path(path).is_absolute() or not landing.is_relative_to(inside):
+                return (f"`{escape_control(path)}` would be written at `{escape_control(str(landing))}`, outside "
+                        f"`{shown}`; nothing was written",
+                        f"remove the symbolic link under `{shown}` that leads out of it, or give another -o DIR")
         for path, content in files:
             target = root / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(content, encoding="utf-8")
             if path.endswith(".sh"):
                 target.chmod(0o755)
+    except RuntimeError:  # resolve() on a loop of symbolic links (OSError from Python 3.13)
+        return f"cannot write under `{shown}`: a loop of symbolic links", "remove the loop, or give another -o DIR"
     except OSError as error:
-        return f"cannot write under `{root}`: {error.strerror or error}"
+        return f"cannot write under `{shown}`: {escape_control(error.strerror or str(error))}", None
     return None
 
 
@@ -111,6 +129,6 @@ def _refuse(problems, out) -> int:
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return EXIT_INVALID
     for p in problems:
-        sys.stderr.write(f"error: {p.message}\n" + (f"  = note: {note(p)}\n" if note(p) else "")
+        sys.stderr.write(f"error: {escape_control(p.message)}\n" + (f"  = note: {note(p)}\n" if note(p) else "")
                          + f"  = help: {p.help}\n")
     return EXIT_INVALID

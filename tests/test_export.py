@@ -6,7 +6,11 @@ for each plan and engine version. Regenerate both after a change on purpose, the
 
     FLOWC_UPDATE_GOLDEN=1 python -m pytest tests/test_export.py -q
 
-The checks below parse the scripts on their own (shlex), not with compiler/render/export.py's parser.
+The checks of flags and values parse the scripts on their own (shlex), not with
+compiler/render/export.py's parser; the scripts also run in bash, with stub engines that print the
+arguments they were given, which must be what that parser (and so the manifest) says. Plans travel
+between people, so the last section exports hostile plans: each attack is refused, or quoted and
+runs harmlessly.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +32,7 @@ import yaml
 import flowc.cli
 from flowc import export_cmd
 from flowc.compiler.model import memory
+from flowc.compiler.model.geometry import weight_bytes_per_rank
 from flowc.compiler.plan import GpuRef, Plan
 from flowc.compiler.render.export import (
     TARGETS,
@@ -35,6 +44,8 @@ from flowc.compiler.render.export import (
     hf_repos,
     known_versions,
     load_engine,
+    parse_script,
+    shell_quote,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +121,18 @@ def with_group(plan: Plan, deployment: int = 0, group: int = 0, **changes) -> Pl
     d = d.model_copy(update={**d_changes, "groups": [*d.groups[:group], g, *d.groups[group + 1:]]})
     return plan.model_copy(update={"deployments": [*plan.deployments[:deployment], d,
                                                    *plan.deployments[deployment + 1:]]})
+
+
+def with_weights(plan: Plan, dtype: str, deployment: int = 0) -> Plan:
+    """`plan` with one deployment's weights in `dtype`, its model and memory maps to match (a plan
+    file that `flowc export` reads)."""
+    d = plan.deployments[deployment]
+    model = d.model_spec.model_copy(update={"weights": dtype})
+    for j, g in enumerate(d.groups):
+        weights = weight_bytes_per_rank(model, g.tp, g.pp)
+        m = g.memory.model_copy(update={"weights": weights, "free": g.memory.free + g.memory.weights - weights})
+        plan = with_group(plan, deployment, j, memory=m)
+    return with_group(plan, deployment, deployment_fields={"weights": dtype, "model_spec": model})
 
 
 # ---------------------------------------------------------------------------------- goldens
@@ -328,7 +351,7 @@ def test_unknown_version_lists_the_known_ones(capsys):
 
 
 def test_unsupported_weight_dtype_is_refused_or_degraded(capsys, tmp_path, plans):
-    plan = with_group(plans["shared-cluster"], deployment_fields={"weights": "int4"})
+    plan = with_weights(plans["shared-cluster"], "int4")
     path = tmp_path / "int4.json"
     path.write_text(plan.model_dump_json(), encoding="utf-8")
     code, out, err = run(capsys, "export", str(path), "--target", "vllm")
@@ -356,6 +379,21 @@ def test_kv_dtype_outside_the_choices(plans):
     (script, *_) = scripts(plan, "sglang", allow_degrade=True).values()
     assert flag(launch(script)[2], "--kv-cache-dtype") == "auto"
     assert "# DEGRADED (--allow-degrade): KV cache in the model dtype (`auto`) instead of int8" in script
+
+
+def test_a_block_size_vllm_lacks_is_refused_not_an_internal_error(plans):
+    # found by tools/fuzz_plans.py: `block_size in [7 tok]` compiles, and export ended in exit 3
+    plan = plans["shared-cluster"]
+    g = plan.deployments[0].groups[0]
+    odd = with_group(plan, scheduler=g.scheduler.model_copy(update={"block_size": 7}))
+    with pytest.raises(ExportError) as info:
+        export_plan(odd, target="vllm", allow_degrade=True)
+    (problem,) = info.value.problems
+    assert "no KV-cache block of 7 tokens" in problem.message
+    assert "--block-size accepts 1, 8, 16, 32, 64, 128, 256" in problem.message
+    assert "block_size in [8 tok, 16 tok" in problem.help
+    (script, *_) = scripts(odd, "sglang").values()
+    assert flag(launch(script)[2], "--page-size") == "7"
 
 
 def test_offload_and_multi_node_instances_are_refused(plans):
@@ -397,23 +435,66 @@ def test_disaggregation_without_a_connector(capsys, plans):
 
 # ---------------------------------------------------------------------------------- kubernetes
 
-@pytest.mark.parametrize("target", ["vllm", "sglang"])
-@pytest.mark.parametrize("example", GPU_EXAMPLES)
-def test_kubernetes_manifest(plans, example, target):
-    plan = plans[example]
-    files = dict(export_plan(plan, target=target, k8s=True).files)
-    objects = list(yaml.safe_load_all(files["kubernetes.yaml"]))
+LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
+
+
+def manifest(plan: Plan, target: str, version: str | None = None, **options) -> tuple[list[dict], dict[str, str]]:
+    """The manifest's documents, and the scripts of the same export."""
+    files = dict(export_plan(plan, target=target, version=version, k8s=True, **options).files)
+    return list(yaml.safe_load_all(files.pop("kubernetes.yaml"))), files
+
+
+def check_manifest(plan: Plan, documents: list[dict], files: dict[str, str]) -> None:
+    """One Deployment per instance of `plan`, in plan order, with the plan's node, GPU count and
+    the arguments of the instance's script; every name and label one Kubernetes takes."""
     instances = [(d, g, inst) for d in plan.deployments for g in d.groups for inst in g.instances]
-    assert len(objects) == len(instances)
-    for obj, (_, g, inst) in zip(objects, instances):
-        assert obj["kind"] == "Deployment" and obj["spec"]["replicas"] == 1
-        pod = obj["spec"]["template"]["spec"]
+    assert len(documents) == len(instances) == len(files)
+    assert len({doc["metadata"]["name"] for doc in documents}) == len(documents)
+    for doc, (_, g, inst), script in zip(documents, instances, files.values()):
+        assert doc["apiVersion"] == "apps/v1" and doc["kind"] == "Deployment" and doc["spec"]["replicas"] == 1
+        assert len(doc["metadata"]["name"]) <= 63 and DNS_LABEL.fullmatch(doc["metadata"]["name"])
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert labels == doc["metadata"]["labels"]
+        assert all(len(v) <= 63 and LABEL_VALUE.fullmatch(v) for v in labels.values()), labels
+        assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        pod = doc["spec"]["template"]["spec"]
         assert pod["nodeSelector"] == {"flowc.dev/node": str(inst.gpus[0].node)}
         (container,) = pod["containers"]
-        assert container["resources"]["limits"] == {"nvidia.com/gpu": g.tp * g.pp}
-        assert obj["spec"]["selector"]["matchLabels"].items() <= obj["spec"]["template"]["metadata"]["labels"].items()
-        assert str(g.tp) in container["args"]
+        resource = "amd.com/gpu" if g.vendor == "amd" else "nvidia.com/gpu"
+        assert container["resources"]["limits"] == {resource: g.tp * g.pp}
+        launch = parse_script(script)
+        assert container["command"] == launch.command
+        assert container["args"] == [word for _, words in launch.args for word in words]
         assert "CUDA_VISIBLE_DEVICES" not in {e["name"] for e in container.get("env", [])}
+        assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+        assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+        port = container["ports"][0]["containerPort"]
+        assert container["readinessProbe"] == {"httpGet": {"path": "/health", "port": port}}
+        assert str(port) == flag(container["args"], "--port")
+
+
+@pytest.mark.parametrize("run_name", RUNS)
+@pytest.mark.parametrize("example", GPU_EXAMPLES)
+def test_kubernetes_manifest(plans, example, run_name):
+    target, version, extra = RUNS[run_name]
+    plan = plans[example]
+    documents, files = manifest(plan, target, version, allow_degrade="--allow-degrade" in extra)
+    check_manifest(plan, documents, files)
+    for doc in documents:
+        annotations = doc["metadata"]["annotations"]
+        assert annotations["flowc.dev/plan"].startswith("plan: plan.json (flowc ")
+        tp_flag = "--tp-size" if target == "sglang" else "--tensor-parallel-size"
+        assert f"\n# tensor parallelism: the group's tp\n{tp_flag} " in annotations["flowc.dev/args"]
+
+
+def test_kubernetes_env_is_the_pods(plans):
+    documents, _ = manifest(plans["chat-70b"], "vllm")
+    for doc in documents:
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        host, port = container["env"]
+        assert host == {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+        assert port["name"] == "VLLM_NIXL_SIDE_CHANNEL_PORT" and 5600 <= int(port["value"]) < 5608
 
 
 def test_amd_gpus_are_requested_as_amd_gpus(plans):
@@ -484,3 +565,344 @@ def test_not_a_plan(capsys, tmp_path):
     code, out, _ = run(capsys, "--json", "export", str(PLANS / "tiny-cpu.json"), "--target", "sglang")
     document = json.loads(out)
     assert code == 1 and document["valid"] is False and document["error_count"] == 2
+
+
+# ---------------------------------------------------------------------------------- running the scripts
+
+BASH = shutil.which("bash")
+needs_bash = pytest.mark.skipif(BASH is None, reason="bash is not installed")
+NODE_ADDRESS = "10.0.0.7"  # FLOWC_NODE_ADDRESS in the runs
+# Stands in for `vllm` and `python3`: prints the arguments it was given and the engine's
+# environment as one JSON line. Its own interpreter by absolute path: `python3` is the stub.
+STUB = """#!{python} -S
+import json, os, sys
+env = {{k: v for k, v in os.environ.items() if k == "CUDA_VISIBLE_DEVICES" or k.startswith("VLLM_")}}
+print(json.dumps({{"argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]], "env": env}}))
+"""
+
+
+def run_scripts(files: dict[str, str], tmp_path: Path) -> dict[str, dict]:
+    """Each script checked by `bash -n`, then run by bash with only the stubs on PATH, in an empty
+    folder that it must leave empty: {path: what the stub printed}."""
+    stubs, work, saved = tmp_path / "stubs", tmp_path / "work", tmp_path / "scripts"
+    for folder in (stubs, work, saved):
+        folder.mkdir(exist_ok=True)
+    for name in ("vllm", "python3"):
+        (stubs / name).write_text(STUB.format(python=sys.executable), encoding="utf-8")
+        (stubs / name).chmod(0o755)
+    printed = {}
+    for path, script in files.items():
+        assert re.fullmatch(r"[a-z0-9-]+/[a-z0-9-]+\.sh", path), path
+        file = saved / path.replace("/", "--")
+        file.write_text(script, encoding="utf-8")
+        syntax = subprocess.run([BASH, "-n", str(file)], capture_output=True, text=True)
+        assert syntax.returncode == 0, (path, syntax.stderr)
+        result = subprocess.run([BASH, str(file)], env={"PATH": str(stubs), "FLOWC_NODE_ADDRESS": NODE_ADDRESS},
+                                cwd=work, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (path, result.stderr)
+        (line,) = result.stdout.splitlines()
+        printed[path] = json.loads(line)
+    assert not any(work.iterdir())
+    return printed
+
+
+def check_runs(plan: Plan, files: dict[str, str], printed: dict[str, dict]) -> None:
+    """The engine got the arguments `parse_script` reads in its script, and the environment the
+    plan places it in: its GPUs, and for vLLM's NIXL its node's address and a port of its own."""
+    instances = [(d, inst) for d in plan.deployments for g in d.groups for inst in g.instances]
+    assert len(instances) == len(files) == len(printed)
+    ports = {}
+    for (d, inst), (path, script) in zip(instances, files.items()):
+        launch = parse_script(script)
+        run = printed[path]
+        assert run["argv"] == [*launch.command, *(word for _, words in launch.args for word in words)]
+        env = dict(run["env"])
+        assert env.pop("CUDA_VISIBLE_DEVICES") == ",".join(str(ref.index) for ref in inst.gpus)
+        assert set(env) == {name for name, _ in launch.env} - {"CUDA_VISIBLE_DEVICES"}
+        if env:
+            nodes = {ref.node for g in d.groups for i in g.instances for ref in i.gpus}
+            assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == ("localhost" if len(nodes) == 1 else NODE_ADDRESS)
+            ports.setdefault(inst.gpus[0].node, []).append(int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]))
+    for node_ports in ports.values():
+        assert sorted(node_ports) == list(range(5600, 5600 + len(node_ports)))
+
+
+def _chunk(plan: Plan, **changes) -> Plan:
+    return with_group(plan, scheduler=plan.deployments[0].groups[0].scheduler.model_copy(update=changes))
+
+
+# Every export the tests above make, from the stored plans: (plan, target, version, options).
+EXPORTS = {
+    **{f"{example}-{run_name}": (lambda plans, e=example, r=run_name: (
+        plans[e], RUNS[r][0], RUNS[r][1], {"allow_degrade": "--allow-degrade" in RUNS[r][2]}))
+       for example in GPU_EXAMPLES for run_name in RUNS},
+    "tp1-pp2": lambda plans: (with_group(plans["chat-70b"], tp=1, pp=2), "vllm", None, {}),
+    "tp1-pp2-sglang": lambda plans: (with_group(plans["chat-70b"], tp=1, pp=2), "sglang", None, {}),
+    "chunk-512": lambda plans: (_chunk(plans["moe-h200"], chunk_size=512), "vllm", None, {}),
+    "chunk-512-degraded": lambda plans: (_chunk(plans["moe-h200"], chunk_size=512), "sglang", None,
+                                         {"allow_degrade": True}),
+    "no-chunked-prefill": lambda plans: (_chunk(plans["moe-h200"], chunked_prefill=False), "vllm", "0.8.5", {}),
+    "int4-torchao": lambda plans: (with_weights(plans["shared-cluster"], "int4"), "sglang", None, {}),
+    "int4-degraded": lambda plans: (with_weights(plans["shared-cluster"], "int4"), "vllm", None,
+                                    {"allow_degrade": True}),
+    "kv-int8-degraded": lambda plans: (with_group(plans["shared-cluster"], deployment_fields={"kv": "int8"}),
+                                       "sglang", None, {"allow_degrade": True}),
+    "ep-4": lambda plans: (with_group(plans["moe-h200"], ep=4), "sglang", None, {}),
+    "model-path": lambda plans: (plans["moe-h200"], "vllm", None, {"model_paths": {"*": "/models/deepseek v3"}}),
+}
+
+
+@needs_bash
+@pytest.mark.parametrize("name", EXPORTS)
+def test_every_script_runs_as_parsed(tmp_path, plans, name):
+    plan, target, version, options = EXPORTS[name](plans)
+    documents, files = manifest(plan, target, version, **options)
+    check_runs(plan, files, run_scripts(files, tmp_path))
+    check_manifest(plan, documents, files)
+
+
+# ---------------------------------------------------------------------------------- hostile plans
+
+PAYLOAD = "touch PWNED"
+CONTROLS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\x9b", "\u202e", "\u2066", "\u2069"]
+
+
+def renamed(plan: Plan, name: str, deployment: int = 0) -> Plan:
+    return with_group(plan, deployment, deployment_fields={"name": name})
+
+
+def refusal(plan: Plan, target: str = "vllm", **options) -> list[tuple[str, str]]:
+    with pytest.raises(ExportError) as info:
+        export_plan(plan, target=target, k8s=True, **options)
+    return [(p.message, p.help) for p in info.value.problems]
+
+
+def cli_export(capsys, tmp_path: Path, plan: Plan, *extra: str) -> tuple[int, str, Path]:
+    """`flowc export PLAN --target vllm --k8s -o DIR` on `plan` written as a file: (exit, stderr, DIR)."""
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "hostile.json"
+    path.write_text(plan.model_dump_json(), encoding="utf-8")
+    out_dir = tmp_path / "deep" / "er" / "out"
+    code, _, err = run(capsys, "export", str(path), "--target", "vllm", "--k8s", "-o", str(out_dir), *extra)
+    return code, err, out_dir
+
+
+def written(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_shell_quote_is_the_one_way_in():
+    assert shell_quote("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert shell_quote(8) == "8"
+    assert shell_quote("$(touch PWNED)") == "'$(touch PWNED)'"
+    assert shell_quote("it's") == "'it'\"'\"'s'"
+    for character in CONTROLS:
+        with pytest.raises(TemplateError, match=f"U\\+{ord(character):04X}"):
+            shell_quote(f"a{character}b")
+
+
+@pytest.mark.parametrize("character", CONTROLS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_control_character_in_a_name_is_refused(plans, target, character):
+    code = f"U+{ord(character):04X}"
+    problems = refusal(renamed(plans["moe-h200"], f"x{character}{PAYLOAD}"), target)
+    assert problems == [(f"the plan's deployments[0].name contains a control character ({code}), which a launch "
+                         "script cannot carry safely",
+                         "compile the plan again from its spec (flowc writes no control characters)")]
+    gpu = with_group(plans["moe-h200"], gpu=f"h200{character}{PAYLOAD}")
+    assert refusal(gpu, target)[0][0].startswith(f"the plan's deployments[0].groups[0].gpu contains a control "
+                                                 f"character ({code})")
+
+
+def test_the_command_refuses_a_name_with_a_command_in_it(capsys, tmp_path, plans):
+    """Whichever refuses it, the plan loader or export: exit 1, a diagnostic, nothing written."""
+    for k, plan in enumerate((renamed(plans["moe-h200"], f"x\n{PAYLOAD}"),
+                              with_group(plans["moe-h200"], gpu=f"h200-sxm\n{PAYLOAD}"))):
+        code, err, out_dir = cli_export(capsys, tmp_path / str(k), plan)
+        assert code == 1 and err.startswith("error") and "\n" + PAYLOAD not in err
+        assert written(out_dir) == []
+
+
+def test_a_control_character_in_a_spec_file_name_is_refused_by_export(capsys, tmp_path, plans):
+    """A spec file may have any name a file system allows, so the plan loader keeps it: export refuses it."""
+    plan = plans["moe-h200"].model_copy(update={"spec_files": ["ok.flow", f"x.flow\n{PAYLOAD}"]})
+    message = ("the plan's spec_files[1] contains a control character (U+000A), which a launch script cannot carry "
+               "safely")
+    assert refusal(plan) == [(message, "rename the spec file and compile it again")]
+    code, err, out_dir = cli_export(capsys, tmp_path, plan)
+    assert code == 1 and err == f"error: {message}\n  = help: rename the spec file and compile it again\n"
+    assert written(out_dir) == []
+
+
+def test_a_control_character_in_the_model_path_or_plan_file_name_is_refused(capsys, tmp_path, plans):
+    plan = plans["moe-h200"]
+    assert refusal(plan, model_paths={"*": f"/m\n{PAYLOAD}"}) == [(
+        "`--model-path PATH` contains a control character (U+000A), which a launch script cannot carry safely",
+        "give the checkpoint's path without control characters")]
+    assert refusal(plan, model_paths={"deepseek-v3": "/m\u202e"})[0][0].startswith(
+        "`--model-path deepseek-v3=PATH` contains a control character (U+202E)")
+    assert refusal(plan, plan_name=f"p\n{PAYLOAD}.json") == [(
+        "the plan file's name contains a control character (U+000A), which a launch script cannot carry safely",
+        "rename the plan file")]
+    code, err, out_dir = cli_export(capsys, tmp_path, plan, "--model-path", f"/m\n{PAYLOAD}")
+    assert code == 1 and "error: `--model-path PATH` contains a control character (U+000A)" in err
+    assert written(out_dir) == []
+
+
+def test_every_text_of_a_plan_is_checked(plans):
+    """A newline in any text of the plan refuses the export with the text's place, whichever text
+    it is: never an internal error, never a file."""
+    plan = plans["code-assistant-8b"]
+    data = plan.model_dump()
+
+    def places(node, path=()):
+        if isinstance(node, str):
+            yield path
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            yield from places(value, (*path, key))
+
+    checked = 0
+    for path in places(data):
+        changed = json.loads(json.dumps(data))
+        parent = changed
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] += "\n"
+        try:
+            hostile = Plan.model_validate(changed)
+        except ValueError:  # a text the schema restricts (a role, a mode)
+            continue
+        shown = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+        for target in TARGETS:
+            problems = refusal(hostile, target, allow_degrade=True)
+            assert [m for m, _ in problems] == [f"the plan's {shown} contains a control character (U+000A), "
+                                                "which a launch script cannot carry safely"]
+        checked += 1
+    assert checked > 20
+    g = plan.deployments[0].groups[0]
+    keyed = with_group(plan, memory=g.memory.model_copy(update={"arena_offsets": {"x\x1b[2J": 0}}))
+    assert refusal(keyed)[0][0] == ("the plan's deployments[0].groups[0].memory.arena_offsets.x\\x1b[2J contains a "
+                                    "control character (U+001B), which a launch script cannot carry safely")
+
+
+@pytest.mark.parametrize("hostile", ["$(touch PWNED)", "`touch PWNED`", "it's; touch PWNED", "a b\"c\\d"])
+@needs_bash
+def test_shell_syntax_in_values_stays_text(tmp_path, plans, hostile):
+    """In the model path (a command's word) and a spec file's name (a comment): quoted, run as the
+    literal text, nothing executed."""
+    plan = plans["code-assistant-8b"].model_copy(update={"spec_files": [f"{hostile}.flow"]})
+    for target in TARGETS:
+        documents, files = manifest(plan, target, model_paths={"*": hostile})
+        printed = run_scripts(files, tmp_path)
+        check_runs(plan, files, printed)
+        check_manifest(plan, documents, files)
+        for run_ in printed.values():
+            assert run_["argv"][2 if target == "vllm" else 4] == hostile
+        for script in files.values():
+            assert f", from {shlex.quote(hostile + '.flow')})\n" in script
+            assert f"# the model: {shlex.quote(hostile)} (--model-path)" in script
+        assert all(doc["spec"]["template"]["spec"]["containers"][0]["args"][1] == hostile for doc in documents)
+    assert not (tmp_path / "work" / "PWNED").exists() and not Path("PWNED").exists()
+
+
+def test_a_model_path_that_reads_as_a_flag_is_refused(plans):
+    ((message, help),) = refusal(plans["moe-h200"], model_paths={"*": "--trust-remote-code"})
+    assert message == "the --model-path of model `deepseek-v3` starts with `-`: the engine would read it as a flag"
+    assert help == "write a relative path with `./` in front"
+
+
+@pytest.mark.parametrize("name", ["../../../tmp/x", "/tmp/abs", "..", "/", "a/../../b"])
+def test_deployment_names_cannot_leave_the_output_folder(capsys, tmp_path, plans, name):
+    plan = renamed(plans["shared-cluster"], name)
+    out_dir = tmp_path / "1" / "2" / "3" / "out"
+    files = export_plan(plan, target="vllm", k8s=True).files
+    slug = {"..": "deployment", "/": "deployment"}.get(name, re.sub(r"[^a-z0-9]+", "-", name).strip("-"))
+    assert [path for path, _ in files] == [f"{slug}/g0-colocated-0.sh", f"{slug}/g0-colocated-1.sh",
+                                           "large/g0-colocated-0.sh", "large/g0-colocated-1.sh",
+                                           "large/g0-colocated-2.sh", "kubernetes.yaml"]
+    assert export_cmd._write(files, out_dir) is None
+    assert written(tmp_path) == sorted(f"1/2/3/out/{path}" for path, _ in files)
+    # the command: the plan loader refuses such a name, or export writes the same slugs
+    code, err, cli_dir = cli_export(capsys, tmp_path / "cli", plan)
+    assert (code, written(cli_dir)) in ((1, []), (0, sorted(path for path, _ in files))), err
+    assert written(tmp_path / "cli") == sorted(f"deep/er/out/{p}" for p in written(cli_dir)) + ["hostile.json"]
+
+
+def test_deployments_whose_slugs_meet_get_distinct_files(plans):
+    plan = plans["shared-cluster"]
+    for names, slugs in ((["small", "small"], ["small", "small-2"]), (["A.b", "a_b"], ["a-b", "a-b-2"]),
+                         (["x", "x-2"], ["x", "x-2"]), (["x-2", "X"], ["x-2", "x"])):
+        hostile = renamed(renamed(plan, names[0], 0), names[1], 1)
+        documents, files = manifest(hostile, "vllm")
+        assert sorted({path.split("/")[0] for path in files}) == sorted(slugs)
+        check_manifest(hostile, documents, files)
+        # each keeps its own deployment's settings, although the names may be equal
+        served = {path.split("/")[0]: flag(launch(s)[2], "--served-model-name") for path, s in files.items()}
+        assert served == {slugs[0]: "qwen2.5-7b", slugs[1]: "qwen2.5-72b"}
+
+
+def test_a_long_name_gives_valid_kubernetes_names(plans):
+    plan = renamed(plans["shared-cluster"], "Very_Long." * 30 + "-")
+    documents, files = manifest(plan, "sglang")
+    check_manifest(plan, documents, files)
+    assert documents[0]["metadata"]["name"] == "very-long-very-long-very-long-g0-colocated-0"
+
+
+@pytest.mark.parametrize("separator", ["\n", "\r\n", "\x85"])
+def test_yaml_documents_in_a_name_are_refused(capsys, tmp_path, plans, separator):
+    name = separator.join(["x", "---", "apiVersion: v1", "kind: Pod", "spec:", "  hostPID: true"])
+    assert refusal(renamed(plans["code-assistant-8b"], name))[0][0].startswith(
+        "the plan's deployments[0].name contains a control character")
+    code, err, out_dir = cli_export(capsys, tmp_path, renamed(plans["code-assistant-8b"], name))
+    assert code == 1 and err.startswith("error") and written(out_dir) == []
+
+
+@pytest.mark.parametrize("name", ["x\u2028---\u2028kind: Pod\u2028hostPID: true", "x: y", "'--- {kind: Pod}",
+                                  "x # kind: Pod", "true", "0"])
+def test_yaml_syntax_in_a_name_stays_a_value(plans, name):
+    """No control character, so the export goes on: the name is data, one Deployment per instance."""
+    plan = renamed(plans["code-assistant-8b"], name)
+    documents, files = manifest(plan, "vllm")
+    check_manifest(plan, documents, files)
+    assert [doc["kind"] for doc in documents] == ["Deployment"] * 3
+
+    def keys(node):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            yield key
+            yield from keys(value)
+
+    assert "hostPID" not in set(keys(documents))
+    plan_notes = documents[0]["metadata"]["annotations"]["flowc.dev/plan"].split("\n")
+    assert plan_notes[1].startswith(f"deployment `{shell_quote(name)}`: model llama-3.1-8b")
+
+
+def test_a_symbolic_link_out_of_the_output_folder_is_refused(capsys, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for link, target in (("chatbot", outside), ("kubernetes.yaml", outside / "k.yaml")):
+        out_dir = tmp_path / f"out-{link}"
+        out_dir.mkdir()
+        (out_dir / link).symlink_to(target)
+        code, out, err = run(capsys, "export", str(PLANS / "chat-70b.json"), "--target", "vllm", "--k8s",
+                             "-o", str(out_dir))
+        assert code == 2 and out == ""
+        assert f"outside `{out_dir}`; nothing was written\n" in err
+        assert f"= help: remove the symbolic link under `{out_dir}` that leads out of it, or give another -o DIR" in err
+        assert written(outside) == [] and written(out_dir) == []
+    # a link that stays inside is followed
+    out_dir = tmp_path / "out-inside"
+    (out_dir / "real").mkdir(parents=True)
+    (out_dir / "chatbot").symlink_to(out_dir / "real")
+    code, _, _ = run(capsys, "export", str(PLANS / "chat-70b.json"), "--target", "vllm", "-o", str(out_dir))
+    assert code == 0 and "g0-prefill-0.sh" in written(out_dir / "real")
+
+
+def test_a_loop_of_links_is_a_usage_error(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "chatbot").symlink_to(out_dir / "loop")
+    (out_dir / "loop").symlink_to(out_dir / "chatbot")
+    code, _, err = run(capsys, "export", str(PLANS / "chat-70b.json"), "--target", "vllm", "-o", str(out_dir))
+    assert code == 2 and err.startswith(f"error: cannot write under `{out_dir}`")
