@@ -46,7 +46,7 @@ class GPU(IR):
     interconnect: str = Field(description="link between GPUs of a node")
     host_link: str = Field(description="link to host memory")
     price: Optional[float] = Field(None, description="usd per GPU-hour")
-    overheads: dict[Literal["step", "layer", "sequence", "token", "layer_token", "wake"], float] = Field(
+    overheads: dict[Literal["step", "layer", "sequence", "token", "layer_token", "wake", "request"], float] = Field(
         default_factory=dict, description="seconds the engine spends per iteration beyond what the kernels take at "
         "the device's peaks: once per step, per layer, per sequence and per token of the step, and per token in "
         "each layer; `wake`: extra seconds of the first iteration after the engine idled (measured by "
@@ -196,6 +196,9 @@ MAX_REQUESTS = 10**7
 # A name of a spec object: the grammar's WORD (grammar/flow.lark; a test pins the two together).
 NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(?:[-.][A-Za-z0-9_]+)*"
 
+# The engines a prediction is for (model/engines.py holds their profiles).
+ENGINES = ("vllm", "sglang", "trtllm", "flowc")
+
 SEARCH_KNOBS = ("tp", "pp", "ep", "replicas", "max_batched_tokens", "chunk_size", "block_size", "max_seqs")
 
 
@@ -210,6 +213,8 @@ class Deployment(IR):
     max_gpus: Optional[int] = None
     allow_disaggregation: bool = False
     allow_offload: bool = False
+    engine: Optional[str] = Field(None, description="the engine predicted for (spec.ENGINES); None: the standard "
+                                  "library's default (model/engines.default_engine)")
     doc: Optional[str] = None
     location: Optional[Location] = None
 

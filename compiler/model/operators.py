@@ -13,9 +13,11 @@ The functional forms (identical in tools/calibrate.py, which fits them with nump
 
     GEMM       t = t0 + comb(F / (P ec s(m) s(n) s(k) s(F)),  B / (W em s(B) s'(n)); p)
                F = 2mnk, B = m k a + n k w + 2 m n  (a, w: activation and weight bytes)
-    prefill    t = t0 + cseq nseq + comb(F / (P ec (d/256)^g s(F) s(hQ) s(pairs/Q)), B / (W em); p)
+    prefill    t = t0 + cseq nseq kv^ck + comb(F / (P ec (d/256)^g s(F) s(hQ) s(pairs/Q) s(h/kv)), B / (W em); p)
                F = 2 h (dqk + dv) (pairs + Q tile / 2)   (tile: the causal diagonal's padding)
                B = Q (2 h (dqk + dv) + kv (dqk + dv) kvb),  nseq = max(1, Q^2 / (2 pairs))
+               (s(h/kv): efficiency grows with the query heads sharing a KV head; kv^ck: the
+               per-sequence cost grows with the KV heads; both absent from older fits)
     decode     t = t0 + cseq u + comb(F / (P ec), B / (W em s(B) s(u)); p),  u = seqs x kv heads
                F = 4 h d K, B = 2 kv d kvb K + 4 h d seqs  (K: keys read, all sequences)
     collective t = t0 + S_bus / (eff BW) (1 + (S0 / S_bus)^c), S_bus = bytes x 2(n-1)/n (all-reduce)
@@ -27,11 +29,20 @@ The functional forms (identical in tools/calibrate.py, which fits them with nump
                (gpu `overhead`: engine time beyond the kernels at the device's peaks, measured by
                `flowc calibrate`; zero when not declared);
                `overhead wake` is not per step: the simulator adds it to the first iteration
-               after an instance idled (`CostModel.wake_time`); both are applied by model/cost.py
+               after an instance idled (`CostModel.wake_time`); `overhead request` is time a
+               request spends outside the engine loop, added to its first token and its end
+               (`CostModel.request_time`); all are applied by model/cost.py
 
 P is the GPU's dense peak for the compute dtype, W its HBM bandwidth, BW the link's bandwidth
 per direction. GPUs without fitted data borrow the curves of the closest calibrated GPU
 (`FALLBACK`) as efficiencies relative to their own peaks, and `CostModel.calibrated` is False.
+
+Kernel sets. The GEMM and attention fits are of one engine's kernels: a GPU's top-level fits
+are the default set (vLLM's, `DEFAULT_KERNELS`); `gpus[g]["engines"][name]` holds another
+engine's fits of some families where its kernel tables were measured (TensorRT-LLM on H100).
+`operators(gpu, kernels)` takes family f from `engines[kernels][f]` when it exists, else the
+default set's f, and `Operators.kernels` records which set each family came from (also in
+`calibration_source`). Collectives, elementwise kernels and transfers are engine-independent.
 
 Importing this module is cheap (no numpy); the calibration file is read on first use.
 """
@@ -45,6 +56,7 @@ from functools import lru_cache
 from typing import Optional
 
 from flowc.compiler import spec
+from flowc.compiler.model.engines import ENGINES, engine_profile
 from flowc.compiler.model.geometry import ACTIVATION_BYTES
 from flowc.compiler.spec import DTYPE_BYTES
 
@@ -74,6 +86,9 @@ GENERIC_COLLECTIVE = {"t0": 2e-5, "eff": 0.6, "S0": 1.0, "c": 1.0}
 HOST_TRANSFER_EFFICIENCY = 0.8  # pinned-memory copies over PCIe: an assumption, no data here
 ELEMENTWISE_OPS = ("norm", "rope", "act", "add", "emb")
 COLLECTIVE_OPS = ("allreduce", "allgather", "reducescatter", "alltoall")
+# Families fitted per engine (kernel set), and the set of the top-level fits.
+KERNEL_FAMILIES = ("gemm", "attention_prefill", "attention_decode")
+DEFAULT_KERNELS = "vllm"
 
 
 # ------------------------------------------------------------------------------------- curves
@@ -114,10 +129,11 @@ def prefill_body(c: dict, q: float, pairs: float, heads: float, kv_heads: float,
     d = d_qk + d_v
     flops = 2.0 * heads * d * (pairs + q * c["tile"] / 2.0)
     nbytes = q * (2.0 * heads * d + kv_heads * d * kv_bytes)
+    kv = max(kv_heads, 1.0)
     eff = c["ec"] * (d / 256.0) ** c["g"] * _s(flops, c["F0"], c["aF"]) * _s(heads * q, c["h0"], c["ah"]) \
-        * _s(pairs / q, c["k0"], c["ak"])
+        * _s(pairs / q, c["k0"], c["ak"]) * _s(heads / kv, c.get("r0", 0.0), c.get("ar", 1.0))
     nseq = max(1.0, q * q / (2.0 * pairs))
-    return c["cseq"] * nseq + _comb(flops / (peak * eff), nbytes / (bw * c["em"]), c["p"])
+    return c["cseq"] * nseq * kv ** c.get("ck", 0.0) + _comb(flops / (peak * eff), nbytes / (bw * c["em"]), c["p"])
 
 
 def decode_body(c: dict, units: float, flops: float, nbytes: float, peak: float, bw: float) -> float:
@@ -174,12 +190,17 @@ class GemmMode:
 
 class Operators:
     """Operator times on one GPU. Efficiencies come from the GPU's own fits, or the closest
-    calibrated GPU's (`FALLBACK`), or generic defaults; `calibrated` says which."""
+    calibrated GPU's (`FALLBACK`), or generic defaults; `calibrated` says which. `kernels` names
+    the kernel set (engine) whose GEMM and attention fits to use where the GPU has them;
+    `self.kernels` maps each of KERNEL_FAMILIES to the set actually used. `data`: a calibration
+    document to use instead of stdlib/calibration.json (tools/calibrate.py checks fresh fits)."""
 
-    def __init__(self, gpu: spec.GPU):
+    def __init__(self, gpu: spec.GPU, kernels: str = DEFAULT_KERNELS, data: Optional[dict] = None):
         self.gpu = gpu
         self.bw = gpu.memory_bandwidth
-        cal = calibration().get("gpus", {})
+        self._cal = calibration() if data is None else data
+        self.requested_kernels = kernels
+        cal = self._cal.get("gpus", {})
         own = cal.get(gpu.name)
         self.calibrated = own is not None and bool(own.get("gemm"))
         if own is None:
@@ -193,29 +214,48 @@ class Operators:
             self.base_name = borrowed if borrowed in cal else None
         else:
             self.base_name = gpu.name
-        self.fits = cal.get(self.base_name, {}) if self.base_name else {}
+        base = cal.get(self.base_name, {}) if self.base_name else {}
+        default = base.get("kernels", DEFAULT_KERNELS)
+        engine = base.get("engines", {}).get(kernels, {}) if kernels != default else {}
+        self.fits = {**base, **{f: engine[f] for f in KERNEL_FAMILIES if engine.get(f)}}
+        # which kernel set each family's fits are of (the default set where `kernels` has none)
+        self.kernels = {f: (kernels if engine.get(f) else default) for f in KERNEL_FAMILIES}
         self._all = cal
         self.calibration_source = self._describe()
 
     # -- bookkeeping
+    def kernels_text(self) -> str:
+        """Which engine's kernels the GEMM and attention fits are of, e.g. "TensorRT-LLM kernels"
+        or "vLLM kernels (no trtllm kernel fits for l40s)"."""
+        used = dict.fromkeys(self.kernels.values())
+        label = {k: engine_profile(k).label if k in ENGINES else k for k in used}
+        if len(used) == 1:
+            (only,) = used
+            text = f"{label[only]} kernels"
+            if only != self.requested_kernels:
+                text += f" (no {self.requested_kernels} kernel fits for {self.base_name})"
+            return text
+        return ", ".join(f"{label[k]} kernels for " + " and ".join(f for f in KERNEL_FAMILIES if self.kernels[f] == k)
+                         for k in used)
+
     def _describe(self) -> str:
         if not self.fits:
             return f"{self.gpu.name}: uncalibrated, generic roofline efficiencies (no calibration data)"
-        sources = calibration().get("sources", {})
+        sources = self._cal.get("sources", {})
 
         def name(source_id: str) -> str:
             s = sources.get(source_id, {})
             return f"{s.get('project', source_id)} {s.get('software', '')}".strip()
 
-        used = dict.fromkeys(name(f["source"]) for fam in ("gemm", "attention_prefill", "attention_decode")
-                             for f in self.fits.get(fam, {}).values())
+        used = dict.fromkeys(name(f["source"]) for fam in KERNEL_FAMILIES for f in self.fits.get(fam, {}).values())
         text = ", ".join(used)
+        kernels = self.kernels_text()
         if self.base_name != self.gpu.name:
-            return (f"{self.gpu.name}: uncalibrated, efficiency curves borrowed from {self.base_name} ({text}) "
-                    "applied to its own peaks")
+            return (f"{self.gpu.name}: uncalibrated, efficiency curves borrowed from {self.base_name} ({text}; "
+                    f"{kernels}) applied to its own peaks")
         borrowed = self.fits.get("borrowed", {})
         extra = "".join(f"; {fam} from {src}" for fam, src in sorted(borrowed.items()))
-        return f"{self.gpu.name}: calibrated on {text}{extra}"
+        return f"{self.gpu.name}: calibrated on {text}; {kernels}{extra}"
 
     def _peak(self, dtype: str) -> float:
         flops = self.gpu.flops
@@ -394,13 +434,15 @@ class Operators:
 
 
 @lru_cache(maxsize=64)
-def _operators_cached(gpu_json: str) -> Operators:
-    return Operators(spec.GPU.model_validate_json(gpu_json))
+def _operators_cached(gpu_json: str, kernels: str) -> Operators:
+    return Operators(spec.GPU.model_validate_json(gpu_json), kernels)
 
 
-def operators(gpu: spec.GPU) -> Operators:
-    """Operators of a GPU, shared between cost models of the same GPU."""
-    return _operators_cached(gpu.model_dump_json())
+def operators(gpu: spec.GPU, kernels: str = DEFAULT_KERNELS) -> Operators:
+    """Operators of a GPU with the GEMM and attention kernels of the set `kernels` where the
+    GPU has fits of them (else the default, vLLM's), shared between cost models of the same
+    GPU and kernel set."""
+    return _operators_cached(gpu.model_dump_json(), kernels)
 
 
 def causal_pairs(new: int, past: int, window: Optional[int] = None) -> int:
