@@ -16,14 +16,16 @@ from typing import Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flowc.compiler.spec import Model
+from flowc.compiler.spec import ENGINES, Model
 
 # 1.1: Predicted.requests, Scheduler.chunked_prefill; 1.2: MemoryMap.offload_step_s;
 # 1.3: DeploymentPlan.model_spec, InstanceGroup.vendor; 1.4: MemoryMap.arena_sizes;
 # 1.5: Predicted.makespan_s (offline batches), the objective max_throughput, DeploymentPlan.baselines;
 # compile_s and solver.wall_s are no longer set (a plan is the same on every compile; the CLI times it);
-# 1.6: Plan.clusters (the node groups of each cluster: GPU references are checked without the spec)
-FORMAT_VERSION = "1.6"
+# 1.6: Plan.clusters (the node groups of each cluster: GPU references are checked without the spec);
+# 1.7: DeploymentPlan.engine (the engine the predictions are for), Predicted.interval and
+# Predicted.meets_slo_pessimistic (prediction intervals)
+FORMAT_VERSION = "1.7"
 # The minor version that added each field a reader may require (the comment above says what each added).
 ADDED_IN = {"model_spec": 3, "arena_sizes": 4, "clusters": 6}
 SUPPORTED_MAJOR = int(FORMAT_VERSION.split(".")[0])
@@ -160,6 +162,12 @@ class Predicted(PlanModel):
                                     "None: the workload's default count")
     makespan_s: Optional[float] = Field(None, description="a batch: seconds from its start to its last request's "
                                         "end (1.5)")
+    interval: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="metric (ttft, tpot, e2e, throughput) -> (low, high): the nominal 80% "
+        "prediction interval of its figures as factors of them (model/intervals.py; 1.7)")
+    meets_slo_pessimistic: Optional[bool] = Field(
+        None, description="whether the SLO holds with every latency at the slow end of its interval (1.7); "
+        "meets_slo without it: only at the optimistic end")
 
 
 class Alternative(PlanModel):
@@ -190,11 +198,19 @@ class DeploymentPlan(PlanModel):
                                         "what the runtime builds (1.3)")
     mode: Literal["colocated", "disaggregated"]
     objective: str
+    engine: str = Field("vllm", description="the engine the predictions are for (1.7; older plans: vLLM's kernels)")
     groups: list[InstanceGroup]
     predicted: Predicted
     alternatives: list[Alternative] = Field(default_factory=list)
     baselines: list[Baseline] = Field(default_factory=list, description="what the plan was compared with (1.5)")
     binding: list[str] = Field(default_factory=list, description="constraints that limit the plan")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in ENGINES:
+            raise ValueError(f"unknown engine `{value}` (flowc predicts for {', '.join(ENGINES)})")
+        return value
 
     @property
     def gpus(self) -> int:

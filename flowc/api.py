@@ -72,15 +72,17 @@ def estimate(model: str | Model, gpu: str | GPU, *, tp: int = 1, pp: int = 1, ep
              input_len: int, output_len: int, batch: Optional[int] = None, rate: Optional[float] = None,
              disaggregated: Optional[tuple[int, int]] = None, max_batched_tokens: Optional[int] = None,
              max_seqs: Optional[int] = None, block_size: Optional[int] = None, link: Optional[Link] = None,
-             link_domain: Optional[int] = None, seed: int = 0):
+             link_domain: Optional[int] = None, seed: int = 0, engine: Optional[str] = None):
     """Predict one configuration (no search): a standard library model and GPU by name (or spec
     objects), weights in `dtype` and KV in `kv_dtype` (default: the model's own). With `batch`
     a closed loop at that concurrency, with `rate` Poisson arrivals, with neither offline
     throughput; `replicas` colocated instances (default 1) or `disaggregated=(prefill, decode)`
     instances. Scheduler settings left out take the engine defaults (`plan.Scheduler`); `link`
     joins an instance's GPUs (default: the GPU's own interconnect), `link_domain` of them at
-    most (default: an 8-GPU board). Raises FlowError for an unknown name, an argument out of
-    range, a parallelism the model cannot take or a configuration that does not fit."""
+    most (default: an 8-GPU board). `engine` (vllm, sglang, trtllm or flowc; default: the
+    standard library's, vllm) picks the kernels and the engine overheads predicted. Raises
+    FlowError for an unknown name, an argument out of range, a parallelism the model cannot
+    take or a configuration that does not fit."""
     from flowc.compiler.frontend.library import stdlib_spec
     from flowc.compiler.model.estimate import DEFAULT_LINK_DOMAIN
     from flowc.compiler.model.estimate import estimate as estimate_config
@@ -101,7 +103,7 @@ def estimate(model: str | Model, gpu: str | GPU, *, tp: int = 1, pp: int = 1, ep
     return estimate_config(m, g, link or stdlib.links[g.interconnect], tp=tp, pp=pp, ep=ep, replicas=replicas,
                            link_domain=DEFAULT_LINK_DOMAIN if link_domain is None else link_domain,
                            input_len=input_len, output_len=output_len, batch=batch, rate=rate,
-                           disaggregated=disaggregated, scheduler=scheduler, seed=seed)
+                           disaggregated=disaggregated, scheduler=scheduler, seed=seed, engine=engine)
 
 
 def _stdlib_object(name_or_object, table: dict, kind: str):

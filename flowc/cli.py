@@ -36,6 +36,8 @@ def _allow_outside(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from flowc.compiler.spec import ENGINES
+
     # The global flags are accepted before and after the command; on the commands they default
     # to SUPPRESS so that `flowc --json check` is not undone by the command's own default.
     common = argparse.ArgumentParser(add_help=False)
@@ -69,6 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="GPUs one fast link joins, the most tp may take (default 8: one board)")
     estimate.add_argument("--dtype", default=None, help="weight dtype (bf16, fp8, int4, ...; default: the model's)")
     estimate.add_argument("--kv-dtype", default=None, help="KV-cache dtype (default: the model's)")
+    estimate.add_argument("--engine", choices=ENGINES, help="the engine predicted for (default: vllm)")
     estimate.add_argument("--input-len", type=int, required=True, metavar="TOKENS")
     estimate.add_argument("--output-len", type=int, required=True, metavar="TOKENS")
     load = estimate.add_mutually_exclusive_group()
@@ -253,7 +256,8 @@ def _cmd_estimate(args, out: _Output) -> int:
         result = estimate(args.model, args.gpu, tp=args.tp, pp=args.pp, ep=args.ep, replicas=args.replicas,
                           link_domain=args.link_domain, dtype=args.dtype, kv_dtype=args.kv_dtype,
                           input_len=args.input_len, output_len=args.output_len, batch=args.batch, rate=args.rate,
-                          disaggregated=tuple(args.disaggregated) if args.disaggregated else None)
+                          disaggregated=tuple(args.disaggregated) if args.disaggregated else None,
+                          engine=args.engine)
     except FlowError as error:
         out.diagnostics(error.diagnostics, error.sources)
         return EXIT_INVALID

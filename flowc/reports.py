@@ -5,10 +5,19 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from flowc.compiler.model.engines import engine_profile
 from flowc.compiler.model.estimate import Estimate, LatencyStats
 from flowc.compiler.model.serving import DeploymentReport
 from flowc.compiler.model.workload import base_rate
-from flowc.compiler.render.text import gpu_ranges, group_shape_text, memory_text, scheduler_text, shape_text
+from flowc.compiler.render.text import (
+    gpu_ranges,
+    group_shape_text,
+    memory_text,
+    range_text,
+    scheduler_text,
+    shape_text,
+    slo_verdict,
+)
 from flowc.compiler.units import format_duration, format_gib, format_rps
 from flowc.console import make_console
 
@@ -32,12 +41,18 @@ def print_estimate(e: Estimate, console: Console | None = None) -> None:
     shape = shape_text(e.tp, e.pp, e.ep)
     layout = (f"{e.disaggregated[0]} prefill + {e.disaggregated[1]} decode instances" if e.disaggregated
               else f"{e.replicas} replica{'s' if e.replicas > 1 else ''}")
-    console.print(f"[bold]{e.model}[/] on {e.gpus} x {e.gpu}: {shape}, {layout}; "
+    console.print(f"[bold]{e.model}[/] on {e.gpus} x {e.gpu} ({engine_profile(e.engine).label}): {shape}, {layout}; "
                   f"{e.input_len} tokens in, {e.output_len} out ({e.mode.replace('_', ' ')}, "
                   f"{e.requests_simulated} requests simulated)")
     console.print(_latency_table(e.ttft_ms, e.tpot_ms, e.e2e_ms))
     console.print(f"throughput: {e.output_tokens_per_s:,.0f} output tok/s "
                   f"({e.output_tokens_per_s_per_gpu:,.0f} per GPU), {e.requests_per_s:,.2f} req/s")
+    ranges = [f"TTFT p50 {e.ttft_ms.p50:,.1f} ms{range_text(e.ttft_ms.p50, 'ttft', e.interval, 1)}",
+              f"TPOT p50 {e.tpot_ms.p50:,.1f} ms{range_text(e.tpot_ms.p50, 'tpot', e.interval, 1)}",
+              f"throughput{range_text(e.output_tokens_per_s, 'throughput', e.interval)} tok/s"]
+    if any("[" in text for text in ranges):
+        console.print("80% prediction interval (from published serving runs; docs/predictions.md): "
+                      + ", ".join(ranges))
     console.print(f"KV cache: {e.kv_capacity_tokens:,} tokens per instance, up to {e.max_concurrent_seqs} "
                   f"sequences at once; preemptions: {e.preemptions}")
     memory = ", ".join(f"{name} {format_gib(value, 1)}" for name, value in e.memory_per_gpu.items())
@@ -69,11 +84,14 @@ def print_simulation(reports: dict[str, DeploymentReport], console: Console | No
 
 
 def _target_text(target, predicted) -> str:
-    """`TTFT p90 212 ms (SLO 500)` when the plan predicts that percentile, else the limit."""
+    """`TTFT p90 212 ms [170-260] (SLO 500)` when the plan predicts that percentile (with its 80%
+    prediction interval), else the limit."""
     stats = getattr(predicted, f"{target.metric}_ms").model_dump()
     key = f"p{target.percentile:g}" if target.percentile is not None else None
     if key in stats:
-        return f"{target.metric.upper()} {key} {stats[key]:,.0f} ms (SLO {target.limit * 1e3:,.0f})"
+        value = stats[key]
+        return (f"{target.metric.upper()} {key} {value:,.0f} ms{range_text(value, target.metric, predicted.interval)} "
+                f"(SLO {target.limit * 1e3:,.0f})")
     return f"{target.metric.upper()} limit {target.limit * 1e3:,.0f} ms"
 
 
@@ -102,7 +120,8 @@ def print_plan(plan, spec, *, explain: bool = False, console: Console | None = N
             console.print(f"      memory per GPU: {memory_text(g.memory)}")
         p = d.predicted
         limits = ", ".join(_target_text(t, p) for t in slo.targets)
-        verdict = "[green]meets the SLO[/]" if p.meets_slo else "[red]misses the SLO[/]"
+        text, color = slo_verdict(p)
+        verdict = f"[{color}]{text}[/]"
         if p.makespan_s is not None:  # an offline batch: how long the job takes
             console.print(f"  predicted for a batch of {p.requests:,} requests: all done in "
                           f"{format_duration(p.makespan_s)}; {limits}; {verdict} (attainment {p.attainment:.1%})")
@@ -112,7 +131,8 @@ def print_plan(plan, spec, *, explain: bool = False, console: Console | None = N
             console.print(f"  predicted at {format_rps(base_rate(workload))}: {limits}; {verdict} "
                           f"(attainment {p.attainment:.1%})")
             console.print(f"  goodput {p.goodput_rps:,.2f} req/s ({p.goodput_rps_per_gpu:,.3f} per GPU), "
-                          f"{p.output_tokens_per_s:,.0f} output tok/s")
+                          f"{p.output_tokens_per_s:,.0f}{range_text(p.output_tokens_per_s, 'throughput', p.interval)} "
+                          "output tok/s")
         for b in d.baselines:  # measured as the plan is: the plan is never worse in its objective
             verdict = "sustains the load" if b.sustains_load else "[red]misses the load[/]"
             console.print(f"  = {b.name} baseline, {b.summary} ({_count(b.gpus, 'GPU')}): goodput "

@@ -42,7 +42,8 @@ def test_batch_one_tpot_is_the_cost_models_decode_step(std):
     steps = [cost.step_time(1, 0, 1, 512 + i + 1) for i in range(1, 64)]
     assert e.tpot_ms.mean == pytest.approx(sum(steps) / len(steps) * 1e3, rel=0.02)
     prefill = cost.step_time(512, 512 * 513 // 2, 0, 0)
-    assert e.ttft_ms.p50 == pytest.approx(prefill * 1e3, rel=0.05)
+    # the first token also waits for the engine's time outside its loop (model/engines.py)
+    assert e.ttft_ms.p50 == pytest.approx((prefill + cost.request_time) * 1e3, rel=0.05)
 
 
 def test_more_load_means_more_latency_and_offline_means_most_throughput():

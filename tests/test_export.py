@@ -34,13 +34,13 @@ from flowc import export_cmd
 from flowc.compiler.model import memory
 from flowc.compiler.model.geometry import weight_bytes_per_rank
 from flowc.compiler.plan import GpuRef, Plan
+from flowc.compiler.render import export as export_module
 from flowc.compiler.render.export import (
     TARGETS,
     ExportError,
     TemplateError,
     UnknownVersion,
     check_script,
-    export_plan,
     hf_repos,
     known_versions,
     load_engine,
@@ -55,9 +55,9 @@ UPDATE = os.environ.get("FLOWC_UPDATE_GOLDEN") == "1"
 EXAMPLES = ("chat-70b", "code-assistant-8b", "moe-h200", "shared-cluster", "tiny-cpu")
 GPU_EXAMPLES = EXAMPLES[:-1]
 # (target, version, extra flags) of each golden: both vLLM versions (0.8.5 degraded: it has no
-# connector for the disaggregated plans) and SGLang.
+# connector for the disaggregated plans) and SGLang (degraded: the plans were compiled for vLLM).
 RUNS = {"vllm": ("vllm", None, ()), "vllm-0.8.5": ("vllm", "0.8.5", ("--allow-degrade",)),
-        "sglang": ("sglang", None, ())}
+        "sglang": ("sglang", None, ("--allow-degrade",))}
 ENGINE_VERSIONS = [(t, v) for t in TARGETS for v in known_versions(t)]
 
 
@@ -86,6 +86,19 @@ def plans() -> dict[str, Plan]:
 def _no_color_env(monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.delenv("FLOWC_DEBUG", raising=False)
+
+
+def planned_for(plan: Plan, engine: str) -> Plan:
+    """`plan` with every deployment's predictions said to be for `engine`: the stored plans were
+    compiled for vLLM (the default engine), and an export to another engine is refused unless the
+    plan was made for it (test_a_plan_for_another_engine_is_refused_or_degraded)."""
+    return plan.model_copy(update={"deployments": [d.model_copy(update={"engine": engine})
+                                                   for d in plan.deployments]})
+
+
+def export_plan(plan: Plan, target: str, **options):
+    """export.export_plan of `plan` as compiled for `target`'s engine."""
+    return export_module.export_plan(planned_for(plan, target), target=target, **options)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -396,6 +409,22 @@ def test_a_block_size_vllm_lacks_is_refused_not_an_internal_error(plans):
     assert flag(launch(script)[2], "--page-size") == "7"
 
 
+def test_a_plan_for_another_engine_is_refused_or_degraded(plans):
+    plan = plans["shared-cluster"]  # compiled for vLLM, the default engine
+    assert {d.engine for d in plan.deployments} == {"vllm"}
+    assert export_module.export_plan(plan, target="vllm").files
+    with pytest.raises(ExportError) as info:
+        export_module.export_plan(plan, target="sglang")
+    problem = info.value.problems[0]
+    assert "was planned for vLLM: its predictions come from vLLM's kernels and overheads, not SGLang" in problem.message
+    assert problem.help.startswith("write `engine sglang` in deployment")
+    files = export_module.export_plan(plan, target="sglang", allow_degrade=True).files
+    script = next(text for path, text in files if path.endswith(".sh"))
+    assert "# DEGRADED (--allow-degrade): the plan's predicted latency and throughput are vLLM's" in script
+    with pytest.raises(ExportError, match="was planned for TensorRT-LLM"):
+        export_module.export_plan(planned_for(plan, "trtllm"), target="vllm")
+
+
 def test_offload_and_multi_node_instances_are_refused(plans):
     plan = plans["shared-cluster"]
     g = plan.deployments[0].groups[0]
@@ -513,11 +542,11 @@ def test_the_command_offers_every_target():
 
 
 def test_stdout_separators_and_json(capsys):
-    code, out, _ = run(capsys, "export", str(PLANS / "moe-h200.json"), "--target", "sglang", "--k8s")
+    code, out, _ = run(capsys, "export", str(PLANS / "moe-h200.json"), "--target", "vllm", "--k8s")
     assert code == 0
     assert out.startswith("==> deepseek/g0-colocated-0.sh <==\n#!/usr/bin/env bash\n")
     assert "\n==> kubernetes.yaml <==\n" in out
-    code, out, _ = run(capsys, "--json", "export", str(PLANS / "moe-h200.json"), "--target", "sglang")
+    code, out, _ = run(capsys, "--json", "export", str(PLANS / "moe-h200.json"), "--target", "vllm")
     listing = json.loads(out)
     assert [f["path"] for f in listing] == ["deepseek/g0-colocated-0.sh"]
     assert listing[0]["content"].startswith("#!/usr/bin/env bash\n")
@@ -562,7 +591,7 @@ def test_not_a_plan(capsys, tmp_path):
     bad.write_text("{}", encoding="utf-8")
     code, _, err = run(capsys, "export", str(bad), "--target", "vllm")
     assert code == 1 and "is not a flowc plan" in err
-    code, out, _ = run(capsys, "--json", "export", str(PLANS / "tiny-cpu.json"), "--target", "sglang")
+    code, out, _ = run(capsys, "--json", "export", str(PLANS / "tiny-cpu.json"), "--target", "vllm")
     document = json.loads(out)
     assert code == 1 and document["valid"] is False and document["error_count"] == 2
 
@@ -818,9 +847,10 @@ def test_deployment_names_cannot_leave_the_output_folder(capsys, tmp_path, plans
     out_dir = tmp_path / "1" / "2" / "3" / "out"
     files = export_plan(plan, target="vllm", k8s=True).files
     slug = {"..": "deployment", "/": "deployment"}.get(name, re.sub(r"[^a-z0-9]+", "-", name).strip("-"))
-    assert [path for path, _ in files] == [f"{slug}/g0-colocated-0.sh", f"{slug}/g0-colocated-1.sh",
-                                           "large/g0-colocated-0.sh", "large/g0-colocated-1.sh",
-                                           "large/g0-colocated-2.sh", "kubernetes.yaml"]
+    # the same files as the honest plan's, the renamed deployment's under its slug
+    honest = [path for path, _ in export_plan(plans["shared-cluster"], target="vllm", k8s=True).files]
+    assert [path for path, _ in files] == [re.sub(r"^small/", f"{slug}/", path) for path in honest]
+    assert any(path.startswith(f"{slug}/") for path, _ in files)
     assert export_cmd._write(files, out_dir) is None
     assert written(tmp_path) == sorted(f"1/2/3/out/{path}" for path, _ in files)
     # the command: the plan loader refuses such a name, or export writes the same slugs
@@ -896,7 +926,7 @@ def test_a_symbolic_link_out_of_the_output_folder_is_refused(capsys, tmp_path):
     (out_dir / "real").mkdir(parents=True)
     (out_dir / "chatbot").symlink_to(out_dir / "real")
     code, _, _ = run(capsys, "export", str(PLANS / "chat-70b.json"), "--target", "vllm", "-o", str(out_dir))
-    assert code == 0 and "g0-prefill-0.sh" in written(out_dir / "real")
+    assert code == 0 and written(out_dir / "real") and all(p.endswith(".sh") for p in written(out_dir / "real"))
 
 
 def test_a_loop_of_links_is_a_usage_error(capsys, tmp_path):

@@ -137,8 +137,11 @@ def _instance_configs(spec: Spec, groups: list[Group], budgets, blocks: list[int
             cost = CostModel(d.model, spec.gpus["h100-sxm"], nodes[inst[0][0]].link,
                              parallelism=Parallelism(tp=g.tp, pp=g.pp, ep=g.ep),
                              inter_link=cluster.network if remote else None)
+            # the engine's ways of scheduling (model/engines.py), as the plan's engine runs them
             configs.append(InstanceConfig(cost=cost, pp=g.pp, kv_capacity_tokens=kv_blocks * g.block_size,
-                                          scheduler=_scheduler(g), role=g.role))
+                                          scheduler=_scheduler(g), role=g.role,
+                                          mixed_prefill=cost.engine.mixed_prefill,
+                                          request_latency=cost.request_time))
     return configs
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from flowc.compiler import spec
+from flowc.compiler.model.engines import engine_profile
 from flowc.compiler.model.geometry import ACTIVATION_BYTES, kv_bytes_per_token, rank_shape
 from flowc.compiler.model.operators import (
     GENERIC_DECODE,
@@ -91,12 +92,14 @@ class CostModel:
     """
 
     def __init__(self, model: spec.Model, gpu: spec.GPU, intra_link: spec.Link, *,
-                 parallelism: Parallelism = Parallelism(), inter_link: Optional[spec.Link] = None):
+                 parallelism: Parallelism = Parallelism(), inter_link: Optional[spec.Link] = None,
+                 engine: Optional[str] = None):
         self.model, self.gpu, self.intra_link, self.inter_link = model, gpu, intra_link, inter_link
         self.parallelism = p = parallelism
         if min(p.tp, p.pp, p.ep) < 1:
             raise ValueError(f"parallelism degrees must be >= 1, got {p}")
-        self.ops = ops = operators(gpu)
+        self.engine = profile = engine_profile(engine)
+        self.ops = ops = operators(gpu, profile.kernels)
         self.calibrated = ops.calibrated
         self.calibration_source = ops.calibration_source
         m = model
@@ -109,12 +112,13 @@ class CostModel:
         self._bf16 = ops.gemm_mode("bf16")
         kvb = DTYPE_BYTES[m.kv]
         self._layer_share = m.layers / p.pp
-        # engine time beyond the kernels (gpu `overhead`): per step and layer, per sequence, per token
-        # (of the step, and in every layer)
-        o = gpu.overheads
+        # engine time beyond the kernels: per step and layer, per sequence, per token (of the step,
+        # and in every layer); the GPU's own (measured by `flowc calibrate`), else the engine's
+        o = gpu.overheads or profile.overheads
         self._overhead = (o.get("step", 0.0) + o.get("layer", 0.0) * self._layer_share, o.get("sequence", 0.0),
                           o.get("token", 0.0) + o.get("layer_token", 0.0) * self._layer_share)
         self.wake_time = o.get("wake", 0.0)
+        self.request_time = o.get("request", 0.0)
         if m.moe is not None:
             self._moe_share = (m.layers - m.moe.dense_layers) / p.pp
             self._dense_share = m.moe.dense_layers / p.pp
@@ -447,6 +451,10 @@ class StreamedCost:
     @property
     def wake_time(self) -> float:
         return self.base.wake_time
+
+    @property
+    def request_time(self) -> float:
+        return self.base.request_time
 
     def pp_hop_time(self, tokens: int) -> float:
         return self.base.pp_hop_time(tokens)

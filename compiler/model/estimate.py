@@ -12,8 +12,10 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from flowc.compiler.diagnostics import Diagnostic, FlowError
+from flowc.compiler.diagnostics import Diagnostic, FlowError, suggestion_help
+from flowc.compiler.model.engines import ENGINES, engine_profile
 from flowc.compiler.model.instance import Role, instance_config
+from flowc.compiler.model.intervals import factors as interval_factors
 from flowc.compiler.model.memory import memory_budget
 from flowc.compiler.model.parallelism import domain_problem, problems
 from flowc.compiler.model.simulator import simulate
@@ -49,6 +51,7 @@ class LatencyStats(BaseModel):
 class Estimate(BaseModel):
     model: str
     gpu: str
+    engine: str = Field(description="the engine predicted for (model/engines.py)")
     tp: int
     pp: int
     ep: int
@@ -71,6 +74,9 @@ class Estimate(BaseModel):
     preemptions: int
     calibrated: bool
     calibration_source: str
+    interval: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="metric -> (low, high): the 80% prediction interval as factors of the "
+        "figures (model/intervals.py)")
 
 
 def _fail(code: str, message: str, help: str | None = None, notes: tuple[str, ...] = ()) -> FlowError:
@@ -141,18 +147,22 @@ def _fit_errors(m: Model, g: GPU, link: Link, *, tp: int, pp: int, ep: int, link
 def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int = 1, replicas: Optional[int] = None,
              link_domain: int = DEFAULT_LINK_DOMAIN, input_len: int, output_len: int, batch: Optional[int] = None,
              rate: Optional[float] = None, disaggregated: Optional[tuple[int, int]] = None,
-             scheduler: Scheduler = Scheduler(), seed: int = 0) -> Estimate:
+             scheduler: Scheduler = Scheduler(), seed: int = 0, engine: Optional[str] = None) -> Estimate:
     """Predict one configuration of model `m` (its weight and KV dtypes as given) on `g`, an
     instance's GPUs joined by `link`, `link_domain` of them in one domain. Raises FlowError
     (never a traceback) for an argument out of range, a parallelism the model cannot take or a
     configuration that does not fit in memory.
 
     `replicas` colocated instances (default 1), or `disaggregated=(p, d)`: p prefill and d
-    decode instances. `flowc.estimate` resolves standard library names and calls this."""
+    decode instances, run by `engine` (its kernels and overheads; None: the default engine).
+    `flowc.estimate` resolves standard library names and calls this."""
     counts = {"tp": tp, "pp": pp, "ep": ep, "replicas": replicas, "link_domain": link_domain,
               "input_len": input_len, "output_len": output_len, "batch": batch,
               **scheduler.model_dump(include={"max_batched_tokens", "chunk_size", "max_seqs", "block_size"})}
     found = _range_errors(counts, rate, disaggregated) + _conflicts(batch, rate, replicas, disaggregated)
+    if engine is not None and engine not in ENGINES:
+        found.append(Diagnostic("F0306", f"unknown engine `{engine}`",
+                                help=suggestion_help(engine, ENGINES, "engines")))
     if not found:
         found = _instance_count_errors(replicas, disaggregated) or _fit_errors(
             m, g, link, tp=tp, pp=pp, ep=ep, link_domain=link_domain, tokens=input_len + output_len)
@@ -180,7 +190,7 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
 
     def config(role: Role):
         return instance_config(m, g, link, kv_capacity_tokens=budget.kv_tokens, tp=tp, pp=pp, ep=ep,
-                               scheduler=scheduler, role=role)
+                               scheduler=scheduler, role=role, engine=engine)
 
     if disaggregated:
         prefill, decode = disaggregated
@@ -208,7 +218,8 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
                             **{f"p{p}": result.percentile(metric, p) * 1e3 for p in (50, 90, 99)})
 
     return Estimate(
-        model=m.name, gpu=g.name, tp=tp, pp=pp, ep=ep, replicas=len(instances), disaggregated=disaggregated,
+        model=m.name, gpu=g.name, engine=engine_profile(engine).name, tp=tp, pp=pp, ep=ep, replicas=len(instances),
+        disaggregated=disaggregated,
         gpus=gpus, mode=mode, input_len=input_len, output_len=output_len,
         ttft_ms=stats("ttft"), tpot_ms=stats("tpot"), e2e_ms=stats("e2e"),
         output_tokens_per_s=result.output_throughput, output_tokens_per_s_per_gpu=result.output_throughput / gpus,
@@ -216,4 +227,5 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
         max_concurrent_seqs=concurrent, memory_per_gpu=budget.by_category(),
         requests_simulated=int(result.finished.sum()), preemptions=result.preemptions,
         calibrated=instances[0].cost.calibrated, calibration_source=instances[0].cost.calibration_source,
+        interval=interval_factors(),
     )

@@ -24,29 +24,32 @@ ROUTER: Router = "least_work"
 
 @functools.lru_cache(maxsize=256)
 def _cost_model(model_json: str, gpu_json: str, link_json: str, parallelism: Parallelism,
-                inter_link_json: Optional[str]) -> CostModel:
+                inter_link_json: Optional[str], engine: Optional[str]) -> CostModel:
     return CostModel(Model.model_validate_json(model_json), GPU.model_validate_json(gpu_json),
                      Link.model_validate_json(link_json), parallelism=parallelism,
-                     inter_link=Link.model_validate_json(inter_link_json) if inter_link_json else None)
+                     inter_link=Link.model_validate_json(inter_link_json) if inter_link_json else None, engine=engine)
 
 
 def cost_model(model: Model, gpu: GPU, link: Link, parallelism: Parallelism = Parallelism(),
-               inter_link: Optional[Link] = None) -> CostModel:
-    """The cost model of one pipeline stage, shared by every instance of the same configuration
-    (its step times are cached as they are asked for)."""
+               inter_link: Optional[Link] = None, engine: Optional[str] = None) -> CostModel:
+    """The cost model of one pipeline stage on `engine` (None: the default engine), shared by
+    every instance of the same configuration (its step times are cached as they are asked for)."""
     return _cost_model(model.model_dump_json(), gpu.model_dump_json(), link.model_dump_json(), parallelism,
-                       inter_link.model_dump_json() if inter_link is not None else None)
+                       inter_link.model_dump_json() if inter_link is not None else None, engine)
 
 
 def instance_config(model: Model, gpu: GPU, link: Link, *, kv_capacity_tokens: int, tp: int = 1, pp: int = 1,
                     ep: int = 1, scheduler: Scheduler = Scheduler(), role: Role = "colocated",
-                    inter_link: Optional[Link] = None, offload_step_s: float = 0.0) -> InstanceConfig:
+                    inter_link: Optional[Link] = None, offload_step_s: float = 0.0,
+                    engine: Optional[str] = None) -> InstanceConfig:
     """One instance of `model` on tp x pp `gpu`s joined by `link` (`inter_link`: the network its
-    pipeline hops and KV transfers cross, if any), holding `kv_capacity_tokens` of KV. Offloaded
-    weights add `offload_step_s` to every step (`cost.StreamedCost`)."""
-    cost = cost_model(model, gpu, link, Parallelism(tp=tp, pp=pp, ep=ep), inter_link)
+    pipeline hops and KV transfers cross, if any), holding `kv_capacity_tokens` of KV, run by
+    `engine` (model/engines.py; None: the default). Offloaded weights add `offload_step_s` to
+    every step (`cost.StreamedCost`)."""
+    cost = cost_model(model, gpu, link, Parallelism(tp=tp, pp=pp, ep=ep), inter_link, engine)
     step: StepCost = StreamedCost(cost, offload_step_s) if offload_step_s > 0 else cost
-    return InstanceConfig(cost=step, kv_capacity_tokens=kv_capacity_tokens, scheduler=scheduler, pp=pp, role=role)
+    return InstanceConfig(cost=step, kv_capacity_tokens=kv_capacity_tokens, scheduler=scheduler, pp=pp, role=role,
+                          mixed_prefill=cost.engine.mixed_prefill, request_latency=cost.request_time)
 
 
 def group_config(spec: Spec, dp: DeploymentPlan, g: InstanceGroup, *, link: Link,
@@ -57,7 +60,7 @@ def group_config(spec: Spec, dp: DeploymentPlan, g: InstanceGroup, *, link: Link
     return instance_config(model, spec.gpus[g.gpu], link,
                            kv_capacity_tokens=g.memory.kv_blocks * g.scheduler.block_size,
                            tp=g.tp, pp=g.pp, ep=g.ep, scheduler=g.scheduler, role=g.role, inter_link=inter_link,
-                           offload_step_s=g.memory.offload_step_s)
+                           offload_step_s=g.memory.offload_step_s, engine=dp.engine)
 
 
 def plan_instances(spec: Spec, dp: DeploymentPlan) -> list[InstanceConfig]:

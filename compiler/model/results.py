@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -51,6 +52,11 @@ class SimResult:
     def request_throughput(self) -> float:
         span = self.makespan
         return float(self.finished.sum()) / span if span > 0 else 0.0
+
+    def scaled(self, *, ttft: float = 1.0, tpot: float = 1.0, e2e: float = 1.0) -> "SimResult":
+        """The same run with every request's latencies multiplied by the metric's factor (what
+        the SLO check sees at one end of a prediction interval: model/intervals.py)."""
+        return dataclasses.replace(self, ttft=self.ttft * ttft, tpot=self.tpot * tpot, e2e=self.e2e * e2e)
 
     def _values(self, metric: str) -> np.ndarray:
         values = {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e}[metric]

@@ -96,7 +96,8 @@ def simulate_deployment(spec: Spec, d: Deployment, *, workload: Workload | None 
     shape, budget = _baseline(spec, d, scheduler, longest)
     gpu = spec.gpus[shape.gpu]
     instance = instance_config(d.model, gpu, gpu_link(spec.clusters[d.cluster], shape.gpu),
-                               kv_capacity_tokens=budget.kv_tokens, tp=shape.tp, pp=shape.pp, scheduler=scheduler)
+                               kv_capacity_tokens=budget.kv_tokens, tp=shape.tp, pp=shape.pp, scheduler=scheduler,
+                               engine=d.engine)
     replicas = max(1, _gpu_share(spec, d) // shape.gpus)
     instances = [instance] * replicas
     result = simulate(requests, instances, router=ROUTER)

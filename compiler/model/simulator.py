@@ -32,9 +32,14 @@ it. Each iteration of an engine:
 2. unless the iteration preempted a sequence, the budget left admits waiting sequences in
    FCFS order, each with its first chunk, while fewer than `max_seqs` run and the KV blocks
    for the chunk are free; admission stops at the first that does not fit (no skipping).
+   With `scheduler_steps` k > 1 (an engine that decides k iterations at once) admissions
+   happen only in iterations whose index is a multiple of k while any sequence decodes.
    Without chunked prefill a sequence is admitted only if all its tokens fit the budget left
    (chunk_size is ignored), except a recompute longer than `max_batched_tokens`: it is
    prefilled in pieces, each the budget left, like a chunked prefill.
+   An engine that keeps prefills apart (`mixed_prefill=False`: SGLang's default, vLLM 0.6's)
+   runs steps 1b and 2 alone first while sequences decode: when they give tokens, the iteration
+   prefills only and the decodes wait for the next one; when not, it decodes only.
 3. the iteration takes `cost.step_time(...)`, plus `cost.wake_time` when the engine had
    nothing to do before it (it waited for an arrival); the iteration that completes a prefill
    produces the first token (TTFT); each decode iteration one more token.
@@ -150,11 +155,22 @@ class InstanceConfig:
     scheduler: Scheduler = Scheduler()
     pp: int = 1
     role: Literal["colocated", "prefill", "decode"] = "colocated"
+    # iterations an engine decides at once (vLLM 0.6's --num-scheduler-steps): while sequences
+    # decode, waiting ones are admitted only every `scheduler_steps` iterations
+    scheduler_steps: int = 1
+    # whether prefill chunks share an iteration with the decodes (vLLM's chunked prefill,
+    # TensorRT-LLM's inflight batching); False: an iteration with prefill work prefills only and
+    # the decodes wait for the next (SGLang without --enable-mixed-chunk, vLLM 0.6's default)
+    mixed_prefill: bool = True
+    # seconds a request spends outside the engine loop (receiving, tokenizing, streaming back):
+    # added to its first token and its end, not to the engine's iterations
+    request_latency: float = 0.0
 
     def __post_init__(self):
         s = self.scheduler
-        if min(self.pp, s.block_size, s.max_batched_tokens, s.max_seqs, s.chunk_size) < 1:
-            raise ValueError("pp, block_size, max_batched_tokens, max_seqs and chunk_size must be at least 1")
+        if min(self.pp, s.block_size, s.max_batched_tokens, s.max_seqs, s.chunk_size, self.scheduler_steps) < 1:
+            raise ValueError("pp, block_size, max_batched_tokens, max_seqs, chunk_size and scheduler_steps must be "
+                             "at least 1")
         if self.kv_capacity_tokens < 0:
             raise ValueError("kv_capacity_tokens cannot be negative")
         if self.role not in ("colocated", "prefill", "decode"):
@@ -215,8 +231,8 @@ class _Instance:
 class _Engine:
     """One scheduler (a virtual engine when pp > 1). See the module docstring."""
 
-    __slots__ = ("sim", "inst", "cfg", "B", "budget", "chunk", "max_seqs", "chunked", "role", "pp", "step_time",
-                 "pair_count", "hop",
+    __slots__ = ("sim", "inst", "cfg", "B", "budget", "chunk", "max_seqs", "chunked", "role", "pp", "steps",
+                 "separate", "paused", "step_time", "pair_count", "hop",
                  "d", "n_dec", "kv_sum", "cnt", "fin_heap", "stack", "waiting", "prefilling", "completing",
                  "work", "busy", "idle", "wake", "tokens_out", "preemptions", "iterations", "pending_tokens",
                  "index", "rec", "rec_start", "rec_decodes", "rec_chunks", "rec_preempted", "rec_finished", "rec_free")
@@ -227,7 +243,9 @@ class _Engine:
         s = cfg.scheduler
         self.B, self.budget, self.max_seqs = s.block_size, s.max_batched_tokens, s.max_seqs
         self.chunk = min(s.chunk_size, s.max_batched_tokens)
-        self.chunked, self.role, self.pp = s.chunked_prefill, cfg.role, cfg.pp
+        self.chunked, self.role, self.pp, self.steps = s.chunked_prefill, cfg.role, cfg.pp, cfg.scheduler_steps
+        self.separate = not cfg.mixed_prefill and cfg.role == "colocated"
+        self.paused = False  # the running iteration prefills only, the decodes wait for the next
         self.step_time, self.hop = cfg.cost.step_time, cfg.cost.pp_hop_time
         self.pair_count = cfg.cost.prefill_pairs
         self.d = 0  # index of the next iteration
@@ -259,15 +277,18 @@ class _Engine:
 
     # ---------------------------------------------------------------- one iteration
 
-    def start(self, now: float) -> float | None:
-        """Schedule and start the next iteration at `now`; its end time, or None when idle."""
+    def start(self, now: float, prefill_first: bool = True) -> float | None:
+        """Schedule and start the next iteration at `now`; its end time, or None when idle. An
+        engine that keeps prefills apart (`separate`) tries a prefill-only iteration first."""
         B = self.B
         inst = self.inst
         d = self.d
         n_dec = self.n_dec
         preempted = False
+        # an engine that does not mix prefills into decode iterations tries a prefill-only one first
+        paused = self.paused = bool(prefill_first and self.separate and n_dec and (self.prefilling or self.waiting))
         # 1a. decodes: blocks for the sequences crossing a block boundary now
-        if n_dec:
+        if n_dec and not paused:
             need = self.cnt[-d % B]
             if need > inst.free:
                 need = self._preempt(need)
@@ -283,7 +304,7 @@ class _Engine:
             state, pre_done, pre_total = sim.state, sim.pre_done, sim.pre_total
             pair_count = self.pair_count
             budget = self.budget
-            left = budget - n_dec
+            left = budget if paused else budget - n_dec
             cap = self.chunk if self.chunked else budget  # unchunked, only a long recompute is partial
             stop = False
             # 1b. the next chunk of each partially prefilled sequence, in admission order
@@ -303,7 +324,8 @@ class _Engine:
                     if blocks < 0:  # it waits, and nothing is admitted behind it
                         stop = True
                         break
-                    left = budget - self.n_dec - tokens  # a preempted decode gives its token back
+                    # a preempted decode gives its token back
+                    left = budget - tokens if paused else budget - self.n_dec - tokens
                 inst.free -= blocks
                 pre_done[rid] = done + chunk
                 if self.rec is not None:
@@ -317,8 +339,9 @@ class _Engine:
                 else:
                     i += 1
             n_dec = self.n_dec
-            # 2. admissions, FCFS, unless the iteration preempted a sequence
-            if not (preempted or stop):
+            # 2. admissions, FCFS, unless the iteration preempted a sequence or is inside a block
+            # of scheduler steps
+            if not (preempted or stop or (n_dec and d % self.steps)):
                 while waiting and left > 0 and inst.n_run < self.max_seqs:
                     rid = waiting[0]
                     if state[rid] == _KV_READY:  # transferred KV: admit straight into decoding
@@ -358,6 +381,9 @@ class _Engine:
                         self.completing.append(rid)
                     else:
                         prefilling.append(rid)
+        if paused and tokens == 0:  # nothing to prefill after all: a decode iteration
+            return self.start(now, prefill_first=False)
+        n_dec = 0 if paused else n_dec
         tokens += n_dec
         if tokens == 0:
             self.busy = False
@@ -383,10 +409,18 @@ class _Engine:
         """End the running iteration at `now`: tokens out, finishes, prefill completions."""
         sim = self.sim
         d = self.d
-        n_dec = self.n_dec
         self.busy = False
         self.iterations += 1
         self.work -= self.pending_tokens
+        if self.paused:  # a prefill-only iteration: the decodes did not advance, nor does `d`
+            self.tokens_out += len(self.completing)
+            completing, self.completing = self.completing, []
+            for rid in completing:
+                self._prefill_done(rid, now, d - 1)  # decodes from iteration d on
+            if self.rec is not None:
+                self._record_end(now)
+            return
+        n_dec = self.n_dec
         self.tokens_out += n_dec + len(self.completing)
         self.kv_sum += n_dec
         heap = self.fin_heap
@@ -421,7 +455,8 @@ class _Engine:
         sim = self.sim
         state, adm = sim.state, sim.adm
         self.rec_start = now
-        self.rec_decodes = tuple(sorted(rid for a, rid in self.stack if adm[rid] == a and state[rid] == _DECODE))
+        self.rec_decodes = () if self.paused else tuple(sorted(rid for a, rid in self.stack
+                                                               if adm[rid] == a and state[rid] == _DECODE))
         self.rec_free = self.inst.free
 
     def _record_end(self, now: float) -> None:
@@ -778,7 +813,10 @@ class _Sim:
         state = np.array(self.state)
         finished = state == _DONE
         rejected = state == _REJECTED
-        ttft = np.where(first >= 0, first - arrival, _INF)
+        served = np.array(self.served_by, dtype=np.int64)
+        latency = np.array([inst.cfg.request_latency for inst in self.instances])[np.maximum(served, 0)]
+        first, finish = first + latency, finish + latency
+        ttft = np.where(first >= latency, first - arrival, _INF)
         e2e = np.where(finished, finish - arrival, _INF)
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = np.where(output > 1, (e2e - ttft) / np.maximum(output - 1, 1), np.nan)
@@ -787,7 +825,7 @@ class _Sim:
         return SimResult(
             ttft=ttft, tpot=tpot, e2e=e2e, finished=finished, rejected=rejected, arrival=arrival,
             finish=np.where(finished, finish, np.nan), output=output,
-            instance=np.array(self.served_by, dtype=np.int64),
+            instance=served,
             decode_instance=np.array(self.decoded_by, dtype=np.int64),
             preemptions=sum(e.preemptions for e in engines), iterations=sum(e.iterations for e in engines),
             tokens_generated=sum(e.tokens_out for e in engines),

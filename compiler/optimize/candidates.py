@@ -168,7 +168,7 @@ def _cost(spec: Spec, d: Deployment, shape: Shape, ep: int) -> CostModel:
     """The cost model of a candidate's pipeline stage (as `measure` builds its instances)."""
     cluster = spec.clusters[d.cluster]
     return cost_model(d.model, spec.gpus[shape.gpu], gpu_link(cluster, shape.gpu),
-                      Parallelism(tp=shape.tp, pp=shape.pp, ep=ep), cluster.network)
+                      Parallelism(tp=shape.tp, pp=shape.pp, ep=ep), cluster.network, d.engine)
 
 
 def measure(spec: Spec, d: Deployment, requests: Requests, seed: int, on_progress: Progress = quiet
@@ -204,7 +204,7 @@ def measure(spec: Spec, d: Deployment, requests: Requests, seed: int, on_progres
                 configs = {role: instance_config(d.model, gpu, gpu_link(cluster, shape.gpu),
                                                  kv_capacity_tokens=kv_tokens, tp=shape.tp, pp=shape.pp, ep=ep,
                                                  scheduler=scheduler, role=role, inter_link=cluster.network,
-                                                 offload_step_s=overhead)
+                                                 offload_step_s=overhead, engine=d.engine)
                            for role in roles}
                 sized = Shape(shape.gpu, shape.tp, shape.pp, budget)
                 for role in roles:

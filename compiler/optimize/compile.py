@@ -20,9 +20,12 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from flowc.compiler.diagnostics import Diagnostic, FlowError
+from flowc.compiler.model.engines import engine_profile
 from flowc.compiler.model.goodput import TOLERANCE as GOODPUT_TOLERANCE
 from flowc.compiler.model.goodput import goodput_search
 from flowc.compiler.model.instance import ROUTER
+from flowc.compiler.model.intervals import factors as interval_factors
+from flowc.compiler.model.intervals import pessimistic
 from flowc.compiler.model.search import replica_choices
 from flowc.compiler.model.serving import require_deployments
 from flowc.compiler.model.shapes import instance_shapes
@@ -438,11 +441,13 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, M
         # step cannot report a goodput below the load the plan was just shown to carry.
         goodput = goodput_search(configs, workload, slo, seed=seed, n=n, lo=rate if result.meets(slo) else 0.0).goodput
     gpus = sum(g.replicas * g.gpus_per_instance for g in groups)
+    interval = interval_factors()
     predicted = Predicted(ttft_ms=_percentiles(result, "ttft"), tpot_ms=_percentiles(result, "tpot"),
                           e2e_ms=_percentiles(result, "e2e"), output_tokens_per_s=result.output_throughput,
                           goodput_rps=goodput, goodput_rps_per_gpu=goodput / gpus,
                           attainment=result.attainment(slo)["joint"]["share"], meets_slo=result.meets(slo),
-                          requests=len(requests), makespan_s=result.makespan if batch else None)
+                          requests=len(requests), makespan_s=result.makespan if batch else None,
+                          interval=interval, meets_slo_pessimistic=pessimistic(result, interval).meets(slo))
     used = {p.candidate_key for p in chosen}
     mine = [m for m in measured.values() if m.candidate.deployment == d.name]
     lost = alternatives(spec, d, rate, [m for m in mine if m.candidate.key not in used], [m.candidate for m in mine],
@@ -451,5 +456,6 @@ def _deployment_plan(spec: Spec, d: Deployment, placement, measured: dict[str, M
         name=d.name, cluster=d.cluster, model=d.model.name, weights=d.model.weights, kv=d.model.kv,
         model_spec=d.model.model_copy(update={"location": None}),
         mode="disaggregated" if any(g.role != "colocated" for g in groups) else "colocated",
-        objective=d.objective, groups=groups, predicted=predicted, alternatives=lost,
+        objective=d.objective, engine=engine_profile(d.engine).name, groups=groups, predicted=predicted,
+        alternatives=lost,
         binding=[b for b in placement.binding if f"deployment {d.name}" in b or "deployment " not in b])

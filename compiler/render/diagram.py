@@ -21,7 +21,7 @@ from rich.tree import Tree
 
 from flowc.compiler.model.topology import cluster_nodes
 from flowc.compiler.plan import DeploymentPlan, GpuRef, Instance, InstanceGroup, Plan
-from flowc.compiler.render.text import group_shape_text, memory_text, scheduler_text
+from flowc.compiler.render.text import group_shape_text, memory_text, range_text, scheduler_text, slo_verdict
 from flowc.compiler.spec import NodeGroup, Spec
 from flowc.compiler.units import format_gbps
 
@@ -450,8 +450,10 @@ def plan_tree(plan: Plan) -> Tree:
                                       f": {d.model} ({d.weights} weights, {d.kv} KV) on {d.cluster}, {d.mode}, "
                                       f"objective {d.objective.replace('_', ' ')}, {d.gpus} GPUs"))
         p = d.predicted
-        verdict = ("meets the SLO", "green") if p.meets_slo else ("misses the SLO", "red")
-        node.add(Text.assemble(f"predicted: TTFT p90 {p.ttft_ms.p90:,.0f} ms, TPOT p90 {p.tpot_ms.p90:,.1f} ms, "
+        verdict = slo_verdict(p)
+        ttft, tpot = p.ttft_ms.p90, p.tpot_ms.p90
+        node.add(Text.assemble(f"predicted: TTFT p90 {ttft:,.0f} ms{range_text(ttft, 'ttft', p.interval)}, "
+                               f"TPOT p90 {tpot:,.1f} ms{range_text(tpot, 'tpot', p.interval, 1)}, "
                                f"goodput {p.goodput_rps:,.2f} req/s ({p.goodput_rps_per_gpu:,.3f} per GPU), "
                                f"attainment {p.attainment:.1%}: ", verdict))
         for j, g in enumerate(d.groups):

@@ -33,6 +33,7 @@ from importlib import resources
 from typing import Mapping, NamedTuple, Optional
 
 from flowc.compiler.diagnostics import escape_control, first_control_character
+from flowc.compiler.model.engines import engine_profile
 from flowc.compiler.model.memory import CONTEXT_RESERVE, GRAPH_RESERVE, NCCL_RESERVE
 from flowc.compiler.plan import DeploymentPlan, InstanceGroup, Plan
 from flowc.compiler.units import format_gib
@@ -339,6 +340,11 @@ class _Mapper:
                 self.problem(None, f"instance {i} of {where} spans nodes {', '.join(map(str, nodes))}: a launch "
                              "script starts an engine on one node",
                              "keep instances within a node (limit tp x pp to the GPUs of a node in the spec)")
+        if d.engine != e.target:
+            planned = engine_profile(d.engine).label
+            self.problem(key, f"{where} was planned for {planned}: its predictions come from {planned}'s kernels "
+                         f"and overheads, not {e.label}'s", f"write `engine {e.target}` in deployment `{d.name}` and "
+                         "compile again", f"the plan's predicted latency and throughput are {planned}'s")
         values = {"memory": self._memory(where, g), **self._weights(key, where, d)}
         if g.memory.offloaded:
             held = ", ".join(f"{name} {format_gib(n)}" for name, n in sorted(g.memory.offloaded.items()))

@@ -26,7 +26,7 @@ from flowc.compiler.diagnostics import Diagnostic
 from flowc.compiler.model.goodput import TOLERANCE as GOODPUT_TOLERANCE
 from flowc.compiler.model.memory import GPU_MEMORY_UTILIZATION
 from flowc.compiler.model.topology import cluster_nodes
-from flowc.compiler.plan import DeploymentPlan, Plan
+from flowc.compiler.plan import DeploymentPlan, Plan, Predicted
 from flowc.compiler.render.charts import (
     MEMORY_COLORS,
     cdf_figure,
@@ -41,6 +41,7 @@ from flowc.compiler.render.charts import (
     target_label,
 )
 from flowc.compiler.render.report_data import Flow, Progress, Runs, flows, simulate_all
+from flowc.compiler.render.text import slo_verdict
 from flowc.compiler.spec import Cluster, Spec
 from flowc.compiler.units import format_duration, format_gbps, format_gib, format_ms, format_rps
 
@@ -99,10 +100,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") 
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _meets_cell(p: Predicted) -> str:
+    text, color = slo_verdict(p)
+    return {"green": "yes", "red": "<b class='bad'>no</b>"}.get(color, _e(text))
+
+
 def _overview(plan: Plan, diagnostics: Sequence[Diagnostic]) -> str:
     s = plan.solver
     rows = [(f"<code>{_e(dp.name)}</code>", _e(dp.cluster), _e(dp.model), _e(dp.mode), _e(dp.objective),
-             str(dp.gpus), "yes" if dp.predicted.meets_slo else "<b class='bad'>no</b>",
+             str(dp.gpus), _meets_cell(dp.predicted),
              format_rps(dp.predicted.goodput_rps)) for dp in plan.deployments]
     out = [_table(("deployment", "cluster", "model", "mode", "objective", "GPUs", "meets SLO", "goodput"), rows),
            "<h2 id='solver'>Solver</h2>",

@@ -1,10 +1,12 @@
 """One-line texts of a plan's pieces, shared by the terminal report (`flowc compile`), the plan
-tree (`flowc viz --format tree`) and `flowc simulate`: an instance's shape, its scheduler, its
-memory per GPU and its GPUs."""
+tree (`flowc viz --format tree`), `flowc simulate` and `flowc estimate`: an instance's shape, its
+scheduler, its memory per GPU, its GPUs, a figure's prediction interval and the SLO verdict."""
 
 from __future__ import annotations
 
-from flowc.compiler.plan import GpuRef, InstanceGroup, MemoryMap, Scheduler
+from typing import Mapping, Optional
+
+from flowc.compiler.plan import GpuRef, InstanceGroup, MemoryMap, Predicted, Scheduler
 from flowc.compiler.units import format_gib
 
 
@@ -27,6 +29,25 @@ def memory_text(m: MemoryMap) -> str:
             f"activations {format_gib(m.activations)}, reserve {format_gib(m.reserve, 1)}, "
             f"free {format_gib(m.free, 1)} of {format_gib(m.capacity, 1)}"
             + (f", offloaded {format_gib(offloaded, 1)}" if offloaded else ""))
+
+
+def range_text(value: float, metric: str, interval: Mapping[str, tuple[float, float]], digits: int = 0) -> str:
+    """` [170-260]`: the 80% prediction interval of `value`, a figure of `metric`
+    (model/intervals.py); empty when the interval is unknown (a plan before 1.7)."""
+    low, high = interval.get(metric, (1.0, 1.0))
+    if low == high == 1.0:
+        return ""
+    return f" [{value * low:,.{digits}f}-{value * high:,.{digits}f}]"
+
+
+def slo_verdict(p: Predicted) -> tuple[str, Optional[str]]:
+    """(the verdict on the SLO, its color): met, met only at the optimistic end of the
+    prediction interval, or missed."""
+    if not p.meets_slo:
+        return "misses the SLO", "red"
+    if p.meets_slo_pessimistic is False:
+        return "meets the SLO only at the optimistic end of its 80% interval", "yellow"
+    return "meets the SLO", "green"
 
 
 def gpu_ranges(refs: list[GpuRef]) -> str:

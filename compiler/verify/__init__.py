@@ -49,10 +49,12 @@ Checks, one code each (F052x: planning):
   goodput / GPUs. Then the deployment is re-simulated from the plan (see `simulate_plan_deployment`; a group
   with offloaded weights adds its memory map's `offload_step_s` to every step) on the
   workload sampled with seed `PREDICTION_SEED`: `meets_slo` must agree (unless the run is
-  within `BORDERLINE` of a limit), joint attainment within `ATTAINMENT_TOLERANCE`, p50 TTFT and
-  TPOT within `TOLERANCE` (relative, or `ABS_TOLERANCE_MS`); the claimed goodput must not exceed
-  the steady-state throughput of the same requests all queued at once by more than
-  `TOLERANCE`, and must meet the SLO when simulated at (1 - TOLERANCE) of it.
+  within `BORDERLINE` of a limit), and `meets_slo_pessimistic` with the run's latencies at the
+  slow end of the plan's own `interval` (`model/intervals.pessimistic`), joint attainment
+  within `ATTAINMENT_TOLERANCE`, p50 TTFT and TPOT within `TOLERANCE` (relative, or
+  `ABS_TOLERANCE_MS`); the claimed goodput must not exceed the steady-state throughput of
+  the same requests all queued at once by more than `TOLERANCE`, and must meet the SLO when
+  simulated at (1 - TOLERANCE) of it.
 
 Later checks of a deployment rely on earlier ones: memory, bandwidth and predictions are not
 checked for a group or deployment whose structure failed (F0520, F0521, F0523), and

@@ -7,6 +7,7 @@ import math
 
 from flowc.compiler.model.goodput import steady_throughput
 from flowc.compiler.model.instance import simulate_plan_deployment
+from flowc.compiler.model.intervals import pessimistic
 from flowc.compiler.verify.context import (
     ABS_TOLERANCE_MS,
     ATTAINMENT_TOLERANCE,
@@ -74,6 +75,12 @@ def simulated_problem(v: Verifier, dep: DeploymentCheck):
         return (f"the plan says the SLO is {'met' if pred.meets_slo else 'missed'}; re-simulated, slo `{d.slo}` "
                 f"is {'met' if meets else 'missed'} at {rate:g} req/s", again, ".meets_slo",
                 (_attainment_note(result, slo),))
+    if pred.meets_slo_pessimistic is not None:
+        slow = pessimistic(result, pred.interval)
+        if slow.meets(slo) != pred.meets_slo_pessimistic and not _borderline(slow, slo):
+            said, found = ("met", "missed") if pred.meets_slo_pessimistic else ("missed", "met")
+            return (f"the plan says the SLO is {said} at the slow end of its prediction interval; re-simulated, it "
+                    f"is {found}", again, ".meets_slo_pessimistic", (_attainment_note(slow, slo),))
     share = result.attainment(slo)["joint"]["share"]
     if abs(share - pred.attainment) > ATTAINMENT_TOLERANCE:
         return (f"predicted attainment {pred.attainment:.1%}; re-simulated {share:.1%} (more than "

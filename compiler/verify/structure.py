@@ -4,6 +4,7 @@ once (F0522), and every instance's parallelism and placement are possible (F0523
 from __future__ import annotations
 
 from flowc.compiler.diagnostics import suggestion_help
+from flowc.compiler.model.engines import engine_profile
 from flowc.compiler.model.parallelism import problems
 from flowc.compiler.model.search import knob_choices
 from flowc.compiler.model.topology import cluster_nodes, cluster_shape
@@ -40,6 +41,10 @@ def check_spec_match(v: Verifier, dep: DeploymentCheck) -> None:
         v.error("F0520", f"deployment `{dp.name}`: the plan's copy of model `{dp.model}` differs from the "
                 "spec's", "compile the plan again from this spec", at=f"{at}.model_spec", dep=dep,
                 structural=True)
+    engine = engine_profile(d.engine).name
+    if dp.engine != engine:
+        v.error("F0520", f"deployment `{dp.name}`: the plan's predictions are for {dp.engine}, the spec deploys on "
+                f"{engine}", "compile the plan again from this spec", at=f"{at}.engine", dep=dep, structural=True)
     recorded = v.plan.clusters.get(dp.cluster)
     if recorded is not None and recorded != cluster_shape(spec.clusters[d.cluster]):
         v.error("F0520", f"deployment `{dp.name}`: the plan's copy of cluster `{dp.cluster}` differs from the spec's",

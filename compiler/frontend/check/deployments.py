@@ -9,7 +9,7 @@ from flowc.compiler import units
 from flowc.compiler.diagnostics import Label, did_you_mean
 from flowc.compiler.frontend import ast
 from flowc.compiler.frontend.check.vocabulary import DTYPES, SCHEMAS, TOKEN_KNOBS, expr_text
-from flowc.compiler.spec import MAX_KNOB, SEARCH_KNOBS, Deployment, Model, Workload
+from flowc.compiler.spec import ENGINES, MAX_KNOB, SEARCH_KNOBS, Deployment, Model, Workload
 
 if TYPE_CHECKING:  # core imports this module to dispatch to it: the checker is only an annotation here
     from flowc.compiler.frontend.check.core import Block, Checker
@@ -32,14 +32,15 @@ def build_deploy(c: Checker, decl: ast.Decl) -> Deployment | None:
     search = {knob: _search_values(c, b.one(knob)) for knob in SEARCH_KNOBS if b.one(knob)}
     max_gpus = c.one_value(b, "max_gpus", "deploy", lambda e: c.count(e, "max_gpus"))
     switches = _switches(c, b)
-    if None in (model, cluster, workload, slo, objective, switches) or None in search.values():
+    engine = c.one_value(b, "engine", "deploy", lambda e: c.word(e, ENGINES, "engine")) if b.one("engine") else ""
+    if None in (model, cluster, workload, slo, objective, switches, engine) or None in search.values():
         return None
     if not _objective_fits_workload(c, b, objective, workload, switches):
         return None
     return Deployment(name=decl.name.text, model=model, cluster=cluster.name, workload=workload.name,
                       slo=slo.name, objective=objective, search=search, max_gpus=max_gpus,
                       allow_disaggregation=switches["disaggregation"], allow_offload=switches["offload"],
-                      doc=decl.doc, location=c.location(decl))
+                      engine=engine or None, doc=decl.doc, location=c.location(decl))
 
 
 def _deploy_model(c: Checker, b: Block) -> Model | None:

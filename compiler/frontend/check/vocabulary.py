@@ -53,14 +53,14 @@ SCHEMAS: dict[str, dict[str, str]] = {
             "attainment": "attainment >= 90 %"},
     "deploy": {
         "model": "model llama-3.1-70b", "on": "on my-cluster", "serve": "serve my-workload under my-slo",
-        "objective": "objective max goodput_per_gpu", "max_gpus": "max_gpus 16",
+        "objective": "objective max goodput_per_gpu", "max_gpus": "max_gpus 16", "engine": "engine vllm",
         "allow": "allow disaggregation, offload", "forbid": "forbid offload",
         **{knob: f"{knob} in [2048 tok, 8192 tok]" if knob in TOKEN_KNOBS else f"{knob} in [1, 2, 4]"
            for knob in SEARCH_KNOBS},
     },
     "override": {"weights": "weights fp8", "kv": "kv fp8", "max_context": "max_context 32768 tok"},
 }
-OVERHEAD_KINDS = ("step", "layer", "sequence", "token", "layer_token", "wake")
+OVERHEAD_KINDS = ("step", "layer", "sequence", "token", "layer_token", "wake", "request")
 REPEATABLE = {("gpu", "flops"), ("gpu", "overhead"), ("cluster", "node"), ("deploy", "allow"), ("deploy", "forbid")}
 
 
