@@ -1,9 +1,9 @@
 """Diagnostics: what flowc tells a user about a mistake, in rustc's layout or as JSON.
 
 Codes are stable and grouped by phase: F01xx syntax, F02xx names and imports, F03xx types and
-units, F04xx constraints, F05xx planning and infeasibility, Wxxxx warnings. Every code has an
-explanation in `errors/CODE.md` (shown by `flowc explain CODE`) and a fixture in the error
-catalog under tests/error_catalog.
+units, F04xx constraints, F05xx planning and infeasibility, F06xx calibration inputs (serving-
+benchmark files), Wxxxx warnings. Every code has an explanation in `errors/CODE.md` (shown by
+`flowc explain CODE`) and a fixture in the error catalog under tests/error_catalog.
 """
 
 from __future__ import annotations

@@ -364,19 +364,47 @@ def summary(profile: Profile) -> str:
 
 
 def add_arguments(parser) -> None:
+    from flowc.compiler.spec import ENGINES
+
     parser.add_argument("--device", choices=("local",), default="local",
                         help="the device to measure: this machine's GPU if torch sees one, else its CPU")
-    parser.add_argument("--out", metavar="PROFILE.flow", help="write the hardware profile here (default: print it)")
-    parser.add_argument("--name", default="local", help="the profile's gpu name (default: local)")
+    parser.add_argument("-o", "--out", metavar="PROFILE.flow",
+                        help="write the hardware profile here (default: print it)")
+    parser.add_argument("--name", help="the profile's gpu name (default: local; with --from-benchmark: GPU-measured)")
     parser.add_argument("--memory-gib", type=float, metavar="N",
                         help="GiB the engine may use on a CPU device (default 2; a GPU's own memory otherwise)")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each measurement (default 5)")
+    bench = parser.add_argument_group(
+        "from a serving benchmark", "fit a standard library GPU's engine overheads to runs measured by vLLM's or "
+        "SGLang's serving benchmark, instead of measuring this machine")
+    bench.add_argument("--from-benchmark", nargs="+", metavar="FILE",
+                       help="result files: `vllm bench serve --save-result` JSON (or benchmarks/benchmark_serving.py"
+                            "'s), `python -m sglang.bench_serving --output-file` JSONL")
+    bench.add_argument("--model", help="the standard library model the benchmarked server ran, e.g. llama-3.1-8b")
+    bench.add_argument("--gpu", help="the standard library GPU it ran on, e.g. h100-sxm")
+    bench.add_argument("--tp", type=int, help="its tensor-parallel size (default 1)")
+    bench.add_argument("--pp", type=int, help="its pipeline-parallel size (default 1)")
+    bench.add_argument("--engine", choices=ENGINES, help="the engine measured (default: each file's backend)")
+    bench.add_argument("--dtype", help="weight dtype the server ran (default: the model's)")
+    bench.add_argument("--kv-dtype", help="KV-cache dtype it ran (default: the model's)")
+
+
+BENCHMARK_FLAGS = ("model", "gpu", "tp", "pp", "engine", "dtype", "kv_dtype")
 
 
 def cmd_calibrate(args, out) -> int:
     import importlib.util
     import re
 
+    if args.from_benchmark:
+        from flowc.calibrate_benchmark import cmd_from_benchmark
+
+        return cmd_from_benchmark(args, out)
+    given = [flag for flag in BENCHMARK_FLAGS if getattr(args, flag) is not None]
+    if given:
+        return out.usage_error(f"--{given[0].replace('_', '-')} goes with --from-benchmark",
+                               "give the benchmark's result files: `--from-benchmark FILE...`")
+    args.name = args.name or "local"
     if importlib.util.find_spec("torch") is None:
         return out.usage_error("calibration runs the flowc runtime, which needs torch",
                                'install it with `pip install "flowc[runtime]"`')

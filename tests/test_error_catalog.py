@@ -15,6 +15,9 @@ Layout (tests/error_catalog/):
   run inside CODE/.
 - `CODE.flow` for the codes of `flowc compile` (COMPILE_CODES): a spec that checks clean and
   fails to compile; the goldens are what `flowc compile` prints.
+- `CODE/benchmark.json` with `CODE/expected.txt` and `CODE/expected.json` (serving-benchmark
+  results, F06xx): what `flowc calibrate --no-color --from-benchmark benchmark.json` (and
+  `--json`) prints for the standard library model and GPU of BENCHMARK_ARGS, run inside CODE/.
 - Other entries (such as `F0207_shared/`, a file that F0207's fixture imports from outside its
   tree) are not fixtures.
 
@@ -62,13 +65,21 @@ def _fixture(code: str) -> tuple[Path, str, Path, Path] | None:
     if single.is_file():
         return CATALOG, single.name, CATALOG / f"{code}.txt", CATALOG / f"{code}.json"
     folder = CATALOG / code
-    if (folder / "main.flow").is_file():
-        return folder, "main.flow", folder / "expected.txt", folder / "expected.json"
+    for name in ("main.flow", "benchmark.json"):
+        if (folder / name).is_file():
+            return folder, name, folder / "expected.txt", folder / "expected.json"
     return None
 
 
 def _plan_fixture(code: str) -> bool:
     return (CATALOG / code / "plan.json").is_file()
+
+
+def _benchmark_fixture(code: str) -> bool:
+    return (CATALOG / code / "benchmark.json").is_file()
+
+
+BENCHMARK_ARGS = ["--model", "llama-3.1-8b", "--gpu", "h100-sxm"]
 
 
 def _fixtures() -> list[str]:
@@ -169,7 +180,26 @@ def test_plan_fixture(code, monkeypatch, capsys):
     _compare(text_golden, err + out)
 
 
-@pytest.mark.parametrize("code", [code for code in FIXTURES if not _plan_fixture(code)])
+@pytest.mark.parametrize("code", [code for code in FIXTURES if _benchmark_fixture(code)])
+def test_benchmark_fixture(code, monkeypatch, capsys):
+    workdir, name, text_golden, json_golden = _fixture(code)
+    command = ["calibrate", "--from-benchmark", name, *BENCHMARK_ARGS]
+
+    status, out, err = _run(["--json", *command], workdir, monkeypatch, capsys)
+    document = json.loads(out)
+    assert status == 1
+    assert err == ""
+    assert document["diagnostics"], "the fixture produced no diagnostic"
+    assert document["diagnostics"][0]["code"] == code, "the first diagnostic is not the fixture's code"
+    _compare(json_golden, out)
+
+    status, out, err = _run(["--no-color", *command], workdir, monkeypatch, capsys)
+    assert status == 1
+    assert re.match(rf"error\[{code}\]", err)
+    _compare(text_golden, err + out)
+
+
+@pytest.mark.parametrize("code", [c for c in FIXTURES if not (_plan_fixture(c) or _benchmark_fixture(c))])
 def test_fixture(code, monkeypatch, capsys):
     workdir, name, text_golden, json_golden = _fixture(code)
     expected_status = 0 if code.startswith("W") else 1
