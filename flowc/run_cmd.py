@@ -9,7 +9,9 @@ Two modes:
   * `--replay`: the spec's workload (or trace), sampled as the compiler samples it, submitted
     at its arrival times stretched by `--time-scale`, with random prompt tokens and exactly the
     sampled output lengths. Prints measured TTFT, TPOT and throughput next to what the plan's
-    cost model predicts for the same requests on one instance of the plan.
+    cost model predicts for the same requests on one instance of the plan (on every instance
+    of a disaggregated plan: its prefill and decode instances all run, in this process).
+A disaggregated plan runs through `flowc.runtime.open_plan` like a colocated one.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ def add_arguments(parser) -> None:
 
 def cmd_run(args, out) -> int:
     try:
-        from flowc.runtime.engine import Engine, EngineError
+        from flowc.runtime.engine import EngineError
     except ImportError as error:
         if not (error.name or "").startswith("torch"):  # a broken install of flowc itself is not this
             raise
         return out.usage_error(f"the flowc runtime needs torch ({error})",
                                'install it with `pip install "flowc[runtime]"`')
     from flowc.plan_io import read_plan
+    from flowc.runtime.disagg import open_plan
 
     if args.time_scale <= 0 or not math.isfinite(args.time_scale):
         return out.usage_error(f"--time-scale must be a positive number (got {args.time_scale})")
@@ -67,8 +70,8 @@ def cmd_run(args, out) -> int:
     if isinstance(lines, int):
         return lines
     try:
-        engine = Engine.from_plan(plan, args.weights, deployment=args.deployment, dtype=args.dtype,
-                                  backend=args.backend, seed=args.seed)
+        engine = open_plan(plan, args.weights, deployment=args.deployment, dtype=args.dtype,
+                           backend=args.backend, seed=args.seed)
     except (EngineError, ValueError) as error:  # WeightsError and UnsupportedModel are ValueErrors
         sys.stderr.write(f"error: {escape_control(str(error))}\n")
         return EXIT_INVALID
@@ -192,9 +195,10 @@ def _prompts(args, lines: list[tuple[int, str]], engine) -> int:
 
 
 def _replay(args, engine, out) -> int:
-    from flowc.compiler.model.instance import simulate_plan_instance
+    from flowc.compiler.model.instance import simulate_plan_deployment, simulate_plan_instance
     from flowc.plan_io import read_spec
     from flowc.replay import replay_report, replay_requests
+    from flowc.runtime.disagg import DisaggregatedEngine
 
     plan, dp = engine.plan_document, engine.plan
     checked = read_spec(plan, args.plan, args.against, out, why="a replay samples the spec's workload",
@@ -208,8 +212,11 @@ def _replay(args, engine, out) -> int:
     requests, sampled = replay_requests(workload, args.requests, engine.config.vocab, args.seed,
                                         engine.config.max_context)
     outputs = engine.generate(requests, replay=True, time_scale=args.time_scale)
-    group = dp.groups.index(engine.group)
-    predicted = simulate_plan_instance(spec, dp, group, sampled.scaled(1 / args.time_scale))
+    scaled = sampled.scaled(1 / args.time_scale)
+    if isinstance(engine, DisaggregatedEngine):  # every instance runs, behind the engine's round robin
+        predicted = simulate_plan_deployment(spec, dp, scaled, router="round_robin")
+    else:
+        predicted = simulate_plan_instance(spec, dp, dp.groups.index(engine.group), scaled)
     report = replay_report(outputs, predicted)
     if out.json:
         print(json.dumps(report, indent=2))

@@ -1,11 +1,14 @@
 """The flowc runtime: executes compiled plans (engine, scheduler, KV cache, kernels).
 
-`from flowc.runtime import Engine, Request, SamplingParams`; torch is imported on first use,
+`from flowc.runtime import Engine, Request, SamplingParams` (`open_plan` for any plan: an `Engine`,
+or a `DisaggregatedEngine` for prefill and decode instances); torch is imported on first use,
 so `import flowc.runtime` alone stays cheap.
 """
 
 _EXPORTS = {"Engine": "engine", "EngineError": "engine", "Request": "engine", "RequestOutput": "engine",
-            "TokenEvent": "engine", "SamplingParams": "sequence", "RequestError": "sequence"}
+            "TokenEvent": "engine", "SamplingParams": "sequence", "RequestError": "sequence",
+            "DisaggregatedEngine": "disagg", "open_plan": "disagg", "KVTransport": "disagg",
+            "InProcessTransport": "disagg"}
 
 
 def __getattr__(name: str):

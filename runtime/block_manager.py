@@ -112,6 +112,10 @@ class BlockManager:
         blocks if need be)."""
         return self._num_new_blocks(seq, num_new_tokens) <= len(self._free) + len(self._cached)
 
+    def can_hold(self, num_tokens: int) -> bool:
+        """Whether a sequence holding no blocks could get the blocks of num_tokens tokens now."""
+        return self.blocks_for(num_tokens) <= len(self._free) + len(self._cached)
+
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
         """Give seq the blocks to hold num_computed_tokens + num_new_tokens tokens: free blocks
         first, then the least recently used cached blocks (forgetting their content)."""

@@ -16,8 +16,8 @@ queued; a bad request gets its own error (RequestError, or an error event in a b
 disturbs the others. A request ends with exactly one final event: its last token with
 finish_reason "stop" or "length", or, aborted, an event without a token and finish_reason
 "abort". The engine is not thread-safe: one loop drives it.
-Tensor parallelism runs one process per rank over torch.distributed (`runner.py`); this
-process is rank 0 and drives the others.
+Tensor and pipeline parallelism run one process per rank over torch.distributed (`runner.py`);
+this process is rank 0 and drives the others.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from flowc.compiler.units import format_gib
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .kernels import backend_problem, resolve_backend, tile_problem
-from .runner import RunnerSpec, make_runner
+from .runner import RankFailure, RunnerSpec, make_runner
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestError, SamplingParams, Sequence, finite_float, is_token_id
@@ -154,8 +155,9 @@ def _colocated_group(dp: DeploymentPlan) -> InstanceGroup:
     for g in dp.groups:
         if g.role == "colocated":
             return g
-    raise EngineError(f"deployment `{dp.name}` is disaggregated (prefill and decode instances); the flowc "
-                      "runtime runs colocated instances only: compile without `allow disaggregation`")
+    raise EngineError(f"deployment `{dp.name}` is disaggregated (prefill and decode instances); `Engine` runs "
+                      "one colocated instance: run it with `flowc.runtime.open_plan` (or "
+                      "`DisaggregatedEngine.from_plan`), or compile without `allow disaggregation`")
 
 
 def _device_for(group: InstanceGroup) -> torch.device:
@@ -178,22 +180,24 @@ def _tile_problem(backend: str, device: torch.device, model, group: InstanceGrou
             "compile with `block_size in [16 tok]` (or another power of two), or run with `--backend torch`")
 
 
-def _host_problem(group: InstanceGroup, device: torch.device) -> Optional[tuple[str, str]]:
-    """(message, help) when this machine cannot start the instance: one process per TP rank, each
-    on a device of its own (a CPU core, or a GPU) with the memory its memory map takes."""
+def _host_problem(group: InstanceGroup, device: torch.device, share_cores: bool = False) -> Optional[tuple[str, str]]:
+    """(message, help) when this machine cannot start the instance: one process per rank (tp x pp),
+    each on a device of its own (a CPU core, or a GPU; with `share_cores`, CPU ranks may share
+    cores) with the memory its memory map takes."""
     if device.type == "cpu":
         devices = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         memory, what = _host_memory(), f"{devices} CPU cores"
     else:
         devices = torch.cuda.device_count()
         memory, what = torch.cuda.get_device_properties(0).total_memory * devices, f"{devices} CUDA devices"
-    if group.tp > devices:
-        return (f"the instance runs tp {group.tp}, one process per rank, and this machine has {what}",
+    ranks = group.tp * group.pp
+    if ranks > devices and not (share_cores and device.type == "cpu"):
+        return (f"the instance runs tp {group.tp} x pp {group.pp}, one process per rank, and this machine has {what}",
                 "compile the spec for this machine's devices (`gpu cpu-local x N` counts CPU cores)")
     m = group.memory
-    need = group.tp * (m.weights + m.kv_cache + m.activations)
+    need = ranks * (m.weights + m.kv_cache + m.activations)
     if memory is not None and need > memory:
-        return (f"the instance takes {format_gib(need)} (weights, KV cache and activations of {group.tp} ranks), "
+        return (f"the instance takes {format_gib(need)} (weights, KV cache and activations of {ranks} ranks), "
                 f"and this machine has {format_gib(memory)}", "compile the spec for this machine's memory")
     return None
 
@@ -212,175 +216,45 @@ def _dtype(name: str, what: str) -> torch.dtype:
     return DTYPES[name]
 
 
-class Engine:
-    """Continuous-batching engine for one instance of a plan (see the module docstring)."""
+class ServingAPI(ABC):
+    """The request API an engine serves (docs/runtime.md): batches (`generate`, `stream`, with
+    replay), a server loop's `add_request` and `abort`, ids, final events and the context
+    manager. One home for `Engine` (one instance) and `disagg.DisaggregatedEngine` (prefill and
+    decode instances), which provide `_validate`, `_queue`, `_abort`, `poll`, `has_work`, `now`
+    and `close`, and hold `_live` (outputs in flight by id), `_events` (final events for the next
+    poll) and `_ids` (a counter)."""
 
-    def __init__(self, config: ModelConfig, plan: Plan, dp: DeploymentPlan, group: InstanceGroup, *,
-                 weights: Optional[Path], dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device, backend: str,
-                 seed: int):
-        self.config, self.plan_document, self.plan, self.group = config, plan, dp, group
-        s = group.scheduler
-        self.runner = make_runner(RunnerSpec(config=config, tp=group.tp, weights=weights, dtype=dtype,
-                                             kv_dtype=kv_dtype, device=str(device), backend=backend, seed=seed,
-                                             num_blocks=group.memory.kv_blocks, block_size=s.block_size,
-                                             arena_offsets=dict(group.memory.arena_offsets),
-                                             arena_sizes=dict(group.memory.arena_sizes)))
-        self.block_manager = BlockManager(group.memory.kv_blocks, s.block_size)
-        self.scheduler = Scheduler(self.block_manager, max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
-                                   chunk_size=s.chunk_size, chunked_prefill=s.chunked_prefill)
-        self.sampler = Sampler()
-        self._ids = itertools.count()
-        self._live: dict[str, RequestOutput] = {}  # the requests in flight, by id
-        self._events: list[TokenEvent] = []  # final events of aborted requests, for the next poll
-        self._warm_up()
-        self._clock_start = time.perf_counter()
+    _live: dict[str, RequestOutput]
+    _events: list[TokenEvent]
+    _ids: Iterator[int]
 
-    def _warm_up(self) -> None:
-        """Run the model on dummy steps before the first request, as a server does at start-up,
-        so no request pays the one-time costs: Triton compiling each kernel specialization
-        (prefill and decode tiles, one sequence and many), allocator growth, thread-pool start.
-        The steps write KV slots of blocks nobody holds yet; nothing is sampled or cached."""
-        s, blocks = self.group.scheduler, self.block_manager.num_blocks
-        bs = s.block_size
-        prompt = min(s.max_batched_tokens, self.config.max_context, blocks * bs)
-        batch = min(s.max_seqs, blocks, s.max_batched_tokens)
-        # (sequences, new tokens each): a long prefill, a batched one, decodes of one and many
-        for n, length in dict.fromkeys([(1, prompt), (2, 2), (1, 1), (batch, 1)]):
-            width = -(-length // bs)
-            if n * width > blocks or n * length > s.max_batched_tokens or n > s.max_seqs:
-                continue
-            tables = [list(range(i * width, (i + 1) * width)) for i in range(n)]
-            self.runner.run({"input_ids": [0] * (n * length), "positions": list(range(length)) * n,
-                             "slot_mapping": [t[p // bs] * bs + p % bs for t in tables for p in range(length)],
-                             "block_tables": tables, "seq_lens": [length] * n,
-                             "query_start_loc": [i * length for i in range(n + 1)],
-                             "logits_indices": [(i + 1) * length - 1 for i in range(n)]})
-
-    @classmethod
-    def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
-                  dtype: Optional[str] = None, backend: str = "auto", seed: int = 0) -> "Engine":
-        """The engine for `plan`'s colocated instance. `weights`: a local Hugging Face model
-        directory (config.json + safetensors) whose shapes must match the plan's model; None
-        draws random weights from `seed`. `dtype` ("fp32", "bf16", "fp16") overrides the plan's
-        weight, activation and KV dtype, for exact comparisons; block counts stay the plan's."""
-        p = load_plan(plan)
-        dp = _deployment(p, deployment)
-        if dp.model_spec is None:
-            raise EngineError(f"plan format {p.format_version} does not carry the model; compile the spec again "
-                              "with this flowc")
-        group = _colocated_group(dp)
-        if group.pp > 1:
-            raise EngineError(f"deployment `{dp.name}` uses pipeline parallelism (pp {group.pp}); the flowc runtime "
-                              "runs pp 1 only: restrict the spec with `pp in [1]`")
-        if group.ep > 1:
-            raise EngineError(f"deployment `{dp.name}` uses expert parallelism (ep {group.ep}); the flowc runtime "
-                              "splits every expert over the TP ranks instead: restrict the spec with `ep in [1]`")
-        if group.memory.offloaded:
-            raise EngineError(f"deployment `{dp.name}` offloads weights to host memory; the flowc runtime keeps "
-                              "every weight on the device: compile with `forbid offload`")
-        config = ModelConfig.from_spec(dp.model_spec)
-        weights_dir = None
-        if weights is not None:
-            weights_dir = Path(weights)
-            config = _hf_config(weights_dir, dp)
-        device = _device_for(group)
-        problem = (backend_problem(backend, str(device)) or _tile_problem(backend, device, dp.model_spec, group)
-                   or _host_problem(group, device))
-        if problem is not None:  # before any worker starts: a plan for cpu-local on a GPU machine
-            raise EngineError(f"{problem[0]}; {problem[1]}")
-        if dtype is not None and dtype not in DTYPES:
-            raise EngineError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-        w_dtype = DTYPES[dtype] if dtype else _dtype(dp.weights, "weights")
-        kv_dtype = DTYPES[dtype] if dtype else _dtype(dp.kv, "the KV cache")
-        return cls(config, p, dp, group, weights=weights_dir, dtype=w_dtype, kv_dtype=kv_dtype, device=device,
-                   backend=backend, seed=seed)
-
-    # ------------------------------------------------------------------ requests
-
+    @abstractmethod
     def _validate(self, request: Request) -> None:
-        """Raise RequestError saying what is wrong with `request` for this engine; whatever its
-        fields hold, nothing else is raised."""
-        prompt, params, c = request.prompt_token_ids, request.params, self.config
-        if request.request_id is not None and not isinstance(request.request_id, str):
-            raise RequestError(f"request_id must be a string or None, got {request.request_id!r}")
-        if _arrival(request) is None:
-            raise RequestError(f"arrival_time must be a finite number of seconds >= 0, got {request.arrival_time!r}")
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if not isinstance(prompt, (list, tuple)):
-            raise RequestError(f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}")
-        if not prompt:
-            raise RequestError("the prompt is empty: give at least one token")
-        for i, token in enumerate(prompt):
-            if not is_token_id(token, c.vocab):
-                raise RequestError(f"prompt token {i} is {token!r}, not a token id of this model "
-                                   f"(an int from 0 to {c.vocab - 1})")
-        params.validate(c.vocab)
-        if len(prompt) + params.max_tokens > c.max_context:
-            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the "
-                               f"model's context of {c.max_context} tokens; shorten the prompt or lower max_tokens")
-        # the last sampled token is never fed back: the cache holds at most prompt + max_tokens - 1
-        peak = len(prompt) + params.max_tokens - 1
-        problem = (self.scheduler.unservable(peak, prompt_only=False)
-                   or self.scheduler.unservable(len(prompt), prompt_only=True))
-        if problem:
-            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} cannot run on this "
-                               f"instance: {problem}; shorten the prompt or lower max_tokens")
+        """RequestError unless `request` can run here."""
 
-    def _new_id(self, taken: Container[str] = ()) -> str:
-        """A request id for a request that has none: not in flight, and not in `taken`."""
-        while True:
-            request_id = str(next(self._ids))
-            if request_id not in self._live and request_id not in taken:
-                return request_id
-
+    @abstractmethod
     def _queue(self, request: Request, request_id: str, arrival_time: float) -> RequestOutput:
-        """Queue a validated request under `request_id` (RequestError if that id is in flight)."""
-        if request_id in self._live:
-            raise RequestError(f"duplicate request id {request_id!r}: a request with this id is in flight")
-        seq = Sequence(request_id=request_id, prompt_token_ids=list(request.prompt_token_ids), params=request.params,
-                       eos_token_ids=self.config.eos_token_ids, arrival_time=arrival_time)
-        self.scheduler.add(seq)
-        output = RequestOutput(request_id, seq.prompt_token_ids, seq.output_token_ids, None, arrival_time=arrival_time)
-        self._live[request_id] = output
-        return output
+        """Queue a validated request under `request_id`; its output."""
 
+    @abstractmethod
+    def _abort(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request in flight, its blocks freed; its output, or None."""
+
+    @abstractmethod
+    def poll(self) -> list[TokenEvent]:
+        """Run one step and return the events since the last call."""
+
+    @abstractmethod
+    def has_work(self) -> bool:
+        """Whether a request is in flight or a final event is still to be given."""
+
+    @abstractmethod
     def now(self) -> float:
-        return time.perf_counter() - self._clock_start
+        """Seconds on the engine clock."""
 
-    # ------------------------------------------------------------------ stepping
-
-    def step(self) -> tuple[list[ScheduledSeq], list[Sequence]]:
-        """One iteration: the sequences it ran and those that finished (`poll` records them
-        and makes their events; call that unless you keep the books yourself)."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return [], []
-        logits = self.runner.run(self._inputs(scheduled))
-        sampling = [s.seq for s in scheduled if s.samples]
-        sampled = self.sampler.sample(logits, sampling) if sampling else []
-        finished = self.scheduler.postprocess(scheduled, sampled, self.now())
-        return scheduled, finished
-
-    def _inputs(self, scheduled: list[ScheduledSeq]) -> dict[str, list]:
-        """The step's inputs as plain lists (the runner copies them into its workspace)."""
-        bm = self.block_manager
-        ids, positions, slots, tables, seq_lens, starts, rows = [], [], [], [], [], [0], []
-        for s in scheduled:
-            tokens = s.seq.token_ids
-            span = range(s.start, s.start + s.num_tokens)
-            ids.extend(tokens[p] for p in span)
-            positions.extend(span)
-            slots.extend(bm.slot(s.seq, p) for p in span)
-            tables.append(list(s.seq.block_ids))
-            seq_lens.append(s.start + s.num_tokens)
-            starts.append(starts[-1] + s.num_tokens)
-            if s.samples:
-                rows.append(starts[-1] - 1)
-        return {"input_ids": ids, "positions": positions, "slot_mapping": slots, "block_tables": tables,
-                "seq_lens": seq_lens, "query_start_loc": starts, "logits_indices": rows}
-
-    # ------------------------------------------------------------------ the API
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the engine's processes."""
 
     def add_request(self, request: Request, arrival_time: Optional[float] = None) -> RequestOutput:
         """Validate `request` and queue it; RequestError (and nothing queued) when it is invalid
@@ -400,37 +274,6 @@ class Engine:
         if output is not None:
             self._events.append(_final_event(output))
         return output
-
-    def _abort(self, request_id: str) -> Optional[RequestOutput]:
-        seq = self.scheduler.abort(request_id)
-        if seq is None:
-            return None
-        return self._record(seq)
-
-    def has_work(self) -> bool:
-        """Whether a request is in flight or a final event is still to be given."""
-        return self.scheduler.has_work() or bool(self._events)
-
-    def poll(self) -> list[TokenEvent]:
-        """Run one step (if a request is in flight) and return the events since the last call:
-        final events of aborted requests, then each token the step sampled, in batch order
-        (a request's last token carries its finish_reason), then final events of requests the
-        scheduler gave up on (`error` says why)."""
-        events, self._events = self._events, []
-        if not self.scheduler.has_work():
-            return events
-        scheduled, finished = self.step()
-        done = {id(seq) for seq in finished}
-        for s in scheduled:
-            if s.samples:
-                seq = s.seq
-                reason = seq.finish_reason if id(seq) in done else None
-                events.append(TokenEvent(seq.request_id, seq.output_token_ids[-1], len(seq.output_token_ids) - 1,
-                                         reason))
-        for seq in finished:
-            self._record(seq)
-        events.extend(_final_event(self._record(seq)) for seq in self.scheduler.take_aborted())
-        return events
 
     def stream(self, requests: Iterable[Request], *, replay: bool = False, time_scale: float = 1.0
                ) -> Iterator[TokenEvent]:
@@ -537,6 +380,246 @@ class Engine:
                                error=error, arrival_time=arrival_time)
         return output, TokenEvent(request_id, None, 0, None, error)
 
+    def _new_id(self, taken: Container[str] = ()) -> str:
+        """A request id for a request that has none: not in flight, and not in `taken`."""
+        while True:
+            request_id = str(next(self._ids))
+            if request_id not in self._live and request_id not in taken:
+                return request_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Engine(ServingAPI):
+    """Continuous-batching engine for one instance of a plan (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, plan: Plan, dp: DeploymentPlan, group: InstanceGroup, *,
+                 weights: Optional[Path], dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device, backend: str,
+                 seed: int, timeout_s: float = 120.0):
+        self.config, self.plan_document, self.plan, self.group = config, plan, dp, group
+        self.failure: Optional[str] = None  # why a worker failed: the engine then serves nothing
+        s = group.scheduler
+        self.runner = make_runner(RunnerSpec(config=config, tp=group.tp, pp=group.pp, weights=weights, dtype=dtype,
+                                             kv_dtype=kv_dtype, device=str(device), backend=backend, seed=seed,
+                                             num_blocks=group.memory.kv_blocks, block_size=s.block_size,
+                                             arena_offsets=dict(group.memory.arena_offsets),
+                                             arena_sizes=dict(group.memory.arena_sizes), timeout_s=timeout_s))
+        self.block_manager = BlockManager(group.memory.kv_blocks, s.block_size)
+        self.scheduler = Scheduler(self.block_manager, max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
+                                   chunk_size=s.chunk_size, chunked_prefill=s.chunked_prefill)
+        self.sampler = Sampler()
+        self._ids = itertools.count()
+        self._live: dict[str, RequestOutput] = {}  # the requests in flight, by id
+        self._events: list[TokenEvent] = []  # final events of aborted requests, for the next poll
+        self._warm_up()
+        self._clock_start = time.perf_counter()
+
+    def _warm_up(self) -> None:
+        """Run the model on dummy steps before the first request, as a server does at start-up,
+        so no request pays the one-time costs: Triton compiling each kernel specialization
+        (prefill and decode tiles, one sequence and many), allocator growth, thread-pool start.
+        The steps write KV slots of blocks nobody holds yet; nothing is sampled or cached."""
+        s, blocks = self.group.scheduler, self.block_manager.num_blocks
+        bs = s.block_size
+        prompt = min(s.max_batched_tokens, self.config.max_context, blocks * bs)
+        batch = min(s.max_seqs, blocks, s.max_batched_tokens)
+        # (sequences, new tokens each): a long prefill, a batched one, decodes of one and many
+        for n, length in dict.fromkeys([(1, prompt), (2, 2), (1, 1), (batch, 1)]):
+            width = -(-length // bs)
+            if n * width > blocks or n * length > s.max_batched_tokens or n > s.max_seqs:
+                continue
+            tables = [list(range(i * width, (i + 1) * width)) for i in range(n)]
+            self.runner.run({"input_ids": [0] * (n * length), "positions": list(range(length)) * n,
+                             "slot_mapping": [t[p // bs] * bs + p % bs for t in tables for p in range(length)],
+                             "block_tables": tables, "seq_lens": [length] * n,
+                             "query_start_loc": [i * length for i in range(n + 1)],
+                             "logits_indices": [(i + 1) * length - 1 for i in range(n)]})
+
+    @classmethod
+    def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
+                  dtype: Optional[str] = None, backend: str = "auto", seed: int = 0,
+                  share_cores: bool = False, timeout_s: float = 120.0) -> "Engine":
+        """The engine for `plan`'s colocated instance. `weights`: a local Hugging Face model
+        directory (config.json + safetensors) whose shapes must match the plan's model; None
+        draws random weights from `seed`. `dtype` ("fp32", "bf16", "fp16") overrides the plan's
+        weight, activation and KV dtype, for exact comparisons; block counts stay the plan's.
+        `share_cores`: a CPU plan may run more ranks (tp x pp processes) than this machine has
+        cores, slower but with the same results (tests and demos on small machines). A worker
+        process that dies, or does not answer a step for `timeout_s`, fails the requests in
+        flight (final events with `error` saying which rank) and stops the engine."""
+        p = load_plan(plan)
+        dp = _deployment(p, deployment)
+        return cls.for_group(p, dp, _colocated_group(dp), weights, dtype=dtype, backend=backend, seed=seed,
+                             share_cores=share_cores, timeout_s=timeout_s)
+
+    @classmethod
+    def for_group(cls, p: Plan, dp: DeploymentPlan, group: InstanceGroup, weights: str | Path | None = None, *,
+                  dtype: Optional[str] = None, backend: str = "auto", seed: int = 0,
+                  share_cores: bool = False, timeout_s: float = 120.0) -> "Engine":
+        """The engine for one instance of `group`, a group of deployment `dp` of the loaded plan
+        `p` (`from_plan`'s other arguments); `from_plan` and the disaggregated engine (disagg.py)
+        build every engine here, so every instance passes the same checks."""
+        if dp.model_spec is None:
+            raise EngineError(f"plan format {p.format_version} does not carry the model; compile the spec again "
+                              "with this flowc")
+        if group.ep > 1:
+            raise EngineError(f"deployment `{dp.name}` uses expert parallelism (ep {group.ep}); the flowc runtime "
+                              "splits every expert over the TP ranks instead: restrict the spec with `ep in [1]`")
+        if group.memory.offloaded:
+            raise EngineError(f"deployment `{dp.name}` offloads weights to host memory; the flowc runtime keeps "
+                              "every weight on the device: compile with `forbid offload`")
+        config = ModelConfig.from_spec(dp.model_spec)
+        weights_dir = None
+        if weights is not None:
+            weights_dir = Path(weights)
+            config = _hf_config(weights_dir, dp)
+        device = _device_for(group)
+        problem = (backend_problem(backend, str(device)) or _tile_problem(backend, device, dp.model_spec, group)
+                   or _host_problem(group, device, share_cores))
+        if problem is not None:  # before any worker starts: a plan for cpu-local on a GPU machine
+            raise EngineError(f"{problem[0]}; {problem[1]}")
+        if dtype is not None and dtype not in DTYPES:
+            raise EngineError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        w_dtype = DTYPES[dtype] if dtype else _dtype(dp.weights, "weights")
+        kv_dtype = DTYPES[dtype] if dtype else _dtype(dp.kv, "the KV cache")
+        return cls(config, p, dp, group, weights=weights_dir, dtype=w_dtype, kv_dtype=kv_dtype, device=device,
+                   backend=backend, seed=seed, timeout_s=timeout_s)
+
+    # ------------------------------------------------------------------ requests
+
+    def _validate(self, request: Request) -> None:
+        """Raise RequestError saying what is wrong with `request` for this engine; whatever its
+        fields hold, nothing else is raised (but EngineError once a worker failure stopped the engine)."""
+        if self.failure is not None:
+            raise EngineError(self.failure)
+        prompt, params, c = request.prompt_token_ids, request.params, self.config
+        if request.request_id is not None and not isinstance(request.request_id, str):
+            raise RequestError(f"request_id must be a string or None, got {request.request_id!r}")
+        if _arrival(request) is None:
+            raise RequestError(f"arrival_time must be a finite number of seconds >= 0, got {request.arrival_time!r}")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(prompt, (list, tuple)):
+            raise RequestError(f"prompt_token_ids must be a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise RequestError("the prompt is empty: give at least one token")
+        for i, token in enumerate(prompt):
+            if not is_token_id(token, c.vocab):
+                raise RequestError(f"prompt token {i} is {token!r}, not a token id of this model "
+                                   f"(an int from 0 to {c.vocab - 1})")
+        params.validate(c.vocab)
+        if len(prompt) + params.max_tokens > c.max_context:
+            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the "
+                               f"model's context of {c.max_context} tokens; shorten the prompt or lower max_tokens")
+        # the last sampled token is never fed back: the cache holds at most prompt + max_tokens - 1
+        peak = len(prompt) + params.max_tokens - 1
+        problem = (self.scheduler.unservable(peak, prompt_only=False)
+                   or self.scheduler.unservable(len(prompt), prompt_only=True))
+        if problem:
+            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} cannot run on this "
+                               f"instance: {problem}; shorten the prompt or lower max_tokens")
+
+    def _queue(self, request: Request, request_id: str, arrival_time: float, handoff: bool = False
+               ) -> RequestOutput:
+        """Queue a validated request under `request_id` (RequestError if that id is in flight);
+        `handoff`: a prefill instance's request, which stops after its first token (disagg.py)."""
+        if request_id in self._live:
+            raise RequestError(f"duplicate request id {request_id!r}: a request with this id is in flight")
+        seq = Sequence(request_id=request_id, prompt_token_ids=list(request.prompt_token_ids), params=request.params,
+                       eos_token_ids=self.config.eos_token_ids, arrival_time=arrival_time, handoff=handoff)
+        self.scheduler.add(seq)
+        output = RequestOutput(request_id, seq.prompt_token_ids, seq.output_token_ids, None, arrival_time=arrival_time)
+        self._live[request_id] = output
+        return output
+
+    def now(self) -> float:
+        return time.perf_counter() - self._clock_start
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> tuple[list[ScheduledSeq], list[Sequence]]:
+        """One iteration: the sequences it ran and those that finished (`poll` records them
+        and makes their events; call that unless you keep the books yourself)."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return [], []
+        logits = self.runner.run(self._inputs(scheduled))
+        sampling = [s.seq for s in scheduled if s.samples]
+        sampled = self.sampler.sample(logits, sampling) if sampling else []
+        finished = self.scheduler.postprocess(scheduled, sampled, self.now())
+        return scheduled, finished
+
+    def _inputs(self, scheduled: list[ScheduledSeq]) -> dict[str, list]:
+        """The step's inputs as plain lists (the runner copies them into its workspace)."""
+        bm = self.block_manager
+        ids, positions, slots, tables, seq_lens, starts, rows = [], [], [], [], [], [0], []
+        for s in scheduled:
+            tokens = s.seq.token_ids
+            span = range(s.start, s.start + s.num_tokens)
+            ids.extend(tokens[p] for p in span)
+            positions.extend(span)
+            slots.extend(bm.slot(s.seq, p) for p in span)
+            tables.append(list(s.seq.block_ids))
+            seq_lens.append(s.start + s.num_tokens)
+            starts.append(starts[-1] + s.num_tokens)
+            if s.samples:
+                rows.append(starts[-1] - 1)
+        return {"input_ids": ids, "positions": positions, "slot_mapping": slots, "block_tables": tables,
+                "seq_lens": seq_lens, "query_start_loc": starts, "logits_indices": rows}
+
+    # ------------------------------------------------------------------ the API
+
+    def _abort(self, request_id: str) -> Optional[RequestOutput]:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return None
+        return self._record(seq)
+
+    def has_work(self) -> bool:
+        """Whether a request is in flight or a final event is still to be given."""
+        return self.scheduler.has_work() or bool(self._events)
+
+    def poll(self) -> list[TokenEvent]:
+        """Run one step (if a request is in flight) and return the events since the last call:
+        final events of aborted requests, then each token the step sampled, in batch order
+        (a request's last token carries its finish_reason), then final events of requests the
+        scheduler gave up on (`error` says why)."""
+        events, self._events = self._events, []
+        if not self.scheduler.has_work():
+            return events
+        try:
+            scheduled, finished = self.step()
+        except RankFailure as failure:
+            return events + self._fail(str(failure))
+        done = {id(seq) for seq in finished}
+        for s in scheduled:
+            if s.samples:
+                seq = s.seq
+                reason = seq.finish_reason if id(seq) in done else None
+                events.append(TokenEvent(seq.request_id, seq.output_token_ids[-1], len(seq.output_token_ids) - 1,
+                                         reason))
+        for seq in finished:
+            self._record(seq)
+        events.extend(_final_event(self._record(seq)) for seq in self.scheduler.take_aborted())
+        return events
+
+    def _fail(self, reason: str) -> list[TokenEvent]:
+        """A worker failed: every request in flight ends with an "abort" final event whose error
+        says why, the workers left are stopped, and the engine takes no more requests."""
+        self.failure = f"the engine stopped: {reason}"
+        events = [_final_event(self._record(seq)) for seq in self.scheduler.take_aborted()]
+        for request_id in list(self._live):
+            seq = self.scheduler.abort(request_id)
+            if seq is not None:
+                seq.error = self.failure
+                events.append(_final_event(self._record(seq)))
+        self.runner.close()
+        return events
+
     def _record(self, seq: Sequence) -> RequestOutput:
         """Fill in the output of a request that finished (or was aborted); it leaves the engine."""
         out = self._live.pop(seq.request_id)
@@ -549,15 +632,32 @@ class Engine:
         out.error = seq.error
         return out
 
+    # ------------------------------------------------------------------ disaggregated serving (disagg.py)
+
+    def hand_off(self, request_id: str) -> RequestOutput:
+        """A prefill instance's PREFILLED request moves on: its output leaves this engine (the
+        decode instance records it); the sequence stays parked, holding its blocks, until
+        `scheduler.release` after its KV moved."""
+        return self._live.pop(request_id)
+
+    def take_over(self, prefilled: Sequence, output: RequestOutput) -> Sequence:
+        """A decode instance takes a prefilled request (`scheduler.can_receive` first): its own
+        sequence, RECEIVING with blocks reserved for the prompt's KV, carrying the first token,
+        timings, preemptions and sampling generator; it records `output` when it ends."""
+        # the same output list and generator: `output` keeps showing the tokens as they come, and
+        # a seeded request samples on as if it had never moved
+        seq = Sequence(request_id=prefilled.request_id, prompt_token_ids=prefilled.prompt_token_ids,
+                       params=prefilled.params, eos_token_ids=prefilled.eos_token_ids,
+                       arrival_time=prefilled.arrival_time, output_token_ids=prefilled.output_token_ids,
+                       num_cached_tokens=prefilled.num_cached_tokens, first_token_time=prefilled.first_token_time,
+                       token_times=list(prefilled.token_times), num_preemptions=prefilled.num_preemptions,
+                       generator=prefilled.generator)
+        self.scheduler.receive(seq)
+        self._live[seq.request_id] = output
+        return seq
+
     def close(self):
         self.runner.close()
-
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def _hf_config(weights: Path, dp: DeploymentPlan) -> ModelConfig:
     """The model config of a local HF directory, refused when it is not the plan's model."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from flowc.compiler.model.geometry import kv_heads_per_rank
 
 from .config import ModelConfig
 
-__all__ = ["Parallel", "RankLayout", "launch", "free_port"]
+__all__ = ["CommTime", "Parallel", "RankLayout", "launch", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,18 @@ class RankLayout:
     last_stage: bool
 
 
+@dataclass
+class CommTime:
+    """Seconds this rank spent in TP collectives and in pipeline sends and receives (with their
+    counts), for benchmarks/bench_distributed.py. Gloo's calls return when done, so on CPU this
+    is the time they took; NCCL's return once queued, so on GPUs it is the host's share only."""
+
+    collectives: float = 0.0
+    collective_calls: int = 0
+    pipeline: float = 0.0
+    pipeline_calls: int = 0
+
+
 @dataclass(frozen=True)
 class Parallel:
     """This rank's place: `tp_rank` of `tp_size` in the TP `group` (None: the default process
@@ -53,6 +66,7 @@ class Parallel:
     group: Any = None
     pp_rank: int = 0
     pp_size: int = 1
+    comm: CommTime = field(default_factory=CommTime, compare=False)
 
     def __post_init__(self):
         if not (0 <= self.tp_rank < self.tp_size and 0 <= self.pp_rank < self.pp_size):
@@ -61,16 +75,41 @@ class Parallel:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over the TP ranks, in place; returns `t`."""
         if self.tp_size > 1:
+            start = time.perf_counter()
             dist.all_reduce(t, group=self.group)
+            self._collective(start)
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """The TP ranks' `t` concatenated along `dim`, in rank order (`t` itself at tp 1)."""
         if self.tp_size == 1:
             return t
+        start = time.perf_counter()
         parts = [torch.empty_like(t) for _ in range(self.tp_size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
+        self._collective(start)
         return torch.cat(parts, dim=dim)
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        """Send `t` to global rank `dst` (pipeline stages, point to point)."""
+        start = time.perf_counter()
+        dist.send(t, dst=dst)
+        self._hop(start)
+
+    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive into `t` from global rank `src`; returns `t`."""
+        start = time.perf_counter()
+        dist.recv(t, src=src)
+        self._hop(start)
+        return t
+
+    def _collective(self, start: float) -> None:
+        self.comm.collectives += time.perf_counter() - start
+        self.comm.collective_calls += 1
+
+    def _hop(self, start: float) -> None:
+        self.comm.pipeline += time.perf_counter() - start
+        self.comm.pipeline_calls += 1
 
     def layout(self, config: ModelConfig) -> RankLayout:
         """This rank's slices of `config`. The degrees split it evenly: `Engine.from_plan` refuses

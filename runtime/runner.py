@@ -1,9 +1,17 @@
 """Model runners: own the model, the KV pool and the workspace of one instance, and run steps.
 
-`LocalRunner` runs the whole instance in this process (tp 1). `DistributedRunner` runs one
-process per tensor-parallel rank over torch.distributed (gloo on CPU, NCCL on GPUs): this
-process is rank 0, spawns the others, and broadcasts each step's inputs; every rank runs the
-same forward on its shard and rank 0 gets the full logits.
+`LocalRunner` runs the whole instance in this process (tp = pp = 1). `DistributedRunner` runs
+one process per rank of the instance's tp x pp grid over torch.distributed (gloo on CPU, NCCL
+on GPUs). Rank r is TP rank r % tp of pipeline stage r // tp (`rank_grid`); each stage's TP
+ranks share a process group for their all-reduces. This process is rank 0: it spawns the
+others and broadcasts each step's inputs to all of them. Stage s runs its layers and sends the
+residual stream to the same TP rank of stage s + 1 (point to point); the last stage's TP rank
+0 sends the gathered logits back to rank 0. A step crosses the stages one after the other:
+pipeline parallelism here splits the weights and the KV cache, not the time of a step.
+
+Faults: a worker that dies, or stops answering for `timeout_s`, makes `run` raise `RankFailure`
+(the engine fails its requests with that message); `close` then kills the workers left instead
+of waiting for them.
 
 Both build a rank's state the same way (`_RankState`): the model from the plan's model (random
 weights from the seed, or a local HF directory), the KV pool with the plan's block count and
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -48,12 +57,27 @@ class RunnerSpec:
     block_size: int
     arena_offsets: dict[str, int] = field(default_factory=dict)
     arena_sizes: dict[str, int] = field(default_factory=dict)
+    pp: int = 1
+    timeout_s: float = 120.0  # a collective that waits longer fails the step (a hung rank)
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp
+
+
+class RankFailure(RuntimeError):
+    """A worker process of the instance died or stopped answering; the message says which."""
+
+
+def rank_grid(rank: int, tp: int) -> tuple[int, int]:
+    """(pipeline stage, TP rank) of global rank `rank` in an instance of TP degree `tp`."""
+    return rank // tp, rank % tp
 
 
 class _RankState:
-    def __init__(self, spec: RunnerSpec, parallel: Parallel):
-        device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{parallel.tp_rank}")
-        self.device = device
+    def __init__(self, spec: RunnerSpec, parallel: Parallel, rank: int = 0):
+        device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{rank}")
+        self.device, self.rank, self.spec, self.parallel = device, rank, spec, parallel
         c = spec.config
         self.model = CausalLM(c, get_ops(spec.backend, str(device)), parallel, spec.dtype, device)
         if spec.weights is not None:
@@ -66,7 +90,28 @@ class _RankState:
         else:
             self.workspace = HeapWorkspace(device)
 
-    def run(self, inputs: dict[str, list]) -> torch.Tensor:
+    def run(self, inputs: dict[str, list]) -> Optional[torch.Tensor]:
+        """This rank's part of one step: rank 0 returns the logits, the others None."""
+        spec, par = self.spec, self.parallel
+        hidden = None
+        if par.pp_rank > 0:  # the previous stage's residual stream, into this stage's residual buffer
+            hidden = self.workspace.buffer("residual", (len(inputs["input_ids"]), spec.config.hidden), spec.dtype)
+            par.recv(hidden, src=self.rank - spec.tp)
+        out = self._forward(inputs, hidden)
+        if par.pp_rank < par.pp_size - 1:
+            par.send(out, dst=self.rank + spec.tp)
+            out = None
+        elif par.pp_size > 1 and par.tp_rank == 0:
+            par.send(out.contiguous(), dst=0)
+        if self.rank != 0:
+            return None
+        if par.pp_size > 1:  # the last stage's logits
+            out = torch.empty(len(inputs["logits_indices"]), spec.config.vocab, dtype=torch.float32,
+                              device=self.device)
+            par.recv(out, src=spec.world - spec.tp)
+        return out
+
+    def _forward(self, inputs: dict[str, list], hidden: Optional[torch.Tensor]) -> torch.Tensor:
         tensors = {}
         for name in INDEX_INPUTS:
             values = torch.tensor(inputs[name], dtype=torch.int64)
@@ -80,7 +125,7 @@ class _RankState:
                           query_start_loc=torch.tensor(inputs["query_start_loc"], dtype=torch.int32,
                                                        device=self.device), **tensors)
         with torch.inference_mode():
-            return self.model(step, self.kv, self.workspace)
+            return self.model(step, self.kv, self.workspace, hidden)
 
 
 class LocalRunner:
@@ -88,7 +133,9 @@ class LocalRunner:
         self.state = _RankState(spec, Parallel())
 
     def run(self, inputs: dict[str, list]) -> torch.Tensor:
-        return self.state.run(inputs)
+        out = self.state.run(inputs)
+        assert out is not None  # rank 0 of one rank
+        return out
 
     def close(self):
         pass
@@ -98,13 +145,25 @@ def _backend(spec: RunnerSpec) -> str:
     return "gloo" if spec.device == "cpu" else "nccl"
 
 
+def _join(spec: RunnerSpec, rank: int) -> _RankState:
+    """Join the instance's process group as `rank` and build that rank's share. Every rank
+    creates every stage's TP group, in stage order, as torch.distributed requires."""
+    dist.init_process_group(_backend(spec), rank=rank, world_size=spec.world,
+                            timeout=timedelta(seconds=spec.timeout_s))
+    stage, tp_rank = rank_grid(rank, spec.tp)
+    groups = [dist.new_group(list(range(s * spec.tp, (s + 1) * spec.tp))) if spec.pp > 1 else None
+              for s in range(spec.pp)]
+    parallel = Parallel(tp_rank=tp_rank, tp_size=spec.tp, group=groups[stage], pp_rank=stage, pp_size=spec.pp)
+    return _RankState(spec, parallel, rank)
+
+
 def _worker(index: int, spec: RunnerSpec, port: int):
     """Rank index + 1: build its shard, then run every step rank 0 broadcasts until None."""
-    rank = index + 1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(_backend(spec), rank=rank, world_size=spec.tp)
+    if spec.device == "cpu":  # the ranks share this host's cores: one thread pool each would oversubscribe
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
+    state = _join(spec, index + 1)
     try:
-        state = _RankState(spec, Parallel(tp_rank=rank, tp_size=spec.tp))
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)
@@ -122,23 +181,45 @@ class DistributedRunner:
         if dist.is_initialized():
             raise RuntimeError("a tensor-parallel engine is already running in this process; close it first")
         port = free_port()
-        self.workers = mp.start_processes(_worker, args=(spec, port), nprocs=spec.tp - 1, join=False,
+        self.workers = mp.start_processes(_worker, args=(spec, port), nprocs=spec.world - 1, join=False,
                                           start_method="spawn")
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group(_backend(spec), rank=0, world_size=spec.tp)
-        self.state = _RankState(spec, Parallel(tp_rank=0, tp_size=spec.tp))
+        self.state = _join(spec, 0)
+        self.failed = False
+
+    def _dead(self) -> str | None:
+        """Which worker exited, if one did."""
+        for index, process in enumerate(self.workers.processes):
+            if not process.is_alive():
+                return f"rank {index + 1} of the instance exited (exit code {process.exitcode})"
+        return None
 
     def run(self, inputs: dict[str, list]) -> torch.Tensor:
-        dist.broadcast_object_list([inputs], src=0)
-        return self.state.run(inputs)
+        dead = self._dead()
+        if dead is not None:
+            self.failed = True
+            raise RankFailure(dead)
+        try:
+            dist.broadcast_object_list([inputs], src=0)
+            out = self.state.run(inputs)
+        except RuntimeError as error:  # gloo / NCCL: a peer closed its connection, or a timeout
+            self.failed = True
+            raise RankFailure(self._dead() or f"a rank of the instance stopped answering ({error})") from error
+        assert out is not None  # rank 0 receives the logits
+        return out
 
     def close(self):
         if not dist.is_initialized():
             return
-        dist.broadcast_object_list([None], src=0)
-        self.workers.join()
+        if self.failed:  # the workers left cannot take part in a collective: stop them
+            for process in self.workers.processes:
+                process.kill()
+                process.join(timeout=10)
+        else:
+            dist.broadcast_object_list([None], src=0)
+            self.workers.join()
         dist.destroy_process_group()
 
 
 def make_runner(spec: RunnerSpec):
-    return LocalRunner(spec) if spec.tp == 1 else DistributedRunner(spec)
+    return LocalRunner(spec) if spec.world == 1 else DistributedRunner(spec)

@@ -37,6 +37,12 @@ a message for the user in `seq.error`, and handed to the engine by `take_aborted
 after every step; `has_work()` stays true until they are taken): a sequence whose known tokens
 need more KV blocks than the whole pool (a prompt too long for the cache, or a generation that
 outgrew it), and, without chunked prefill, a prompt longer than max_batched_tokens.
+
+Disaggregated serving (disagg.py) parks sequences outside both queues, holding blocks and
+getting no tokens: on a prefill instance, a sequence with `handoff` set is PREFILLED after its
+first token (`take_prefilled`) until its KV has moved and `release` frees its blocks; on a
+decode instance, `receive` reserves the blocks of a prefilled sequence (RECEIVING) and
+`arrived` makes it a running, decoding sequence once its KV is in them.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self._by_id: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []  # finished by schedule(), until take_aborted()
+        self._parked: dict[str, Sequence] = {}  # PREFILLED or RECEIVING (see the module docstring)
+        self._prefilled: list[Sequence] = []  # parked by postprocess(), until take_prefilled()
         self.num_preemptions = 0  # since the start, over every request
 
     def add(self, seq: Sequence) -> None:
@@ -95,14 +103,18 @@ class Scheduler:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.block_manager.free(seq)
+        elif self._parked.pop(request_id, None) is not None:
+            self.block_manager.free(seq)
+            if seq in self._prefilled:
+                self._prefilled.remove(seq)
         else:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
         return seq
 
     def has_work(self) -> bool:
-        """Whether a request is waiting, running, or aborted by schedule() and not yet taken."""
-        return bool(self.running or self.waiting or self._aborted)
+        """Whether a request is waiting, running, parked, or aborted by schedule() and not yet taken."""
+        return bool(self.running or self.waiting or self._aborted or self._parked)
 
     def take_aborted(self) -> list[Sequence]:
         """The sequences schedule() aborted (never fitting; see seq.error) since the last call."""
@@ -235,12 +247,69 @@ class Scheduler:
                 seq.finish_reason = "stop"
             elif len(seq.output_token_ids) >= params.max_tokens:
                 seq.finish_reason = "length"
+            elif seq.handoff:  # a decode instance computes the rest; the blocks stay until its KV moved
+                seq.status = SequenceStatus.PREFILLED
+                self._parked[seq.request_id] = seq
+                self._prefilled.append(seq)
+                continue
             else:
                 continue
             seq.status = SequenceStatus.FINISHED
             self.block_manager.free(seq)
             del self._by_id[seq.request_id]
             finished.append(seq)
-        if finished:
-            self.running = [seq for seq in self.running if not seq.is_finished]
+        if finished or self._prefilled:
+            self.running = [seq for seq in self.running if seq.status is SequenceStatus.RUNNING]
         return finished
+
+    # ------------------------------------------------------------ disaggregated serving
+
+    def take_prefilled(self) -> list[Sequence]:
+        """The `handoff` sequences that sampled their first token (now PREFILLED, holding their
+        blocks) since the last call, in the order they did."""
+        prefilled, self._prefilled = self._prefilled, []
+        return prefilled
+
+    def release(self, request_id: str) -> Sequence:
+        """A PREFILLED sequence leaves: its KV moved (or the request was aborted). Its blocks are
+        freed (full ones stay in the prefix cache)."""
+        seq = self._parked.pop(request_id)
+        if seq.status is not SequenceStatus.PREFILLED:
+            raise ValueError(f"sequence {request_id!r} is {seq.status.value}, not prefilled")
+        del self._by_id[request_id]
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        return seq
+
+    def can_receive(self, num_tokens: int) -> bool:
+        """Whether `receive` finds room now for a sequence whose KV holds `num_tokens` tokens: a
+        sequence slot, their blocks, and no preempted sequence waiting (those go first)."""
+        if self.waiting or len(self.running) + len(self._parked) >= self.max_seqs:
+            return False
+        return self.block_manager.can_hold(num_tokens)
+
+    def receive(self, seq: Sequence) -> None:
+        """Park a prefilled sequence (new here: holding no blocks, its first token sampled
+        elsewhere) as RECEIVING with blocks reserved for the KV of all its known tokens but the
+        newest; call `can_receive` first."""
+        if seq.request_id in self._by_id:
+            raise RequestError(f"request id {seq.request_id!r} is already in flight")
+        if seq.block_ids or not seq.output_token_ids:
+            raise ValueError(f"sequence {seq.request_id!r} is not a prefilled request")
+        seq.num_computed_tokens = 0
+        self.block_manager.grow(seq, seq.num_tokens - 1)
+        seq.status = SequenceStatus.RECEIVING
+        self._by_id[seq.request_id] = seq
+        self._parked[seq.request_id] = seq
+
+    def arrived(self, request_id: str) -> Sequence:
+        """The KV of a RECEIVING sequence is in its blocks: it runs, decoding, from the next step."""
+        seq = self._parked.pop(request_id)
+        if seq.status is not SequenceStatus.RECEIVING:
+            raise ValueError(f"sequence {request_id!r} is {seq.status.value}, not receiving")
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self.block_manager.commit(seq)
+        seq.status, seq.decoding = SequenceStatus.RUNNING, True
+        # it arrived at this instance now: behind every running sequence, as admissions are
+        self.running.append(seq)
+        return seq

@@ -98,6 +98,9 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # queued, holds no KV blocks (new, or preempted)
     RUNNING = "running"    # admitted: holds KV blocks, gets tokens each step
     FINISHED = "finished"  # done; finish_reason says why
+    # disaggregated serving (disagg.py): both hold KV blocks and get no tokens
+    PREFILLED = "prefilled"  # prefill instance: sampled its first token; its KV waits to move to a decode instance
+    RECEIVING = "receiving"  # decode instance: blocks reserved, waiting for the KV of its prompt to arrive
 
 
 @dataclass(eq=False)  # identity semantics: two requests with equal fields are still two requests
@@ -113,6 +116,8 @@ class Sequence:
     manager's record of the prefix-cache hashes of this sequence's registered blocks.
     `decoding` (the scheduler's) says the sequence sampled since it was last admitted: each
     step now computes its one newest token. A prefill chunk with one token left is not a decode.
+    `handoff` (a prefill instance's, disagg.py): the sequence stops after its first token and
+    waits, holding its blocks, for its KV to move to a decode instance.
     """
 
     request_id: str
@@ -133,6 +138,7 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0
     generator: Optional[torch.Generator] = field(default=None, repr=False)
+    handoff: bool = False
 
     def __post_init__(self):
         if self.generator is None and self.params.seed is not None:

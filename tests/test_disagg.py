@@ -1,0 +1,284 @@
+"""Disaggregated serving (runtime/disagg.py): prefill and decode instances in one process give
+the colocated engine's and transformers' greedy tokens, also when the decode pool makes
+requests wait; the KV layout check; blocks freed on the acknowledgement; aborts while the KV
+moves; `flowc run` on a disaggregated plan file."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from runtime_models import hf_greedy, sample_prompts, save_tiny_model, tiny_spec
+
+import flowc.cli
+from flowc.compiler.optimize.instance_plan import instance_plan
+from flowc.compiler.plan import GpuRef, Instance, NodeGroupShape, Plan
+from flowc.compiler.plan_io import plan_problems
+from flowc.runtime import open_plan
+from flowc.runtime.disagg import DisaggregatedEngine, InProcessTransport, check_layouts, kv_layout
+from flowc.runtime.engine import Engine, EngineError, Request, TokenEvent
+from flowc.runtime.sequence import SamplingParams
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = tiny_spec("llama")
+MAX_TOKENS = [20, 12, 16, 20, 9, 24, 14, 18]
+SETTINGS = dict(max_batched_tokens=32, chunk_size=16, max_seqs=4)
+
+
+def disaggregated_plan(prefill: int = 1, decode: int = 1, prefill_settings=None, decode_settings=None) -> Plan:
+    """One deployment: a prefill group of `prefill` instances and a decode group of `decode`, each
+    instance on a GPU of its own (instance_plan's groups, re-placed)."""
+    gpus = iter(range(prefill + decode))
+    groups = []
+    for role, count, settings in (("prefill", prefill, prefill_settings), ("decode", decode, decode_settings)):
+        group = instance_plan(SPEC, role=role, **(settings or {})).deployments[0].groups[0]
+        instances = [Instance(gpus=[GpuRef(node=0, index=next(gpus))]) for _ in range(count)]
+        groups.append(group.model_copy(update={"instances": instances}))
+    base = instance_plan(SPEC, role="prefill")
+    deployment = base.deployments[0].model_copy(update={"groups": groups})
+    cluster = [NodeGroupShape(gpu="local", gpus=prefill + decode, count=1)]
+    plan = base.model_copy(update={"deployments": [deployment], "clusters": {"local": cluster}})
+    assert plan_problems(plan) == []
+    return plan
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def expected(llama):
+    """transformers' greedy tokens of the sample prompts, and the colocated engine's."""
+    prompts = sample_prompts(SPEC.vocab)
+    with Engine.from_plan(instance_plan(SPEC, **SETTINGS, kv_blocks=16), llama) as engine:
+        colocated = [o.output_token_ids for o in engine.generate(_requests())]
+    reference = hf_greedy(llama, prompts, MAX_TOKENS)
+    assert colocated == reference
+    return reference
+
+
+def _requests() -> list[Request]:
+    return [Request(p, SamplingParams(max_tokens=n), request_id=f"r{i}")
+            for i, (p, n) in enumerate(zip(sample_prompts(SPEC.vocab), MAX_TOKENS))]
+
+
+def _run(engine: DisaggregatedEngine) -> tuple[dict, list[TokenEvent], int]:
+    """Every sample request through add_request/poll: outputs, events, and the most prefilled
+    requests that waited at once for room on a decode instance."""
+    outputs = {r.request_id: engine.add_request(r) for r in _requests()}
+    events, most_waiting = [], 0
+    while engine.has_work():
+        events += engine.poll()
+        most_waiting = max(most_waiting, engine.num_waiting_for_decode)
+        for e in engine.prefill + engine.decode:
+            e.block_manager.check()
+    return outputs, events, most_waiting
+
+
+def _idle(engine: DisaggregatedEngine) -> bool:
+    return all(e.block_manager.num_used == 0 and not e.has_work() for e in engine.prefill + engine.decode)
+
+
+@pytest.mark.parametrize("prefill", [1, 2])
+def test_greedy_matches_colocated_and_transformers(llama, expected, prefill):
+    # the longest request needs 6 blocks of the decode pool's 8: requests wait for room there
+    plan = disaggregated_plan(prefill, 1, SETTINGS, {**SETTINGS, "kv_blocks": 8})
+    with DisaggregatedEngine.from_plan(plan, llama) as engine:
+        outputs, events, most_waiting = _run(engine)
+        assert _idle(engine)
+        if prefill == 2:  # round robin: both prefilled, and kept full blocks in their prefix caches
+            assert all(e.block_manager.num_cached > 0 for e in engine.prefill)
+        again = engine.generate(_requests())  # the batch API, on a warm prefix cache
+    assert most_waiting > 0, "the decode pool was meant to make prefilled requests wait"
+    assert [outputs[f"r{i}"].output_token_ids for i in range(8)] == expected
+    assert [o.output_token_ids for o in again] == expected
+    for request_id, output in outputs.items():
+        mine = [e for e in events if e.request_id == request_id]
+        assert [e.token_id for e in mine] == output.output_token_ids
+        assert [e.index for e in mine] == list(range(len(mine)))
+        assert [e.finish_reason for e in mine] == [None] * (len(mine) - 1) + ["length"]
+        assert output.arrival_time < output.first_token_time <= output.finish_time
+
+
+def test_seeded_sampling_goes_on_where_the_prefill_left_it(llama):
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
+    requests = [Request(p, params) for p in sample_prompts(SPEC.vocab, n=3)]
+    with Engine.from_plan(instance_plan(SPEC, **SETTINGS), llama) as engine:
+        colocated = [o.output_token_ids for o in engine.generate(requests)]
+    with DisaggregatedEngine.from_plan(disaggregated_plan(1, 1, SETTINGS, SETTINGS), llama) as engine:
+        disaggregated = [o.output_token_ids for o in engine.generate(requests)]
+    assert disaggregated == colocated and all(len(tokens) == 12 for tokens in colocated)
+
+
+def test_mismatched_kv_layouts_are_refused(llama):
+    plan = disaggregated_plan(1, 1, {"block_size": 16}, {"block_size": 8, "kv_blocks": 128})
+    with pytest.raises(EngineError, match=r"block_size 16 vs 8.*same model, KV dtype \(and --dtype\) and block_size"):
+        DisaggregatedEngine.from_plan(plan)
+    plan = instance_plan(SPEC)
+    with Engine.from_plan(plan) as fp32, Engine.from_plan(plan, dtype="bf16") as bf16:
+        check_layouts(kv_layout(fp32), kv_layout(fp32))
+        with pytest.raises(EngineError, match="dtype fp32 vs bf16"):
+            check_layouts(kv_layout(fp32), kv_layout(bf16))
+    with pytest.raises(EngineError, match="open_plan"):  # Engine still runs one colocated instance
+        Engine.from_plan(disaggregated_plan())
+
+
+class HeldTransport(InProcessTransport):
+    """The in-process transport with a gate: while `hold` names "acks" (or "deliveries"), those
+    wait in the transport, as they would on a slow link. `sent`: the request ids sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.hold: set[str] = set()
+        self.sent: list[str] = []
+
+    def send(self, transfer, blocks):
+        self.sent.append(transfer.request_id)
+        super().send(transfer, blocks)
+
+    def recv(self, consumer):
+        return [] if "deliveries" in self.hold else super().recv(consumer)
+
+    def acks(self, producer):
+        return [] if "acks" in self.hold else super().acks(producer)
+
+
+def test_prefill_blocks_are_freed_only_after_the_ack(llama, expected):
+    transport = HeldTransport()
+    transport.hold.add("acks")
+    plan = disaggregated_plan(1, 1, {"max_batched_tokens": 64})
+    prompt, n = sample_prompts(SPEC.vocab)[1], MAX_TOKENS[1]  # 45 tokens: 3 blocks, 2 of them full
+    with DisaggregatedEngine.from_plan(plan, llama, transport=transport) as engine:
+        [producer], [consumer] = engine.prefill, engine.decode
+        output = engine.add_request(Request(prompt, SamplingParams(max_tokens=n), request_id="a"))
+        engine.poll()  # the prefill, the transfer, the first decode step; the ack waits
+        assert len(output.output_token_ids) == 2
+        for _ in range(3):
+            assert producer.block_manager.num_used == 3 and producer.has_work()
+            assert consumer.block_manager.num_used == 3
+            engine.poll()
+        transport.hold.clear()
+        engine.poll()  # the ack: the producer lets its blocks go, full ones into its prefix cache
+        bm = producer.block_manager
+        assert (bm.num_used, bm.num_cached, bm.num_free) == (0, 2, bm.num_blocks - 2)
+        assert not producer.has_work()
+        while engine.has_work():
+            engine.poll()
+        assert _idle(engine)
+        assert transport.sent == ["a"]
+        [alone] = engine.generate([Request(prompt, SamplingParams(max_tokens=1), request_id="alone")])
+        assert alone.output_token_ids == expected[1][:1] and alone.finish_reason == "length"
+        assert transport.sent == ["a"] and _idle(engine)  # done at its first token: its KV never moved
+    assert output.output_token_ids == expected[1] and output.finish_reason == "length"
+
+
+def test_abort_while_the_kv_is_on_its_way(llama, expected):
+    transport = HeldTransport()
+    transport.hold.add("deliveries")
+    plan = disaggregated_plan(1, 1, {"max_batched_tokens": 64})
+    prompts = sample_prompts(SPEC.vocab)
+    with DisaggregatedEngine.from_plan(plan, llama, transport=transport) as engine:
+        [producer], [consumer] = engine.prefill, engine.decode
+        gone = engine.add_request(Request(prompts[1], SamplingParams(max_tokens=MAX_TOKENS[1]), request_id="gone"))
+        events = engine.poll()
+        assert events == [TokenEvent("gone", gone.output_token_ids[0], 0)]  # the first token, from the prefill
+        # waiting for its KV: blocks reserved, neither running nor queued
+        sched = consumer.scheduler
+        assert sched.has_work() and not sched.running and not sched.waiting and consumer.block_manager.num_used == 3
+        assert producer.block_manager.num_used == 3  # it keeps its blocks until the ack
+        assert engine.abort("gone") is gone and gone.finish_reason == "abort"
+        assert producer.block_manager.num_used == 0 and consumer.block_manager.num_used == 0
+        assert engine.abort("gone") is None
+        transport.hold.clear()
+        kept = engine.add_request(Request(prompts[3], SamplingParams(max_tokens=MAX_TOKENS[3]), request_id="kept"))
+        while engine.has_work():
+            events += engine.poll()
+        assert _idle(engine)
+    mine = [e for e in events if e.request_id == "gone"]
+    assert mine[1:] == [TokenEvent("gone", None, 1, "abort")]  # exactly one final event
+    assert gone.output_token_ids == [mine[0].token_id] == expected[1][:1]
+    assert kept.output_token_ids == expected[3] and kept.finish_reason == "length"
+
+
+@pytest.mark.parametrize("where", ["waiting for room", "ack on its way"])
+def test_abort_while_waiting_for_a_decode_slot_or_for_the_ack(llama, expected, where):
+    transport = HeldTransport()
+    if where == "ack on its way":
+        transport.hold.add("acks")
+    # one sequence at a time on the decode instance: the second prefilled request waits for it
+    plan = disaggregated_plan(1, 1, {"max_batched_tokens": 128}, {"max_seqs": 1})
+    prompts = sample_prompts(SPEC.vocab)
+    with DisaggregatedEngine.from_plan(plan, llama, transport=transport) as engine:
+        [producer], [consumer] = engine.prefill, engine.decode
+        first = engine.add_request(Request(prompts[1], SamplingParams(max_tokens=MAX_TOKENS[1]), request_id="first"))
+        second = engine.add_request(Request(prompts[3], SamplingParams(max_tokens=MAX_TOKENS[3]),
+                                            request_id="second"))
+        events = engine.poll()  # both prefilled (45 + 70 tokens: 3 + 5 blocks); first moves on
+        assert [e.request_id for e in events] == ["first", "second", "first"]
+        acked = where == "waiting for room"  # first's 3 blocks went at once
+        assert engine.num_waiting_for_decode == 1 and producer.block_manager.num_used == 5 + 3 * (not acked)
+        victim = "second" if where == "waiting for room" else "first"
+        engine.abort(victim)
+        assert producer.block_manager.num_used == (0 if victim == "second" else 5)
+        if victim == "first":  # its decode slot is free: second moves on in the next poll
+            assert consumer.block_manager.num_used == 0
+        transport.hold.clear()
+        while engine.has_work():
+            events += engine.poll()
+        assert _idle(engine)
+    mine = [e for e in events if e.request_id == victim]
+    assert mine[-1] == TokenEvent(victim, None, len(mine) - 1, "abort")
+    assert [e.finish_reason for e in mine[:-1]] == [None] * (len(mine) - 1)
+    survivor, index = (first, 1) if victim == "second" else (second, 3)
+    assert survivor.output_token_ids == expected[index] and survivor.finish_reason == "length"
+
+
+def test_flowc_run_runs_a_disaggregated_plan_file(capsys, llama, expected, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(disaggregated_plan(2, 1, SETTINGS, {**SETTINGS, "kv_blocks": 8}).model_dump_json())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": p, "max_tokens": n}) + "\n"
+                               for i, (p, n) in enumerate(zip(sample_prompts(SPEC.vocab), MAX_TOKENS))))
+    code = flowc.cli.main(["run", str(plan), "--weights", str(llama), "--prompts", str(prompts)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["output_token_ids"] for line in lines] == expected
+    assert all(line["ttft_ms"] > 0 and line["finish_reason"] == "length" for line in lines)
+    assert "ran 8 requests" in err
+    with open_plan(instance_plan(SPEC)) as engine:  # a colocated plan still gets the colocated engine
+        assert type(engine) is Engine
+
+
+def test_flowc_run_replays_a_disaggregated_plan(capsys, tmp_path):
+    """examples/tiny-cpu.flow on two CPU cores, compiled, its instance split into a prefill and a
+    decode instance (the compiler keeps this tiny load colocated)."""
+    spec = tmp_path / "tiny-cpu.flow"
+    text = (ROOT / "examples" / "tiny-cpu.flow").read_text()
+    spec.write_text(text.replace("gpu cpu-local x 1", "gpu cpu-local x 2"))
+    compiled = tmp_path / "plan.json"
+    assert flowc.cli.main(["compile", str(spec), "-o", str(compiled)]) == 0
+    document = json.loads(compiled.read_text())
+    deployment = document["deployments"][0]
+    [group] = deployment["groups"]
+    assert group["role"] == "colocated" and len(group["instances"]) == 1
+    decode = copy.deepcopy(group)
+    decode["instances"][0]["gpus"][0]["index"] = 1
+    deployment["groups"] = [{**group, "role": "prefill"}, {**decode, "role": "decode"}]
+    deployment["mode"] = "disaggregated"
+    plan = tmp_path / "disaggregated.json"
+    plan.write_text(json.dumps(document))
+    capsys.readouterr()
+    code = flowc.cli.main(["--json", "run", str(plan), "--replay", "--requests", "6", "--time-scale", "0.1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["requests"] == 6 and report["errors"] == []
+    for metric in ("ttft_ms", "tpot_ms"):
+        assert report[metric]["measured"]["mean"] > 0 and report[metric]["predicted"]["p50"] > 0
+    assert report["output_tokens_per_s"]["measured"] > 0
