@@ -1,8 +1,11 @@
 """`flowc export PLAN --target vllm|sglang`: launch scripts for a serving engine from a plan.
 
-One bash script per engine instance (DEPLOYMENT/gGROUP-ROLE-INSTANCE.sh) and, with --k8s, a
-Kubernetes manifest (kubernetes.yaml) with one Deployment per instance, placed on the node
-labelled flowc.dev/node="<node index>". Written under `-o DIR`, else printed on stdout between
+One bash script per engine instance (DEPLOYMENT/gGROUP-ROLE-INSTANCE.sh; one per node,
+`-nodeK.sh`, for an instance that spans nodes), a prefill/decode router script per
+disaggregated deployment (DEPLOYMENT/router.sh) and, with --k8s, a Kubernetes manifest
+(kubernetes.yaml): a Deployment per instance placed on the node labelled flowc.dev/node="<node
+index>", a LeaderWorkerSet per multi-node instance, and for SGLang's router a Service per
+instance and the router's Deployment. Written under `-o DIR`, else printed on stdout between
 `==> PATH <==` lines; --json prints a JSON list of {path, content}. The mapping lives in
 compiler/render/export.py, the engines' flag lists in compiler/render/engines/.
 

@@ -40,6 +40,7 @@ from flowc.compiler.render.export import (
     ExportError,
     TemplateError,
     UnknownVersion,
+    check_router,
     check_script,
     hf_repos,
     known_versions,
@@ -54,6 +55,9 @@ PLANS = GOLDENS / "plans"
 UPDATE = os.environ.get("FLOWC_UPDATE_GOLDEN") == "1"
 EXAMPLES = ("chat-70b", "code-assistant-8b", "moe-h200", "shared-cluster", "tiny-cpu")
 GPU_EXAMPLES = EXAMPLES[:-1]
+# One instance over two nodes of 4 GPUs (tp 4 x pp 2), compiled from plans/two-node.flow: no
+# example spans nodes.
+TWO_NODE = "two-node"
 # (target, version, extra flags) of each golden: both vLLM versions (0.8.5 degraded: it has no
 # connector for the disaggregated plans) and SGLang (degraded: the plans were compiled for vLLM).
 RUNS = {"vllm": ("vllm", None, ()), "vllm-0.8.5": ("vllm", "0.8.5", ("--allow-degrade",)),
@@ -61,11 +65,15 @@ RUNS = {"vllm": ("vllm", None, ()), "vllm-0.8.5": ("vllm", "0.8.5", ("--allow-de
 ENGINE_VERSIONS = [(t, v) for t in TARGETS for v in known_versions(t)]
 
 
-def _compile(example: str) -> Plan:
+def _compile_file(path: Path) -> Plan:
     from flowc.api import check_sources
     from flowc.compiler.optimize.compile import compile_spec
 
-    return compile_spec(check_sources(Path("examples") / f"{example}.flow").spec)
+    return compile_spec(check_sources(path).spec)
+
+
+def _compile(example: str) -> Plan:
+    return _compile_file(Path("examples") / f"{example}.flow")
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +85,13 @@ def plans() -> dict[str, Plan]:
             for example in EXAMPLES:
                 (PLANS / f"{example}.json").write_text(_compile(example).model_dump_json(indent=2) + "\n",
                                                        encoding="utf-8")
+            os.chdir(GOLDENS)  # the plan names its spec as the goldens' command line does
+            (PLANS / f"{TWO_NODE}.json").write_text(_compile_file(Path("plans") / f"{TWO_NODE}.flow")
+                                                    .model_dump_json(indent=2) + "\n", encoding="utf-8")
         finally:
             os.chdir(cwd)
-    return {e: Plan.model_validate_json((PLANS / f"{e}.json").read_text(encoding="utf-8")) for e in EXAMPLES}
+    return {e: Plan.model_validate_json((PLANS / f"{e}.json").read_text(encoding="utf-8"))
+            for e in (*EXAMPLES, TWO_NODE)}
 
 
 @pytest.fixture(autouse=True)
@@ -107,9 +119,14 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def is_engine_script(path: str) -> bool:
+    return path.endswith(".sh") and not path.endswith("/router.sh")
+
+
 def scripts(plan: Plan, target: str, version: str | None = None, **options) -> dict[str, str]:
+    """The engines' launch scripts of an export (not the routers')."""
     return {path: text for path, text in export_plan(plan, target=target, version=version, **options).files
-            if path.endswith(".sh")}
+            if is_engine_script(path)}
 
 
 def launch(script: str) -> tuple[dict[str, str], list[str], list[str]]:
@@ -151,7 +168,7 @@ def with_weights(plan: Plan, dtype: str, deployment: int = 0) -> Plan:
 # ---------------------------------------------------------------------------------- goldens
 
 @pytest.mark.parametrize("run_name", RUNS)
-@pytest.mark.parametrize("example", EXAMPLES)
+@pytest.mark.parametrize("example", [*EXAMPLES, TWO_NODE])
 def test_golden(capsys, monkeypatch, plans, example, run_name):
     target, version, extra = RUNS[run_name]
     monkeypatch.chdir(GOLDENS)
@@ -162,7 +179,8 @@ def test_golden(capsys, monkeypatch, plans, example, run_name):
     if UPDATE:
         golden.write_text(actual, encoding="utf-8")
     assert actual == golden.read_text(encoding="utf-8")
-    assert code == (1 if example == "tiny-cpu" else 0)
+    # vLLM 0.8.5 starts an engine over nodes only on a Ray cluster
+    assert code == (1 if example == "tiny-cpu" or (example, run_name) == (TWO_NODE, "vllm-0.8.5") else 0)
 
 
 @pytest.mark.slow
@@ -171,6 +189,9 @@ def test_stored_plans_are_what_the_examples_compile_to(monkeypatch, plans):
     for example in EXAMPLES:  # byte for byte: plans carry no timings
         stored = (PLANS / f"{example}.json").read_text(encoding="utf-8")
         assert _compile(example).model_dump_json(indent=2) + "\n" == stored, example
+    monkeypatch.chdir(GOLDENS)
+    compiled = _compile_file(Path("plans") / f"{TWO_NODE}.flow").model_dump_json(indent=2) + "\n"
+    assert compiled == (PLANS / f"{TWO_NODE}.json").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------- flag lists
@@ -425,16 +446,20 @@ def test_a_plan_for_another_engine_is_refused_or_degraded(plans):
         export_module.export_plan(planned_for(plan, "trtllm"), target="vllm")
 
 
-def test_offload_and_multi_node_instances_are_refused(plans):
+def test_offload_and_scattered_multi_node_instances_are_refused(plans):
     plan = plans["shared-cluster"]
     g = plan.deployments[0].groups[0]
     offloading = with_group(plan, memory=g.memory.model_copy(update={"offloaded": {"weights": 1 << 30}}))
     with pytest.raises(ExportError, match="offloads to host memory"):
         export_plan(offloading, target="vllm")
     assert "offload dropped" in next(iter(scripts(offloading, "vllm", allow_degrade=True).values()))
-    spread = g.instances[0].model_copy(update={"gpus": [GpuRef(node=0, index=0), GpuRef(node=1, index=0)]})
-    with pytest.raises(ExportError, match="spans nodes 0, 1"):
-        export_plan(with_group(plan, instances=[spread, *g.instances[1:]]), target="sglang", allow_degrade=True)
+    # a node starts consecutive ranks: ranks alternating between nodes cannot be launched
+    refs = [GpuRef(node=0, index=0), GpuRef(node=1, index=0), GpuRef(node=0, index=1), GpuRef(node=1, index=1)]
+    spread = g.instances[0].model_copy(update={"gpus": refs})
+    for target in TARGETS:
+        with pytest.raises(ExportError, match="spans nodes 0, 1, 0, 1 with its ranks not in equal consecutive runs"):
+            export_plan(with_group(plan, tp=4, instances=[spread, *g.instances[1:]]), target=target,
+                        allow_degrade=True)
 
 
 def test_a_memory_fraction_outside_0_1_is_refused(plans):
@@ -469,18 +494,47 @@ DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
 
 
 def manifest(plan: Plan, target: str, version: str | None = None, **options) -> tuple[list[dict], dict[str, str]]:
-    """The manifest's documents, and the scripts of the same export."""
+    """The manifest's documents, and the engines' scripts of the same export."""
     files = dict(export_plan(plan, target=target, version=version, k8s=True, **options).files)
-    return list(yaml.safe_load_all(files.pop("kubernetes.yaml"))), files
+    return list(yaml.safe_load_all(files.pop("kubernetes.yaml"))), {p: s for p, s in files.items()
+                                                                    if is_engine_script(p)}
+
+
+def node_shares(gpus) -> list[tuple[int, list[int]]]:
+    """An instance's GPUs in rank order as runs per node: one script each."""
+    shares = []
+    for ref in gpus:
+        if shares and shares[-1][0] == ref.node:
+            shares[-1][1].append(ref.index)
+        else:
+            shares.append((ref.node, [ref.index]))
+    return shares
+
+
+def engine_documents(documents: list[dict]) -> list[dict]:
+    return [doc for doc in documents if doc["kind"] in ("Deployment", "LeaderWorkerSet")
+            and doc["metadata"]["labels"]["flowc.dev/role"] != "router"]
 
 
 def check_manifest(plan: Plan, documents: list[dict], files: dict[str, str]) -> None:
-    """One Deployment per instance of `plan`, in plan order, with the plan's node, GPU count and
-    the arguments of the instance's script; every name and label one Kubernetes takes."""
+    """One Deployment per instance of `plan` (a LeaderWorkerSet when it spans nodes), in plan
+    order, with the plan's node, GPU count and the arguments of the instance's script; every name
+    and label one Kubernetes takes."""
     instances = [(d, g, inst) for d in plan.deployments for g in d.groups for inst in g.instances]
-    assert len(documents) == len(instances) == len(files)
-    assert len({doc["metadata"]["name"] for doc in documents}) == len(documents)
-    for doc, (_, g, inst), script in zip(documents, instances, files.values()):
+    names = [doc["metadata"]["name"] for doc in documents]
+    assert len(set(names)) == len(names)
+    assert all(len(name) <= 63 and DNS_LABEL.fullmatch(name) for name in names), names
+    documents = engine_documents(documents)
+    assert len(documents) == len(instances)
+    scripts_ = iter(files.values())
+    placed = [(doc, g, inst, [next(scripts_) for _ in node_shares(inst.gpus)])
+              for doc, (_, g, inst) in zip(documents, instances)]
+    assert next(scripts_, None) is None
+    for doc, g, inst, shares in placed:
+        if len(shares) > 1:
+            check_leader_worker_set(doc, g, inst, shares)
+            continue
+        (script,) = shares
         assert doc["apiVersion"] == "apps/v1" and doc["kind"] == "Deployment" and doc["spec"]["replicas"] == 1
         assert len(doc["metadata"]["name"]) <= 63 and DNS_LABEL.fullmatch(doc["metadata"]["name"])
         labels = doc["spec"]["template"]["metadata"]["labels"]
@@ -503,6 +557,43 @@ def check_manifest(plan: Plan, documents: list[dict], files: dict[str, str]) -> 
         assert str(port) == flag(container["args"], "--port")
 
 
+def check_leader_worker_set(doc: dict, g, inst, shares: list[str]) -> None:
+    """An instance over nodes: one LeaderWorkerSet group of one pod per node; the leader runs node
+    rank 0's script, the worker template node rank 1's, with the leader's address and the worker's
+    index from LWS where the scripts read FLOWC_MASTER_ADDR and their rank."""
+    assert doc["apiVersion"] == "leaderworkerset.x-k8s.io/v1" and doc["kind"] == "LeaderWorkerSet"
+    spec = doc["spec"]
+    assert spec["replicas"] == 1 and spec["leaderWorkerTemplate"]["size"] == len(shares)
+    nodes = [node for node, _ in node_shares(inst.gpus)]
+    per_node = g.tp * g.pp // len(nodes)
+
+    def expected(script: str, rank: str | None) -> list[str]:
+        words = [w.replace("$FLOWC_MASTER_ADDR", "$(LWS_LEADER_ADDRESS)")
+                 for _, ws in parse_script(script).args for w in ws]
+        if rank is not None:
+            words[words.index("--node-rank") + 1] = rank
+        return words
+
+    for key, script, rank, node in (("leaderTemplate", shares[0], None, nodes[0]),
+                                    ("workerTemplate", shares[1], "$(LWS_WORKER_INDEX)", nodes[1])):
+        pod = spec["leaderWorkerTemplate"][key]
+        assert pod["metadata"]["labels"] == doc["metadata"]["labels"]
+        (container,) = pod["spec"]["containers"]
+        assert container["command"] == parse_script(script).command
+        assert container["args"] == expected(script, rank)
+        assert container["resources"]["limits"] == {"nvidia.com/gpu": per_node}
+        if len(nodes) == 2 or key == "leaderTemplate":
+            assert pod["spec"]["nodeSelector"] == {"flowc.dev/node": str(node)}
+        else:  # one template for the workers: on the instance's other nodes, one pod per node
+            affinity = pod["spec"]["affinity"]
+            terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            assert terms == [{"matchExpressions": [{"key": "flowc.dev/node", "operator": "In",
+                                                    "values": [str(n) for n in nodes[1:]]}]}]
+            (apart,) = affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            assert apart["labelSelector"] == {"matchLabels": {"flowc.dev/instance": doc["metadata"]["name"]}}
+        assert ("readinessProbe" in container) == (key == "leaderTemplate")  # only rank 0 serves
+
+
 @pytest.mark.parametrize("run_name", RUNS)
 @pytest.mark.parametrize("example", GPU_EXAMPLES)
 def test_kubernetes_manifest(plans, example, run_name):
@@ -510,7 +601,7 @@ def test_kubernetes_manifest(plans, example, run_name):
     plan = plans[example]
     documents, files = manifest(plan, target, version, allow_degrade="--allow-degrade" in extra)
     check_manifest(plan, documents, files)
-    for doc in documents:
+    for doc in engine_documents(documents):
         annotations = doc["metadata"]["annotations"]
         assert annotations["flowc.dev/plan"].startswith("plan: plan.json (flowc ")
         tp_flag = "--tp-size" if target == "sglang" else "--tensor-parallel-size"
@@ -556,7 +647,8 @@ def test_output_directory(capsys, tmp_path, plans):
     code, out, _ = run(capsys, "export", str(PLANS / "chat-70b.json"), "--target", "vllm", "--k8s",
                        "-o", str(tmp_path))
     groups = plans["chat-70b"].deployments[0].groups
-    assert code == 0 and out == f"wrote {sum(g.replicas for g in groups) + 1} files under {tmp_path}\n"
+    # a script per instance, the router's and the manifest
+    assert code == 0 and out == f"wrote {sum(g.replicas for g in groups) + 2} files under {tmp_path}\n"
     for j, g in enumerate(groups):
         for i, instance in enumerate(g.instances):
             script = tmp_path / "chatbot" / f"g{j}-{g.role}-{i}.sh"
@@ -601,6 +693,7 @@ def test_not_a_plan(capsys, tmp_path):
 BASH = shutil.which("bash")
 needs_bash = pytest.mark.skipif(BASH is None, reason="bash is not installed")
 NODE_ADDRESS = "10.0.0.7"  # FLOWC_NODE_ADDRESS in the runs
+MASTER_ADDRESS = "10.0.0.1"  # FLOWC_MASTER_ADDR in the runs
 # Stands in for `vllm` and `python3`: prints the arguments it was given and the engine's
 # environment as one JSON line. Its own interpreter by absolute path: `python3` is the stub.
 STUB = """#!{python} -S
@@ -610,13 +703,13 @@ print(json.dumps({{"argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]], "env"
 """
 
 
-def run_scripts(files: dict[str, str], tmp_path: Path) -> dict[str, dict]:
-    """Each script checked by `bash -n`, then run by bash with only the stubs on PATH, in an empty
-    folder that it must leave empty: {path: what the stub printed}."""
+def run_scripts(files: dict[str, str], tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Each script checked by `bash -n`, then run by bash with only the stubs on PATH (and `env`),
+    in an empty folder that it must leave empty: {path: what the stub printed}."""
     stubs, work, saved = tmp_path / "stubs", tmp_path / "work", tmp_path / "scripts"
     for folder in (stubs, work, saved):
         folder.mkdir(exist_ok=True)
-    for name in ("vllm", "python3"):
+    for name in ("vllm", "python3"):  # python3: SGLang's server and router
         (stubs / name).write_text(STUB.format(python=sys.executable), encoding="utf-8")
         (stubs / name).chmod(0o755)
     printed = {}
@@ -626,7 +719,8 @@ def run_scripts(files: dict[str, str], tmp_path: Path) -> dict[str, dict]:
         file.write_text(script, encoding="utf-8")
         syntax = subprocess.run([BASH, "-n", str(file)], capture_output=True, text=True)
         assert syntax.returncode == 0, (path, syntax.stderr)
-        result = subprocess.run([BASH, str(file)], env={"PATH": str(stubs), "FLOWC_NODE_ADDRESS": NODE_ADDRESS},
+        result = subprocess.run([BASH, str(file)], env={"PATH": str(stubs), "FLOWC_NODE_ADDRESS": NODE_ADDRESS,
+                                                        "FLOWC_MASTER_ADDR": MASTER_ADDRESS, **(env or {})},
                                 cwd=work, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, (path, result.stderr)
         (line,) = result.stdout.splitlines()
@@ -638,26 +732,43 @@ def run_scripts(files: dict[str, str], tmp_path: Path) -> dict[str, dict]:
 def check_runs(plan: Plan, files: dict[str, str], printed: dict[str, dict]) -> None:
     """The engine got the arguments `parse_script` reads in its script, and the environment the
     plan places it in: its GPUs, and for vLLM's NIXL its node's address and a port of its own."""
-    instances = [(d, inst) for d in plan.deployments for g in d.groups for inst in g.instances]
-    assert len(instances) == len(files) == len(printed)
+    shares = [(d, node, gpus) for d in plan.deployments for g in d.groups for inst in g.instances
+              for node, gpus in node_shares(inst.gpus)]
+    assert len(shares) == len(files) == len(printed)
     ports = {}
-    for (d, inst), (path, script) in zip(instances, files.items()):
+    for (d, node, gpus), (path, script) in zip(shares, files.items()):
         launch = parse_script(script)
         run = printed[path]
-        assert run["argv"] == [*launch.command, *(word for _, words in launch.args for word in words)]
+        words = [word.replace("$FLOWC_MASTER_ADDR", MASTER_ADDRESS) for _, ws in launch.args for word in ws]
+        assert run["argv"] == [*launch.command, *words]
         env = dict(run["env"])
-        assert env.pop("CUDA_VISIBLE_DEVICES") == ",".join(str(ref.index) for ref in inst.gpus)
+        assert env.pop("CUDA_VISIBLE_DEVICES") == ",".join(map(str, gpus))
         assert set(env) == {name for name, _ in launch.env} - {"CUDA_VISIBLE_DEVICES"}
         if env:
             nodes = {ref.node for g in d.groups for i in g.instances for ref in i.gpus}
             assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == ("localhost" if len(nodes) == 1 else NODE_ADDRESS)
-            ports.setdefault(inst.gpus[0].node, []).append(int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]))
+            ports.setdefault(node, []).append(int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]))
     for node_ports in ports.values():
         assert sorted(node_ports) == list(range(5600, 5600 + len(node_ports)))
 
 
 def _chunk(plan: Plan, **changes) -> Plan:
     return with_group(plan, scheduler=plan.deployments[0].groups[0].scheduler.model_copy(update=changes))
+
+
+def _four_nodes(plan: Plan) -> Plan:
+    """The two-node plan's instance over four nodes of two GPUs: a worker template for three nodes."""
+    g = plan.deployments[0].groups[0]
+    refs = [GpuRef(node=n, index=i) for n in range(4) for i in range(2)]
+    return with_group(plan, instances=[g.instances[0].model_copy(update={"gpus": refs})])
+
+
+def _prefill_over_nodes(plan: Plan) -> Plan:
+    """chat-70b with its last prefill instance over nodes 1 and 2: a LeaderWorkerSet the router
+    reaches through its leader."""
+    g = plan.deployments[0].groups[1]
+    spread = g.instances[-1].model_copy(update={"gpus": [GpuRef(node=1, index=2), GpuRef(node=2, index=0)]})
+    return with_group(plan, group=1, instances=[*g.instances[:-1], spread])
 
 
 # Every export the tests above make, from the stored plans: (plan, target, version, options).
@@ -678,6 +789,11 @@ EXPORTS = {
                                        "sglang", None, {"allow_degrade": True}),
     "ep-4": lambda plans: (with_group(plans["moe-h200"], ep=4), "sglang", None, {}),
     "model-path": lambda plans: (plans["moe-h200"], "vllm", None, {"model_paths": {"*": "/models/deepseek v3"}}),
+    **{f"{TWO_NODE}-{target}": (lambda plans, t=target: (plans[TWO_NODE], t, None, {})) for target in TARGETS},
+    **{f"four-nodes-{target}": (lambda plans, t=target: (_four_nodes(plans[TWO_NODE]), t, None, {}))
+       for target in TARGETS},
+    **{f"prefill-over-nodes-{target}": (lambda plans, t=target: (_prefill_over_nodes(plans["chat-70b"]), t, None, {}))
+       for target in TARGETS},
 }
 
 
@@ -688,6 +804,145 @@ def test_every_script_runs_as_parsed(tmp_path, plans, name):
     documents, files = manifest(plan, target, version, **options)
     check_runs(plan, files, run_scripts(files, tmp_path))
     check_manifest(plan, documents, files)
+
+
+# ---------------------------------------------------------------------------------- over nodes, and routers
+
+def bash_run(script: str, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`script` run by bash with the stubs of run_scripts on PATH and only `env` besides."""
+    file = tmp_path / "one.sh"
+    file.write_text(script, encoding="utf-8")
+    return subprocess.run([BASH, str(file)], env={"PATH": str(tmp_path / "stubs"), **env}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_two_node_plan_is_one_flowc_loads(plans):
+    from flowc.compiler.plan_io import plan_problems
+
+    plan = plans[TWO_NODE]
+    assert plan_problems(plan) == []
+    (g,) = plan.deployments[0].groups
+    assert (g.tp, g.pp, g.replicas) == (4, 2, 1)
+    assert node_shares(g.instances[0].gpus) == [(0, [0, 1, 2, 3]), (1, [0, 1, 2, 3])]
+
+
+@needs_bash
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_instance_over_two_nodes_starts_a_share_per_node(tmp_path, plans, target):
+    plan = plans[TWO_NODE]
+    documents, files = manifest(plan, target)
+    assert list(files) == ["big/g0-colocated-0-node0.sh", "big/g0-colocated-0-node1.sh"]
+    printed = run_scripts(files, tmp_path)
+    check_runs(plan, files, printed)
+    check_manifest(plan, documents, files)
+    for rank, path in enumerate(files):
+        argv = printed[path]["argv"]
+        assert printed[path]["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+        assert flag(argv, "--nnodes") == "2" and flag(argv, "--node-rank") == str(rank)
+        if target == "vllm":
+            assert flag(argv, "--distributed-executor-backend") == "mp"
+            assert flag(argv, "--master-addr") == MASTER_ADDRESS and flag(argv, "--master-port") == "29501"
+            assert ("--headless" in argv) == (rank > 0)
+            assert flag(argv, "--tensor-parallel-size") == "4" and flag(argv, "--pipeline-parallel-size") == "2"
+        else:
+            assert flag(argv, "--dist-init-addr") == f"{MASTER_ADDRESS}:20000"
+            assert flag(argv, "--tp-size") == "4" and flag(argv, "--pp-size") == "2"
+    # without the first node's address a script refuses to start, and says what to set
+    for script in files.values():
+        result = bash_run(script, tmp_path, {})
+        assert result.returncode != 0 and result.stdout == ""
+        assert ("FLOWC_MASTER_ADDR: set FLOWC_MASTER_ADDR to the address of node 0, where node rank 0 of this "
+                "instance runs") in result.stderr
+    (lws,) = documents
+    assert lws["kind"] == "LeaderWorkerSet" and lws["metadata"]["name"] == "big-g0-colocated-0"
+    template = lws["spec"]["leaderWorkerTemplate"]
+    worker_args = template["workerTemplate"]["spec"]["containers"][0]["args"]
+    assert flag(worker_args, "--node-rank") == "$(LWS_WORKER_INDEX)"
+    assert "$(LWS_LEADER_ADDRESS)" in flag(worker_args, "--master-addr" if target == "vllm" else "--dist-init-addr")
+    assert template["workerTemplate"]["spec"]["nodeSelector"] == {"flowc.dev/node": "1"}
+
+
+def test_vllm_without_the_multi_node_flags_is_refused(plans):
+    with pytest.raises(ExportError) as info:
+        export_plan(plans[TWO_NODE], target="vllm", version="0.8.5", allow_degrade=True)
+    (problem,) = info.value.problems
+    assert problem.message == ("instance 0 of group 0 (colocated) of deployment `big` spans nodes 0, 1, and vLLM "
+                               "0.8.5 starts an engine over nodes only on a Ray cluster (it has no --headless, "
+                               "--master-addr, --master-port, --nnodes, --node-rank), which flowc does not set up")
+    assert problem.help.startswith("use --version 0.13.0, or keep instances within a node")
+    assert not problem.degradable
+
+
+def router_addresses(files: dict[str, str]) -> dict[str, str]:
+    """An address per instance of an export, in the variables the router script names."""
+    return {f"FLOWC_ADDR_{Path(path).stem.upper().replace('-', '_')}": f"10.0.1.{k}"
+            for k, path in enumerate(p for p in files if is_engine_script(p))}
+
+
+@needs_bash
+def test_the_sglang_router_names_every_prefill_and_decode_instance(tmp_path, plans):
+    plan = plans["code-assistant-8b"]
+    files = dict(export_plan(plan, target="sglang", k8s=True).files)
+    router = files.pop("copilot/router.sh")
+    documents = list(yaml.safe_load_all(files.pop("kubernetes.yaml")))
+    addresses = router_addresses(files)
+    printed = run_scripts({"copilot/router.sh": router}, tmp_path, addresses)
+    expected, services = ["--pd-disaggregation"], []
+    for (path, script), address in zip(files.items(), addresses.values()):
+        args = launch(script)[2]
+        port = flag(args, "--port")
+        if flag(args, "--disaggregation-mode") == "prefill":
+            bootstrap = flag(args, "--disaggregation-bootstrap-port")
+            expected += ["--prefill", f"http://{address}:{port}", bootstrap]
+        else:
+            expected += ["--decode", f"http://{address}:{port}"]
+        services.append((f"svc-copilot-{Path(path).stem}", port))
+    argv = printed["copilot/router.sh"]["argv"]
+    assert argv == ["python3", "-m", "sglang_router.launch_router", *expected, "--host", "0.0.0.0", "--port", "8080"]
+    assert argv[3:] == [w for _, ws in parse_script(router).args for w in ws
+                        for w in [re.sub(r"\$\{(\w+)\}", lambda m: addresses[m.group(1)], w)]]
+    # an address left unset: refused, naming the variable
+    unset = next(name for name in addresses if "_PREFILL_" in name)  # e.g. FLOWC_ADDR_G1_PREFILL_1
+    script = unset.removeprefix("FLOWC_ADDR_").lower().replace("_", "-") + ".sh"
+    missing = {name: address for name, address in addresses.items() if name != unset}
+    result = bash_run(router, tmp_path, missing)
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"{unset}: set {unset} to the address of node 0, which runs {script}" in result.stderr
+    # Kubernetes: a Service per instance, and the router at their DNS names
+    check_manifest(plan, documents, files)
+    found = [(doc["metadata"]["name"], str(doc["spec"]["ports"][0]["port"])) for doc in documents
+             if doc["kind"] == "Service"]
+    assert found == services
+    (router_doc,) = [doc for doc in documents if doc["metadata"]["name"] == "copilot-router"]
+    (container,) = router_doc["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python3", "-m", "sglang_router.launch_router"]
+    by_dns = [re.sub(r"http://10\.0\.1\.(\d+):", lambda m: f"http://{services[int(m.group(1))][0]}:", w)
+              for w in argv[3:]]
+    assert container["args"] == by_dns
+
+
+@needs_bash
+def test_vllm_gets_no_router_but_the_reason(tmp_path, plans):
+    files = dict(export_plan(plans["code-assistant-8b"], target="vllm", k8s=True).files)
+    router = files["copilot/router.sh"]
+    assert "# flowc export: prefill/decode router of deployment `copilot`: NOT GENERATED.\n" in router
+    assert "# vLLM 0.13.0 ships no prefill/decode router" in router
+    run_scripts({}, tmp_path)  # the stubs
+    result = bash_run(router, tmp_path, router_addresses(files))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("flowc: no prefill/decode router generated for vLLM 0.13.0: see the comments in this "
+                             "script\n")
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(files["kubernetes.yaml"])]
+    assert kinds == ["Deployment"] * 3  # no router to reach Services
+
+
+def test_a_router_flag_outside_the_list_is_an_internal_error(plans):
+    engine = load_engine("sglang")
+    router = dict(export_plan(plans["code-assistant-8b"], target="sglang").files)["copilot/router.sh"]
+    assert check_router(engine, router).command == ["python3", "-m", "sglang_router.launch_router"]
+    narrowed = {**engine.router, "flags": [f for f in engine.router["flags"] if f != "--prefill"]}
+    with pytest.raises(TemplateError, match="router.sh.j2 emits `--prefill`"):
+        check_router(dataclasses.replace(engine, router=narrowed), router)
 
 
 # ---------------------------------------------------------------------------------- hostile plans
@@ -831,7 +1086,8 @@ def test_shell_syntax_in_values_stays_text(tmp_path, plans, hostile):
         for script in files.values():
             assert f", from {shlex.quote(hostile + '.flow')})\n" in script
             assert f"# the model: {shlex.quote(hostile)} (--model-path)" in script
-        assert all(doc["spec"]["template"]["spec"]["containers"][0]["args"][1] == hostile for doc in documents)
+        assert all(doc["spec"]["template"]["spec"]["containers"][0]["args"][1] == hostile
+                   for doc in engine_documents(documents))
     assert not (tmp_path / "work" / "PWNED").exists() and not Path("PWNED").exists()
 
 

@@ -1,7 +1,8 @@
 """`flowc export`: a plan as launch scripts for vLLM or SGLang, and a Kubernetes manifest.
 
-Pure: a Plan in, files (relative path, content) out. One bash script per engine instance, from
-the engine's jinja2 template in engines/templates/; the flags an engine version has, and the
+Pure: a Plan in, files (relative path, content) out. One bash script per engine instance (per
+node of it when it spans nodes), from the engine's jinja2 template in engines/templates/, and per
+disaggregated deployment a prefill/decode router script; the flags an engine version has, and the
 values it accepts for the flags that take a dtype, come from engines/ENGINE-VERSION.json, each
 naming its source. Every rendered script is checked against that list: a flag the version lacks
 is a bug in flowc (TemplateError), never output.
@@ -64,6 +65,28 @@ VLLM_KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 NIXL_SIDE_CHANNEL_PORT = 5600  # vLLM's default VLLM_NIXL_SIDE_CHANNEL_PORT
 SGLANG_TRANSFER_BACKEND = "mooncake"  # SGLang's default disaggregation transfer backend
 SGLANG_BOOTSTRAP_PORT = 8998  # SGLang's default --disaggregation-bootstrap-port
+# An instance over several nodes: one script per node, each naming the address of the instance's
+# first node (its rank 0), which flowc does not know: the user sets it, the script refuses to start
+# without it. The templates write the variable as a word `parse_script` reads as MASTER_ADDR_WORD.
+MASTER_ADDR_ENV = "FLOWC_MASTER_ADDR"
+MASTER_ADDR_WORD = f"${MASTER_ADDR_ENV}"
+# The flags that start one engine over nodes without Ray, and the port rank 0 listens on for the
+# other nodes (+ the instance's slot on its first node):
+MULTI_NODE = {
+    # vLLM's multiprocessing backend over nodes; 29501 is its default --master-port
+    # (ParallelConfig.master_port in vllm/config/parallel.py)
+    "vllm": (("--distributed-executor-backend", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+              "--headless"), 29501),
+    # --dist-init-addr has no default port: 20000 is the one of SGLang's multi-node example
+    "sglang": (("--nnodes", "--node-rank", "--dist-init-addr"), 20000),
+}
+# Kubernetes: a multi-node instance is a LeaderWorkerSet, which gives every pod of a group the
+# leader's address and the pod's index (LWS >= 0.6.0), expanded by Kubernetes in `args`.
+LWS_LEADER_ADDRESS, LWS_WORKER_INDEX = "$(LWS_LEADER_ADDRESS)", "$(LWS_WORKER_INDEX)"
+ROUTER_SCRIPT = "router.sh"
+# The router's port: above the engines' (8000 + slot, 30000 + slot) and bootstrap ports (8998 + slot)
+# for up to 79 instances on its node.
+ROUTER_PORT = 8080
 
 
 class TemplateError(RuntimeError):
@@ -116,6 +139,7 @@ class EngineSpec:
     choices: Mapping[str, tuple[str, ...]]
     env: frozenset[str]
     kv_connectors: tuple[str, ...]
+    router: Mapping[str, object]  # the version's prefill/decode router: its template and flags, or `missing`
 
     @property
     def label(self) -> str:
@@ -211,7 +235,8 @@ def load_engine(target: str, version: str | None = None) -> EngineSpec:
     return EngineSpec(target=target, version=version, source=data["source"], template=data["template"],
                       image=data["image"], default_port=data["default_port"], flags=frozenset(data["flags"]),
                       choices={flag: tuple(values) for flag, values in data["choices"].items()},
-                      env=frozenset(data["env"]), kv_connectors=tuple(data.get("kv_connectors", ())))
+                      env=frozenset(data["env"]), kv_connectors=tuple(data.get("kv_connectors", ())),
+                      router=data["router"])
 
 
 @functools.cache
@@ -261,9 +286,28 @@ MEMORY_FRACTION = {"vllm": vllm_memory_fraction, "sglang": sglang_memory_fractio
 
 # ---------------------------------------------------------------------------------- mapping
 
+def node_shares(gpus) -> list[tuple[int, list[int]]]:
+    """An instance's GPUs in rank order as runs on one node: [(node, GPU indices)]."""
+    shares: list[tuple[int, list[int]]] = []
+    for ref in gpus:
+        if shares and shares[-1][0] == ref.node:
+            shares[-1][1].append(ref.index)
+        else:
+            shares.append((ref.node, [ref.index]))
+    return shares
+
+
+def even_node_shares(shares: list[tuple[int, list[int]]]) -> bool:
+    """Whether each node holds one run of the ranks, all runs of one length: what a launcher that
+    numbers ranks node by node needs (vLLM's and SGLang's multi-node flags, torchrun)."""
+    nodes = [node for node, _ in shares]
+    return len(set(nodes)) == len(nodes) and len({len(share) for _, share in shares}) == 1
+
+
 @dataclass
 class _Instance:
-    """One engine to launch: an instance of a group, on one node."""
+    """One engine to launch: an instance of a group, or its share on one node when it spans nodes
+    (then one script per node, `node_rank` among the instance's `nodes`)."""
 
     deployment: DeploymentPlan
     deployment_index: int
@@ -274,6 +318,13 @@ class _Instance:
     node: int
     gpus: list[int]
     slot: int  # its position among the instances on its node: offsets its ports
+    nodes: list[int]  # the instance's nodes in rank order: node_rank 0 runs the first
+    node_rank: int
+    master_slot: int  # the slot of the instance on its first node: offsets the ports every node meets at
+
+    @property
+    def multi_node(self) -> bool:
+        return len(self.nodes) > 1
 
     @property
     def role(self) -> str:
@@ -291,7 +342,17 @@ class _Instance:
     @property
     def path(self) -> str:
         """Its script, relative to the output folder: slugs only, so it stays inside."""
-        return f"{self.slug}/{self._suffix}.sh"
+        return f"{self.slug}/{self._suffix}" + (f"-node{self.node_rank}" if self.multi_node else "") + ".sh"
+
+    @property
+    def address_env(self) -> str:
+        """The variable the router script reads this instance's address from (its first node's)."""
+        return "FLOWC_ADDR_" + self._suffix.upper().replace("-", "_")
+
+    @property
+    def service(self) -> str:
+        """Its Kubernetes Service: a DNS-1035 label (a letter first), within 63 characters."""
+        return f"svc-{self.name}"
 
 
 class _Mapper:
@@ -335,11 +396,7 @@ class _Mapper:
             self.problem(None, f"{e.label} runs on GPUs: {where} runs on `{g.gpu}`, a CPU device",
                          "run CPU plans with `flowc run`, or compile the spec for NVIDIA or AMD GPUs")
         for i, instance in enumerate(g.instances):
-            nodes = sorted({ref.node for ref in instance.gpus})
-            if len(nodes) > 1:
-                self.problem(None, f"instance {i} of {where} spans nodes {', '.join(map(str, nodes))}: a launch "
-                             "script starts an engine on one node",
-                             "keep instances within a node (limit tp x pp to the GPUs of a node in the spec)")
+            self._nodes(where, i, instance.gpus)
         if d.engine != e.target:
             planned = engine_profile(d.engine).label
             self.problem(key, f"{where} was planned for {planned}: its predictions come from {planned}'s kernels "
@@ -354,6 +411,27 @@ class _Mapper:
                          "GPUs, more than the plan's memory map holds (it may not fit)")
         engine_values = self._vllm(key, where, g) if e.target == "vllm" else self._sglang(key, where, g)
         return {**values, **engine_values}
+
+    def _nodes(self, where: str, i: int, gpus) -> None:
+        """An instance over several nodes: each node starts an equal, consecutive run of its ranks
+        (both engines give a node world size / nnodes local ranks), with flags the version has."""
+        e, shares = self.engine, node_shares(gpus)
+        if len(shares) == 1:
+            return
+        nodes = [node for node, _ in shares]
+        shown = ", ".join(map(str, nodes))
+        flags, _ = MULTI_NODE[e.target]
+        if not even_node_shares(shares):
+            self.problem(None, f"instance {i} of {where} spans nodes {shown} with its ranks not in equal consecutive "
+                         f"runs per node, which {e.label} needs: each node starts the next {len(gpus)} / nodes "
+                         "ranks", "compile the plan again with this flowc")
+        elif not set(flags) <= e.flags:
+            able = [v for v in known_versions(e.target) if set(flags) <= load_engine(e.target, v).flags]
+            self.problem(None, f"instance {i} of {where} spans nodes {shown}, and {e.label} starts an engine over "
+                         f"nodes only on a Ray cluster (it has no {', '.join(sorted(set(flags) - e.flags))}), which "
+                         "flowc does not set up",
+                         (f"use --version {' or '.join(able)}, or " if able else "")
+                         + "keep instances within a node (limit tp x pp to the GPUs of a node in the spec)")
 
     def _memory(self, where: str, g: InstanceGroup) -> Setting:
         hundredths, why = MEMORY_FRACTION[self.engine.target](g)
@@ -449,15 +527,19 @@ class _Mapper:
 
 
 def _instances(plan: Plan) -> list[_Instance]:
-    """Every instance of the plan, in plan order; `slot` counts the instances on each node."""
+    """Every instance of the plan, in plan order, one per node it spans; `slot` counts the
+    instances on each node."""
     found, slots = [], {}
     for k, (d, slug) in enumerate(zip(plan.deployments, _deployment_slugs(plan))):
         for j, g in enumerate(d.groups):
             for i, instance in enumerate(g.instances):
-                node = instance.gpus[0].node
-                found.append(_Instance(d, k, slug, j, g, i, node, [ref.index for ref in instance.gpus],
-                                       slots.get(node, 0)))
-                slots[node] = slots.get(node, 0) + 1
+                shares = node_shares(instance.gpus)
+                nodes = [node for node, _ in shares]
+                master_slot = slots.get(nodes[0], 0)
+                for rank, (node, gpus) in enumerate(shares):
+                    found.append(_Instance(d, k, slug, j, g, i, node, gpus, slots.get(node, 0), nodes, rank,
+                                           master_slot))
+                    slots[node] = slots.get(node, 0) + 1
     return found
 
 
@@ -553,18 +635,100 @@ def _describe(plan: Plan, plan_name: str, instance: _Instance) -> list[str]:
     d, g, q = instance.deployment, instance.group, shell_quote
     spec_files = ", ".join(map(q, plan.spec_files))
     ep = f", ep {q(g.ep)}" if g.ep > 1 else ""
-    return [f"plan: {q(plan_name)} (flowc {q(plan.flowc_version)}, plan format {q(plan.format_version)}, "
-            f"from {spec_files})",
-            f"deployment `{q(d.name)}`: model {q(d.model)}, weights {q(d.weights)}, kv {q(d.kv)}, {q(d.mode)}",
-            f"group {instance.group_index}: {q(g.role)} on {q(g.gpu)}, tp {q(g.tp)} x pp {q(g.pp)}{ep}",
-            f"instance {instance.index} of {g.replicas}: node {q(instance.node)}, "
-            f"GPUs {q(','.join(map(str, instance.gpus)))}"]
+    lines = [f"plan: {q(plan_name)} (flowc {q(plan.flowc_version)}, plan format {q(plan.format_version)}, "
+             f"from {spec_files})",
+             f"deployment `{q(d.name)}`: model {q(d.model)}, weights {q(d.weights)}, kv {q(d.kv)}, {q(d.mode)}",
+             f"group {instance.group_index}: {q(g.role)} on {q(g.gpu)}, tp {q(g.tp)} x pp {q(g.pp)}{ep}",
+             f"instance {instance.index} of {g.replicas}: node {q(instance.node)}, "
+             f"GPUs {q(','.join(map(str, instance.gpus)))}"]
+    if instance.multi_node:
+        lines.append(f"the instance spans nodes {q(','.join(map(str, instance.nodes)))}: this is node rank "
+                     f"{instance.node_rank} of {len(instance.nodes)}, its next {len(instance.gpus)} ranks")
+    return lines
+
+
+def _multi_node(target: str, instance: _Instance) -> dict | None:
+    """The template values of an instance's share on one node, when it spans nodes."""
+    if not instance.multi_node:
+        return None
+    _, base_port = MULTI_NODE[target]
+    return {"nnodes": len(instance.nodes), "node_rank": instance.node_rank, "master_node": instance.nodes[0],
+            "base_port": base_port, "master_slot": instance.master_slot,
+            "master_port": base_port + instance.master_slot, "env": MASTER_ADDR_ENV, "word": MASTER_ADDR_WORD}
+
+
+# ---------------------------------------------------------------------------------- router
+
+class _Rendered(NamedTuple):
+    """An instance's share on one node as rendered, for the manifest and the router."""
+
+    instance: _Instance
+    launch: Launch
+    env: list[dict]
+    port: int
+    describe: list[str]
+    degraded: list[str]
+    bootstrap_port: int | None  # where decode instances fetch a prefill instance's KV (SGLang)
+
+
+URL_WORD = re.compile(r"[A-Za-z0-9_:/.{}$-]+")
+
+
+def _router_args(shares: list[_Rendered], host) -> list[tuple[str, list[str]]]:
+    """The router's arguments, each with its comment: every prefill and decode instance of a
+    deployment, at `host(instance)` (a variable in the script, a Service in Kubernetes)."""
+    args = [("prefill/decode disaggregation: each request goes to a prefill instance, then to a decode instance",
+             ["--pd-disaggregation"])]
+    for r in shares:
+        i = r.instance
+        url = f"http://{host(i)}:{r.port}"
+        if i.group.role == "prefill":
+            args.append((f"prefill instance {i.index} of group {i.group_index}: its address and bootstrap port",
+                         ["--prefill", url, str(r.bootstrap_port)]))
+        else:
+            args.append((f"decode instance {i.index} of group {i.group_index}", ["--decode", url]))
+    args.append(("listen on every interface of the router's node", ["--host", "0.0.0.0"]))
+    args.append((f"{ROUTER_PORT}: above the engines' and bootstrap ports of up to 79 instances on its node",
+                 ["--port", str(ROUTER_PORT)]))
+    return args
+
+
+def _router_script(engine: EngineSpec, d: DeploymentPlan, shares: list[_Rendered]) -> str:
+    """`<deployment>/router.sh`: the engine's own router over every prefill and decode instance,
+    whose addresses come from variables named for their scripts; or, for a version without a
+    supported router, a script that says so and exits 1."""
+    entries = [{"env": r.instance.address_env, "script": r.instance.path.split("/", 1)[1], "node": r.instance.node}
+               for r in shares]
+    args = []
+    for comment, words in _router_args(shares, lambda i: "${" + i.address_env + "}"):
+        for word in words:  # static text, numbers and slugs: nothing to quote but the variable to expand
+            if not URL_WORD.fullmatch(word):
+                raise TemplateError(f"router argument `{word}` is not a plain word")
+        args.append((comment, " ".join(f'"{w}"' if "$" in w else w for w in words)))
+    template = _jinja().get_template("router.sh.j2")
+    return template.render(engine=engine, router=engine.router, name=shell_quote(d.name), entries=entries,
+                           args=args)
+
+
+def check_router(engine: EngineSpec, script: str) -> Launch:
+    """The router script's flags against the version's router list; TemplateError if one is not there."""
+    launch = parse_script(script)
+    flags = set(engine.router.get("flags", ()))
+    for _, words in launch.args:
+        for token in words:
+            if token.startswith("--") and token not in flags:
+                raise TemplateError(f"router.sh.j2 emits `{token}`, which {engine.label}'s router does not have "
+                                    f"(engines/{engine.target}-{engine.version}.json)")
+    return launch
 
 
 # ---------------------------------------------------------------------------------- kubernetes
 
 K8S_HEADER = f"""\
-# flowc export: a Kubernetes manifest, one Deployment (one replica) per engine instance of a plan.
+# flowc export: a Kubernetes manifest, one Deployment (one replica) per engine instance of a plan,
+# and a LeaderWorkerSet (leaderworkerset.x-k8s.io, installed apart) per instance that spans nodes:
+# its leader runs node rank 0 and serves requests, each worker a further node, reaching the leader
+# at LWS_LEADER_ADDRESS with its rank from LWS_WORKER_INDEX (LWS 0.6 or later).
 # Each one's annotations say what it launches: flowc.dev/plan (the plan, deployment, group and
 # instance), flowc.dev/engine, flowc.dev/args (every argument with the reason for its value), and
 # flowc.dev/env and flowc.dev/degraded when there are any.
@@ -574,42 +738,139 @@ K8S_HEADER = f"""\
 # GPUs: the device plugin picks which GPUs of that node a pod gets (the limit counts them), so the
 # plan's GPU indices are not pinned here; the launch scripts pin them with CUDA_VISIBLE_DEVICES.
 # Engines with several GPUs exchange tensors through shared memory: the dshm volume at /dev/shm.
-# Disaggregated instances (flowc.dev/role prefill and decode) need a prefill/decode router, not
-# generated by flowc, that sends each request to a prefill instance, then to a decode instance.
+# Disaggregated instances (flowc.dev/role prefill and decode) need a prefill/decode router that
+# sends each request to a prefill instance, then to a decode instance: where the engine has one,
+# a router Deployment (flowc.dev/role router) reaches each instance through a Service of its own.
 """
 
 
-def _k8s_deployment(engine: EngineSpec, instance: _Instance, launch: Launch, env: list[dict], port: int,
-                    describe: list[str], degraded: list[str]) -> dict:
-    """One instance as a Deployment of one replica: data, every text of the plan a value in it."""
-    g = instance.group
-    labels = {"flowc.dev/deployment": instance.slug, "flowc.dev/group": str(instance.group_index),
-              "flowc.dev/role": instance.role, "flowc.dev/instance": instance.name}
-    # the arguments as the script's args block shows them: each line below its comments
-    args = [line for comments, words in launch.args for line in (*(f"# {c}" for c in comments), shlex.join(words))]
-    annotations = {"flowc.dev/plan": "\n".join(describe),
-                   "flowc.dev/engine": f"{engine.label}, flags of {engine.source}", "flowc.dev/args": "\n".join(args)}
-    if env:
-        annotations["flowc.dev/env"] = "\n".join(f"{e['name']}: {e['k8s_why']}" for e in env)
-    if degraded:
-        annotations["flowc.dev/degraded"] = "\n".join(degraded)
-    container = {"name": "engine", "image": engine.image, "command": launch.command,
-                 "args": [word for _, words in launch.args for word in words]}
+def _words(launch: Launch) -> list[str]:
+    return [word for _, words in launch.args for word in words]
+
+
+def _args_note(launch: Launch) -> str:
+    """The arguments as the script's args block shows them: each line below its comments."""
+    return "\n".join(line for comments, words in launch.args
+                     for line in (*(f"# {c}" for c in comments), shlex.join(words)))
+
+
+def _k8s_container(engine: EngineSpec, launch: Launch, args: list[str], env: list[dict], port: int, gpus: int,
+                   vendor: str, serves: bool) -> dict:
+    """An engine's container running `launch.command` with `args`; only a container that `serves`
+    requests has a port and a readiness probe."""
+    container = {"name": "engine", "image": engine.image, "command": launch.command, "args": args}
     if env:
         container["env"] = [{"name": e["name"], "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
                             if e["k8s"] is None else {"name": e["name"], "value": e["k8s"]} for e in env]
-    resource = "amd.com/gpu" if g.vendor == "amd" else "nvidia.com/gpu"
-    container.update({"ports": [{"containerPort": port}],
-                      "readinessProbe": {"httpGet": {"path": "/health", "port": port}},
-                      "resources": {"limits": {resource: g.gpus_per_instance}},
+    if serves:
+        container.update({"ports": [{"containerPort": port}],
+                          "readinessProbe": {"httpGet": {"path": "/health", "port": port}}})
+    resource = "amd.com/gpu" if vendor == "amd" else "nvidia.com/gpu"
+    container.update({"resources": {"limits": {resource: gpus}},
                       "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]})
+    return container
+
+
+def _k8s_pod(labels: dict, placement: dict, container: dict) -> dict:
+    return {"metadata": {"labels": dict(labels)},  # a copy: no YAML alias
+            "spec": {**placement, "containers": [container],
+                     "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]}}
+
+
+def _k8s_metadata(engine: EngineSpec, r: _Rendered) -> tuple[dict, dict]:
+    """The labels and annotations of an instance's object: data, every text of the plan a value in it."""
+    instance = r.instance
+    labels = {"flowc.dev/deployment": instance.slug, "flowc.dev/group": str(instance.group_index),
+              "flowc.dev/role": instance.role, "flowc.dev/instance": instance.name}
+    annotations = {"flowc.dev/plan": "\n".join(r.describe),
+                   "flowc.dev/engine": f"{engine.label}, flags of {engine.source}",
+                   "flowc.dev/args": _args_note(r.launch)}
+    if r.env:
+        annotations["flowc.dev/env"] = "\n".join(f"{e['name']}: {e['k8s_why']}" for e in r.env)
+    if r.degraded:
+        annotations["flowc.dev/degraded"] = "\n".join(r.degraded)
+    return labels, annotations
+
+
+def _k8s_deployment(engine: EngineSpec, r: _Rendered) -> dict:
+    """One instance on one node as a Deployment of one replica."""
+    instance = r.instance
+    labels, annotations = _k8s_metadata(engine, r)
+    container = _k8s_container(engine, r.launch, _words(r.launch), r.env, r.port, len(instance.gpus),
+                               instance.group.vendor, True)
+    pod = _k8s_pod(labels, {"nodeSelector": {NODE_LABEL: str(instance.node)}}, container)
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": instance.name, "labels": labels, "annotations": annotations},
             "spec": {"replicas": 1, "selector": {"matchLabels": {"flowc.dev/instance": instance.name}},
-                     "template": {"metadata": {"labels": dict(labels)},  # a copy: no YAML alias
-                                  "spec": {"nodeSelector": {NODE_LABEL: str(instance.node)},
-                                           "containers": [container],
-                                           "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]}}}}
+                     "template": pod}}
+
+
+def _k8s_leader_worker_set(engine: EngineSpec, shares: list[_Rendered]) -> dict:
+    """An instance over several nodes as a LeaderWorkerSet of one group: the leader runs node
+    rank 0's command, the workers (one template for all) the others', each its rank from LWS."""
+    leader, workers = shares[0], shares[1:]
+    labels, annotations = _k8s_metadata(engine, leader)
+    # the scripts' arguments: the containers' have LWS's variables in the place of theirs
+    annotations["flowc.dev/worker-args"] = _args_note(workers[0].launch)
+
+    # the script's variable for rank 0's address becomes the leader's, which Kubernetes expands
+    leader_args = [word.replace(MASTER_ADDR_WORD, LWS_LEADER_ADDRESS) for word in _words(leader.launch)]
+    worker_args = [word.replace(MASTER_ADDR_WORD, LWS_LEADER_ADDRESS) for word in _words(workers[0].launch)]
+    worker_args[worker_args.index("--node-rank") + 1] = LWS_WORKER_INDEX  # 1, 2, ...: the workers' ranks
+
+    g = leader.instance.group
+    leader_pod = _k8s_pod(labels, {"nodeSelector": {NODE_LABEL: str(leader.instance.node)}},
+                          _k8s_container(engine, leader.launch, leader_args, leader.env, leader.port,
+                                         len(leader.instance.gpus), g.vendor, True))
+    nodes = [str(r.instance.node) for r in workers]
+    # one template for every worker: pinned to its node, or to the instance's other nodes
+    terms = [{"matchExpressions": [{"key": NODE_LABEL, "operator": "In", "values": nodes}]}]
+    apart = [{"labelSelector": {"matchLabels": {"flowc.dev/instance": leader.instance.name}},
+              "topologyKey": "kubernetes.io/hostname"}]  # one pod of the instance per node
+    placement = ({"nodeSelector": {NODE_LABEL: nodes[0]}} if len(nodes) == 1 else
+                 {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                                                {"nodeSelectorTerms": terms}},
+                               "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": apart}}})
+    worker_pod = _k8s_pod(labels, placement,
+                          _k8s_container(engine, workers[0].launch, worker_args, workers[0].env, workers[0].port,
+                                         len(workers[0].instance.gpus), g.vendor, False))
+    return {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
+            "metadata": {"name": leader.instance.name, "labels": labels, "annotations": annotations},
+            "spec": {"replicas": 1, "leaderWorkerTemplate": {"size": len(shares), "leaderTemplate": leader_pod,
+                                                             "workerTemplate": worker_pod}}}
+
+
+def _k8s_service(r: _Rendered) -> dict:
+    """An instance's Service: the router reaches it by DNS name (its leader, when it spans nodes)."""
+    i = r.instance
+    selector = {"flowc.dev/instance": i.name}
+    if i.multi_node:
+        selector["leaderworkerset.sigs.k8s.io/worker-index"] = "0"
+    ports = [{"name": "http", "port": r.port, "targetPort": r.port}]
+    if r.bootstrap_port is not None:
+        ports.append({"name": "bootstrap", "port": r.bootstrap_port, "targetPort": r.bootstrap_port})
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": i.service, "labels": {"flowc.dev/deployment": i.slug,
+                                                       "flowc.dev/instance": i.name}},
+            "spec": {"selector": selector, "ports": ports}}
+
+
+def _k8s_router(engine: EngineSpec, shares: list[_Rendered]) -> dict:
+    """The router of a deployment as a Deployment, every instance at its Service's DNS name."""
+    slug = shares[0].instance.slug
+    name = f"{slug}-router"
+    labels = {"flowc.dev/deployment": slug, "flowc.dev/role": "router"}
+    args = _router_args(shares, lambda i: i.service)
+    annotations = {"flowc.dev/engine": f"{engine.label}'s router, flags of {engine.router['source']}",
+                   "flowc.dev/args": "\n".join(f"# {c}\n{shlex.join(words)}" for c, words in args)}
+    container = {"name": "router", "image": engine.image, "command": list(engine.router["command"]),
+                 "args": [word for _, words in args for word in words],
+                 "ports": [{"containerPort": ROUTER_PORT}]}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "labels": labels, "annotations": annotations},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"flowc.dev/deployment": slug,
+                                                                 "flowc.dev/role": "router"}},
+                     "template": {"metadata": {"labels": dict(labels)}, "spec": {"containers": [container]}}}}
 
 
 @functools.cache
@@ -657,9 +918,9 @@ def export_plan(plan: Plan, *, target: str, version: str | None = None, k8s: boo
     instances = _instances(plan)
     nodes_of: dict[int, set[int]] = {}
     for instance in instances:
-        nodes_of.setdefault(instance.deployment_index, set()).add(instance.node)
+        nodes_of.setdefault(instance.deployment_index, set()).update(instance.nodes)
     template = _jinja().get_template(engine.template)
-    files, documents = [], []
+    files, rendered = [], []
     for instance in instances:
         g, key = instance.group, (instance.deployment_index, instance.group_index)
         disaggregated = groups[key]["disaggregated"]
@@ -667,15 +928,38 @@ def export_plan(plan: Plan, *, target: str, version: str | None = None, k8s: boo
         describe = _describe(plan, plan_name, instance)
         degraded = [p.dropped for p in mapper.degraded.get(key, [])]
         port = engine.default_port + instance.slot
+        bootstrap_port = SGLANG_BOOTSTRAP_PORT + instance.slot
         script = template.render(**groups[key], engine=engine, describe=describe, degraded=degraded,
                                  d=instance.deployment, g=g, i=instance, s=g.scheduler,
                                  model=models[instance.deployment_index], env=env,
                                  cuda_visible_devices=",".join(map(str, instance.gpus)), port=port,
-                                 bootstrap_port=SGLANG_BOOTSTRAP_PORT + instance.slot)
+                                 bootstrap_port=bootstrap_port, multi_node=_multi_node(target, instance))
         launch = check_script(engine, script)
         files.append((instance.path, script))
-        if k8s:
-            documents.append(_k8s_deployment(engine, instance, launch, env, port, describe, degraded))
+        prefill_bootstrap = bootstrap_port if target == "sglang" and g.role == "prefill" else None
+        rendered.append(_Rendered(instance, launch, env, port, describe, degraded, prefill_bootstrap))
+
+    # per instance its shares in node-rank order; per disaggregated deployment its instances
+    by_instance: dict[tuple[int, int, int], list[_Rendered]] = {}
+    for r in rendered:
+        i = r.instance
+        by_instance.setdefault((i.deployment_index, i.group_index, i.index), []).append(r)
+    routed: dict[int, list[_Rendered]] = {}
+    for (k, j, _), shares in by_instance.items():
+        if groups[(k, j)]["disaggregated"]:
+            routed.setdefault(k, []).append(shares[0])  # node rank 0 serves the instance's requests
+    documents = []
+    for k, shares in routed.items():
+        script = _router_script(engine, plan.deployments[k], shares)
+        check_router(engine, script)
+        files.append((f"{shares[0].instance.slug}/{ROUTER_SCRIPT}", script))
     if k8s:
+        for shares in by_instance.values():
+            documents.append(_k8s_deployment(engine, shares[0]) if len(shares) == 1 else
+                             _k8s_leader_worker_set(engine, shares))
+        if "command" in engine.router:
+            for shares in routed.values():
+                documents += [_k8s_service(r) for r in shares]
+                documents.append(_k8s_router(engine, shares))
         files.append((K8S_MANIFEST, _k8s_manifest(documents)))
     return Export(files, warnings)
