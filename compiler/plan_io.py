@@ -227,7 +227,8 @@ def _against_model(at: str, plan: Plan, m: Model, group: InstanceGroup) -> list[
         found.append((f"{at}.memory.kv_cache", f"{mm.kv_cache:,} B cannot hold {mm.kv_blocks:,} blocks of {block:,} B"))
     if mm.arena_offsets or mm.arena_sizes or plan.has("arena_sizes"):
         found += [(f"{at}.memory.arena_offsets", why) for why in layout_problems(
-            m, group.tp, s.max_batched_tokens, s.max_seqs, mm.arena_offsets, mm.arena_sizes, mm.activations)]
+            m, group.tp, s.max_batched_tokens, s.max_seqs, mm.arena_offsets, mm.arena_sizes, mm.activations,
+            group.ep)]
     return found
 
 

@@ -37,6 +37,7 @@ class RankLayout:
     heads: range
     kv_heads: range
     ffn: range  # of the dense MLP, or of each expert (expert_ffn) in MoE models
+    experts: range  # the experts whose weights this rank holds (all of them at ep 1)
     vocab: range
     vocab_padded: int
     layers: range
@@ -59,18 +60,23 @@ class CommTime:
 @dataclass(frozen=True)
 class Parallel:
     """This rank's place: `tp_rank` of `tp_size` in the TP `group` (None: the default process
-    group), and pipeline stage `pp_rank` of `pp_size`."""
+    group), and pipeline stage `pp_rank` of `pp_size`. `ep_size` spreads whole experts over the
+    TP ranks (it divides tp_size): rank r holds the experts of share r % ep, each sliced over
+    the tp / ep ranks that share them, as geometry.rank_shape counts them."""
 
     tp_rank: int = 0
     tp_size: int = 1
     group: Any = None
     pp_rank: int = 0
     pp_size: int = 1
+    ep_size: int = 1
     comm: CommTime = field(default_factory=CommTime, compare=False)
 
     def __post_init__(self):
         if not (0 <= self.tp_rank < self.tp_size and 0 <= self.pp_rank < self.pp_size):
             raise ValueError(f"rank out of range: tp {self.tp_rank}/{self.tp_size}, pp {self.pp_rank}/{self.pp_size}")
+        if self.ep_size < 1 or self.tp_size % self.ep_size:
+            raise ValueError(f"ep {self.ep_size} does not divide tp {self.tp_size}")
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over the TP ranks, in place; returns `t`."""
@@ -103,6 +109,19 @@ class Parallel:
         self._hop(start)
         return t
 
+    def irecv(self, t: torch.Tensor, src: int) -> tuple[Any, torch.Tensor]:
+        """Start receiving into `t` from global rank `src`; `wait` it."""
+        self.comm.pipeline_calls += 1
+        return dist.irecv(t, src=src), t
+
+    def wait(self, received: tuple[Any, torch.Tensor]) -> torch.Tensor:
+        """The tensor of an `irecv`, once it arrived (the wait counts as pipeline time)."""
+        start = time.perf_counter()
+        work, t = received
+        work.wait()
+        self.comm.pipeline += time.perf_counter() - start
+        return t
+
     def _collective(self, start: float) -> None:
         self.comm.collectives += time.perf_counter() - start
         self.comm.collective_calls += 1
@@ -121,13 +140,19 @@ class Parallel:
         # kv_heads_per_rank reads only kv_heads, which ModelConfig shares with spec.Model.
         kv = kv_heads_per_rank(config, tp)  # type: ignore[arg-type]
         kv_start = r * h // group  # the KV head of this rank's first query head
-        f = ffn // tp
+        f, part = ffn // tp, r  # this rank's FFN slice (of each expert): the part-th of width f
+        experts = range(config.experts) if config.is_moe else range(0)
+        if config.is_moe and self.ep_size > 1:  # whole experts spread, each over tp / ep ranks
+            share, n = r % self.ep_size, config.experts // self.ep_size
+            experts = range(share * n, (share + 1) * n)
+            f, part = ffn * self.ep_size // tp, r // self.ep_size
         vp = -(-config.vocab // tp)
         layers = config.layers
         return RankLayout(
             heads=range(r * h, (r + 1) * h),
             kv_heads=range(kv_start, kv_start + kv),
-            ffn=range(r * f, (r + 1) * f),
+            ffn=range(part * f, (part + 1) * f),
+            experts=experts,
             vocab=range(min(r * vp, config.vocab), min((r + 1) * vp, config.vocab)),
             vocab_padded=vp,
             layers=range(self.pp_rank * layers // self.pp_size, (self.pp_rank + 1) * layers // self.pp_size),

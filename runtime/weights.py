@@ -149,12 +149,12 @@ def _targets(model: CausalLM, fused_experts: bool) -> list[_Target]:
         if not c.is_moe:
             out += _mlp_targets(p + "mlp.", layer.mlp, c.ffn, lay.ffn, H)
         elif fused_experts:
-            out += _fused_expert_targets(p + "mlp.", layer.mlp, c, lay.ffn)
+            out += _fused_expert_targets(p + "mlp.", layer.mlp, c, lay.ffn, lay.experts)
         else:
             moe = layer.mlp
             out.append(_Target(p + "block_sparse_moe.gate.weight", (c.experts, H), (_ALL,), moe.router))
-            for e in range(c.experts):
-                expert = SimpleNamespace(gate_up=moe.gate_up[e], down=moe.down[e])
+            for i, e in enumerate(lay.experts):  # this rank's experts (all of them at ep 1)
+                expert = SimpleNamespace(gate_up=moe.gate_up[i], down=moe.down[i])
                 out += _mlp_targets(f"{p}block_sparse_moe.experts.{e}.", expert, c.expert_ffn, lay.ffn, H,
                                     names=("w1", "w3", "w2"))
     return out
@@ -171,13 +171,13 @@ def _mlp_targets(p: str, mlp: Any, ffn: int, cols: range, hidden: int,
             _Target(f"{p}{down}.weight", (hidden, ffn), (_ALL, _rows(cols)), mlp.down)]
 
 
-def _fused_expert_targets(p: str, moe: Any, c: ModelConfig, cols: range) -> list[_Target]:
-    E, H, F, f = c.experts, c.hidden, c.expert_ffn, len(cols)
+def _fused_expert_targets(p: str, moe: Any, c: ModelConfig, cols: range, experts: range) -> list[_Target]:
+    E, H, F, f, held = c.experts, c.hidden, c.expert_ffn, len(cols), _rows(experts)
     gate_up = f"{p}experts.gate_up_proj"
     return [_Target(f"{p}gate.weight", (E, H), (_ALL,), moe.router),
-            _Target(gate_up, (E, 2 * F, H), (_ALL, _rows(cols)), moe.gate_up[:, :f]),
-            _Target(gate_up, (E, 2 * F, H), (_ALL, slice(F + cols.start, F + cols.stop)), moe.gate_up[:, f:]),
-            _Target(f"{p}experts.down_proj", (E, H, F), (_ALL, _ALL, _rows(cols)), moe.down)]
+            _Target(gate_up, (E, 2 * F, H), (held, _rows(cols)), moe.gate_up[:, :f]),
+            _Target(gate_up, (E, 2 * F, H), (held, slice(F + cols.start, F + cols.stop)), moe.gate_up[:, f:]),
+            _Target(f"{p}experts.down_proj", (E, H, F), (held, _ALL, _rows(cols)), moe.down)]
 
 
 # ------------------------------------------------------------------------- the checkpoint

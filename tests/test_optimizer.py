@@ -70,7 +70,7 @@ def test_memory_maps_come_from_the_memory_model(compiled):
     for d in plan.deployments:
         model = spec.deployments[d.name].model
         for g in d.groups:
-            budget = memory_budget(model, spec.gpus[g.gpu].memory, tp=g.tp, pp=g.pp, scheduler=g.scheduler,
+            budget = memory_budget(model, spec.gpus[g.gpu].memory, tp=g.tp, pp=g.pp, ep=g.ep, scheduler=g.scheduler,
                                    vendor=spec.gpus[g.gpu].vendor)
             m = g.memory
             assert (m.weights, m.kv_blocks, m.activations) == (budget.weights, budget.kv_blocks, budget.activations)

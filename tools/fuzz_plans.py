@@ -127,7 +127,8 @@ def live_pairs(document: dict) -> list[tuple[str, str]]:
 
     dep = Plan.model_validate(document).deployments[0]
     group = dep.groups[0]
-    buffers = step_buffers(dep.model_spec, group.tp, group.scheduler.max_batched_tokens, group.scheduler.max_seqs)
+    buffers = step_buffers(dep.model_spec, group.tp, group.scheduler.max_batched_tokens, group.scheduler.max_seqs,
+                           group.ep)
     return [(a.name, b.name) for i, a in enumerate(buffers) for b in buffers[i + 1:]
             if a.size_bytes and b.size_bytes and a.alive_with(b)]
 

@@ -169,7 +169,7 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
     if found:
         raise FlowError(found)
     block_size = scheduler.block_size
-    budget = memory_budget(m, g.memory, tp=tp, pp=pp, scheduler=scheduler, vendor=g.vendor)
+    budget = memory_budget(m, g.memory, tp=tp, pp=pp, ep=ep, scheduler=scheduler, vendor=g.vendor)
     if not budget.fits:
         raise _fail("F0503", f"{m.name} at {m.weights} does not fit on {tp * pp} x {g.name} (tp {tp}, pp {pp})",
                     "use a larger tp or pp, or quantize the weights",

@@ -23,10 +23,10 @@ GRAPH_RESERVE = 512 << 20
 CPU_RESERVE = 512 << 20
 
 
-def activation_peak_bytes(m: Model, tp: int, max_batched_tokens: int, max_seqs: int) -> int:
+def activation_peak_bytes(m: Model, tp: int, max_batched_tokens: int, max_seqs: int, ep: int = 1) -> int:
     """Peak transient memory of one iteration at the token budget on one TP rank: the peak of
     live bytes of the step graph, which the arena packing (optimize/arena.py) reaches."""
-    return lower_bound(step_buffers(m, tp, max_batched_tokens, max_seqs))
+    return lower_bound(step_buffers(m, tp, max_batched_tokens, max_seqs, ep))
 
 
 def runtime_reserve_bytes(gpus_per_instance: int, vendor: str = "nvidia") -> int:
@@ -60,13 +60,14 @@ class MemoryBudget:
                 "reserve": self.reserve, "free": free}
 
 
-def memory_budget(m: Model, gpu_memory: int, *, tp: int = 1, pp: int = 1, scheduler: Scheduler = Scheduler(),
-                  utilization: float = GPU_MEMORY_UTILIZATION, vendor: str = "nvidia") -> MemoryBudget:
+def memory_budget(m: Model, gpu_memory: int, *, tp: int = 1, pp: int = 1, ep: int = 1,
+                  scheduler: Scheduler = Scheduler(), utilization: float = GPU_MEMORY_UTILIZATION,
+                  vendor: str = "nvidia") -> MemoryBudget:
     """The one budget formula: the planner, the verifier and the runtime all size KV with it.
     KV gets what is left of `utilization` x memory after weights, activations and reserve."""
     usable = int(gpu_memory * utilization)
     weights = weight_bytes_per_rank(m, tp, pp)
-    activations = activation_peak_bytes(m, tp, scheduler.max_batched_tokens, scheduler.max_seqs)
+    activations = activation_peak_bytes(m, tp, scheduler.max_batched_tokens, scheduler.max_seqs, ep)
     reserve = runtime_reserve_bytes(tp * pp, vendor)
     kv = usable - weights - activations - reserve
     per_token = kv_bytes_per_token_per_rank(m, tp, pp)

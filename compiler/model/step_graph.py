@@ -58,7 +58,9 @@ said):
          expert_gate_up  expert_gate_up [T k, 2 Fe];  expert_silu_mul: expert_act [T k, Fe]
          expert_down     expert_out [T k, H]
          combine         mlp_out [T, H] = sum_k w expert_out (+ shared_out; all-reduce in place)
-         Experts are split over the TP ranks (Fe = expert_ffn / tp), as geometry.rank_shape counts them.
+         Experts are split over the TP ranks (Fe = expert_ffn / tp), or with ep > 1 spread whole over
+         them (Fe = expert_ffn x ep / tp; a rank's experts may get all T k rows), as
+         geometry.rank_shape counts them.
          residual_add    residual += mlp_out
          (GPT-J: one norm feeds attention and the MLP in parallel; attn_proj waits for the
          MLP and both are added to the residual at once)
@@ -228,11 +230,12 @@ def _layer(g: _Graph, m: Model, r: RankShape, T: int, S: int, p: str, moe: bool)
     g.op(p + "residual_add_mlp", ("residual", p + "mlp_out"))
 
 
-def step_buffers(model: Model, tp: int, tokens: int, max_seqs: int) -> list[Buffer]:
+def step_buffers(model: Model, tp: int, tokens: int, max_seqs: int, ep: int = 1) -> list[Buffer]:
     """The transient buffers of one engine step on one TP rank (the graph in the module
-    docstring): `tokens` tokens in the step, up to `max_seqs` of them sampling."""
-    if tp < 1 or tokens < 1 or max_seqs < 1:
-        raise ValueError(f"tp, tokens and max_seqs must be >= 1 (got {tp}, {tokens}, {max_seqs})")
+    docstring): `tokens` tokens in the step, up to `max_seqs` of them sampling, experts spread
+    by `ep`."""
+    if tp < 1 or tokens < 1 or max_seqs < 1 or ep < 1:
+        raise ValueError(f"tp, tokens, max_seqs and ep must be >= 1 (got {tp}, {tokens}, {max_seqs}, {ep})")
     m, T = model, tokens
     S = min(max_seqs, tokens)
     ab = ACTIVATION_BYTES
@@ -248,7 +251,7 @@ def step_buffers(model: Model, tp: int, tokens: int, max_seqs: int) -> list[Buff
         kinds = [("layer.", False)]
     else:
         kinds = [("dense_layer.", False), ("moe_layer.", True)]
-    r = rank_shape(m, tp)
+    r = rank_shape(m, tp, ep)
     for prefix, moe in kinds:
         _layer(g, m, r, T, S, prefix, moe)
     g.extend(("positions", "slot_mapping"), len(g.ops) - 1)
@@ -305,13 +308,13 @@ def overlaps(buffers: list[Buffer], offsets: dict[str, int]) -> list[tuple[str, 
 
 
 def layout_problems(model: Model, tp: int, tokens: int, max_seqs: int, offsets: dict[str, int],
-                    sizes: dict[str, int], arena_bytes: int) -> list[str]:
+                    sizes: dict[str, int], arena_bytes: int, ep: int = 1) -> list[str]:
     """Why a stated arena layout (each buffer's offset and size, the arena's bytes) cannot hold
     the step graph of `model` at `tp`, `tokens` and `max_seqs`; empty when it can. The layout's
     own sizes count, with the graph's lifetimes: a buffer the graph needs is missing or too
     small, a name the graph has not, a buffer outside the arena or off the alignment, two
     buffers alive together on the same bytes. The plan loader and the verifier both ask this."""
-    buffers = step_buffers(model, tp, tokens, max_seqs)
+    buffers = step_buffers(model, tp, tokens, max_seqs, ep)
     needed = {b.name: b.size_bytes for b in buffers}
     found = []
     missing = [name for name in needed if name not in offsets or name not in sizes]

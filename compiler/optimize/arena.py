@@ -142,7 +142,7 @@ def pack(buffers: list[Buffer], time_limit_s: float = 5.0, alignment: int = ALIG
                        alignment, elapsed)
 
 
-def pack_step(model: Model, tp: int, scheduler: Scheduler) -> ArenaLayout:
+def pack_step(model: Model, tp: int, scheduler: Scheduler, ep: int = 1) -> ArenaLayout:
     """The packed arena of one engine step of `model` on a TP rank at `scheduler`'s token budget
     and sequence cap: what a plan's memory map records and the runtime lays its buffers out by."""
-    return pack(step_buffers(model, tp, scheduler.max_batched_tokens, scheduler.max_seqs))
+    return pack(step_buffers(model, tp, scheduler.max_batched_tokens, scheduler.max_seqs, ep))

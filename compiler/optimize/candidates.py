@@ -189,7 +189,7 @@ def measure(spec: Spec, d: Deployment, requests: Requests, seed: int, on_progres
         gpu = spec.gpus[shape.gpu]
         for ep in ep_choices(d, shape.tp):
             for scheduler in scheduler_choices(d):
-                budget = memory_budget(d.model, gpu.memory, tp=shape.tp, pp=shape.pp, scheduler=scheduler,
+                budget = memory_budget(d.model, gpu.memory, tp=shape.tp, pp=shape.pp, ep=ep, scheduler=scheduler,
                                        vendor=gpu.vendor)
                 offload, kv_tokens, overhead = None, budget.kv_tokens, 0.0
                 if offloaded:

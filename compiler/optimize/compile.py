@@ -72,7 +72,7 @@ def _memory_map(model, m: Measured) -> MemoryMap:
     the arena it reserves (packed to the live-bytes peak, which the budget already counts)."""
     b = m.shape.budget
     categories = b.by_category()
-    layout = pack_step(model, m.candidate.tp, m.scheduler)
+    layout = pack_step(model, m.candidate.tp, m.scheduler, m.ep)
     if layout.size > b.activations:  # the packing missed its bound: the budget would under-reserve
         raise RuntimeError(f"activation arena of {layout.size} B exceeds the {b.activations} B the budget reserves")
     if m.offload is not None:

@@ -25,7 +25,7 @@ from flowc.compiler.spec import Model
 from flowc.compiler.version import FLOWC_VERSION
 
 
-def instance_plan(model: Model, *, gpu: str = "local", vendor: str = "cpu", tp: int = 1, pp: int = 1,
+def instance_plan(model: Model, *, gpu: str = "local", vendor: str = "cpu", tp: int = 1, pp: int = 1, ep: int = 1,
                   max_batched_tokens: int = 64, max_seqs: int = 8, chunk_size: Optional[int] = None,
                   block_size: int = 16, kv_blocks: int = 64, role: str = "colocated") -> Plan:
     """A plan for one instance of `model` with the stated scheduler settings and KV pool: its
@@ -34,14 +34,14 @@ def instance_plan(model: Model, *, gpu: str = "local", vendor: str = "cpu", tp: 
     the pool to fill the device and choose the settings itself."""
     scheduler = Scheduler(max_batched_tokens=max_batched_tokens, chunk_size=chunk_size, max_seqs=max_seqs,
                           block_size=block_size)
-    layout = pack_step(model, tp, scheduler)
+    layout = pack_step(model, tp, scheduler, ep)
     kv_cache = kv_blocks * block_size * kv_bytes_per_token_per_rank(model, tp, pp)
     weights = weight_bytes_per_rank(model, tp, pp)
     capacity = weights + kv_cache + layout.size
     memory = MemoryMap(capacity=capacity, weights=weights, kv_cache=kv_cache, kv_blocks=kv_blocks,
                        activations=layout.size, reserve=0, free=0, arena_offsets=layout.offsets,
                        arena_sizes=layout.sizes)
-    group = InstanceGroup(role=role, gpu=gpu, vendor=vendor, tp=tp, pp=pp,
+    group = InstanceGroup(role=role, gpu=gpu, vendor=vendor, tp=tp, pp=pp, ep=ep,
                           instances=[Instance(gpus=[GpuRef(node=0, index=i) for i in range(tp * pp)])],
                           scheduler=scheduler,
                           memory=memory, capacity_rps=0.0)

@@ -329,7 +329,7 @@ def plan_offload(model: spec.Model, gpu: spec.GPU, host_link: spec.Link, host_me
         if intra_link is None and tp > 1:
             raise ValueError("plan_offload needs `cost` or `intra_link` for tp > 1")
         intra, inter, ep = intra_link or host_link, None, 1
-    budget = memory_budget(m, gpu.memory, tp=tp, pp=pp, scheduler=scheduler, vendor=gpu.vendor)
+    budget = memory_budget(m, gpu.memory, tp=tp, pp=pp, ep=ep, scheduler=scheduler, vendor=gpu.vendor)
     activations = budget.activations if activation_bytes is None else activation_bytes
     kv_tokens = -(-kv_tokens_needed // scheduler.block_size) * scheduler.block_size
     kv_total = kv_tokens * budget.kv_bytes_per_token

@@ -31,7 +31,7 @@ def check_memory(v: Verifier, dep: DeploymentCheck, host: dict[tuple[str, int], 
         if negative:
             fail("negative " + ", ".join(negative) + " in the memory map", "compile the plan again")
             continue
-        b = memory_budget(m, gpu.memory, tp=g.tp, pp=g.pp, scheduler=s, vendor=gpu.vendor)
+        b = memory_budget(m, gpu.memory, tp=g.tp, pp=g.pp, ep=g.ep, scheduler=s, vendor=gpu.vendor)
         shape = f"tp {g.tp} x pp {g.pp} on {gpu.name}, max_batched_tokens {s.max_batched_tokens}"
         if mm.capacity != gpu.memory:
             fail(f"capacity {format_gib(mm.capacity)} in the memory map, a {gpu.name} has {format_gib(gpu.memory)}",
@@ -78,7 +78,7 @@ def check_memory(v: Verifier, dep: DeploymentCheck, host: dict[tuple[str, int], 
                  "shrink the KV cache or the activation arena")
         has_arena = mm.arena_offsets or mm.arena_sizes or v.plan.has("arena_sizes")
         layout = has_arena and layout_problems(m, g.tp, s.max_batched_tokens, s.max_seqs, mm.arena_offsets,
-                                               mm.arena_sizes, mm.activations)
+                                               mm.arena_sizes, mm.activations, g.ep)
         if layout:
             fail(f"the activation arena cannot hold one step: {layout[0]}", "compile the plan again: the arena "
                  "is laid out from the step graph (compiler/model/step_graph.py)", at=f"{gat}.arena_offsets",
