@@ -11,10 +11,14 @@ Weights are stored as transformers stores them ([out, in]), this rank's shard on
 `parallel.RankLayout`): the Q, K and V projections fused into one `qkv` matrix, gate and up
 into `gate_up` (gate rows first), each expert's gate and up into `gate_up[e]`.
 `weights.load_weights` fills them from a checkpoint, `weights.random_weights` at random.
+With offloaded weights (`offload.py`), a layer's or the LM head's streamed parameters are views
+of a staging slot that `streamer` fills around the unit, and an embedding table in host memory
+(`host_embed`) is gathered there.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Optional
@@ -27,6 +31,7 @@ from .kv_cache import KVCache
 from .parallel import Parallel, RankLayout
 
 if TYPE_CHECKING:
+    from .offload import OffloadedWeights
     from .workspace import HeapWorkspace, Workspace
 
 __all__ = ["StepInputs", "CausalLM"]
@@ -141,10 +146,10 @@ class MoE(_Module):
 
     def __init__(self, *args, device: torch.device):
         super().__init__(*args)
-        c, f = self.config, len(self.layout.ffn)
-        self.router = _weight(c.experts, c.hidden, dtype=self.dtype, device=device)
-        self.gate_up = _weight(c.experts, 2 * f, c.hidden, dtype=self.dtype, device=device)
-        self.down = _weight(c.experts, c.hidden, f, dtype=self.dtype, device=device)
+        c, f, held = self.config, len(self.layout.ffn), len(self.layout.experts)
+        self.router = _weight(c.experts, c.hidden, dtype=self.dtype, device=device)  # every rank routes every token
+        self.gate_up = _weight(held, 2 * f, c.hidden, dtype=self.dtype, device=device)
+        self.down = _weight(held, c.hidden, f, dtype=self.dtype, device=device)
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         c, T = self.config, x.shape[0]
@@ -169,17 +174,24 @@ class MoE(_Module):
         permuted = self.buffer(step, "permuted", T * k, c.hidden)
         torch.index_select(x, 0, tokens, out=permuted)
         # The per-expert loop needs the bounds on the host (a grouped-GEMM kernel would not).
+        # Sorted by expert, the pairs of this rank's experts are one run of rows, [mine, end):
+        # the others' rows stay zero here and come from their ranks in the all-reduce.
         bounds = offsets.tolist()
-        busy = [(e, bounds[e], bounds[e + 1]) for e in range(E) if bounds[e + 1] > bounds[e]]
+        held = self.layout.experts
+        mine, end = bounds[held.start], bounds[held.stop]
+        busy = [(e, bounds[e], bounds[e + 1]) for e in held if bounds[e + 1] > bounds[e]]
 
         gate_up = self.buffer(step, "expert_gate_up", T * k, 2 * f)
         for e, lo, hi in busy:
-            torch.mm(permuted[lo:hi], self.gate_up[e].t(), out=gate_up[lo:hi])
+            torch.mm(permuted[lo:hi], self.gate_up[e - held.start].t(), out=gate_up[lo:hi])
         act = self.buffer(step, "expert_act", T * k, f)
-        self.ops.silu_and_mul(gate_up, out=act)
+        if end > mine:
+            self.ops.silu_and_mul(gate_up[mine:end], out=act[mine:end])
         expert_out = self.buffer(step, "expert_out", T * k, c.hidden)
+        expert_out[:mine].zero_()
+        expert_out[end:].zero_()
         for e, lo, hi in busy:
-            torch.mm(act[lo:hi], self.down[e].t(), out=expert_out[lo:hi])
+            torch.mm(act[lo:hi], self.down[e - held.start].t(), out=expert_out[lo:hi])
 
         # combine: weight each row in place (expert_out dies here), sum rows into their tokens.
         expert_out.mul_(topk_weights.view(-1)[order].unsqueeze(1))
@@ -244,6 +256,10 @@ class CausalLM(_Module):
                 nn.Parameter(torch.zeros(vp, hidden, dtype=dtype, device=device), requires_grad=False)
         self.device = device
         self.register_buffer("cos_sin", config.cos_sin_cache(config.max_context, device), persistent=False)
+        # Offloaded weights (offload.OffloadedWeights): the embedding table in host memory, and
+        # what fills each unit's streamed parameters before it runs.
+        self.host_embed: Optional[torch.Tensor] = None
+        self.streamer: Optional[OffloadedWeights] = None
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
         """Deterministic random weights (`weights.random_weights`): the same model for a seed
@@ -275,23 +291,38 @@ class CausalLM(_Module):
         elif hidden is None:
             raise ValueError(f"pipeline stage {self.parallel.pp_rank} needs the previous stage's hidden states")
         for i, layer in enumerate(self.layers):
-            layer(hidden, step, i)
+            with self._streamed(i):
+                layer(hidden, step, i)
         if not self.layout.last_stage:
             return hidden
-        return self._logits(hidden, step, gather_logits)
+        with self._streamed(len(self.layers)):  # the LM head
+            return self._logits(hidden, step, gather_logits)
+
+    def _streamed(self, unit: int) -> AbstractContextManager:
+        """Around a layer (its index) or the LM head (the number of layers): its streamed
+        parameters are on the device inside."""
+        return nullcontext() if self.streamer is None else self.streamer.unit(unit)
 
     def _embed(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         """Vocab-parallel lookup: each rank fills the rows of the ids it owns, zeros the
         others, and the all-reduce assembles the full rows."""
         if self.parallel.tp_size == 1:
-            torch.index_select(self.embed, 0, ids, out=out)
+            self._gather(ids, out)
             return
         vocab = self.layout.vocab
         local = ids - vocab.start
         mine = (local >= 0) & (local < len(vocab))
-        torch.index_select(self.embed, 0, local.clamp_(0, self.layout.vocab_padded - 1), out=out)
+        self._gather(local.clamp_(0, self.layout.vocab_padded - 1), out)
         out.masked_fill_(~mine.unsqueeze(1), 0)
         self.parallel.all_reduce(out)
+
+    def _gather(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """out = the embedding's `rows`; a table in host memory is gathered there, so that only
+        the step's rows cross the link."""
+        if self.host_embed is None:
+            torch.index_select(self.embed, 0, rows, out=out)
+        else:
+            out.copy_(torch.index_select(self.host_embed, 0, rows.cpu()))
 
     def _logits(self, residual: torch.Tensor, step: _Step, gather: bool) -> torch.Tensor:
         T, hidden, rows = residual.shape[0], self.config.hidden, step.inputs.logits_indices
