@@ -98,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="the spec to check against (default: the plan's spec_files[0])")
     _allow_outside(verify)
 
-    from flowc import autotune_cmd, calibrate, export_cmd, run_cmd, viz_cmd
+    from flowc import autotune_cmd, calibrate, export_cmd, launch_cmd, run_cmd, viz_cmd
 
     run = commands.add_parser("run", parents=[common], help="execute a plan with the flowc runtime")
     run_cmd.add_arguments(run)
@@ -108,6 +108,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _allow_outside(viz)
     export_cmd.add_arguments(commands.add_parser("export", parents=[common],
                                                  help="launch scripts for vLLM or SGLang from a plan"))
+    launch_cmd.add_arguments(commands.add_parser("launch", parents=[common],
+                                                 help="torchrun scripts, one per node, that run a plan on the "
+                                                      "flowc runtime"))
     calibrate.add_arguments(commands.add_parser("calibrate", parents=[common],
                                                 help="measure this machine's device into a hardware profile"))
     autotune_cmd.add_arguments(commands.add_parser("autotune", parents=[common],
@@ -354,7 +357,8 @@ COMMANDS = {"check": _cmd_check, "fmt": _cmd_fmt, "explain": _cmd_explain, "esti
 # Commands whose code lives in its own module, imported only when the command runs: name -> module
 # holding `cmd_NAME(args, out)`.
 LAZY_COMMANDS = {"verify": "flowc.verify_cmd", "run": "flowc.run_cmd", "viz": "flowc.viz_cmd",
-                 "export": "flowc.export_cmd", "calibrate": "flowc.calibrate", "autotune": "flowc.autotune_cmd"}
+                 "export": "flowc.export_cmd", "launch": "flowc.launch_cmd", "calibrate": "flowc.calibrate",
+                 "autotune": "flowc.autotune_cmd"}
 
 
 def _command(name: str):

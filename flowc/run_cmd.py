@@ -12,12 +12,16 @@ Two modes:
     cost model predicts for the same requests on one instance of the plan (on every instance
     of a disaggregated plan: its prefill and decode instances all run, in this process).
 A disaggregated plan runs through `flowc.runtime.open_plan` like a colocated one.
+`--launcher torchrun` (what the scripts of `flowc launch` pass): torchrun started every rank of
+the instance, on one node or many; rank 0 runs the requests and prints, the others serve its
+steps and print nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +47,9 @@ def add_arguments(parser) -> None:
                         help="kernels: Triton on GPUs, the torch reference on CPU (auto)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="override the plan's dtypes")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and replay prompts")
+    parser.add_argument("--launcher", choices=("spawn", "torchrun"), default="spawn",
+                        help="spawn: this process starts the instance's other ranks here (default); torchrun: "
+                             "torchrun started them (the scripts of `flowc launch`)")
 
 
 def cmd_run(args, out) -> int:
@@ -66,12 +73,19 @@ def cmd_run(args, out) -> int:
     plan = read_plan(args.plan, out)
     if isinstance(plan, int):
         return plan
+    if args.launcher == "torchrun":
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return out.usage_error("--launcher torchrun, but torchrun did not start this process (no RANK and "
+                                   "WORLD_SIZE)", "run the scripts `flowc launch` writes, or leave --launcher out")
+        if os.environ["RANK"] != "0":
+            return _serve_rank(args, plan)
     lines = _prompt_lines(args.prompts, out) if args.prompts is not None else None
     if isinstance(lines, int):
         return lines
     try:
+        options = {"launcher": "torchrun"} if args.launcher == "torchrun" else {}
         engine = open_plan(plan, args.weights, deployment=args.deployment, dtype=args.dtype,
-                           backend=args.backend, seed=args.seed)
+                           backend=args.backend, seed=args.seed, **options)
     except (EngineError, ValueError) as error:  # WeightsError and UnsupportedModel are ValueErrors
         sys.stderr.write(f"error: {escape_control(str(error))}\n")
         return EXIT_INVALID
@@ -79,6 +93,19 @@ def cmd_run(args, out) -> int:
         if args.replay:
             return _replay(args, engine, out)
         return _prompts(args, lines, engine)
+
+
+def _serve_rank(args, plan) -> int:
+    """A rank other than 0 of a torchrun-started instance: serve rank 0's steps until it closes."""
+    from flowc.runtime.engine import EngineError, run_rank
+
+    try:
+        run_rank(plan, args.weights, deployment=args.deployment, dtype=args.dtype, backend=args.backend,
+                 seed=args.seed)
+    except (EngineError, ValueError, RuntimeError) as error:  # RuntimeError: torch.distributed's
+        sys.stderr.write(f"error: rank {escape_control(os.environ['RANK'])}: {escape_control(str(error))}\n")
+        return EXIT_INVALID
+    return EXIT_OK
 
 
 def _backend_problem(backend: str) -> tuple[str, str] | None:

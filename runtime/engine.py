@@ -41,7 +41,8 @@ from flowc.compiler.units import format_gib
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .kernels import backend_problem, resolve_backend, tile_problem
-from .runner import RankFailure, RunnerSpec, make_runner
+from .offload import offload_problem
+from .runner import Launcher, RankFailure, RunnerSpec, make_runner, serve_rank, torchrun_rank
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import RequestError, SamplingParams, Sequence, finite_float, is_token_id
@@ -180,19 +181,22 @@ def _tile_problem(backend: str, device: torch.device, model, group: InstanceGrou
             "compile with `block_size in [16 tok]` (or another power of two), or run with `--backend torch`")
 
 
-def _host_problem(group: InstanceGroup, device: torch.device, share_cores: bool = False) -> Optional[tuple[str, str]]:
-    """(message, help) when this machine cannot start the instance: one process per rank (tp x pp),
-    each on a device of its own (a CPU core, or a GPU; with `share_cores`, CPU ranks may share
-    cores) with the memory its memory map takes."""
+def _host_problem(group: InstanceGroup, device: torch.device, share_cores: bool = False,
+                  launcher: Launcher = "spawn") -> Optional[tuple[str, str]]:
+    """(message, help) when this machine cannot start its ranks of the instance: one process per
+    rank (all tp x pp of them, or under torchrun this node's: LOCAL_WORLD_SIZE), each on a device
+    of its own (a CPU core, or a GPU; with `share_cores`, CPU ranks may share cores) with the
+    memory its memory map takes."""
     if device.type == "cpu":
         devices = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         memory, what = _host_memory(), f"{devices} CPU cores"
     else:
         devices = torch.cuda.device_count()
         memory, what = torch.cuda.get_device_properties(0).total_memory * devices, f"{devices} CUDA devices"
-    ranks = group.tp * group.pp
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launcher == "torchrun" else group.tp * group.pp
     if ranks > devices and not (share_cores and device.type == "cpu"):
-        return (f"the instance runs tp {group.tp} x pp {group.pp}, one process per rank, and this machine has {what}",
+        return (f"the instance runs tp {group.tp} x pp {group.pp}, one process per rank, {ranks} of them here, and "
+                f"this machine has {what}",
                 "compile the spec for this machine's devices (`gpu cpu-local x N` counts CPU cores)")
     m = group.memory
     need = ranks * (m.weights + m.kv_cache + m.activations)
@@ -200,6 +204,18 @@ def _host_problem(group: InstanceGroup, device: torch.device, share_cores: bool 
         return (f"the instance takes {format_gib(need)} (weights, KV cache and activations of {ranks} ranks), "
                 f"and this machine has {format_gib(memory)}", "compile the spec for this machine's memory")
     return None
+
+
+def run_rank(plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
+             dtype: Optional[str] = None, backend: str = "auto", seed: int = 0, timeout_s: float = 120.0) -> None:
+    """This process is a rank > 0 of an instance torchrun started (`flowc launch`): build its
+    shard of `plan`'s colocated instance (`Engine.from_plan`'s arguments, the same on every rank)
+    and run the steps rank 0 sends until rank 0 closes its engine."""
+    p = load_plan(plan)
+    dp = _deployment(p, deployment)
+    group = _colocated_group(dp)
+    serve_rank(Engine.runner_spec(p, dp, group, weights, dtype=dtype, backend=backend, seed=seed,
+                                  timeout_s=timeout_s, launcher="torchrun"))
 
 
 def _host_memory() -> Optional[int]:
@@ -397,17 +413,11 @@ class ServingAPI(ABC):
 class Engine(ServingAPI):
     """Continuous-batching engine for one instance of a plan (see the module docstring)."""
 
-    def __init__(self, config: ModelConfig, plan: Plan, dp: DeploymentPlan, group: InstanceGroup, *,
-                 weights: Optional[Path], dtype: torch.dtype, kv_dtype: torch.dtype, device: torch.device, backend: str,
-                 seed: int, timeout_s: float = 120.0):
-        self.config, self.plan_document, self.plan, self.group = config, plan, dp, group
+    def __init__(self, plan: Plan, dp: DeploymentPlan, group: InstanceGroup, spec: RunnerSpec):
+        self.config, self.plan_document, self.plan, self.group = spec.config, plan, dp, group
         self.failure: Optional[str] = None  # why a worker failed: the engine then serves nothing
         s = group.scheduler
-        self.runner = make_runner(RunnerSpec(config=config, tp=group.tp, pp=group.pp, weights=weights, dtype=dtype,
-                                             kv_dtype=kv_dtype, device=str(device), backend=backend, seed=seed,
-                                             num_blocks=group.memory.kv_blocks, block_size=s.block_size,
-                                             arena_offsets=dict(group.memory.arena_offsets),
-                                             arena_sizes=dict(group.memory.arena_sizes), timeout_s=timeout_s))
+        self.runner = make_runner(spec)
         self.block_manager = BlockManager(group.memory.kv_blocks, s.block_size)
         self.scheduler = Scheduler(self.block_manager, max_batched_tokens=s.max_batched_tokens, max_seqs=s.max_seqs,
                                    chunk_size=s.chunk_size, chunked_prefill=s.chunked_prefill)
@@ -442,7 +452,7 @@ class Engine(ServingAPI):
     @classmethod
     def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
                   dtype: Optional[str] = None, backend: str = "auto", seed: int = 0,
-                  share_cores: bool = False, timeout_s: float = 120.0) -> "Engine":
+                  share_cores: bool = False, timeout_s: float = 120.0, launcher: Launcher = "spawn") -> "Engine":
         """The engine for `plan`'s colocated instance. `weights`: a local Hugging Face model
         directory (config.json + safetensors) whose shapes must match the plan's model; None
         draws random weights from `seed`. `dtype` ("fp32", "bf16", "fp16") overrides the plan's
@@ -450,28 +460,36 @@ class Engine(ServingAPI):
         `share_cores`: a CPU plan may run more ranks (tp x pp processes) than this machine has
         cores, slower but with the same results (tests and demos on small machines). A worker
         process that dies, or does not answer a step for `timeout_s`, fails the requests in
-        flight (final events with `error` saying which rank) and stops the engine."""
+        flight (final events with `error` saying which rank) and stops the engine. `launcher`
+        "torchrun": torchrun started every rank (`flowc launch`); this process is rank 0, the
+        others run `run_rank`."""
         p = load_plan(plan)
         dp = _deployment(p, deployment)
         return cls.for_group(p, dp, _colocated_group(dp), weights, dtype=dtype, backend=backend, seed=seed,
-                             share_cores=share_cores, timeout_s=timeout_s)
+                             share_cores=share_cores, timeout_s=timeout_s, launcher=launcher)
 
     @classmethod
     def for_group(cls, p: Plan, dp: DeploymentPlan, group: InstanceGroup, weights: str | Path | None = None, *,
                   dtype: Optional[str] = None, backend: str = "auto", seed: int = 0,
-                  share_cores: bool = False, timeout_s: float = 120.0) -> "Engine":
+                  share_cores: bool = False, timeout_s: float = 120.0, launcher: Launcher = "spawn") -> "Engine":
         """The engine for one instance of `group`, a group of deployment `dp` of the loaded plan
         `p` (`from_plan`'s other arguments); `from_plan` and the disaggregated engine (disagg.py)
         build every engine here, so every instance passes the same checks."""
+        return cls(p, dp, group, cls.runner_spec(p, dp, group, weights, dtype=dtype, backend=backend, seed=seed,
+                                                 share_cores=share_cores, timeout_s=timeout_s, launcher=launcher))
+
+    @staticmethod
+    def runner_spec(p: Plan, dp: DeploymentPlan, group: InstanceGroup, weights: str | Path | None = None, *,
+                    dtype: Optional[str] = None, backend: str = "auto", seed: int = 0, share_cores: bool = False,
+                    timeout_s: float = 120.0, launcher: Launcher = "spawn") -> RunnerSpec:
+        """What every rank of an instance of `group` builds (`for_group`'s arguments), after the
+        checks that refuse what cannot run here: EngineError before any process starts."""
         if dp.model_spec is None:
             raise EngineError(f"plan format {p.format_version} does not carry the model; compile the spec again "
                               "with this flowc")
-        if group.ep > 1:
-            raise EngineError(f"deployment `{dp.name}` uses expert parallelism (ep {group.ep}); the flowc runtime "
-                              "splits every expert over the TP ranks instead: restrict the spec with `ep in [1]`")
-        if group.memory.offloaded:
-            raise EngineError(f"deployment `{dp.name}` offloads weights to host memory; the flowc runtime keeps "
-                              "every weight on the device: compile with `forbid offload`")
+        offload = offload_problem(group.memory.offloaded, group.pp)
+        if offload is not None:
+            raise EngineError(f"deployment `{dp.name}` {offload}")
         config = ModelConfig.from_spec(dp.model_spec)
         weights_dir = None
         if weights is not None:
@@ -479,15 +497,25 @@ class Engine(ServingAPI):
             config = _hf_config(weights_dir, dp)
         device = _device_for(group)
         problem = (backend_problem(backend, str(device)) or _tile_problem(backend, device, dp.model_spec, group)
-                   or _host_problem(group, device, share_cores))
+                   or _host_problem(group, device, share_cores, launcher))
         if problem is not None:  # before any worker starts: a plan for cpu-local on a GPU machine
             raise EngineError(f"{problem[0]}; {problem[1]}")
         if dtype is not None and dtype not in DTYPES:
             raise EngineError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         w_dtype = DTYPES[dtype] if dtype else _dtype(dp.weights, "weights")
         kv_dtype = DTYPES[dtype] if dtype else _dtype(dp.kv, "the KV cache")
-        return cls(config, p, dp, group, weights=weights_dir, dtype=w_dtype, kv_dtype=kv_dtype, device=device,
-                   backend=backend, seed=seed, timeout_s=timeout_s)
+        s = group.scheduler
+        spec = RunnerSpec(config=config, tp=group.tp, pp=group.pp, ep=group.ep, weights=weights_dir, dtype=w_dtype,
+                          kv_dtype=kv_dtype, device=str(device), backend=backend, seed=seed,
+                          num_blocks=group.memory.kv_blocks, block_size=s.block_size,
+                          arena_offsets=dict(group.memory.arena_offsets), arena_sizes=dict(group.memory.arena_sizes),
+                          timeout_s=timeout_s, launcher=launcher, offloaded=dict(group.memory.offloaded))
+        if launcher == "torchrun":
+            try:
+                torchrun_rank(spec)
+            except RuntimeError as error:  # not started by torchrun, or with another world size
+                raise EngineError(str(error)) from None
+        return spec
 
     # ------------------------------------------------------------------ requests
 

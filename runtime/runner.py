@@ -6,8 +6,14 @@ on GPUs). Rank r is TP rank r % tp of pipeline stage r // tp (`rank_grid`); each
 ranks share a process group for their all-reduces. This process is rank 0: it spawns the
 others and broadcasts each step's inputs to all of them. Stage s runs its layers and sends the
 residual stream to the same TP rank of stage s + 1 (point to point); the last stage's TP rank
-0 sends the gathered logits back to rank 0. A step crosses the stages one after the other:
-pipeline parallelism here splits the weights and the KV cache, not the time of a step.
+0 sends the gathered logits back to rank 0. A step goes through the stages as up to pp
+micro-batches of whole sequences (`micro_batches`), so the stages work at once on different
+ones; the steps themselves run one after the other (no second step in flight).
+
+Launchers: by default (`launcher="spawn"`) rank 0 spawns the other ranks on this machine. Under
+`torchrun` (`launcher="torchrun"`: `flowc launch` writes the command for every node), torchrun
+starts every rank, on one node or many, and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT: rank 0 builds the engine and drives the others, which run `serve_rank`.
 
 Faults: a worker that dies, or stops answering for `timeout_s`, makes `run` raise `RankFailure`
 (the engine fails its requests with that message); `close` then kills the workers left instead
@@ -26,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,11 +40,13 @@ import torch.distributed as dist
 from .config import ModelConfig
 from .kernels import get_ops
 from .model import CausalLM, StepInputs
+from .offload import OffloadedWeights
 from .parallel import Parallel, free_port
 from .weights import load_weights
 from .workspace import HeapWorkspace, Workspace
 
 INDEX_INPUTS = ("input_ids", "positions", "slot_mapping", "logits_indices")
+Launcher = Literal["spawn", "torchrun"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,10 @@ class RunnerSpec:
     arena_offsets: dict[str, int] = field(default_factory=dict)
     arena_sizes: dict[str, int] = field(default_factory=dict)
     pp: int = 1
+    ep: int = 1  # whole experts spread over the TP ranks (parallel.Parallel)
     timeout_s: float = 120.0  # a collective that waits longer fails the step (a hung rank)
+    launcher: Launcher = "spawn"
+    offloaded: dict[str, int] = field(default_factory=dict)  # the memory map's host bytes by category
 
     @property
     def world(self) -> int:
@@ -76,14 +87,22 @@ def rank_grid(rank: int, tp: int) -> tuple[int, int]:
 
 class _RankState:
     def __init__(self, spec: RunnerSpec, parallel: Parallel, rank: int = 0):
-        device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{rank}")
+        # a node's GPUs are its ranks': all of them here when rank 0 spawned the others
+        local = int(os.environ.get("LOCAL_RANK", rank)) if spec.launcher == "torchrun" else rank
+        device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{local}")
         self.device, self.rank, self.spec, self.parallel = device, rank, spec, parallel
         c = spec.config
-        self.model = CausalLM(c, get_ops(spec.backend, str(device)), parallel, spec.dtype, device)
+        # with offloaded weights, built on the meta device: each parameter is then allocated where it lives
+        offload = any(spec.offloaded.values())
+        self.model = CausalLM(c, get_ops(spec.backend, str(device)), parallel, spec.dtype,
+                              torch.device("meta") if offload else device)
+        self.offloaded = OffloadedWeights(self.model, spec.offloaded, device) if offload else None
         if spec.weights is not None:
             load_weights(self.model, spec.weights)
         else:
             self.model.init_random(spec.seed)
+        if self.offloaded is not None:
+            self.offloaded.install()
         self.kv = self.model.make_kv_cache(spec.num_blocks, spec.block_size, spec.kv_dtype)
         if spec.arena_offsets:
             self.workspace = Workspace(spec.arena_offsets, spec.arena_sizes, spec.dtype, device)
@@ -91,25 +110,32 @@ class _RankState:
             self.workspace = HeapWorkspace(device)
 
     def run(self, inputs: dict[str, list]) -> Optional[torch.Tensor]:
-        """This rank's part of one step: rank 0 returns the logits, the others None."""
+        """This rank's part of one step: rank 0 returns the logits, the others None. With pp > 1
+        the step goes through the stages in micro-batches (`micro_batches`), so stage s works on
+        one while stage s + 1 works on the one before."""
         spec, par = self.spec, self.parallel
-        hidden = None
-        if par.pp_rank > 0:  # the previous stage's residual stream, into this stage's residual buffer
-            hidden = self.workspace.buffer("residual", (len(inputs["input_ids"]), spec.config.hidden), spec.dtype)
-            par.recv(hidden, src=self.rank - spec.tp)
-        out = self._forward(inputs, hidden)
-        if par.pp_rank < par.pp_size - 1:
-            par.send(out, dst=self.rank + spec.tp)
-            out = None
-        elif par.pp_size > 1 and par.tp_rank == 0:
-            par.send(out.contiguous(), dst=0)
+        if par.pp_size == 1:
+            return self._forward(inputs, None)
+        parts = micro_batches(inputs, par.pp_size)
+        sampled = [len(part["logits_indices"]) for part in parts]  # a part that samples nothing sends nothing
+        pending = []
+        if self.rank == 0:  # posted first: the last stage's sends must not wait for this rank
+            pending = [par.irecv(torch.empty(rows, spec.config.vocab, dtype=torch.float32, device=self.device),
+                                 src=spec.world - spec.tp) for rows in sampled if rows]
+        for part, rows in zip(parts, sampled):
+            hidden = None
+            if par.pp_rank > 0:  # the previous stage's residual stream, into this stage's residual buffer
+                hidden = self.workspace.buffer("residual", (len(part["input_ids"]), spec.config.hidden), spec.dtype)
+                par.recv(hidden, src=self.rank - spec.tp)
+            out = self._forward(part, hidden)
+            if par.pp_rank < par.pp_size - 1:
+                par.send(out, dst=self.rank + spec.tp)
+            elif par.tp_rank == 0 and rows:  # the last stage's logits, gathered over its TP ranks
+                par.send(out.contiguous(), dst=0)
         if self.rank != 0:
             return None
-        if par.pp_size > 1:  # the last stage's logits
-            out = torch.empty(len(inputs["logits_indices"]), spec.config.vocab, dtype=torch.float32,
-                              device=self.device)
-            par.recv(out, src=spec.world - spec.tp)
-        return out
+        logits = [par.wait(received) for received in pending]
+        return torch.cat(logits) if logits else torch.empty(0, spec.config.vocab, device=self.device)
 
     def _forward(self, inputs: dict[str, list], hidden: Optional[torch.Tensor]) -> torch.Tensor:
         tensors = {}
@@ -126,6 +152,25 @@ class _RankState:
                                                        device=self.device), **tensors)
         with torch.inference_mode():
             return self.model(step, self.kv, self.workspace, hidden)
+
+
+def micro_batches(inputs: dict[str, list], n: int) -> list[dict[str, list]]:
+    """A step's inputs split into at most `n` micro-batches of whole sequences (fewer when it has
+    fewer sequences), balanced by tokens; their logits rows, concatenated, are the step's."""
+    starts, rows = inputs["query_start_loc"], inputs["logits_indices"]
+    seqs, tokens = len(starts) - 1, starts[-1]
+    # sequence boundaries nearest to equal shares of the tokens, each micro-batch non-empty
+    cuts = sorted({0, seqs} | {min(range(1, seqs), key=lambda s: abs(starts[s] - tokens * k / n))
+                               for k in range(1, min(n, seqs))})
+    parts = []
+    for a, b in zip(cuts, cuts[1:]):
+        lo, hi = starts[a], starts[b]
+        parts.append({
+            "input_ids": inputs["input_ids"][lo:hi], "positions": inputs["positions"][lo:hi],
+            "slot_mapping": inputs["slot_mapping"][lo:hi], "block_tables": inputs["block_tables"][a:b],
+            "seq_lens": inputs["seq_lens"][a:b], "query_start_loc": [q - lo for q in starts[a:b + 1]],
+            "logits_indices": [r - lo for r in rows if lo <= r < hi]})
+    return parts
 
 
 class LocalRunner:
@@ -153,16 +198,13 @@ def _join(spec: RunnerSpec, rank: int) -> _RankState:
     stage, tp_rank = rank_grid(rank, spec.tp)
     groups = [dist.new_group(list(range(s * spec.tp, (s + 1) * spec.tp))) if spec.pp > 1 else None
               for s in range(spec.pp)]
-    parallel = Parallel(tp_rank=tp_rank, tp_size=spec.tp, group=groups[stage], pp_rank=stage, pp_size=spec.pp)
+    parallel = Parallel(tp_rank=tp_rank, tp_size=spec.tp, group=groups[stage], pp_rank=stage, pp_size=spec.pp,
+                        ep_size=spec.ep)
     return _RankState(spec, parallel, rank)
 
 
-def _worker(index: int, spec: RunnerSpec, port: int):
-    """Rank index + 1: build its shard, then run every step rank 0 broadcasts until None."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if spec.device == "cpu":  # the ranks share this host's cores: one thread pool each would oversubscribe
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
-    state = _join(spec, index + 1)
+def _serve(state: _RankState) -> None:
+    """A rank other than 0: run every step rank 0 broadcasts, until it sends None."""
     try:
         while True:
             message = [None]
@@ -174,22 +216,55 @@ def _worker(index: int, spec: RunnerSpec, port: int):
         dist.destroy_process_group()
 
 
+def _worker(index: int, spec: RunnerSpec, port: int):
+    """Rank index + 1, spawned by rank 0: build its shard and serve."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if spec.device == "cpu":  # the ranks share this host's cores: one thread pool each would oversubscribe
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
+    _serve(_join(spec, index + 1))
+
+
+def torchrun_rank(spec: RunnerSpec) -> int:
+    """This process's rank in a torchrun-started instance; RuntimeError unless torchrun started
+    it with the instance's world size."""
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError) as error:
+        raise RuntimeError("launcher torchrun, but RANK and WORLD_SIZE are not set: start it with torchrun "
+                           "(`flowc launch` writes the command)") from error
+    if world != spec.world:
+        raise RuntimeError(f"torchrun started {world} processes and the instance has {spec.world} ranks "
+                           f"(tp {spec.tp} x pp {spec.pp}): use the command `flowc launch` writes")
+    return rank
+
+
+def serve_rank(spec: RunnerSpec) -> None:
+    """Rank > 0 of a torchrun-started instance: build this rank's shard, then run the steps rank
+    0 sends until it closes the engine."""
+    _serve(_join(spec, torchrun_rank(spec)))
+
+
 class DistributedRunner:
     def __init__(self, spec: RunnerSpec):
         import torch.multiprocessing as mp
 
         if dist.is_initialized():
             raise RuntimeError("a tensor-parallel engine is already running in this process; close it first")
-        port = free_port()
-        self.workers = mp.start_processes(_worker, args=(spec, port), nprocs=spec.world - 1, join=False,
-                                          start_method="spawn")
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        self.workers = None  # torchrun started the other ranks, wherever they run
+        if spec.launcher == "torchrun":
+            if torchrun_rank(spec) != 0:
+                raise RuntimeError("rank 0 builds the engine; the other ranks run `serve_rank`")
+        else:
+            port = free_port()
+            self.workers = mp.start_processes(_worker, args=(spec, port), nprocs=spec.world - 1, join=False,
+                                              start_method="spawn")
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         self.state = _join(spec, 0)
         self.failed = False
 
     def _dead(self) -> str | None:
-        """Which worker exited, if one did."""
-        for index, process in enumerate(self.workers.processes):
+        """Which worker exited, if one did (known for the workers this process spawned)."""
+        for index, process in enumerate(self.workers.processes if self.workers else ()):
             if not process.is_alive():
                 return f"rank {index + 1} of the instance exited (exit code {process.exitcode})"
         return None
@@ -212,12 +287,13 @@ class DistributedRunner:
         if not dist.is_initialized():
             return
         if self.failed:  # the workers left cannot take part in a collective: stop them
-            for process in self.workers.processes:
+            for process in self.workers.processes if self.workers else ():  # (torchrun stops its own)
                 process.kill()
                 process.join(timeout=10)
         else:
             dist.broadcast_object_list([None], src=0)
-            self.workers.join()
+            if self.workers:
+                self.workers.join()
         dist.destroy_process_group()
 
 

@@ -36,21 +36,63 @@ def test_rank_grid_puts_tp_ranks_of_a_stage_side_by_side():
     assert [rank_grid(r, 1) for r in range(3)] == [(0, 0), (1, 0), (2, 0)]
 
 
-@pytest.mark.parametrize("variant, shapes", [("llama", [(1, 2), (2, 2)]), ("qwen2", [(1, 2)]),
-                                             ("mixtral", [(1, 2)])])
-def test_pipeline_stages_match_one_process_and_transformers(tmp_path, variant, shapes):
+def test_micro_batches_split_a_step_into_whole_sequences():
+    from flowc.runtime.runner import micro_batches
+
+    # three sequences of 4, 5 and 1 tokens; the first and the last sample
+    step = {"input_ids": list(range(10, 20)), "positions": [0, 1, 2, 3, 7, 8, 9, 10, 11, 5],
+            "slot_mapping": list(range(30, 40)), "block_tables": [[0], [1, 2], [3]], "seq_lens": [4, 12, 6],
+            "query_start_loc": [0, 4, 9, 10], "logits_indices": [3, 9]}
+    assert micro_batches(step, 1) == [step]
+    first, second = micro_batches(step, 2)
+    assert first == {"input_ids": [10, 11, 12, 13], "positions": [0, 1, 2, 3], "slot_mapping": [30, 31, 32, 33],
+                     "block_tables": [[0]], "seq_lens": [4], "query_start_loc": [0, 4], "logits_indices": [3]}
+    assert second == {"input_ids": list(range(14, 20)), "positions": [7, 8, 9, 10, 11, 5],
+                      "slot_mapping": list(range(34, 40)), "block_tables": [[1, 2], [3]], "seq_lens": [12, 6],
+                      "query_start_loc": [0, 5, 6], "logits_indices": [5]}
+    # cuts at the sequence boundaries nearest to equal token shares: none empty, at most one per sequence
+    parts = micro_batches(step, 8)
+    assert [p["seq_lens"] for p in parts] == [[4], [12, 6]]
+    assert [p["seq_lens"] for p in micro_batches({**step, "query_start_loc": [0, 3, 6, 9]}, 3)] == [[4], [12], [6]]
+    assert sum((p["input_ids"] for p in parts), []) == step["input_ids"]
+
+
+@pytest.mark.parametrize("variant, shapes", [("llama", [(1, 2, 1), (2, 2, 1)]), ("qwen2", [(1, 2, 1)]),
+                                             ("mixtral", [(1, 2, 1), (2, 1, 2)])])
+def test_parallel_instances_match_one_process_and_transformers(tmp_path, variant, shapes):
+    """(tp, pp, ep): pipeline stages, TP inside them, and experts spread whole over TP ranks."""
     path = save_tiny_model(variant, tmp_path)
     spec = tiny_spec(variant)
     # a 32-token budget in chunks of 16: prompts are prefilled in pieces across steps
     settings = dict(max_batched_tokens=32, chunk_size=16, max_seqs=4)
     expected = hf_greedy(path, sample_prompts(spec.vocab, n=len(MAX_TOKENS)), MAX_TOKENS)
     assert _generate(instance_plan(spec, **settings), path) == expected
-    for tp, pp in shapes:
-        assert _generate(instance_plan(spec, tp=tp, pp=pp, **settings), path) == expected, (tp, pp)
+    for tp, pp, ep in shapes:
+        assert _generate(instance_plan(spec, tp=tp, pp=pp, ep=ep, **settings), path) == expected, (tp, pp, ep)
 
 
 SPEC = """use std.cpu_local
 use std.models
+
+model tiny-moe {{
+  architecture mixtral
+  layers 2
+  hidden 64
+  heads 4
+  kv_heads 2
+  head_dim 16
+  ffn 128
+  vocab 256
+  max_context 512 tok
+  weights fp32
+  kv fp32
+  tied_embeddings false
+  moe {{
+    experts 4
+    top_k 2
+    expert_ffn 64
+  }}
+}}
 
 cluster box {{
   node x 1 {{
@@ -70,25 +112,28 @@ slo relaxed {{
 }}
 
 deploy tiny {{
-  model tiny-llama {{ weights fp32; kv fp32 }}
+  model {model}
   on box
   serve chat under relaxed
   tp in [{tp}]
-  pp in [2]
+  pp in [{pp}]
+  ep in [{ep}]
   max_batched_tokens in [512 tok]
   max_seqs in [32]
 }}
 """
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_compiled_pipeline_plans_run_token_identical(tmp_path, tp):
-    spec = tmp_path / "pp.flow"
-    spec.write_text(SPEC.format(gpus=2 * tp, tp=tp))
+@pytest.mark.parametrize("model, tp, pp, ep", [("tiny-llama { weights fp32; kv fp32 }", 1, 2, 1),
+                                                ("tiny-llama { weights fp32; kv fp32 }", 2, 2, 1),
+                                                ("tiny-moe", 2, 1, 2)])
+def test_compiled_parallel_plans_run_token_identical(tmp_path, model, tp, pp, ep):
+    spec = tmp_path / "parallel.flow"
+    spec.write_text(SPEC.format(model=model, gpus=tp * pp, tp=tp, pp=pp, ep=ep))
     assert flowc.cli.main(["compile", str(spec), "-o", str(tmp_path / "plan.json")]) == 0
     plan = load_plan(tmp_path / "plan.json")
     group = plan.deployments[0].groups[0]
-    assert (group.tp, group.pp) == (tp, 2)
+    assert (group.tp, group.pp, group.ep) == (tp, pp, ep)
     one_process = instance_plan(plan.deployments[0].model_spec, max_batched_tokens=512, max_seqs=32)
     assert _generate(plan, seed=4) == _generate(one_process, seed=4)
 
@@ -100,7 +145,8 @@ def test_more_ranks_than_cores_are_refused_unless_they_may_share(monkeypatch):
 
     monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0})
     plan = instance_plan(tiny_spec("llama"), pp=2)
-    with pytest.raises(EngineError, match=r"tp 1 x pp 2, one process per rank, and this machine has 1 CPU cores"):
+    with pytest.raises(EngineError, match=r"tp 1 x pp 2, one process per rank, 2 of them here, and this machine has "
+                       "1 CPU cores"):
         Engine.from_plan(plan)
     group = plan.deployments[0].groups[0]
     assert engine._host_problem(group, torch.device("cpu"), share_cores=True) is None
@@ -180,3 +226,34 @@ def test_a_worker_that_hangs_fails_the_requests_after_the_timeout():
         _check_failed(engine, outputs, events, "a rank of the instance stopped answering")
     finally:
         engine.close()
+
+
+def _ep_worker(parallel, path, steps):
+    from dataclasses import replace
+
+    from runtime_models import run_steps
+
+    return run_steps(replace(parallel, ep_size=2), path, steps)
+
+
+def test_expert_parallel_ranks_hold_whole_experts_and_match_one_rank(tmp_path):
+    """ep 2 over tp 2 on the tiny Mixtral: each rank holds half the experts whole (not a slice of
+    every expert), and the logits are the one-rank model's."""
+    import torch
+    from runtime_models import run_steps
+
+    from flowc.runtime.config import ModelConfig
+    from flowc.runtime.parallel import Parallel, launch
+
+    path = save_tiny_model("mixtral", tmp_path)
+    config = ModelConfig.from_spec(tiny_spec("mixtral"))
+    layouts = [Parallel(tp_rank=r, tp_size=2, ep_size=2).layout(config) for r in range(2)]
+    half = config.experts // 2
+    assert [lay.experts for lay in layouts] == [range(0, half), range(half, config.experts)]
+    assert [lay.ffn for lay in layouts] == [range(config.expert_ffn)] * 2
+    a, b = [int(t) for t in torch.randint(0, config.vocab, (21,))], [5, 9, 11, 2, 7, 1, 3]
+    steps = [{0: a[:12], 1: b[:5]}, {0: a[12:20], 1: [b[5]]}, {0: [a[20]], 1: [b[6]]}]
+    single = run_steps(Parallel(), path, steps)
+    for rank in launch(_ep_worker, 2, path, steps):
+        for (got, _), (want, _) in zip(rank, single):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -243,7 +243,8 @@ def test_more_ranks_than_the_machine_has_devices_are_refused_before_any_process(
 
     monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0})
     with pytest.raises(engine.EngineError,
-                       match="runs tp 2 x pp 1, one process per rank, and this machine has 1 CPU cores"):
+                       match="runs tp 2 x pp 1, one process per rank, 2 of them here, and this machine has 1 CPU "
+                             "cores"):
         engine.Engine.from_plan(instance_plan(tiny_spec("llama"), tp=2))
 
 
