@@ -74,7 +74,7 @@ def offloaded_plan(variant: str, hbm_share: float, tp: int = 1):
                       activation_bytes=budget.activations)
     assert lp.status == "OPTIMAL" and lp.offloaded_bytes > 0
     mm = base.deployments[0].groups[0].memory
-    extra = lp.staging_bytes + OFFLOAD_SLACK  # compile's reserve: the streaming buffer and slack
+    extra = lp.staging_bytes + OFFLOAD_SLACK  # the streaming buffer, and the LP's slack (compile leaves it free)
     host = lp.offloaded["weights"] + lp.offloaded["experts"]
     plan = _with_memory(base, weights=weights - host, offloaded=dict(lp.offloaded), reserve=mm.reserve + extra,
                         capacity=mm.capacity - host + extra)
@@ -142,10 +142,11 @@ def _check_placement(state, plan) -> None:
         weight_bytes_per_rank(spec, group.tp, group.pp), abs=spec.hidden * 4)  # vocabulary padding rows
     assert abs(placement.resident_bytes - mm.weights) <= matrix
     assert placement.host_bytes == pytest.approx(sum(mm.offloaded.values()), abs=matrix)
-    # two slots, each the largest streamed unit's bytes, within the streaming buffer plan and slack reserved
+    # two slots, each the largest streamed unit's bytes, within the streaming buffer and the slack the plan
+    # leaves (compile keeps the offload LP's slack free: the slots may exceed the LP's buffer by a matrix or so)
     largest = max(sum(-(-v.numel() * v.element_size() // 256) * 256 for v, _ in pairs) for pairs in placement.copies)
     assert placement.staging_bytes == 2 * largest
-    assert placement.resident_bytes + placement.staging_bytes <= mm.weights + mm.reserve
+    assert placement.resident_bytes + placement.staging_bytes <= mm.weights + mm.reserve + mm.free
 
 
 def test_offloaded_experts_stream_too(saved):

@@ -37,7 +37,7 @@ DISAGG_PARTNERS = 4  # prefill instances per decode instance when measuring a de
 LOW_LOAD_SCALE = 0.01  # arrivals 100x sparser than the workload's: latency without queueing
 OFFLOAD_KV_REQUESTS = 8  # an offloaded instance keeps KV for this many longest requests in HBM ...
 OFFLOAD_KV_SHARE = 0.5  # ... but at most this share of the HBM left for weights and KV (never below one)
-OFFLOAD_SLACK = 1 << 20  # bytes the offload LP's HBM budget is kept under (solver tolerance), counted in reserve
+OFFLOAD_SLACK = 1 << 20  # bytes the offload LP's HBM budget is kept under (its tolerance): free in the memory map
 
 # on_progress(what, done, total): called before each step of a compile (total None: not known yet).
 # The CLI passes flowc.progress's bar; the compiler never imports rich or flowc for it.

@@ -35,7 +35,7 @@ from flowc.compiler.model.workload import Requests, base_rate, sample_requests
 from flowc.compiler.optimize.alternatives import alternatives
 from flowc.compiler.optimize.arena import pack_step
 from flowc.compiler.optimize.baselines import Fleet, baseline_fleets, fleet_requests
-from flowc.compiler.optimize.candidates import CAPACITY_REQUESTS, OFFLOAD_SLACK, Measured, Progress, measure, quiet
+from flowc.compiler.optimize.candidates import CAPACITY_REQUESTS, Measured, Progress, measure, quiet
 from flowc.compiler.optimize.placement import Demand, PlacementInfeasible, PlacementTimeout, solve_placement
 from flowc.compiler.plan import (
     Alternative,
@@ -77,12 +77,13 @@ def _memory_map(model, m: Measured) -> MemoryMap:
         raise RuntimeError(f"activation arena of {layout.size} B exceeds the {b.activations} B the budget reserves")
     if m.offload is not None:
         # weights on the GPU: the memory model's less what host memory holds; KV: the K tokens
-        # the offload LP kept in HBM; reserve: the runtime's plus the streaming buffer and slack
+        # the offload LP kept in HBM; reserve: the runtime's plus the streaming buffer. The LP's
+        # slack stays free: the LP may overshoot its budget by its tolerance (a byte or more)
         o = m.offload
         weights = b.weights - o.offloaded.get("weights", 0) - o.offloaded.get("experts", 0)
         kv_blocks = m.config.kv_capacity_tokens // b.block_size
         kv_cache = kv_blocks * b.kv_bytes_per_token * b.block_size
-        reserve = b.reserve + o.staging_bytes + OFFLOAD_SLACK
+        reserve = b.reserve + o.staging_bytes
         return MemoryMap(capacity=b.capacity, weights=weights, kv_cache=kv_cache, kv_blocks=kv_blocks,
                          activations=b.activations, reserve=reserve,
                          free=b.capacity - weights - kv_cache - b.activations - reserve,

@@ -409,7 +409,8 @@ def _plan(m: spec.Model, units: list[Unit], sol: Shares, ops, host_link: spec.Li
         experts_offloaded=[math.ceil((1 - e[i]) * experts - 1e-6) if units[i].expert_bytes else 0 for i in layer_idx],
         head_hbm_fraction={u.name: f[i] for i, u in enumerate(units) if u.layer is None},
         kv_host_fraction=g,
-        offloaded={"weights": int(round(weights_off)), "experts": int(round(experts_off)),
+        # rounded up: less stays in HBM, so the rounded map keeps within the LP's budget
+        offloaded={"weights": math.ceil(weights_off), "experts": math.ceil(experts_off),
                    "kv": int(round(g * kv_total))},
         staging_bytes=int(math.ceil(2 * staging)) if sol.status != "fits" else 0,
         hbm_budget=int(hbm_budget),
