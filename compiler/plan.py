@@ -216,6 +216,18 @@ class DeploymentPlan(PlanModel):
     def gpus(self) -> int:
         return sum(g.replicas * g.gpus_per_instance for g in self.groups)
 
+    def instance_labels(self) -> list[str]:
+        """`ROLE K` for every instance, in plan order (groups, then their instances; K counts
+        within the role): the simulator's instance indices (`plan_instances`) and the runtime's
+        names for them (`RequestOutput.instances`)."""
+        seen: dict[str, int] = {}
+        labels = []
+        for g in self.groups:
+            for _ in g.instances:
+                labels.append(f"{g.role} {seen.get(g.role, 0)}")
+                seen[g.role] = seen.get(g.role, 0) + 1
+        return labels
+
     @property
     def replicas(self) -> int:
         """Instances of every group and role: what a spec's `replicas` counts."""

@@ -25,8 +25,11 @@ def replay_requests(workload, n: int, vocab: int, seed: int, context: int):
     return requests, Requests(sampled.arrival, prompt, output)
 
 
-def replay_report(outputs, predicted) -> dict:
-    """Measured vs predicted mean, p50 and p90 TTFT and TPOT (ms) and output throughput."""
+def replay_report(outputs, predicted, labels: list[str] | None = None) -> dict:
+    """Measured vs predicted mean, p50 and p90 TTFT and TPOT (ms) and output throughput. With
+    `labels` (`DeploymentPlan.instance_labels()`, the simulator's instance order) and outputs
+    that name their instances (a disaggregated run), also per instance: TTFT where requests
+    were prefilled, TPOT where they were decoded."""
     import numpy as np
 
     done = [o for o in outputs if o.error is None and o.first_token_time is not None]
@@ -42,7 +45,29 @@ def replay_report(outputs, predicted) -> dict:
                  "p90": predicted.percentile(metric, 90) * 1e3}
         return {"measured": measured, "predicted": model}
 
-    return {"requests": len(outputs), "errors": [o.error for o in outputs if o.error],
-            "ttft_ms": stats(ttft, "ttft"), "tpot_ms": stats(tpot, "tpot"),
-            "output_tokens_per_s": {"measured": tokens / span if span > 0 else 0.0,
-                                    "predicted": predicted.output_throughput}}
+    report = {"requests": len(outputs), "errors": [o.error for o in outputs if o.error],
+              "ttft_ms": stats(ttft, "ttft"), "tpot_ms": stats(tpot, "tpot"),
+              "output_tokens_per_s": {"measured": tokens / span if span > 0 else 0.0,
+                                      "predicted": predicted.output_throughput}}
+    if labels and any(o.instances for o in done):
+        report["instances"] = _per_instance(done, predicted, labels)
+    return report
+
+
+def _per_instance(done, predicted, labels: list[str]) -> list[dict]:
+    """Per instance: its requests, and the p50 of the metric it serves (a prefill instance's TTFT,
+    a decode instance's TPOT), measured and predicted."""
+    import numpy as np
+
+    rows = []
+    for index, label in enumerate(labels):
+        decode = label.startswith("decode")
+        metric, served_by = ("tpot", predicted.decode_instance) if decode else ("ttft", predicted.instance)
+        mine = [o for o in done if label in o.instances]
+        values = [o.tpot_s if decode else o.ttft_s for o in mine]
+        values = np.array([v for v in values if v is not None]) * 1e3
+        model = getattr(predicted, metric)[(served_by == index) & np.isfinite(getattr(predicted, metric))] * 1e3
+        rows.append({"instance": label, "metric": metric, "requests": len(mine),
+                     "measured_p50_ms": float(np.percentile(values, 50)) if len(values) else None,
+                     "predicted_p50_ms": float(np.percentile(model, 50)) if len(model) else None})
+    return rows

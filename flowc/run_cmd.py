@@ -244,7 +244,7 @@ def _replay(args, engine, out) -> int:
         predicted = simulate_plan_deployment(spec, dp, scaled, router="round_robin")
     else:
         predicted = simulate_plan_instance(spec, dp, dp.groups.index(engine.group), scaled)
-    report = replay_report(outputs, predicted)
+    report = replay_report(outputs, predicted, dp.instance_labels())
     if out.json:
         print(json.dumps(report, indent=2))
     else:
@@ -267,6 +267,16 @@ def print_replay(report: dict, args, name: str) -> None:
     tput = report["output_tokens_per_s"]
     table.add_row("output tok/s", f"{tput['measured']:,.1f}", f"{tput['predicted']:,.1f}",
                   f"{tput['measured'] / tput['predicted']:.2f}" if tput["predicted"] > 0 else "-")
-    Console(no_color=bool(args.no_color)).print(table)
+    console = Console(no_color=bool(args.no_color))
+    console.print(table)
+    if "instances" in report:  # where each request was prefilled (TTFT) and decoded (TPOT)
+        per = Table(title="per instance: p50 of what it serves")
+        for column in ("instance", "requests", "metric", "measured (ms)", "predicted (ms)"):
+            per.add_column(column, justify="left" if column in ("instance", "metric") else "right")
+        for row in report["instances"]:
+            m, p = row["measured_p50_ms"], row["predicted_p50_ms"]
+            per.add_row(row["instance"], str(row["requests"]), row["metric"].upper(),
+                        f"{m:,.2f}" if m is not None else "-", f"{p:,.2f}" if p is not None else "-")
+        console.print(per)
     for error in report["errors"]:
         print(f"error: {escape_control(str(error))}", file=sys.stderr)

@@ -305,9 +305,11 @@ class DisaggregatedEngine(ServingAPI):
         # a prefill instance still holding the id's blocks (unacknowledged) would refuse it
         if request_id in self._live or request_id in self._unacked:
             raise RequestError(f"duplicate request id {request_id!r}: a request with this id is in flight")
-        engine = self.prefill[self._next_prefill % len(self.prefill)]
+        k = self._next_prefill % len(self.prefill)
+        engine = self.prefill[k]
         self._next_prefill += 1
         output = engine._queue(request, request_id, arrival_time, handoff=True)
+        output.instances = (f"prefill {k}",)
         self._live[request_id] = output
         self._routes[request_id] = _Route(engine)
         return output
@@ -379,7 +381,9 @@ class DisaggregatedEngine(ServingAPI):
             self._handoffs.popleft()
             self._next_decode = j + 1
             producer, consumer = self.prefill[i], self.decode[j]
-            received = consumer.take_over(seq, producer.hand_off(seq.request_id))
+            output = producer.hand_off(seq.request_id)
+            output.instances += (f"decode {j}",)
+            received = consumer.take_over(seq, output)
             self._routes[seq.request_id].decode = consumer
             src = seq.block_ids[:len(received.block_ids)]
             transfer = KVTransfer(seq.request_id, i, j, tuple(src), tuple(received.block_ids), tokens,

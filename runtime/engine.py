@@ -77,6 +77,7 @@ class RequestOutput:
     finish_time: Optional[float] = None
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    instances: tuple[str, ...] = ()  # disaggregated: the instances that served it, `prefill K` then `decode K`
 
     @property
     def ttft_s(self) -> Optional[float]:

@@ -97,6 +97,9 @@ def test_greedy_matches_colocated_and_transformers(llama, expected, prefill):
     assert most_waiting > 0, "the decode pool was meant to make prefilled requests wait"
     assert [outputs[f"r{i}"].output_token_ids for i in range(8)] == expected
     assert [o.output_token_ids for o in again] == expected
+    # where each was served: the prefill instances in turn, then the one decode instance
+    assert plan.deployments[0].instance_labels() == [f"prefill {k}" for k in range(prefill)] + ["decode 0"]
+    assert [o.instances for o in again] == [(f"prefill {i % prefill}", "decode 0") for i in range(8)]
     for request_id, output in outputs.items():
         mine = [e for e in events if e.request_id == request_id]
         assert [e.token_id for e in mine] == output.output_token_ids
@@ -282,3 +285,14 @@ def test_flowc_run_replays_a_disaggregated_plan(capsys, tmp_path):
     for metric in ("ttft_ms", "tpot_ms"):
         assert report[metric]["measured"]["mean"] > 0 and report[metric]["predicted"]["p50"] > 0
     assert report["output_tokens_per_s"]["measured"] > 0
+    # per instance: the prefill instance's TTFT and the decode instance's TPOT, each over all 6
+    # requests (one of each), measured next to predicted
+    rows = {row["instance"]: row for row in report["instances"]}
+    assert sorted(rows) == ["decode 0", "prefill 0"]
+    assert (rows["prefill 0"]["metric"], rows["decode 0"]["metric"]) == ("ttft", "tpot")
+    assert all(row["requests"] == 6 and row["measured_p50_ms"] > 0 and row["predicted_p50_ms"] > 0
+               for row in rows.values())
+    assert rows["prefill 0"]["measured_p50_ms"] == pytest.approx(report["ttft_ms"]["measured"]["p50"])
+    code = flowc.cli.main(["--no-color", "run", str(plan), "--replay", "--requests", "6", "--time-scale", "0.1"])
+    out, _ = capsys.readouterr()
+    assert code == 0 and "per instance: p50 of what it serves" in out and "prefill 0" in out
