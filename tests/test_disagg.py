@@ -296,3 +296,63 @@ def test_flowc_run_replays_a_disaggregated_plan(capsys, tmp_path):
     code = flowc.cli.main(["--no-color", "run", str(plan), "--replay", "--requests", "6", "--time-scale", "0.1"])
     out, _ = capsys.readouterr()
     assert code == 0 and "per instance: p50 of what it serves" in out and "prefill 0" in out
+
+
+# A slow device (1 GFLOP/s) and a tight TPOT: prefills would stall the decodes, so the compiler
+# splits the two GPUs into a prefill and a decode instance.
+SLOW_SPEC = """use std.links
+use std.models
+
+gpu slow-cpu {
+  vendor cpu
+  memory 1 GiB
+  memory_bandwidth 2 GB/s
+  flops fp32 1 GFLOP/s
+  flops bf16 1 GFLOP/s
+  interconnect cpu-memory
+  host_link cpu-memory
+}
+
+cluster box {
+  node x 1 {
+    gpu slow-cpu x 2
+  }
+}
+
+workload chat {
+  arrival poisson 0.5 req/s
+  prompt uniform(300 tok, 480 tok)
+  output uniform(16 tok, 31 tok)
+}
+
+slo tight {
+  ttft p90 <= 10 s
+  tpot p90 <= 20 ms
+}
+
+deploy tiny {
+  model tiny-llama { weights fp32; kv fp32 }
+  on box
+  serve chat under tight
+  tp in [1]
+  pp in [1]
+  allow disaggregation
+}
+"""
+
+
+def test_a_compiled_disaggregated_plan_gives_the_colocated_tokens(tmp_path, capsys):
+    (tmp_path / "slow.flow").write_text(SLOW_SPEC)
+    assert flowc.cli.main(["compile", str(tmp_path / "slow.flow"), "-o", str(tmp_path / "plan.json")]) == 0
+    capsys.readouterr()
+    with open_plan(tmp_path / "plan.json", seed=3) as engine:
+        assert isinstance(engine, DisaggregatedEngine)
+        assert engine.plan.instance_labels() == ["prefill 0", "decode 0"]
+        vocab = engine.config.vocab
+        requests = [Request(p, SamplingParams(max_tokens=n)) for p, n in zip(sample_prompts(vocab), MAX_TOKENS)]
+        disaggregated = engine.generate(requests)
+    colocated = instance_plan(engine.plan.model_spec, max_batched_tokens=512, max_seqs=8)
+    with Engine.from_plan(colocated, seed=3) as single:
+        expected = [o.output_token_ids for o in single.generate(requests)]
+    assert [o.output_token_ids for o in disaggregated] == expected
+    assert all(o.instances == ("prefill 0", "decode 0") for o in disaggregated)
