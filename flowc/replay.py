@@ -28,8 +28,8 @@ def replay_requests(workload, n: int, vocab: int, seed: int, context: int):
 def replay_report(outputs, predicted, labels: list[str] | None = None) -> dict:
     """Measured vs predicted mean, p50 and p90 TTFT and TPOT (ms) and output throughput. With
     `labels` (`DeploymentPlan.instance_labels()`, the simulator's instance order) and outputs
-    that name their instances (a disaggregated run), also per instance: TTFT where requests
-    were prefilled, TPOT where they were decoded."""
+    that name their instances (a run of several), also per instance: TTFT where requests were
+    prefilled, TPOT where they were decoded (both on a colocated instance)."""
     import numpy as np
 
     done = [o for o in outputs if o.error is None and o.first_token_time is not None]
@@ -61,13 +61,15 @@ def _per_instance(done, predicted, labels: list[str]) -> list[dict]:
 
     rows = []
     for index, label in enumerate(labels):
-        decode = label.startswith("decode")
-        metric, served_by = ("tpot", predicted.decode_instance) if decode else ("ttft", predicted.instance)
+        role = label.split()[0]
         mine = [o for o in done if label in o.instances]
-        values = [o.tpot_s if decode else o.ttft_s for o in mine]
-        values = np.array([v for v in values if v is not None]) * 1e3
-        model = getattr(predicted, metric)[(served_by == index) & np.isfinite(getattr(predicted, metric))] * 1e3
-        rows.append({"instance": label, "metric": metric, "requests": len(mine),
-                     "measured_p50_ms": float(np.percentile(values, 50)) if len(values) else None,
-                     "predicted_p50_ms": float(np.percentile(model, 50)) if len(model) else None})
+        # a prefill instance serves TTFT, a decode instance TPOT, a colocated instance both
+        for metric in {"prefill": ("ttft",), "decode": ("tpot",)}.get(role, ("ttft", "tpot")):
+            served_by = predicted.decode_instance if role == "decode" else predicted.instance
+            values = np.array([v for v in (getattr(o, f"{metric}_s") for o in mine) if v is not None]) * 1e3
+            model = getattr(predicted, metric)
+            model = model[(served_by == index) & np.isfinite(model)] * 1e3
+            rows.append({"instance": label, "metric": metric, "requests": len(mine),
+                         "measured_p50_ms": float(np.percentile(values, 50)) if len(values) else None,
+                         "predicted_p50_ms": float(np.percentile(model, 50)) if len(model) else None})
     return rows

@@ -226,6 +226,7 @@ def _replay(args, engine, out) -> int:
     from flowc.plan_io import read_spec
     from flowc.replay import replay_report, replay_requests
     from flowc.runtime.disagg import DisaggregatedEngine
+    from flowc.runtime.replicas import ReplicatedEngine
 
     plan, dp = engine.plan_document, engine.plan
     checked = read_spec(plan, args.plan, args.against, out, why="a replay samples the spec's workload",
@@ -242,6 +243,8 @@ def _replay(args, engine, out) -> int:
     scaled = sampled.scaled(1 / args.time_scale)
     if isinstance(engine, DisaggregatedEngine):  # every instance runs, behind the engine's round robin
         predicted = simulate_plan_deployment(spec, dp, scaled, router="round_robin")
+    elif isinstance(engine, ReplicatedEngine):  # every instance runs, behind the plan's own router
+        predicted = simulate_plan_deployment(spec, dp, scaled)
     else:
         predicted = simulate_plan_instance(spec, dp, dp.groups.index(engine.group), scaled)
     report = replay_report(outputs, predicted, dp.instance_labels())

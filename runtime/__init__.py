@@ -1,14 +1,14 @@
 """The flowc runtime: executes compiled plans (engine, scheduler, KV cache, kernels).
 
 `from flowc.runtime import Engine, Request, SamplingParams` (`open_plan` for any plan: an `Engine`,
-or a `DisaggregatedEngine` for prefill and decode instances); torch is imported on first use,
-so `import flowc.runtime` alone stays cheap.
+a `DisaggregatedEngine` for prefill and decode instances, or a `ReplicatedEngine` for several
+colocated ones); torch is imported on first use, so `import flowc.runtime` alone stays cheap.
 """
 
 _EXPORTS = {"Engine": "engine", "EngineError": "engine", "Request": "engine", "RequestOutput": "engine",
             "TokenEvent": "engine", "SamplingParams": "sequence", "RequestError": "sequence",
             "DisaggregatedEngine": "disagg", "open_plan": "disagg", "KVTransport": "disagg",
-            "InProcessTransport": "disagg"}
+            "InProcessTransport": "disagg", "ReplicatedEngine": "replicas"}
 
 
 def __getattr__(name: str):

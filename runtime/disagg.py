@@ -46,6 +46,7 @@ from flowc.compiler.plan import DeploymentPlan, Plan
 
 from .engine import DTYPES, Engine, EngineError, Request, RequestOutput, ServingAPI, TokenEvent, _deployment, load_plan
 from .kv_cache import KVCache
+from .replicas import ReplicatedEngine
 from .runner import LocalRunner
 from .sequence import RequestError, Sequence
 
@@ -204,13 +205,17 @@ def _disaggregated(dp: DeploymentPlan) -> bool:
 
 
 def open_plan(plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
-              **options) -> "Engine | DisaggregatedEngine":
-    """The engine that runs `plan`'s deployment: an `Engine` for a colocated instance, a
-    `DisaggregatedEngine` for prefill and decode instances (`Engine.from_plan`'s arguments)."""
+              **options) -> "ServingAPI":
+    """The engine that runs `plan`'s deployment: a `DisaggregatedEngine` for prefill and decode
+    instances, a `ReplicatedEngine` for several colocated instances of tp = pp = 1, else an
+    `Engine` for its (first) colocated instance (`Engine.from_plan`'s arguments)."""
     p = load_plan(plan)
     dp = _deployment(p, deployment)
-    cls = DisaggregatedEngine if _disaggregated(dp) else Engine
-    return cls.from_plan(p, weights, deployment=dp.name, **options)
+    if _disaggregated(dp):
+        return DisaggregatedEngine.from_plan(p, weights, deployment=dp.name, **options)
+    if len(dp.instance_labels()) > 1 and all(g.tp * g.pp == 1 for g in dp.groups) and not options.get("launcher"):
+        return ReplicatedEngine.from_plan(p, weights, deployment=dp.name, **options)
+    return Engine.from_plan(p, weights, deployment=dp.name, **options)
 
 
 @dataclass
