@@ -174,7 +174,9 @@ def fit(records: list[dict]) -> None:
 # Interval metrics (model/intervals.py) and the dev-set metrics whose errors they pool.
 INTERVAL_RECORDS = {"ttft": ("TTFT",), "tpot": ("TPOT", "ITL"), "e2e": ("E2E",), "throughput": ("throughput",)}
 ENGINES_JSON = Path(__file__).resolve().parents[1] / "stdlib" / "engines.json"
-BORROWED = {"trtllm": "vllm", "flowc": "vllm"}  # engines without serving records take vLLM's overheads
+# TensorRT-LLM has no serving records and takes vLLM's overheads; the flowc runtime keeps its own
+# (none: `flowc calibrate` measures them on the device it runs on)
+BORROWED = {"trtllm": "vllm"}
 
 
 def interval(residuals: list[float], nominal: float = NOMINAL) -> tuple[float, float]:
@@ -203,6 +205,8 @@ def write(records: list[dict]) -> None:
                                                                            if engine_of(r) == engine]).items()}
     for engine, profile in data["engines"].items():
         own = engine in fitted
+        if not own and engine not in BORROWED:
+            continue
         profile["overheads"] = {k: v for k, v in fitted[engine if own else BORROWED[engine]].items() if v}
         profile["overheads_source"] = source if own else f"vLLM's ({source}): no serving records of this engine"
     ENGINES_JSON.write_text(json.dumps(data, indent=2) + "\n")

@@ -4,6 +4,7 @@ and the simulator's scheduler steps."""
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from flowc.compiler.plan import Plan, Scheduler
 from flowc.compiler.verify import verify_plan
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = (REPO / "examples" / "tiny-cpu.flow").read_text()
+# the tiny example without its `engine flowc` line: a deployment that names no engine
+TINY = re.sub(r"\n  engine flowc[^\n]*", "", (REPO / "examples" / "tiny-cpu.flow").read_text())
 
 
 class OneSecond:

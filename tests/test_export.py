@@ -685,7 +685,8 @@ def test_not_a_plan(capsys, tmp_path):
     assert code == 1 and "is not a flowc plan" in err
     code, out, _ = run(capsys, "--json", "export", str(PLANS / "tiny-cpu.json"), "--target", "vllm")
     document = json.loads(out)
-    assert code == 1 and document["valid"] is False and document["error_count"] == 2
+    # a CPU device, a plan for the flowc runtime, and a model with no Hugging Face repo
+    assert code == 1 and document["valid"] is False and document["error_count"] == 3
 
 
 # ---------------------------------------------------------------------------------- running the scripts

@@ -168,7 +168,7 @@ def test_a_baseline_is_measured_as_the_plan_is():
     scheduler = baseline_scheduler(d)
     budget = memory_budget(d.model, gpu.memory, tp=1, pp=1, scheduler=scheduler, vendor=gpu.vendor)
     config = instance_config(d.model, gpu, gpu_link(cluster, "cpu-local"), kv_capacity_tokens=budget.kv_tokens,
-                             tp=1, pp=1, scheduler=scheduler)
+                             tp=1, pp=1, scheduler=scheduler, engine=d.engine)
     search = goodput_search([config], spec.workloads[d.workload], spec.slos[d.slo], seed=0, n=1000,
                             lo=base_rate(spec.workloads[d.workload]))
     assert (b.name, b.gpus, b.summary) == ("vLLM-style", 1, "1 x cpu-local tp 1 x pp 1 colocated")
