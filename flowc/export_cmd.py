@@ -67,7 +67,7 @@ def cmd_export(args, out) -> int:
     for warning in export.warnings:
         print(f"warning: {escape_control(warning)}", file=sys.stderr)
     if args.output:
-        failed = _write(export.files, Path(args.output))
+        failed = write_files(export.files, Path(args.output))
         if failed is not None:
             return out.usage_error(*failed)
     if out.json:
@@ -94,7 +94,7 @@ def _model_paths(given: list[str], models: set[str]) -> dict[str, str] | str:
     return paths
 
 
-def _write(files: list[tuple[str, str]], root: Path) -> tuple[str, str | None] | None:
+def write_files(files: list[tuple[str, str]], root: Path) -> tuple[str, str | None] | None:
     """Write the files under `root` (scripts executable), or none of them when one would land
     outside it; the error's message and help on failure."""
     shown = escape_control(str(root))

@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
 
 def cmd_launch(args, out) -> int:
     from flowc.compiler.render.launch import launch_plan
-    from flowc.export_cmd import _write
+    from flowc.export_cmd import write_files
     from flowc.plan_io import read_plan
 
     plan = read_plan(args.plan, out)
@@ -38,7 +38,7 @@ def cmd_launch(args, out) -> int:
     for p in problems:
         sys.stderr.write(f"error: {escape_control(p.message)}\n  = help: {escape_control(p.help)}\n")
     if args.output:
-        failed = _write(files, Path(args.output))
+        failed = write_files(files, Path(args.output))
         if failed is not None:
             return out.usage_error(*failed)
     if out.json:

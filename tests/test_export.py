@@ -1108,7 +1108,7 @@ def test_deployment_names_cannot_leave_the_output_folder(capsys, tmp_path, plans
     honest = [path for path, _ in export_plan(plans["shared-cluster"], target="vllm", k8s=True).files]
     assert [path for path, _ in files] == [re.sub(r"^small/", f"{slug}/", path) for path in honest]
     assert any(path.startswith(f"{slug}/") for path, _ in files)
-    assert export_cmd._write(files, out_dir) is None
+    assert export_cmd.write_files(files, out_dir) is None
     assert written(tmp_path) == sorted(f"1/2/3/out/{path}" for path, _ in files)
     # the command: the plan loader refuses such a name, or export writes the same slugs
     code, err, cli_dir = cli_export(capsys, tmp_path / "cli", plan)

@@ -197,7 +197,7 @@ def _slug(text: str, limit: int, empty: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower())[:limit].strip("-") or empty
 
 
-def _deployment_slugs(plan: Plan) -> list[str]:
+def deployment_slugs(plan: Plan) -> list[str]:
     """A slug per deployment, distinct: one whose slug is taken already (names that differ only
     in what a slug drops, or equal names) gets the first free `-2`, `-3`, ..."""
     taken, slugs = set(), []
@@ -530,7 +530,7 @@ def _instances(plan: Plan) -> list[_Instance]:
     """Every instance of the plan, in plan order, one per node it spans; `slot` counts the
     instances on each node."""
     found, slots = [], {}
-    for k, (d, slug) in enumerate(zip(plan.deployments, _deployment_slugs(plan))):
+    for k, (d, slug) in enumerate(zip(plan.deployments, deployment_slugs(plan))):
         for j, g in enumerate(d.groups):
             for i, instance in enumerate(g.instances):
                 shares = node_shares(instance.gpus)

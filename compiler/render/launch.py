@@ -16,7 +16,7 @@ without it.
 
 Disaggregated deployments are not launched: the runtime serves their prefill and decode
 instances in one process (`flowc run`). Every value reaches a script through
-`export.shell_quote`, and file names are the deployments' slugs (`export._deployment_slugs`).
+`export.shell_quote`, and file names are the deployments' slugs (`export.deployment_slugs`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from flowc.compiler.plan import DeploymentPlan, Plan
-from flowc.compiler.render.export import _deployment_slugs, even_node_shares, node_shares, shell_quote
+from flowc.compiler.render.export import deployment_slugs, even_node_shares, node_shares, shell_quote
 
 MASTER_PORT = 29500  # torchrun's default rendezvous port; instance i of a plan uses MASTER_PORT + i
 
@@ -68,7 +68,7 @@ def launch_plan(plan: Plan, plan_name: str) -> tuple[list[tuple[str, str]], list
     files: list[tuple[str, str]] = []
     problems: list[LaunchProblem] = []
     ordinal = 0
-    for d, slug in zip(plan.deployments, _deployment_slugs(plan)):
+    for d, slug in zip(plan.deployments, deployment_slugs(plan)):
         if d.mode == "disaggregated":
             problems.append(LaunchProblem(
                 f"deployment `{d.name}` is disaggregated: the flowc runtime serves its prefill and decode instances "
