@@ -72,6 +72,7 @@ deploy bench {{
   model bench-llama
   on box
   serve chat under relaxed
+  engine flowc
   tp in [{tp}]
   pp in [{pp}]
   max_batched_tokens in [512 tok]
