@@ -77,7 +77,7 @@ def _launch(folder: Path, capsys) -> dict[str, str]:
     finally:
         os.chdir(cwd)
     assert code == 0, err
-    assert out == "wrote 2 scripts under out\n"
+    assert out == "wrote 2 files under out\n"
     return {path.name: path.read_text() for path in sorted((folder / "out" / "tiny").iterdir())}
 
 
@@ -155,3 +155,39 @@ def test_a_disaggregated_deployment_is_not_launched(folder, capsys, tmp_path):
     assert code == 1 and out == ""
     assert err.startswith("error: deployment `tiny` is disaggregated: the flowc runtime serves its prefill and "
                           "decode instances in one process\n")
+
+
+def test_k8s_manifest_runs_the_same_commands_as_a_leader_worker_set(folder, capsys):
+    import yaml
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert run(capsys, "launch", "plan.json", "--k8s")[0] == 2  # the image is needed
+        code, out, err = run(capsys, "launch", "plan.json", "-o", "k8s", "--k8s", "--image", "registry/flowc:1",
+                             "--run-args", "--replay --requests 8")
+    finally:
+        os.chdir(cwd)
+    assert code == 0, err
+    config, group = yaml.safe_load_all((folder / "k8s" / "kubernetes.yaml").read_text())
+    # the plan and the spec a replay reads, byte for byte, where the pods mount them
+    assert config["kind"] == "ConfigMap" and config["data"] == {"plan.json": (folder / "plan.json").read_text(),
+                                                                "pair.flow": SPEC}
+    assert group["kind"] == "LeaderWorkerSet" and group["spec"]["leaderWorkerTemplate"]["size"] == 2
+    templates = group["spec"]["leaderWorkerTemplate"]
+    script = (folder / "k8s" / "tiny" / "g0-0-node0.sh").read_text().splitlines()[-1]
+    for rank, template in (("0", templates["leaderTemplate"]), ("$(LWS_WORKER_INDEX)", templates["workerTemplate"])):
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == "registry/flowc:1" and "resources" not in container  # a CPU plan
+        assert container["command"] == ["torchrun", "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1",
+                                        "--master-addr", "$(LWS_LEADER_ADDRESS)", "--master-port", "29500", "-m",
+                                        "flowc", "run", "/flowc/plan.json", "--launcher", "torchrun",
+                                        "--deployment", "tiny", "--replay", "--requests", "8"]
+        assert container["volumeMounts"] == [{"name": "plan", "mountPath": "/flowc", "readOnly": True}]
+    # the script and the pods run the same torchrun command but for the plan's path and the rendezvous
+    assert "--nnodes 2 --node-rank 0 --nproc-per-node 1" in script
+    assert "-m flowc run plan.json --launcher torchrun" in script
+    assert templates["leaderTemplate"]["spec"]["nodeSelector"] == {"flowc.dev/node": "0"}
+    terms = templates["workerTemplate"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [{"key": "flowc.dev/node", "operator": "In", "values": ["1"]}]}]

@@ -886,12 +886,16 @@ def _yaml_dumper():
     return Dumper
 
 
-def _k8s_manifest(documents: list[dict]) -> str:
+def yaml_documents(documents: list[dict]) -> str:
+    """Kubernetes documents as YAML by PyYAML's safe dumper (flowc export and flowc launch)."""
     import yaml
 
     # no folding: a long argument stays on one line
-    return K8S_HEADER + yaml.dump_all(documents, Dumper=_yaml_dumper(), sort_keys=False, explicit_start=True,
-                                      width=float("inf"))
+    return yaml.dump_all(documents, Dumper=_yaml_dumper(), sort_keys=False, explicit_start=True, width=float("inf"))
+
+
+def _k8s_manifest(documents: list[dict]) -> str:
+    return K8S_HEADER + yaml_documents(documents)
 
 
 # ---------------------------------------------------------------------------------- export

@@ -57,16 +57,18 @@ def _script(plan_name: str, d: DeploymentPlan, group: int, index: int, ordinal: 
         lines.append(f"export CUDA_VISIBLE_DEVICES={shell_quote(','.join(map(str, gpus)))}")
     lines.append(f"exec torchrun --nnodes {len(nodes)} --node-rank {node_rank} --nproc-per-node {per_node} "
                  '--master-addr "$master_addr" --master-port "$master_port" '
-                 f"-m flowc run {shell_quote(plan_name)} --launcher torchrun --deployment {shell_quote(d.name)} "
-                 '"$@"')
+                 + " ".join(shell_quote(word) for word in _run_words(plan_name, d)) + ' "$@"')
     return "\n".join(lines) + "\n"
 
 
-def launch_plan(plan: Plan, plan_name: str) -> tuple[list[tuple[str, str]], list[LaunchProblem]]:
-    """(files, problems): a script per node of every colocated instance
-    (`DEPLOYMENT/gGROUP-INSTANCE-nodeK.sh`), and what cannot be launched, with its fix."""
-    files: list[tuple[str, str]] = []
-    problems: list[LaunchProblem] = []
+def _run_words(plan_path: str, d: DeploymentPlan) -> list[str]:
+    """What each rank runs, after torchrun's own flags (the run's arguments follow)."""
+    return ["-m", "flowc", "run", plan_path, "--launcher", "torchrun", "--deployment", d.name]
+
+
+def _launchable(plan: Plan, plan_name: str, problems: list[LaunchProblem]):
+    """(deployment, its slug, group index, instance index, ordinal, node shares) of every
+    instance torchrun can start; a LaunchProblem in `problems` for each other."""
     ordinal = 0
     for d, slug in zip(plan.deployments, deployment_slugs(plan)):
         if d.mode == "disaggregated":
@@ -83,8 +85,75 @@ def launch_plan(plan: Plan, plan_name: str) -> tuple[list[tuple[str, str]], list
                         "the same number on every node: torchrun cannot number its ranks as the runtime does",
                         "compile the plan again (the placer keeps an instance's GPUs of a node together)"))
                     continue
-                for k in range(len(nodes)):
-                    files.append((f"{slug}/g{j}-{i}-node{k}.sh",
-                                  _script(plan_name, d, j, i, ordinal, k, nodes, g.vendor)))
+                yield d, slug, j, i, ordinal, nodes
                 ordinal += 1
+
+
+def launch_plan(plan: Plan, plan_name: str, *, image: str | None = None, mounted: dict[str, str] | None = None,
+                run_args: tuple[str, ...] = ()) -> tuple[list[tuple[str, str]], list[LaunchProblem]]:
+    """(files, problems): a script per node of every colocated instance
+    (`DEPLOYMENT/gGROUP-INSTANCE-nodeK.sh`), and what cannot be launched, with its fix. With an
+    `image`, also `kubernetes.yaml` (`manifest`: the `mounted` files, `plan.json` and the specs a
+    replay reads, in a ConfigMap; `run_args` after `flowc run`'s own)."""
+    files: list[tuple[str, str]] = []
+    problems: list[LaunchProblem] = []
+    launchable = list(_launchable(plan, plan_name, problems))
+    for d, slug, j, i, ordinal, nodes in launchable:
+        for k in range(len(nodes)):
+            files.append((f"{slug}/g{j}-{i}-node{k}.sh",
+                          _script(plan_name, d, j, i, ordinal, k, nodes, d.groups[j].vendor)))
+    if image is not None and launchable:
+        files.append(("kubernetes.yaml", manifest(launchable, mounted or {}, image, run_args)))
     return files, problems
+
+
+# ------------------------------------------------------------------------------- Kubernetes
+
+PLAN_MOUNT = "/flowc"  # where the pods see the plan (the ConfigMap `flowc-plan`)
+K8S_HEADER = """\
+# flowc launch: the flowc runtime on Kubernetes, a LeaderWorkerSet (leaderworkerset.x-k8s.io,
+# 0.6 or later, installed apart) per instance: its leader runs node rank 0 (rank 0 runs the
+# requests, given as the arguments after `flowc run`'s), each worker a further node, reaching the
+# leader at LWS_LEADER_ADDRESS with its node rank from LWS_WORKER_INDEX. The plan (and the spec
+# files beside it) are the ConfigMap flowc-plan, mounted at /flowc. `flowc run` is a batch (a
+# prompts file or a replay),
+# not a server: when it ends the group ends, and the LeaderWorkerSet starts it again.
+"""
+
+
+def manifest(launchable: list, mounted: dict[str, str], image: str, run_args: tuple[str, ...]) -> str:
+    """The ConfigMap holding the `mounted` files (name: text), then one LeaderWorkerSet per
+    instance, as YAML built from data (every text of the plan a value, never a template)."""
+    from flowc.compiler.render.export import NODE_LABEL, yaml_documents
+
+    documents: list[dict] = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "flowc-plan"},
+                              "data": dict(mounted)}]
+    for d, slug, j, i, ordinal, nodes in launchable:
+        g = d.groups[j]
+        per_node = len(nodes[0][1])
+        name = f"{slug}-g{j}-{i}"[:63].strip("-")
+        labels = {"flowc.dev/deployment": slug, "flowc.dev/instance": name}
+
+        def pod(node_rank: str, placement: dict) -> dict:
+            command = ["torchrun", "--nnodes", str(len(nodes)), "--node-rank", node_rank, "--nproc-per-node",
+                       str(per_node), "--master-addr", "$(LWS_LEADER_ADDRESS)", "--master-port",
+                       str(MASTER_PORT + ordinal), *_run_words(f"{PLAN_MOUNT}/plan.json", d), *run_args]
+            container = {"name": "flowc", "image": image, "command": command,
+                         "volumeMounts": [{"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True}]}
+            if g.vendor == "nvidia":  # the device plugin hands the pod its GPUs
+                container["resources"] = {"limits": {"nvidia.com/gpu": per_node}}
+            return {"metadata": {"labels": dict(labels)},
+                    "spec": {**placement, "restartPolicy": "Always", "containers": [container],
+                             "volumes": [{"name": "plan", "configMap": {"name": "flowc-plan"}}]}}
+
+        others = [str(node) for node, _ in nodes[1:]] or [str(nodes[0][0])]
+        documents.append({
+            "apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
+            "metadata": {"name": name, "labels": dict(labels)},
+            "spec": {"replicas": 1, "leaderWorkerTemplate": {
+                "size": len(nodes),
+                "leaderTemplate": pod("0", {"nodeSelector": {NODE_LABEL: str(nodes[0][0])}}),
+                "workerTemplate": pod("$(LWS_WORKER_INDEX)", {"affinity": {"nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+                        {"key": NODE_LABEL, "operator": "In", "values": others}]}]}}}})}}})
+    return K8S_HEADER + yaml_documents(documents)
