@@ -44,13 +44,12 @@ from flowc.compiler.diagnostics import Diagnostic, FlowError
 from flowc.compiler.model.benchmarks import BenchmarkRun
 from flowc.compiler.model.engines import engine_profile
 from flowc.compiler.model.instance import instance_config
-from flowc.compiler.model.memory import MemoryBudget, memory_budget
+from flowc.compiler.model.memory import MemoryBudget, memory_budget, unfit_diagnostic
 from flowc.compiler.model.parallelism import problems
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.workload import Requests, fixed_requests
 from flowc.compiler.plan import Scheduler
 from flowc.compiler.spec import GPU, MAX_KNOB, Link, Model
-from flowc.compiler.units import format_gib
 
 MAX_REQUESTS = 2000
 SEED = 0
@@ -211,12 +210,9 @@ def check_configuration(runs: Sequence[BenchmarkRun], model: Model, gpu: GPU, *,
         raise FlowError(found)
     budget = memory_budget(model, gpu.memory, tp=tp, pp=pp, vendor=gpu.vendor)
     if not budget.fits:
-        raise FlowError([Diagnostic(
-            "F0503", f"{model.name} at {model.weights} does not fit on {tp * pp} x {gpu.name} (tp {tp}, pp {pp})",
-            help="give the --tp and --pp the benchmarked server ran with, and the weights' --dtype",
-            notes=(f"per GPU: weights {format_gib(budget.weights, 1)} + activations "
-                   f"{format_gib(budget.activations, 1)} + reserve {format_gib(budget.reserve, 1)} > "
-                   f"{format_gib(budget.usable, 1)} usable",))])
+        raise FlowError([unfit_diagnostic(budget, model, gpu.name, tp, pp,
+                                          "give the --tp and --pp the benchmarked server ran with, and the "
+                                          "weights' --dtype")])
     longest = max((p + o for run in runs for p, o in zip(run.prompt_lens, run.output_lens)), default=0)
     blocks = -(-longest // block_size)
     if blocks > budget.kv_blocks:

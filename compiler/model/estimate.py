@@ -16,7 +16,7 @@ from flowc.compiler.diagnostics import Diagnostic, FlowError, suggestion_help
 from flowc.compiler.model.engines import ENGINES, engine_profile
 from flowc.compiler.model.instance import Role, instance_config
 from flowc.compiler.model.intervals import factors as interval_factors
-from flowc.compiler.model.memory import memory_budget
+from flowc.compiler.model.memory import memory_budget, unfit_diagnostic
 from flowc.compiler.model.parallelism import domain_problem, problems
 from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.workload import fixed_requests
@@ -171,11 +171,7 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
     block_size = scheduler.block_size
     budget = memory_budget(m, g.memory, tp=tp, pp=pp, ep=ep, scheduler=scheduler, vendor=g.vendor)
     if not budget.fits:
-        raise _fail("F0503", f"{m.name} at {m.weights} does not fit on {tp * pp} x {g.name} (tp {tp}, pp {pp})",
-                    "use a larger tp or pp, or quantize the weights",
-                    (f"per GPU: weights {format_gib(budget.weights, 1)} + activations "
-                     f"{format_gib(budget.activations, 1)} + reserve {format_gib(budget.reserve, 1)} > "
-                     f"{format_gib(budget.usable, 1)} usable",))
+        raise FlowError([unfit_diagnostic(budget, m, g.name, tp, pp, "use a larger tp or pp, or quantize the weights")])
     blocks_per_request = -(-(input_len + output_len) // block_size)
     concurrent = min(scheduler.max_seqs, budget.kv_blocks // blocks_per_request)
     if concurrent < 1:

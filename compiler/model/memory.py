@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flowc.compiler.diagnostics import Diagnostic
 from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank, weight_bytes_per_rank
 from flowc.compiler.model.step_graph import lower_bound, step_buffers
 from flowc.compiler.plan import Scheduler
 from flowc.compiler.spec import Model
+from flowc.compiler.units import format_gib
 
 GPU_MEMORY_UTILIZATION = 0.9  # share of device memory an engine takes (vLLM's default)
 # Runtime reserve per GPU: assumptions, not measurements. CUDA context and allocator slack
@@ -58,6 +60,14 @@ class MemoryBudget:
         free = self.capacity - self.weights - self.activations - self.reserve - max(self.kv, 0)
         return {"weights": self.weights, "kv_cache": max(self.kv, 0), "activations": self.activations,
                 "reserve": self.reserve, "free": free}
+
+
+def unfit_diagnostic(budget: MemoryBudget, m: Model, gpu: str, tp: int, pp: int, help: str) -> Diagnostic:
+    """F0503 for a budget that leaves no room for KV (`not budget.fits`), with the figures."""
+    return Diagnostic("F0503", f"{m.name} at {m.weights} does not fit on {tp * pp} x {gpu} (tp {tp}, pp {pp})",
+                      help=help, notes=(f"per GPU: weights {format_gib(budget.weights, 1)} + activations "
+                                        f"{format_gib(budget.activations, 1)} + reserve "
+                                        f"{format_gib(budget.reserve, 1)} > {format_gib(budget.usable, 1)} usable",))
 
 
 def memory_budget(m: Model, gpu_memory: int, *, tp: int = 1, pp: int = 1, ep: int = 1,
