@@ -66,17 +66,24 @@ def cmd_export(args, out) -> int:
         return _refuse(error.problems, out)
     for warning in export.warnings:
         print(f"warning: {escape_control(warning)}", file=sys.stderr)
-    if args.output:
-        failed = write_files(export.files, Path(args.output))
+    failed = emit_files(export.files, args.output, out)
+    return EXIT_OK if failed is None else failed
+
+
+def emit_files(files: list[tuple[str, str]], output: str | None, out) -> int | None:
+    """Write `files` under `output` (`write_files`), or print them; then --json's list or a line
+    saying what was written. The usage error's exit code when a file would leave `output`."""
+    if output:
+        failed = write_files(files, Path(output))
         if failed is not None:
             return out.usage_error(*failed)
     if out.json:
-        print(json.dumps([{"path": path, "content": content} for path, content in export.files], indent=2))
-    elif args.output:
-        print(f"wrote {len(export.files)} files under {escape_control(args.output)}")
+        print(json.dumps([{"path": path, "content": content} for path, content in files], indent=2))
+    elif output:
+        print(f"wrote {len(files)} files under {escape_control(output)}")
     else:
-        sys.stdout.write("\n".join(f"==> {path} <==\n{content}" for path, content in export.files))
-    return EXIT_OK
+        sys.stdout.write("\n".join(f"==> {path} <==\n{content}" for path, content in files))
+    return None
 
 
 def _model_paths(given: list[str], models: set[str]) -> dict[str, str] | str:

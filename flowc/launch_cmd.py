@@ -11,7 +11,6 @@ fix; the other instances' scripts are still written), 2 usage or I/O.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import sys
@@ -34,7 +33,7 @@ def add_arguments(parser) -> None:
 
 def cmd_launch(args, out) -> int:
     from flowc.compiler.render.launch import launch_plan
-    from flowc.export_cmd import write_files
+    from flowc.export_cmd import emit_files
     from flowc.plan_io import read_plan
 
     plan = read_plan(args.plan, out)
@@ -51,16 +50,9 @@ def cmd_launch(args, out) -> int:
     files, problems = launch_plan(plan, args.plan, **options)
     for p in problems:
         sys.stderr.write(f"error: {escape_control(p.message)}\n  = help: {escape_control(p.help)}\n")
-    if args.output:
-        failed = write_files(files, Path(args.output))
-        if failed is not None:
-            return out.usage_error(*failed)
-    if out.json:
-        print(json.dumps([{"path": path, "content": content} for path, content in files], indent=2))
-    elif args.output:
-        print(f"wrote {len(files)} files under {escape_control(args.output)}")
-    else:
-        sys.stdout.write("\n".join(f"==> {path} <==\n{content}" for path, content in files))
+    failed = emit_files(files, args.output, out)
+    if failed is not None:
+        return failed
     return EXIT_INVALID if problems else EXIT_OK
 
 
