@@ -1,4 +1,4 @@
-"""Spec texts and helpers shared by the front-end tests."""
+"""Spec texts and helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -59,6 +59,67 @@ gpu g {
   interconnect nvlink4
   host_link pcie5
 }
+"""
+
+
+# A small Llama on a CPU "GPU" of `{memory}` bytes with 1 GiB of host memory and `allow offload`:
+# a memory just under what the model needs makes the compiler offload weights.
+OFFLOAD_SPEC = """use std.links
+
+gpu small-cpu {{
+  vendor cpu
+  memory {memory} B
+  memory_bandwidth 20 GB/s
+  flops fp32 100 GFLOP/s
+  flops bf16 100 GFLOP/s
+  interconnect cpu-memory
+  host_link cpu-memory
+}}
+
+model small-llama {{
+  architecture llama
+  layers 2
+  hidden 256
+  heads 4
+  kv_heads 2
+  head_dim 64
+  ffn 512
+  vocab 1024
+  max_context 512 tok
+  weights fp32
+  kv fp32
+  tied_embeddings false
+  attention_bias false
+  mlp gated
+}}
+
+cluster box {{
+  node x 1 {{
+    gpu small-cpu x 1
+    host_memory 1 GiB
+  }}
+}}
+
+workload chat {{
+  arrival poisson 1 req/s
+  prompt uniform(4 tok, 8 tok)
+  output uniform(2 tok, 4 tok)
+}}
+
+slo relaxed {{
+  ttft p90 <= 5 s
+  tpot p90 <= 1 s
+}}
+
+deploy small {{
+  model small-llama
+  on box
+  serve chat under relaxed
+  allow offload
+  tp in [1]
+  max_batched_tokens in [64 tok]
+  max_seqs in [8]
+}}
 """
 
 

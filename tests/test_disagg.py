@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runtime_models import hf_greedy, sample_prompts, save_tiny_model, tiny_spec
+from runtime_models import hf_greedy, sample_prompts, tiny_spec
 
 import flowc.cli
 from flowc.compiler.optimize.instance_plan import instance_plan
@@ -47,8 +47,8 @@ def disaggregated_plan(prefill: int = 1, decode: int = 1, prefill_settings=None,
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+def llama(saved):
+    return saved("llama")
 
 
 @pytest.fixture(scope="module")

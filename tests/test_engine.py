@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from runtime_models import hf_greedy, sample_prompts, save_tiny_model, tiny_spec
+from runtime_models import hf_greedy, sample_prompts, tiny_spec
 
 from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank
 from flowc.compiler.optimize.instance_plan import instance_plan
@@ -19,17 +19,6 @@ from flowc.runtime.sequence import RequestError, SamplingParams
 from flowc.runtime.workspace import Workspace
 
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    cache = {}
-
-    def get(variant: str):
-        if variant not in cache:
-            cache[variant] = save_tiny_model(variant, tmp_path_factory.mktemp(variant))
-        return cache[variant]
-    return get
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "mixtral"])

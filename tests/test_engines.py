@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from step_costs import OneSecondSteps
 
 import flowc
 import flowc.cli
@@ -25,24 +26,6 @@ from flowc.compiler.verify import verify_plan
 REPO = Path(__file__).resolve().parents[1]
 # the tiny example without its `engine flowc` line: a deployment that names no engine
 TINY = re.sub(r"\n  engine flowc[^\n]*", "", (REPO / "examples" / "tiny-cpu.flow").read_text())
-
-
-class OneSecond:
-    """Every iteration takes one second."""
-
-    wake_time = 0.0
-
-    def step_time(self, tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens):
-        return 1.0
-
-    def prefill_pairs(self, new_tokens, past_tokens):
-        return new_tokens * past_tokens + new_tokens * (new_tokens + 1) // 2
-
-    def pp_hop_time(self, tokens):
-        return 0.0
-
-    def kv_transfer_time(self, tokens):
-        return 0.0
 
 
 def test_every_engine_has_a_profile_with_its_source():
@@ -61,11 +44,11 @@ def test_scheduler_steps_admit_waiting_requests_only_at_the_start_of_a_block():
     # once and A decoding, B waits for iteration 4 ([4, 5]): TTFT 4.5.
     requests = Requests(np.array([0.0, 0.5]), np.array([10, 10]), np.array([20, 2]))
     for steps, ttft_b in ((1, 1.5), (4, 4.5)):
-        result = simulate(requests, [InstanceConfig(cost=OneSecond(), kv_capacity_tokens=10**5,
+        result = simulate(requests, [InstanceConfig(cost=OneSecondSteps(), kv_capacity_tokens=10**5,
                                                     scheduler=Scheduler(), scheduler_steps=steps)])
         np.testing.assert_allclose(result.ttft, [1.0, ttft_b])
     with pytest.raises(ValueError, match="scheduler_steps"):
-        InstanceConfig(cost=OneSecond(), kv_capacity_tokens=1, scheduler_steps=0)
+        InstanceConfig(cost=OneSecondSteps(), kv_capacity_tokens=1, scheduler_steps=0)
 
 
 def test_the_engine_picks_the_overheads_unless_the_gpu_measured_its_own():
@@ -86,8 +69,8 @@ def test_the_engine_picks_the_overheads_unless_the_gpu_measured_its_own():
 
 def test_request_latency_adds_to_the_first_token_and_the_end_but_takes_no_engine_time():
     requests = Requests(np.array([0.0, 0.5]), np.array([10, 10]), np.array([20, 2]))
-    plain = simulate(requests, [InstanceConfig(cost=OneSecond(), kv_capacity_tokens=10**5)])
-    slow = simulate(requests, [InstanceConfig(cost=OneSecond(), kv_capacity_tokens=10**5, request_latency=0.25)])
+    plain = simulate(requests, [InstanceConfig(cost=OneSecondSteps(), kv_capacity_tokens=10**5)])
+    slow = simulate(requests, [InstanceConfig(cost=OneSecondSteps(), kv_capacity_tokens=10**5, request_latency=0.25)])
     np.testing.assert_allclose(slow.ttft, plain.ttft + 0.25)
     np.testing.assert_allclose(slow.e2e, plain.e2e + 0.25)
     assert slow.iterations == plain.iterations
@@ -99,7 +82,7 @@ def test_prefills_kept_apart_pause_the_decodes():
     # Apart: iteration 2 prefills B alone, A's decodes resume in iteration 3: A ends at 5.
     requests = Requests(np.array([0.0, 1.5]), np.array([10, 10]), np.array([4, 2]))
     for mixed, a_end, b_ttft in ((True, 4.0, 1.5), (False, 5.0, 1.5)):
-        result = simulate(requests, [InstanceConfig(cost=OneSecond(), kv_capacity_tokens=10**5,
+        result = simulate(requests, [InstanceConfig(cost=OneSecondSteps(), kv_capacity_tokens=10**5,
                                                     mixed_prefill=mixed)])
         assert result.e2e[0] == pytest.approx(a_end) and result.ttft[1] == pytest.approx(b_ttft)
 

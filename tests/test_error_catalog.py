@@ -151,33 +151,32 @@ def _compare(golden: Path, actual: str) -> None:
     assert actual == golden.read_text(encoding="utf-8"), f"output differs from {golden.relative_to(ROOT)}"
 
 
-@pytest.mark.parametrize("code", [code for code in FIXTURES if _plan_fixture(code)])
-def test_plan_fixture(code, monkeypatch, capsys):
-    workdir, name, text_golden, json_golden = _fixture(code)
-    monkeypatch.chdir(workdir)
-    monkeypatch.delenv("NO_COLOR", raising=False)
-
-    def run(args: list[str]) -> tuple[int, str, str]:
-        capsys.readouterr()
-        status = main(["verify", *args])
-        out, err = capsys.readouterr()
-        return status, _stable(out, workdir), _stable(err, workdir)
-
-    # the spec itself is valid: the mistake is in the plan
-    assert _run(["check", name], workdir, monkeypatch, capsys)[0] == 0
-
-    status, out, err = run(["--json", "plan.json", "--against", name])
+def _check_outputs(code: str, as_json: tuple[int, str, str], as_text: tuple[int, str, str], json_golden: Path,
+                   text_golden: Path, status: int = 1) -> None:
+    """A fixture's command run with --json and with --no-color, (status, stdout, stderr) each:
+    the exit status, the fixture's code first, and both outputs as their goldens."""
+    got, out, err = as_json
     document = json.loads(out)
-    assert status == 1
+    assert got == status
     assert err == ""
     assert document["diagnostics"], "the fixture produced no diagnostic"
     assert document["diagnostics"][0]["code"] == code, "the first diagnostic is not the fixture's code"
     _compare(json_golden, out)
-
-    status, out, err = run(["--no-color", "plan.json", "--against", name])
-    assert status == 1
-    assert re.match(rf"error\[{code}\]", err)
+    got, out, err = as_text
+    assert got == status
+    assert re.match(rf"{'warning' if code.startswith('W') else 'error'}\[{code}\]", err)
     _compare(text_golden, err + out)
+
+
+@pytest.mark.parametrize("code", [code for code in FIXTURES if _plan_fixture(code)])
+def test_plan_fixture(code, monkeypatch, capsys):
+    workdir, name, text_golden, json_golden = _fixture(code)
+    # the spec itself is valid: the mistake is in the plan
+    assert _run(["check", name], workdir, monkeypatch, capsys)[0] == 0
+
+    _check_outputs(code, _run(["verify", "--json", "plan.json", "--against", name], workdir, monkeypatch, capsys),
+                   _run(["verify", "--no-color", "plan.json", "--against", name], workdir, monkeypatch, capsys),
+                   json_golden, text_golden)
 
 
 @pytest.mark.parametrize("code", [code for code in FIXTURES if _benchmark_fixture(code)])
@@ -185,40 +184,20 @@ def test_benchmark_fixture(code, monkeypatch, capsys):
     workdir, name, text_golden, json_golden = _fixture(code)
     command = ["calibrate", "--from-benchmark", name, *BENCHMARK_ARGS]
 
-    status, out, err = _run(["--json", *command], workdir, monkeypatch, capsys)
-    document = json.loads(out)
-    assert status == 1
-    assert err == ""
-    assert document["diagnostics"], "the fixture produced no diagnostic"
-    assert document["diagnostics"][0]["code"] == code, "the first diagnostic is not the fixture's code"
-    _compare(json_golden, out)
-
-    status, out, err = _run(["--no-color", *command], workdir, monkeypatch, capsys)
-    assert status == 1
-    assert re.match(rf"error\[{code}\]", err)
-    _compare(text_golden, err + out)
+    _check_outputs(code, _run(["--json", *command], workdir, monkeypatch, capsys),
+                   _run(["--no-color", *command], workdir, monkeypatch, capsys), json_golden, text_golden)
 
 
 @pytest.mark.parametrize("code", [c for c in FIXTURES if not (_plan_fixture(c) or _benchmark_fixture(c))])
 def test_fixture(code, monkeypatch, capsys):
     workdir, name, text_golden, json_golden = _fixture(code)
-    expected_status = 0 if code.startswith("W") else 1
     command = "compile" if code in COMPILE_CODES else "check"
     if command == "compile":  # the spec itself is valid: only compiling it fails
         assert _run(["check", name], workdir, monkeypatch, capsys)[0] == 0
 
-    status, out, err = _run([command, "--json", name], workdir, monkeypatch, capsys)
-    document = json.loads(out)
-    assert status == expected_status
-    assert err == ""
-    assert document["diagnostics"], "the fixture produced no diagnostic"
-    assert document["diagnostics"][0]["code"] == code, "the first diagnostic is not the fixture's code"
-    _compare(json_golden, out)
-
-    status, out, err = _run([command, "--no-color", name], workdir, monkeypatch, capsys)
-    assert status == expected_status
-    assert re.match(rf"(error|warning)\[{code}\]", err)
-    _compare(text_golden, err + out)
+    _check_outputs(code, _run([command, "--json", name], workdir, monkeypatch, capsys),
+                   _run([command, "--no-color", name], workdir, monkeypatch, capsys), json_golden, text_golden,
+                   status=0 if code.startswith("W") else 1)
 
 
 # ---------------------------------------------------------------------------------- flowc explain

@@ -45,6 +45,7 @@ from flowc.compiler.render.export import (
     hf_repos,
     known_versions,
     load_engine,
+    node_shares,
     parse_script,
     shell_quote,
 )
@@ -498,17 +499,6 @@ def manifest(plan: Plan, target: str, version: str | None = None, **options) -> 
     files = dict(export_plan(plan, target=target, version=version, k8s=True, **options).files)
     return list(yaml.safe_load_all(files.pop("kubernetes.yaml"))), {p: s for p, s in files.items()
                                                                     if is_engine_script(p)}
-
-
-def node_shares(gpus) -> list[tuple[int, list[int]]]:
-    """An instance's GPUs in rank order as runs per node: one script each."""
-    shares = []
-    for ref in gpus:
-        if shares and shares[-1][0] == ref.node:
-            shares[-1][1].append(ref.index)
-        else:
-            shares.append((ref.node, [ref.index]))
-    return shares
 
 
 def engine_documents(documents: list[dict]) -> list[dict]:

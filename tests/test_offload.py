@@ -4,6 +4,7 @@ stays, capacities hold, the host link bounds the step, infeasible inputs raise).
 from __future__ import annotations
 
 import pytest
+from flow_samples import OFFLOAD_SPEC
 
 from flowc.compiler.model.cost import CostModel, Parallelism
 from flowc.compiler.model.geometry import weight_bytes_per_rank
@@ -239,63 +240,6 @@ def test_the_embedding_can_be_pinned(std, h100, llama70_on_one_h100):
     assert plan.step_time_decode > llama70_on_one_h100.step_time_decode * 1.02
 
 
-TIGHT_SPEC = """use std.links
-
-gpu tiny-cpu {
-  vendor cpu
-  memory 604298866 B
-  memory_bandwidth 20 GB/s
-  flops fp32 100 GFLOP/s
-  flops bf16 100 GFLOP/s
-  interconnect cpu-memory
-  host_link cpu-memory
-}
-
-model small-llama {
-  architecture llama
-  layers 2
-  hidden 256
-  heads 4
-  kv_heads 2
-  head_dim 64
-  ffn 512
-  vocab 1024
-  max_context 512 tok
-  weights fp32
-  kv fp32
-  tied_embeddings false
-}
-
-cluster box {
-  node x 1 {
-    gpu tiny-cpu x 1
-    host_memory 1 GiB
-  }
-}
-
-workload chat {
-  arrival poisson 1 req/s
-  prompt uniform(4 tok, 8 tok)
-  output uniform(2 tok, 4 tok)
-}
-
-slo relaxed {
-  ttft p90 <= 5 s
-  tpot p90 <= 1 s
-}
-
-deploy tiny {
-  model small-llama
-  on box
-  serve chat under relaxed
-  allow offload
-  tp in [1]
-  max_batched_tokens in [64 tok]
-  max_seqs in [8]
-}
-"""
-
-
 def test_an_offload_plan_at_its_budget_passes_the_verifier(tmp_path, capsys):
     """The LP fills HBM to its budget and may overshoot it by its tolerance (here a byte, and
     the rounding of the streaming buffer): the memory map keeps the slack free, so the plan is
@@ -305,7 +249,7 @@ def test_an_offload_plan_at_its_budget_passes_the_verifier(tmp_path, capsys):
     from flowc.compiler.model.memory import memory_budget as budget_of
     from flowc.compiler.plan import Plan
 
-    (tmp_path / "tight.flow").write_text(TIGHT_SPEC)
+    (tmp_path / "tight.flow").write_text(OFFLOAD_SPEC.format(memory=604298866))
     assert main(["compile", str(tmp_path / "tight.flow"), "-o", str(tmp_path / "plan.json")]) == 0
     capsys.readouterr()
     group = Plan.model_validate_json((tmp_path / "plan.json").read_text()).deployments[0].groups[0]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_models import hf_greedy, sample_prompts, save_tiny_model, tiny_spec
+from flow_samples import OFFLOAD_SPEC
+from runtime_models import hf_greedy, sample_prompts, tiny_spec
 
 import flowc.cli
 from flowc.compiler.model.geometry import kv_bytes_per_token_per_rank, weight_bytes_per_rank
@@ -28,17 +29,6 @@ pytest.importorskip("transformers")
 SETTINGS = dict(max_batched_tokens=32, chunk_size=16, max_seqs=4, block_size=16, kv_blocks=8)
 MAX_TOKENS = [9, 6, 8, 7]
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    cache = {}
-
-    def get(variant: str):
-        if variant not in cache:
-            cache[variant] = save_tiny_model(variant, tmp_path_factory.mktemp(variant))
-        return cache[variant]
-    return get
 
 
 def _with_memory(plan, **update):
@@ -188,65 +178,6 @@ def test_kv_in_host_memory_is_refused():
         Engine.from_plan(plan)
 
 
-SPEC = """use std.links
-
-gpu small-cpu {{
-  vendor cpu
-  memory {memory} B
-  memory_bandwidth 20 GB/s
-  flops fp32 100 GFLOP/s
-  flops bf16 100 GFLOP/s
-  interconnect cpu-memory
-  host_link cpu-memory
-}}
-
-model small-llama {{
-  architecture llama
-  layers 2
-  hidden 256
-  heads 4
-  kv_heads 2
-  head_dim 64
-  ffn 512
-  vocab 1024
-  max_context 512 tok
-  weights fp32
-  kv fp32
-  tied_embeddings false
-  attention_bias false
-  mlp gated
-}}
-
-cluster box {{
-  node x 1 {{
-    gpu small-cpu x 1
-    host_memory 1 GiB
-  }}
-}}
-
-workload chat {{
-  arrival poisson 1 req/s
-  prompt uniform(4 tok, 8 tok)
-  output uniform(2 tok, 4 tok)
-}}
-
-slo relaxed {{
-  ttft p90 <= 5 s
-  tpot p90 <= 1 s
-}}
-
-deploy small {{
-  model small-llama
-  on box
-  serve chat under relaxed
-  allow offload
-  tp in [1]
-  max_batched_tokens in [64 tok]
-  max_seqs in [8]
-}}
-"""
-
-
 def test_a_plan_flowc_compile_offloads_runs_token_identical(tmp_path):
     """`flowc compile` offloads when the spec's GPU holds the activations, the runtime reserve,
     the KV of the requests the optimizer keeps (candidates.OFFLOAD_KV_REQUESTS; the LP's 1 MiB
@@ -257,7 +188,7 @@ def test_a_plan_flowc_compile_offloads_runs_token_identical(tmp_path):
     usable = (budget.reserve + budget.activations + OFFLOAD_SLACK + 128 * kv_bytes_per_token_per_rank(model)
               + 0.7 * weight_bytes_per_rank(model))
     spec = tmp_path / "offload.flow"
-    spec.write_text(SPEC.format(memory=int(usable / GPU_MEMORY_UTILIZATION) + 1))
+    spec.write_text(OFFLOAD_SPEC.format(memory=int(usable / GPU_MEMORY_UTILIZATION) + 1))
     assert flowc.cli.main(["compile", str(spec), "-o", str(tmp_path / "plan.json")]) == 0
     plan = _on_device(load_plan(tmp_path / "plan.json"))
     mm = plan.deployments[0].groups[0].memory

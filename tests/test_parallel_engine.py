@@ -11,7 +11,7 @@ import signal
 import time
 
 import pytest
-from runtime_models import hf_greedy, sample_prompts, save_tiny_model, tiny_spec
+from runtime_models import hf_greedy, sample_prompts, tiny_spec
 
 import flowc.cli
 from flowc.compiler.optimize.instance_plan import instance_plan
@@ -59,9 +59,9 @@ def test_micro_batches_split_a_step_into_whole_sequences():
 
 @pytest.mark.parametrize("variant, shapes", [("llama", [(1, 2, 1), (2, 2, 1)]), ("qwen2", [(1, 2, 1)]),
                                              ("mixtral", [(1, 2, 1), (2, 1, 2)])])
-def test_parallel_instances_match_one_process_and_transformers(tmp_path, variant, shapes):
+def test_parallel_instances_match_one_process_and_transformers(saved, variant, shapes):
     """(tp, pp, ep): pipeline stages, TP inside them, and experts spread whole over TP ranks."""
-    path = save_tiny_model(variant, tmp_path)
+    path = saved(variant)
     spec = tiny_spec(variant)
     # a 32-token budget in chunks of 16: prompts are prefilled in pieces across steps
     settings = dict(max_batched_tokens=32, chunk_size=16, max_seqs=4)
@@ -236,7 +236,7 @@ def _ep_worker(parallel, path, steps):
     return run_steps(replace(parallel, ep_size=2), path, steps)
 
 
-def test_expert_parallel_ranks_hold_whole_experts_and_match_one_rank(tmp_path):
+def test_expert_parallel_ranks_hold_whole_experts_and_match_one_rank(saved):
     """ep 2 over tp 2 on the tiny Mixtral: each rank holds half the experts whole (not a slice of
     every expert), and the logits are the one-rank model's."""
     import torch
@@ -245,7 +245,7 @@ def test_expert_parallel_ranks_hold_whole_experts_and_match_one_rank(tmp_path):
     from flowc.runtime.config import ModelConfig
     from flowc.runtime.parallel import Parallel, launch
 
-    path = save_tiny_model("mixtral", tmp_path)
+    path = saved("mixtral")
     config = ModelConfig.from_spec(tiny_spec("mixtral"))
     layouts = [Parallel(tp_rank=r, tp_size=2, ep_size=2).layout(config) for r in range(2)]
     half = config.experts // 2

@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from step_costs import OneSecondSteps
 
 from flowc.compiler.model.simulator import InstanceConfig, StepRecord, simulate
 from flowc.compiler.model.workload import Requests
@@ -50,24 +51,6 @@ from flowc.compiler.plan import Scheduler as PlanScheduler
 from flowc.runtime.block_manager import BlockManager
 from flowc.runtime.scheduler import Scheduler
 from flowc.runtime.sequence import SamplingParams, Sequence
-
-
-class OneSecondSteps:
-    """A StepCost whose every iteration takes 1 s."""
-
-    wake_time = 0.0
-
-    def step_time(self, tokens, prefill_attn_pairs, decode_seqs, decode_kv_tokens):
-        return 1.0
-
-    def prefill_pairs(self, new_tokens, past_tokens):
-        return new_tokens * past_tokens + new_tokens * (new_tokens + 1) // 2
-
-    def pp_hop_time(self, tokens):
-        return 0.0
-
-    def kv_transfer_time(self, tokens):
-        return 0.0
 
 
 @dataclass(frozen=True)
