@@ -1,8 +1,8 @@
 """Prediction intervals: how far a measured figure falls from flowc's prediction.
 
 The end-to-end development set (`benchmarks/e2e_check.py --fit --write`) gives, per metric, the
-spread of log(measured / predicted) over published serving runs; its 10th and 90th percentiles
-bound a nominal 80% interval, stored as multiplicative factors in `stdlib/engines.json`
+spread of log(measured / predicted) over published serving runs; a Student-t prediction interval
+of it bounds a nominal 80% interval, stored as multiplicative factors in `stdlib/engines.json`
 ("intervals", with the number of records and the coverage measured leaving each record out).
 A figure p is then expected within [p x low, p x high]. Latencies scale by their metric's
 factors; throughputs and rates by the throughput factors.
@@ -29,7 +29,8 @@ NOMINAL = 0.8  # the share of measurements an interval is meant to hold
 @dataclass(frozen=True)
 class Interval:
     """A metric's interval as factors of the prediction: measured / predicted lies in [low, high]
-    for NOMINAL of the development set; `records` of it, `coverage` leaving each out in turn."""
+    for NOMINAL of measurements (a Student-t prediction interval over `records` records of the
+    development set); `coverage`: the share it held leaving each record out in turn."""
 
     metric: str
     low: float
