@@ -2,8 +2,8 @@
 the torch reference (`kernels_torch.py`) and Triton (`kernels_triton.py`).
 
 `get_ops("torch" | "triton" | "auto")` returns a namespace with `rms_norm`, `rotary`,
-`store_kv`, `paged_attention`, `silu_and_mul` and `moe_topk` (signatures and layouts are
-documented in `kernels_torch.py`). "auto" picks Triton on a CUDA device and the torch
+`store_kv`, `paged_attention`, `silu_and_mul`, `moe_topk` and `moe_grouped_mm` (signatures and
+layouts are documented in `kernels_torch.py`). "auto" picks Triton on a CUDA device and the torch
 reference elsewhere: on CPU, Triton only runs under TRITON_INTERPRET=1, which is for tests.
 """
 
@@ -15,7 +15,7 @@ from typing import Optional
 
 from .triton_shim import HAVE_TRITON
 
-OP_NAMES = ("rms_norm", "rotary", "store_kv", "paged_attention", "silu_and_mul", "moe_topk")
+OP_NAMES = ("rms_norm", "rotary", "store_kv", "paged_attention", "silu_and_mul", "moe_topk", "moe_grouped_mm")
 BACKENDS = ("auto", "torch", "triton")
 
 

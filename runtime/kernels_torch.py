@@ -9,6 +9,8 @@ Shapes and layouts (shared with `kernels_triton.py`; see `kernels.py` for the in
   query_start_loc[b]:query_start_loc[b + 1] of q. `seq_lens` [B] int32: tokens of sequence b
   in the cache after this step (its cached prefix plus its new tokens), so its new tokens sit
   at positions seq_lens[b] - q_len .. seq_lens[b] - 1. `block_tables` [B, max_blocks] int32.
+  MoE: R = T * top_k (token, expert) rows sorted by expert, E experts; `offsets` [E + 1] int32:
+  expert e's rows are offsets[e]:offsets[e + 1].
 Reductions (norms, softmax, attention) run in fp32 whatever the input dtype; results are cast
 back to the input dtype, as Hugging Face transformers does.
 """
@@ -20,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rms_norm", "rotary", "store_kv", "paged_attention", "silu_and_mul", "moe_topk"]
+__all__ = ["rms_norm", "rotary", "store_kv", "paged_attention", "silu_and_mul", "moe_topk", "moe_grouped_mm"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
@@ -142,3 +144,17 @@ def moe_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tupl
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
+
+
+def moe_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, first_expert: int,
+                   out: torch.Tensor) -> torch.Tensor:
+    """The experts' GEMMs in one call: x [R, K] sorted by expert, `weight` [held, N, K] the
+    experts first_expert .. first_expert + held - 1 ([out, in], as transformers stores them).
+    out[offsets[e]:offsets[e + 1]] = x[same rows] @ weight[e - first_expert].T for each held
+    expert; the rows of other experts are left as they are. Reads the offsets on the host."""
+    bounds = offsets.tolist()
+    for i in range(weight.shape[0]):
+        lo, hi = bounds[first_expert + i], bounds[first_expert + i + 1]
+        if hi > lo:
+            torch.mm(x[lo:hi], weight[i].t(), out=out[lo:hi])
+    return out

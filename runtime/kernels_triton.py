@@ -1,4 +1,4 @@
-"""The Triton kernels: the same six ops, signatures and layouts as `kernels_torch.py` (the
+"""The Triton kernels: the same seven ops, signatures and layouts as `kernels_torch.py` (the
 definition they are tested against).
 
 Every kernel loads, casts to fp32 at once, computes in fp32 and casts when it stores, so the
@@ -20,6 +20,11 @@ the reference to the last bit or one ulp.
   tile) pairs are enumerated without a host sync: sequence b's tiles start at grid index
   query_start_loc[b] // BLOCK_Q + b (a bound of T // BLOCK_Q + B tiles in all), each program
   finds its sequence by binary search and exits when its tile starts past the sequence's q_len.
+- `moe_grouped_mm`: one launch for all the experts a rank holds, without a host sync. A program
+  owns a BLOCK_M x BLOCK_N tile of one expert's rows; expert i's row tiles follow those of
+  experts 0 .. i - 1 in the grid, which is sized by a bound (sum over experts of
+  cdiv(rows, BLOCK_M) < cdiv(R, BLOCK_M) + held), so each program walks the device `offsets` to
+  find its expert and exits when its tile lies past the last one.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ require_triton()
 
 from .triton_shim import tl, triton  # noqa: E402  (only after the clear error above)
 
-__all__ = ["rms_norm", "rotary", "store_kv", "paged_attention", "silu_and_mul", "moe_topk"]
+__all__ = ["rms_norm", "rotary", "store_kv", "paged_attention", "silu_and_mul", "moe_topk", "moe_grouped_mm"]
 
 _LOG2E = math.log2(math.e)
 
@@ -338,3 +343,65 @@ def moe_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tupl
         router_logits, weights, ids, router_logits.stride(0), num_experts,
         TOP_K=top_k, RENORMALIZE=renormalize, EXPERTS_PAD=_pow2(num_experts), K_PAD=_pow2(top_k))
     return weights, ids
+
+
+@triton.jit
+def _moe_grouped_mm_kernel(x_ptr, w_ptr, offsets_ptr, out_ptr, first_expert, held, N, K,
+                           stride_x, stride_we, stride_wn, stride_o,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    # the held expert whose row tiles contain `tile`, and where that tile's rows start and end
+    expert = tile * 0 - 1
+    row_start = tile * 0
+    row_end = tile * 0
+    tiles_before = tile * 0
+    for i in range(held):
+        lo = tl.load(offsets_ptr + first_expert + i)
+        hi = tl.load(offsets_ptr + first_expert + i + 1)
+        tiles = tl.cdiv(hi - lo, BLOCK_M)
+        here = (tile >= tiles_before) & (tile < tiles_before + tiles)
+        expert = tl.where(here, i, expert)
+        row_start = tl.where(here, lo + (tile - tiles_before) * BLOCK_M, row_start)
+        row_end = tl.where(here, hi, row_end)
+        tiles_before += tiles
+    if expert < 0:
+        return
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    rows = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + rows[:, None] * stride_x + ks[None, :]
+    # the weight is [N, K]: its [BLOCK_K, BLOCK_N] tile is the transpose the product needs
+    w_tile = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = k + ks < K
+        a = tl.load(x_tile + k, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(w_tile + k, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def moe_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, first_expert: int,
+                   out: torch.Tensor) -> torch.Tensor:
+    num_rows, k = x.shape
+    held, n = weight.shape[0], weight.shape[1]
+    assert all(t.stride(-1) == 1 for t in (x, weight, out)), "moe_grouped_mm: the last dim must be contiguous"
+    # decode-sized batches (under 16 rows per expert on average) take the smallest legal tile,
+    # prefill a wider one: two specializations, which the engine's warm-up (a long prefill and
+    # decodes) compiles
+    block_m = 16 if num_rows < 16 * (offsets.shape[0] - 1) else 64
+    block_n, block_k = max(16, min(64, _pow2(n))), max(16, min(64, _pow2(k)))
+    grid = (triton.cdiv(num_rows, block_m) + held, triton.cdiv(n, block_n))
+    _moe_grouped_mm_kernel[grid](
+        x, weight, offsets, out, first_expert, held, n, k,
+        x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        # 16-bit inputs are exact in tf32; fp32 inputs keep full precision, as torch.mm
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    return out

@@ -140,9 +140,11 @@ class MLP(_Module):
 
 
 class MoE(_Module):
-    """Top-k routed experts. The router is replicated; every rank holds each expert's slice of
-    expert_ffn, so the combined output is a partial sum, all-reduced. Tokens are permuted so
-    that each expert's rows are contiguous, then one GEMM per expert with rows."""
+    """Top-k routed experts. The router is replicated; every rank holds a slice of expert_ffn of
+    each of its experts (all of them at ep 1, E / ep with ep > 1), so the combined output is a
+    partial sum, all-reduced. Tokens are permuted so that each expert's rows are contiguous,
+    then one grouped GEMM (`moe_grouped_mm`) runs all of this rank's experts, reading their row
+    offsets on the device: the layer makes no host sync."""
 
     def __init__(self, *args, device: torch.device):
         super().__init__(*args)
@@ -167,31 +169,29 @@ class MoE(_Module):
         flat_ids = topk_ids.view(-1)
         order = self.buffer(step, "permute_index", T * k, dtype=torch.int32)
         order.copy_(torch.argsort(flat_ids, stable=True))
+        # expert e's rows start at the first sorted id >= e (not bincount, which syncs on CUDA)
         offsets = self.buffer(step, "expert_offsets", E + 1, dtype=torch.int32)
-        offsets[0] = 0
-        torch.cumsum(torch.bincount(flat_ids, minlength=E), 0, dtype=torch.int32, out=offsets[1:])
+        experts = torch.arange(E + 1, dtype=torch.int32, device=x.device)
+        torch.searchsorted(flat_ids[order], experts, out_int32=True, out=offsets)
         tokens = order // k
         permuted = self.buffer(step, "permuted", T * k, c.hidden)
         torch.index_select(x, 0, tokens, out=permuted)
-        # The per-expert loop needs the bounds on the host (a grouped-GEMM kernel would not).
-        # Sorted by expert, the pairs of this rank's experts are one run of rows, [mine, end):
-        # the others' rows stay zero here and come from their ranks in the all-reduce.
-        bounds = offsets.tolist()
-        held = self.layout.experts
-        mine, end = bounds[held.start], bounds[held.stop]
-        busy = [(e, bounds[e], bounds[e + 1]) for e in held if bounds[e + 1] > bounds[e]]
 
+        # The GEMMs write the rows of this rank's experts only: the other rows hold garbage (even
+        # NaN) through silu_and_mul until the mask below zeroes them; their experts' ranks add
+        # them in the all-reduce.
+        held = self.layout.experts
         gate_up = self.buffer(step, "expert_gate_up", T * k, 2 * f)
-        for e, lo, hi in busy:
-            torch.mm(permuted[lo:hi], self.gate_up[e - held.start].t(), out=gate_up[lo:hi])
+        self.ops.moe_grouped_mm(permuted, self.gate_up, offsets, held.start, gate_up)
         act = self.buffer(step, "expert_act", T * k, f)
-        if end > mine:
-            self.ops.silu_and_mul(gate_up[mine:end], out=act[mine:end])
+        self.ops.silu_and_mul(gate_up, out=act)
         expert_out = self.buffer(step, "expert_out", T * k, c.hidden)
-        expert_out[:mine].zero_()
-        expert_out[end:].zero_()
-        for e, lo, hi in busy:
-            torch.mm(act[lo:hi], self.down[e - held.start].t(), out=expert_out[lo:hi])
+        self.ops.moe_grouped_mm(act, self.down, offsets, held.start, expert_out)
+        if len(held) < E:
+            # sorted by expert, this rank's rows are one run, [offsets[first], offsets[last + 1])
+            rows = torch.arange(T * k, device=x.device)
+            mine = (rows >= offsets[held.start]) & (rows < offsets[held.stop])
+            expert_out.masked_fill_(~mine.unsqueeze(1), 0)  # not a product: 0 * NaN is NaN
 
         # combine: weight each row in place (expert_out dies here), sum rows into their tokens.
         expert_out.mul_(topk_weights.view(-1)[order].unsqueeze(1))
