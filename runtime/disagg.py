@@ -24,14 +24,17 @@ heads each pool holds, head_dim, the KV dtype and the block size (the block coun
 
 Every instance runs in this process with tp = pp = 1: a step of each instance runs in turn (a
 `poll` steps every instance once), and the KV moves between pools in memory
-(`InProcessTransport`). Not built yet: a transport over torch.distributed (`KVTransport` is
-the interface it implements, moving blocks between processes or nodes with send/recv), and
-with it instances of tp or pp above 1, whose KV is spread over processes.
+(`InProcessTransport`). `TorchDistributedTransport` moves it between processes (gloo or NCCL
+send/recv); not built yet: an engine that runs each instance in a process of its own over it,
+and with it instances of tp or pp above 1, whose KV is spread over processes.
 """
 
 from __future__ import annotations
 
 import itertools
+import pickle
+import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from flowc.compiler.model.geometry import kv_heads_per_rank
 from flowc.compiler.plan import DeploymentPlan, Plan
@@ -129,12 +133,8 @@ class KVTransport(ABC):
     blocks when `acks` gives it the transfer. `cancel` forgets a request's transfer wherever it
     is (aborted). Nothing blocks: `recv` and `acks` return what has arrived, perhaps nothing.
 
-    `InProcessTransport` is the one implementation (instances in one process). A
-    torch.distributed one (not built yet) would run the producer and consumer in processes of
-    one process group: `send` would post the header (an object) and the block tensor with
-    `isend` to the consumer's rank, `recv` would poll posted `irecv`s into a staging buffer,
-    and `ack` would send the request id back; the header already names the destination blocks,
-    so a consumer could also receive straight into its pool.
+    `InProcessTransport` moves them within this process, `TorchDistributedTransport` between
+    the processes of a torch.distributed group.
     """
 
     @abstractmethod
@@ -193,6 +193,124 @@ class InProcessTransport(KVTransport):
             acked.extend(kept_acks)
 
     def close(self) -> None:
+        self._inbox.clear()
+        self._acked.clear()
+
+
+class TorchDistributedTransport(KVTransport):
+    """KV between processes of one torch.distributed process group (gloo on CPU, NCCL on GPUs).
+
+    `producers` and `consumers` map each prefill and decode instance index to the rank of the
+    process that holds its pool; `rank` is this process's. A transfer goes to the consumer's
+    rank as messages on one ordered channel (tag): the header's length, the header (the pickled
+    `KVTransfer` with the blocks' shape and dtype) and the blocks; an acknowledgement goes back
+    on the other tag as length and header. A receiving thread per peer and channel blocks on its
+    next message and queues it, so `recv` and `acks` never wait (gloo's posted receives do not
+    report completion before they are waited on). A cancelled request's transfer or
+    acknowledgement is dropped when it arrives. `close` sends every peer a zero length, which
+    ends its receiving thread. The caller owns the process group. Headers are pickled, as
+    torch.distributed's object collectives are: the ranks of one group trust each other.
+    """
+
+    _TRANSFER, _ACK = 1, 2  # tags: the two directions between a pair of ranks never share a channel
+
+    def __init__(self, rank: int, producers: dict[int, int], consumers: dict[int, int],
+                 group: Optional[dist.ProcessGroup] = None, device: str = "cpu", timeout_s: float = 60.0):
+        self.rank, self.producers, self.consumers, self.group = rank, producers, consumers, group
+        self.device, self.timeout_s = torch.device(device), timeout_s
+        self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # sends in flight, with their buffers
+        self._arrivals: queue.Queue = queue.Queue()  # (tag, transfer, blocks or None) from the threads
+        self._inbox: dict[int, list[tuple[KVTransfer, torch.Tensor]]] = {}
+        self._acked: dict[int, list[KVTransfer]] = {}
+        self._cancelled: set[str] = set()
+        # who sends here on which channel: producers to a consumer here, consumers' acks to a producer here
+        incoming = [(peer, self._TRANSFER) for peer in set(producers.values()) - {rank} if rank in consumers.values()]
+        incoming += [(peer, self._ACK) for peer in set(consumers.values()) - {rank} if rank in producers.values()]
+        self._threads = [threading.Thread(target=self._listen, args=(peer, tag), daemon=True,
+                                          name=f"kv-{'transfers' if tag == self._TRANSFER else 'acks'}-from-{peer}")
+                         for peer, tag in incoming]
+        for thread in self._threads:
+            thread.start()
+
+    def _listen(self, peer: int, tag: int) -> None:
+        """Receive `peer`'s messages on `tag` until it sends a zero length (closed)."""
+        while True:
+            length = torch.zeros(1, dtype=torch.int64, device=self.device)
+            dist.recv(length, src=peer, group=self.group, tag=tag)
+            if int(length.item()) == 0:
+                return
+            data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
+            dist.recv(data, src=peer, group=self.group, tag=tag)
+            header = pickle.loads(data.cpu().numpy().tobytes())
+            if tag == self._ACK:
+                self._arrivals.put((tag, header, None))
+                continue
+            transfer, shape, dtype = header
+            blocks = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=self.device)
+            dist.recv(blocks, src=peer, group=self.group, tag=tag)
+            self._arrivals.put((tag, transfer, blocks))
+
+    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        self._sending.append((dist.isend(tensor, dst=dst, group=self.group, tag=tag), tensor))
+        self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
+
+    def _send_header(self, header: object, dst: int, tag: int) -> None:
+        data = torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8).to(self.device)
+        self._isend(torch.tensor([data.numel()], dtype=torch.int64, device=self.device), dst, tag)
+        self._isend(data, dst, tag)
+
+    def _drain(self) -> None:
+        """Sort what the threads received into the inboxes and acknowledgements."""
+        while True:
+            try:
+                tag, transfer, blocks = self._arrivals.get_nowait()
+            except queue.Empty:
+                return
+            if transfer.request_id in self._cancelled:
+                continue
+            if tag == self._ACK:
+                self._acked.setdefault(transfer.producer, []).append(transfer)
+            else:
+                self._inbox.setdefault(transfer.consumer, []).append((transfer, blocks))
+
+    def send(self, transfer: KVTransfer, blocks: torch.Tensor) -> None:
+        blocks = blocks.contiguous()
+        dst = self.consumers[transfer.consumer]
+        self._send_header((transfer, tuple(blocks.shape), str(blocks.dtype)), dst, self._TRANSFER)
+        self._isend(blocks, dst, self._TRANSFER)
+
+    def recv(self, consumer: int) -> list[tuple[KVTransfer, torch.Tensor]]:
+        self._drain()
+        return self._inbox.pop(consumer, [])
+
+    def ack(self, transfer: KVTransfer) -> None:
+        self._send_header(transfer, self.producers[transfer.producer], self._ACK)
+
+    def acks(self, producer: int) -> list[KVTransfer]:
+        self._drain()
+        return self._acked.pop(producer, [])
+
+    def cancel(self, request_id: str) -> None:
+        self._cancelled.add(request_id)
+        for inbox in self._inbox.values():
+            inbox[:] = [(t, blocks) for t, blocks in inbox if t.request_id != request_id]
+        for acked in self._acked.values():
+            acked[:] = [t for t in acked if t.request_id != request_id]
+
+    def close(self) -> None:
+        """Tell every peer this side is done (a zero length on each channel it sends on), wait for
+        the sends in flight, and for the peers' goodbyes (at most `timeout_s`)."""
+        outgoing = [(peer, self._TRANSFER) for peer in set(self.consumers.values()) - {self.rank}
+                    if self.rank in self.producers.values()]
+        outgoing += [(peer, self._ACK) for peer in set(self.producers.values()) - {self.rank}
+                     if self.rank in self.consumers.values()]
+        for peer, tag in outgoing:
+            self._isend(torch.zeros(1, dtype=torch.int64, device=self.device), peer, tag)
+        for work, _ in self._sending:
+            work.wait()
+        self._sending.clear()
+        for thread in self._threads:
+            thread.join(timeout=self.timeout_s)
         self._inbox.clear()
         self._acked.clear()
 
