@@ -109,9 +109,10 @@ Placement.objective/bound are the first deployment's; Placement.gap is the large
 
 Exact GPUs: after solving, counts become GPUs deterministically: patterns or configurations
 go to nodes in node order, TP groups are laid out largest first from the domain's first GPU,
-an instance's stages stay on one node whenever a node has room for all of them. With
-workers > 1 CP-SAT may return a different optimum of equal value from run to run (not seen
-in the benchmarks); workers=1 is deterministic.
+an instance's stages stay on one node whenever a node has room for all of them. One CP-SAT
+worker (the default) returns the same optimum every run; with workers > 1 a portfolio may
+return another of equal value (chat-70b did, as two decode groups instead of one, under a
+loaded CI machine), so compiles stay on one worker: the examples solve in the same time.
 
 Binding constraints (`Placement.binding`) are tight constraints, not a sensitivity analysis:
 a GPU type fully used, free GPUs that no candidate fits (link domains), max_gpus leaving no

@@ -15,7 +15,7 @@ from flowc.compiler.optimize.placement.types import Candidate, Demand, Deploymen
 
 
 def solve_placement(cluster: spec.Cluster, gpus: dict[str, spec.GPU], demands: list[Demand],
-                    candidates: list[Candidate], *, time_limit_s: float = 10.0, workers: int = 2,
+                    candidates: list[Candidate], *, time_limit_s: float = 10.0, workers: int = 1,
                     ratio_tolerance: float = 0.0) -> Placement:
     """Choose instance counts and exact GPUs for every deployment (see the package docstring).
 
