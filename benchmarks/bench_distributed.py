@@ -9,13 +9,16 @@ process that drives the instance) spent in TP collectives and in pipeline sends 
 as a share of the replay's wall time (`runtime/parallel.CommTime`). The disaggregated layout
 (`1p1d`) is the tp 1 plan compiled for two GPUs with its instance split into a prefill and a
 decode instance (the compiler keeps this small load colocated); its communication is the KV
-moved between them (`DisaggregatedEngine.kv_seconds`).
+moved between them (`DisaggregatedEngine.kv_seconds`). `1p1d` runs both instances in this
+process, one step after the other, the KV moving in memory; `1p1d-procs` runs each in a process
+of its own, stepping at once, the KV moving over gloo (for it, the KV column is the time this
+process waited on the moves, the transfers themselves run in the instances' processes).
 
 On this CPU the ranks are processes on shared cores and the predictions use `cpu-local`'s
 estimated peaks, not measured ones (`flowc calibrate` measures them), so the predicted column
 says what the planner believed, not what a calibrated device would give.
 
-Run: python benchmarks/bench_distributed.py [--requests 32] [--rate 8] [--layouts tp1,tp2,pp2,tp2xpp2,1p1d]
+Run: python benchmarks/bench_distributed.py [--requests 32] [--rate 8] [--layouts tp1,tp2,pp2,tp2xpp2,1p1d,1p1d-procs]
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from flowc.replay import replay_report, replay_requests
 from flowc.runtime import DisaggregatedEngine, Engine
 
 # name: (tp, pp, GPUs)
-LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2xpp2": (2, 2, 4), "1p1d": (1, 1, 2)}
+LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2xpp2": (2, 2, 4), "1p1d": (1, 1, 2),
+           "1p1d-procs": (1, 1, 2)}
 
 SPEC = """use std.cpu_local
 
@@ -98,12 +102,13 @@ def run_layout(name: str, requests: int, rate: float, folder: Path) -> dict:
     spec_path.write_text(SPEC.format(gpus=gpus, tp=tp, pp=pp, rate=rate))
     spec = flowc.load(spec_path)
     plan = flowc.compile(spec)
-    disaggregated = name == "1p1d"
+    disaggregated = name.startswith("1p1d")
     if disaggregated:
         plan = split(plan)
     dp = plan.deployments[0]
     workload = spec.workloads[spec.deployments[dp.name].workload]
-    engine = DisaggregatedEngine.from_plan(plan) if disaggregated else Engine.from_plan(plan, share_cores=True)
+    engine = (DisaggregatedEngine.from_plan(plan, processes=name == "1p1d-procs") if disaggregated
+              else Engine.from_plan(plan, share_cores=True))
     with engine:
         batch, sampled = replay_requests(workload, requests, engine.config.vocab, 0, engine.config.max_context)
         start = time.perf_counter()
@@ -132,17 +137,17 @@ def main() -> None:
             rows.append(run_layout(name, args.requests, args.rate, Path(folder)))
     print(f"{args.requests} requests at {args.rate:g} req/s (prompts 32-256, outputs 16-64 tokens), "
           "bench-llama (4 layers, hidden 512) in fp32, random weights; rank 0's time in communication")
-    print(f"{'layout':<8} {'GPUs':>4} {'tok/s':>7} {'pred':>7} {'TTFT p50':>9} {'pred':>8} {'TPOT p50':>9} "
+    print(f"{'layout':<10} {'GPUs':>4} {'tok/s':>7} {'pred':>7} {'TTFT p50':>9} {'pred':>8} {'TPOT p50':>9} "
           f"{'pred':>8} {'collectives':>12} {'pipeline':>12} {'KV transfer':>12}")
     for r in rows:
         thr, ttft, tpot = r["output_tokens_per_s"], r["ttft_ms"], r["tpot_ms"]
         shares = [f"{r[k]:5.2f} s {100 * r[k] / r['wall']:3.0f}%" for k in ("collectives", "pipeline", "kv")]
-        print(f"{r['layout']:<8} {r['ranks']:>4} {thr['measured']:>7.1f} {thr['predicted']:>7.1f} "
+        print(f"{r['layout']:<10} {r['ranks']:>4} {thr['measured']:>7.1f} {thr['predicted']:>7.1f} "
               f"{ttft['measured']['p50']:>7.1f}ms {ttft['predicted']['p50']:>6.1f}ms "
               f"{tpot['measured']['p50']:>7.1f}ms {tpot['predicted']['p50']:>6.1f}ms "
               + " ".join(f"{share:>12}" for share in shares) + (f"  ({r['kv_note']})" if r["kv_note"] else ""))
         if r["errors"]:
-            print(f"         {len(r['errors'])} requests failed: {r['errors'][0]}")
+            print(f"           {len(r['errors'])} requests failed: {r['errors'][0]}")
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,8 @@ Two modes:
     at its arrival times stretched by `--time-scale`, with random prompt tokens and exactly the
     sampled output lengths. Prints measured TTFT, TPOT and throughput next to what the plan's
     cost model predicts for the same requests on one instance of the plan (on every instance
-    of a disaggregated plan: its prefill and decode instances all run, in this process).
+    of a disaggregated plan: its prefill and decode instances all run, in this process, or
+    with `--processes` each in a process of its own).
 A disaggregated plan runs through `flowc.runtime.open_plan` like a colocated one.
 `--launcher torchrun` (what the scripts of `flowc launch` pass): torchrun started every rank of
 the instance, on one node or many; rank 0 runs the requests and prints, the others serve its
@@ -47,6 +48,9 @@ def add_arguments(parser) -> None:
                         help="kernels: Triton on GPUs, the torch reference on CPU (auto)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="override the plan's dtypes")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and replay prompts")
+    parser.add_argument("--processes", action="store_true",
+                        help="a disaggregated plan: each prefill and decode instance in a process of its own, the "
+                             "KV moving between them over torch.distributed (default: all in this process)")
     parser.add_argument("--launcher", choices=("spawn", "torchrun"), default="spawn",
                         help="spawn: this process starts the instance's other ranks here (default); torchrun: "
                              "torchrun started them (the scripts of `flowc launch`)")
@@ -85,7 +89,7 @@ def cmd_run(args, out) -> int:
     try:
         options = {"launcher": "torchrun"} if args.launcher == "torchrun" else {}
         engine = open_plan(plan, args.weights, deployment=args.deployment, dtype=args.dtype,
-                           backend=args.backend, seed=args.seed, **options)
+                           backend=args.backend, seed=args.seed, processes=args.processes, **options)
     except (EngineError, ValueError) as error:  # WeightsError and UnsupportedModel are ValueErrors
         sys.stderr.write(f"error: {escape_control(str(error))}\n")
         return EXIT_INVALID

@@ -32,288 +32,51 @@ and with it instances of tp or pp above 1, whose KV is spread over processes.
 from __future__ import annotations
 
 import itertools
-import pickle
-import queue
-import threading
 import time
-from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
-import torch
-import torch.distributed as dist
-
-from flowc.compiler.model.geometry import kv_heads_per_rank
 from flowc.compiler.plan import DeploymentPlan, Plan
 
-from .engine import DTYPES, Engine, EngineError, Request, RequestOutput, ServingAPI, TokenEvent, _deployment, load_plan
-from .kv_cache import KVCache
+from .engine import (
+    Engine,
+    EngineError,
+    Request,
+    RequestOutput,
+    ServingAPI,
+    TokenEvent,
+    _deployment,
+    _device_for,
+    _final_event,
+    load_plan,
+)
+from .instance_process import RemoteInstance, WorkerSpec, close_all
+from .kv_transport import (
+    InProcessTransport,
+    KVLayout,
+    KVTransfer,
+    KVTransport,
+    check_layouts,
+    kv_layout,
+    receive_kv,
+    send_kv,
+    settle_kv,
+)
+from .parallel import free_port
 from .replicas import ReplicatedEngine
-from .runner import LocalRunner
+from .runner import RankFailure
 from .sequence import RequestError, Sequence
 
-# ---------------------------------------------------------------------------------- layouts
+Instance = Union[Engine, RemoteInstance]  # an instance in this process, or in a process of its own
 
 
-@dataclass(frozen=True)
-class KVLayout:
-    """What a KV block of an instance's pool holds, and how many blocks it has."""
-
-    model: str
-    layers: int  # the layers this pool holds
-    kv_heads: int  # per rank
-    head_dim: int
-    dtype: str  # a key of engine.DTYPES
-    block_size: int
-    num_blocks: int  # may differ between producer and consumer
-
-
-def kv_layout(engine: Engine) -> KVLayout:
-    """The layout of `engine`'s KV pool (an instance that runs in this process)."""
-    pool = _pool(engine)
-    m, group = engine.plan.model_spec, engine.group
-    dtype = next(name for name, d in DTYPES.items() if d == pool.pool.dtype)
-    return KVLayout(model=engine.plan.model, layers=pool.layers, kv_heads=kv_heads_per_rank(m, group.tp),
-                    head_dim=m.head_dim, dtype=dtype, block_size=pool.block_size, num_blocks=pool.num_blocks)
-
-
-def check_layouts(producer: KVLayout, consumer: KVLayout, what: str = "the prefill and decode instances") -> None:
-    """EngineError unless KV blocks of `producer` can be copied as they are into `consumer`."""
-    differences = [f"{f.name} {getattr(producer, f.name)} vs {getattr(consumer, f.name)}" for f in fields(KVLayout)
-                   if f.name != "num_blocks" and getattr(producer, f.name) != getattr(consumer, f.name)]
-    if differences:
-        raise EngineError(f"the KV caches of {what} differ ({'; '.join(differences)}, prefill vs decode), so KV "
-                          "blocks cannot move between them: give both roles the same model, KV dtype (and "
-                          "--dtype) and block_size, and TP degrees that hold the same KV heads per rank")
-
-
-def _pool(engine: Engine) -> KVCache:
-    if not isinstance(engine.runner, LocalRunner):  # a tp or pp > 1 pool is spread over processes
-        raise EngineError("disaggregated serving moves KV within this process and needs instances of tp 1, pp 1")
-    return engine.runner.state.kv
-
-
-def export_blocks(engine: Engine, block_ids: list[int]) -> torch.Tensor:
-    """A copy of blocks `block_ids` of every layer: [2 (k, v), layers, blocks, block_size, heads, head_dim]."""
-    pool = _pool(engine).pool
-    return pool[:, :, torch.tensor(block_ids, dtype=torch.long, device=pool.device)]
-
-
-def import_blocks(engine: Engine, block_ids: list[int], blocks: torch.Tensor) -> None:
-    """Write `blocks` (as `export_blocks` gives them) into blocks `block_ids` of `engine`'s pool."""
-    pool = _pool(engine).pool
-    pool[:, :, torch.tensor(block_ids, dtype=torch.long, device=pool.device)] = blocks.to(pool.device)
-
-
-# -------------------------------------------------------------------------------- transport
-
-
-@dataclass(frozen=True)
-class KVTransfer:
-    """The header of one request's KV on its way from a prefill instance (`producer`, its index
-    among the prefill instances) to a decode instance (`consumer`): the blocks it leaves from,
-    the blocks reserved for it, the tokens they hold and the producer's layout."""
-
-    request_id: str
-    producer: int
-    consumer: int
-    src_blocks: tuple[int, ...]
-    dst_blocks: tuple[int, ...]
-    num_tokens: int
-    layout: KVLayout
-
-
-class KVTransport(ABC):
-    """Moves KV blocks from producers to consumers, and acknowledgements back.
-
-    The protocol: the producer `send`s a transfer with its blocks and keeps them; the consumer
-    `recv`s it, writes the blocks into the ones it reserved and `ack`s; the producer frees its
-    blocks when `acks` gives it the transfer. `cancel` forgets a request's transfer wherever it
-    is (aborted). Nothing blocks: `recv` and `acks` return what has arrived, perhaps nothing.
-
-    `InProcessTransport` moves them within this process, `TorchDistributedTransport` between
-    the processes of a torch.distributed group.
-    """
-
-    @abstractmethod
-    def send(self, transfer: KVTransfer, blocks: torch.Tensor) -> None:
-        """Producer: start moving `blocks` (`export_blocks`) for `transfer`."""
-
-    @abstractmethod
-    def recv(self, consumer: int) -> list[tuple[KVTransfer, torch.Tensor]]:
-        """Consumer `consumer`: the transfers that arrived for it since the last call."""
-
-    @abstractmethod
-    def ack(self, transfer: KVTransfer) -> None:
-        """Consumer: the KV of `transfer` is in its blocks; the producer may free its own."""
-
-    @abstractmethod
-    def acks(self, producer: int) -> list[KVTransfer]:
-        """Producer `producer`: its transfers acknowledged since the last call."""
-
-    @abstractmethod
-    def cancel(self, request_id: str) -> None:
-        """Forget the transfer of `request_id`, delivered or not, and its acknowledgement."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release what the transport holds."""
-
-
-class InProcessTransport(KVTransport):
-    """Queues in this process: a transfer arrives at the consumer's next `recv`."""
-
-    def __init__(self):
-        self._inbox: dict[int, deque[tuple[KVTransfer, torch.Tensor]]] = {}
-        self._acked: dict[int, deque[KVTransfer]] = {}
-
-    def send(self, transfer: KVTransfer, blocks: torch.Tensor) -> None:
-        self._inbox.setdefault(transfer.consumer, deque()).append((transfer, blocks))
-
-    def recv(self, consumer: int) -> list[tuple[KVTransfer, torch.Tensor]]:
-        inbox = self._inbox.pop(consumer, deque())
-        return list(inbox)
-
-    def ack(self, transfer: KVTransfer) -> None:
-        self._acked.setdefault(transfer.producer, deque()).append(transfer)
-
-    def acks(self, producer: int) -> list[KVTransfer]:
-        return list(self._acked.pop(producer, deque()))
-
-    def cancel(self, request_id: str) -> None:
-        for inbox in self._inbox.values():
-            kept = [item for item in inbox if item[0].request_id != request_id]
-            inbox.clear()
-            inbox.extend(kept)
-        for acked in self._acked.values():
-            kept_acks = [t for t in acked if t.request_id != request_id]
-            acked.clear()
-            acked.extend(kept_acks)
-
-    def close(self) -> None:
-        self._inbox.clear()
-        self._acked.clear()
-
-
-class TorchDistributedTransport(KVTransport):
-    """KV between processes of one torch.distributed process group (gloo on CPU, NCCL on GPUs).
-
-    `producers` and `consumers` map each prefill and decode instance index to the rank of the
-    process that holds its pool; `rank` is this process's. A transfer goes to the consumer's
-    rank as messages on one ordered channel (tag): the header's length, the header (the pickled
-    `KVTransfer` with the blocks' shape and dtype) and the blocks; an acknowledgement goes back
-    on the other tag as length and header. A receiving thread per peer and channel blocks on its
-    next message and queues it, so `recv` and `acks` never wait (gloo's posted receives do not
-    report completion before they are waited on). A cancelled request's transfer or
-    acknowledgement is dropped when it arrives. `close` sends every peer a zero length, which
-    ends its receiving thread. The caller owns the process group. Headers are pickled, as
-    torch.distributed's object collectives are: the ranks of one group trust each other.
-    """
-
-    _TRANSFER, _ACK = 1, 2  # tags: the two directions between a pair of ranks never share a channel
-
-    def __init__(self, rank: int, producers: dict[int, int], consumers: dict[int, int],
-                 group: Optional[dist.ProcessGroup] = None, device: str = "cpu", timeout_s: float = 60.0):
-        self.rank, self.producers, self.consumers, self.group = rank, producers, consumers, group
-        self.device, self.timeout_s = torch.device(device), timeout_s
-        self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # sends in flight, with their buffers
-        self._arrivals: queue.Queue = queue.Queue()  # (tag, transfer, blocks or None) from the threads
-        self._inbox: dict[int, list[tuple[KVTransfer, torch.Tensor]]] = {}
-        self._acked: dict[int, list[KVTransfer]] = {}
-        self._cancelled: set[str] = set()
-        # who sends here on which channel: producers to a consumer here, consumers' acks to a producer here
-        incoming = [(peer, self._TRANSFER) for peer in set(producers.values()) - {rank} if rank in consumers.values()]
-        incoming += [(peer, self._ACK) for peer in set(consumers.values()) - {rank} if rank in producers.values()]
-        self._threads = [threading.Thread(target=self._listen, args=(peer, tag), daemon=True,
-                                          name=f"kv-{'transfers' if tag == self._TRANSFER else 'acks'}-from-{peer}")
-                         for peer, tag in incoming]
-        for thread in self._threads:
-            thread.start()
-
-    def _listen(self, peer: int, tag: int) -> None:
-        """Receive `peer`'s messages on `tag` until it sends a zero length (closed)."""
-        while True:
-            length = torch.zeros(1, dtype=torch.int64, device=self.device)
-            dist.recv(length, src=peer, group=self.group, tag=tag)
-            if int(length.item()) == 0:
-                return
-            data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
-            dist.recv(data, src=peer, group=self.group, tag=tag)
-            header = pickle.loads(data.cpu().numpy().tobytes())
-            if tag == self._ACK:
-                self._arrivals.put((tag, header, None))
-                continue
-            transfer, shape, dtype = header
-            blocks = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=self.device)
-            dist.recv(blocks, src=peer, group=self.group, tag=tag)
-            self._arrivals.put((tag, transfer, blocks))
-
-    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        self._sending.append((dist.isend(tensor, dst=dst, group=self.group, tag=tag), tensor))
-        self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
-
-    def _send_header(self, header: object, dst: int, tag: int) -> None:
-        data = torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8).to(self.device)
-        self._isend(torch.tensor([data.numel()], dtype=torch.int64, device=self.device), dst, tag)
-        self._isend(data, dst, tag)
-
-    def _drain(self) -> None:
-        """Sort what the threads received into the inboxes and acknowledgements."""
-        while True:
-            try:
-                tag, transfer, blocks = self._arrivals.get_nowait()
-            except queue.Empty:
-                return
-            if transfer.request_id in self._cancelled:
-                continue
-            if tag == self._ACK:
-                self._acked.setdefault(transfer.producer, []).append(transfer)
-            else:
-                self._inbox.setdefault(transfer.consumer, []).append((transfer, blocks))
-
-    def send(self, transfer: KVTransfer, blocks: torch.Tensor) -> None:
-        blocks = blocks.contiguous()
-        dst = self.consumers[transfer.consumer]
-        self._send_header((transfer, tuple(blocks.shape), str(blocks.dtype)), dst, self._TRANSFER)
-        self._isend(blocks, dst, self._TRANSFER)
-
-    def recv(self, consumer: int) -> list[tuple[KVTransfer, torch.Tensor]]:
-        self._drain()
-        return self._inbox.pop(consumer, [])
-
-    def ack(self, transfer: KVTransfer) -> None:
-        self._send_header(transfer, self.producers[transfer.producer], self._ACK)
-
-    def acks(self, producer: int) -> list[KVTransfer]:
-        self._drain()
-        return self._acked.pop(producer, [])
-
-    def cancel(self, request_id: str) -> None:
-        self._cancelled.add(request_id)
-        for inbox in self._inbox.values():
-            inbox[:] = [(t, blocks) for t, blocks in inbox if t.request_id != request_id]
-        for acked in self._acked.values():
-            acked[:] = [t for t in acked if t.request_id != request_id]
-
-    def close(self) -> None:
-        """Tell every peer this side is done (a zero length on each channel it sends on), wait for
-        the sends in flight, and for the peers' goodbyes (at most `timeout_s`)."""
-        outgoing = [(peer, self._TRANSFER) for peer in set(self.consumers.values()) - {self.rank}
-                    if self.rank in self.producers.values()]
-        outgoing += [(peer, self._ACK) for peer in set(self.producers.values()) - {self.rank}
-                     if self.rank in self.consumers.values()]
-        for peer, tag in outgoing:
-            self._isend(torch.zeros(1, dtype=torch.int64, device=self.device), peer, tag)
-        for work, _ in self._sending:
-            work.wait()
-        self._sending.clear()
-        for thread in self._threads:
-            thread.join(timeout=self.timeout_s)
-        self._inbox.clear()
-        self._acked.clear()
-
+def _layout(instance: Instance) -> KVLayout:
+    if isinstance(instance, RemoteInstance):
+        assert instance.layout is not None  # connected
+        return instance.layout
+    return kv_layout(instance)
 
 # ------------------------------------------------------------------------------------ engine
 
@@ -323,14 +86,19 @@ def _disaggregated(dp: DeploymentPlan) -> bool:
 
 
 def open_plan(plan: Plan | str | Path, weights: str | Path | None = None, *, deployment: Optional[str] = None,
-              **options) -> "ServingAPI":
+              processes: bool = False, **options) -> "ServingAPI":
     """The engine that runs `plan`'s deployment: a `DisaggregatedEngine` for prefill and decode
-    instances, a `ReplicatedEngine` for several colocated instances of tp = pp = 1, else an
-    `Engine` for its (first) colocated instance (`Engine.from_plan`'s arguments)."""
+    instances (`processes`: each in a process of its own), a `ReplicatedEngine` for several
+    colocated instances of tp = pp = 1, else an `Engine` for its (first) colocated instance
+    (`Engine.from_plan`'s arguments)."""
     p = load_plan(plan)
     dp = _deployment(p, deployment)
     if _disaggregated(dp):
-        return DisaggregatedEngine.from_plan(p, weights, deployment=dp.name, **options)
+        return DisaggregatedEngine.from_plan(p, weights, deployment=dp.name, processes=processes, **options)
+    if processes:
+        raise EngineError(f"deployment `{dp.name}` is colocated; processes of their own are for the prefill and "
+                          "decode instances of a disaggregated plan (a colocated instance of tp or pp above 1 "
+                          "runs one process per rank already)")
     if len(dp.instance_labels()) > 1 and all(g.tp * g.pp == 1 for g in dp.groups) and not options.get("launcher"):
         return ReplicatedEngine.from_plan(p, weights, deployment=dp.name, **options)
     return Engine.from_plan(p, weights, deployment=dp.name, **options)
@@ -340,18 +108,20 @@ def open_plan(plan: Plan | str | Path, weights: str | Path | None = None, *, dep
 class _Route:
     """Where a request in flight is: its prefill instance, then its decode instance."""
 
-    prefill: Engine
-    decode: Optional[Engine] = None
+    prefill: Instance
+    decode: Optional[Instance] = None
+    kv_arrived: bool = False  # its KV is in the decode instance's blocks
 
 
 class DisaggregatedEngine(ServingAPI):
     """Prefill and decode instances of one plan behind one `Engine` API (module docstring).
 
-    `prefill` and `decode` hold the instances' engines; `transport` moves the KV. Not
-    thread-safe: one loop drives it, and a `poll` steps every instance once.
+    `prefill` and `decode` hold the instances: engines in this process, whose KV `transport`
+    moves, or `RemoteInstance`s, each in a process of its own, whose KV moves between them over
+    torch.distributed. Not thread-safe: one loop drives it, and a `poll` steps every instance once.
     """
 
-    def __init__(self, plan: Plan, dp: DeploymentPlan, prefill: list[Engine], decode: list[Engine],
+    def __init__(self, plan: Plan, dp: DeploymentPlan, prefill: list[Instance], decode: list[Instance],
                  transport: Optional[KVTransport] = None):
         if not prefill or not decode:
             raise EngineError(f"deployment `{dp.name}` needs prefill and decode instances, and has "
@@ -360,7 +130,7 @@ class DisaggregatedEngine(ServingAPI):
         self.prefill, self.decode = prefill, decode
         self.config = prefill[0].config
         self.transport = transport if transport is not None else InProcessTransport()
-        self.layouts = [kv_layout(e) for e in prefill], [kv_layout(e) for e in decode]
+        self.layouts = [_layout(e) for e in prefill], [_layout(e) for e in decode]
         for i, producer in enumerate(self.layouts[0]):
             for j, consumer in enumerate(self.layouts[1]):
                 check_layouts(producer, consumer, f"prefill instance {i} and decode instance {j}")
@@ -371,20 +141,24 @@ class DisaggregatedEngine(ServingAPI):
         self._handoffs: deque[tuple[int, Sequence]] = deque()  # (prefill instance, PREFILLED), oldest first
         self._unacked: dict[str, int] = {}  # request id -> the prefill instance holding its blocks
         self._next_prefill = self._next_decode = 0
+        self._down: dict[int, str] = {}  # id() of an instance whose process failed -> why
         # KV moved so far, and the seconds spent exporting, sending and importing it
         # (benchmarks/bench_distributed.py)
         self.kv_transfers, self.kv_bytes, self.kv_seconds = 0, 0, 0.0
         self._clock_start = time.perf_counter()
         for engine in prefill + decode:  # one clock: a request's times come from two instances
-            engine._clock_start = self._clock_start
+            engine.set_clock(self._clock_start)
 
     @classmethod
     def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *,
                   deployment: Optional[str] = None, dtype: Optional[str] = None, backend: str = "auto",
-                  seed: int = 0, transport: Optional[KVTransport] = None) -> "DisaggregatedEngine":
+                  seed: int = 0, transport: Optional[KVTransport] = None, processes: bool = False,
+                  timeout_s: float = 120.0) -> "DisaggregatedEngine":
         """The engines of every instance of `plan`'s prefill and decode groups (`Engine.from_plan`'s
         arguments; random weights are the same on every instance), joined by `transport`
-        (default: `InProcessTransport`)."""
+        (default: `InProcessTransport`). `processes`: each instance in a process of its own
+        (runtime/instance_process.py), the KV moving between them over torch.distributed; a
+        process that dies or does not answer for `timeout_s` stops the engine."""
         p = load_plan(plan)
         dp = _deployment(p, deployment)
         if not _disaggregated(dp):
@@ -396,29 +170,36 @@ class DisaggregatedEngine(ServingAPI):
         for g in dp.groups:
             if g.tp * g.pp > 1:
                 raise EngineError(f"deployment `{dp.name}` runs {g.role} instances of tp {g.tp} x pp {g.pp}; "
-                                  "disaggregated serving moves KV within this process for now and runs tp 1, pp 1 "
-                                  "instances only: restrict the spec with `tp in [1]` and `pp in [1]`")
-        engines: dict[str, list[Engine]] = {"prefill": [], "decode": []}
+                                  "disaggregated serving moves whole KV pools, each held by one process, and runs "
+                                  "tp 1, pp 1 instances only: restrict the spec with `tp in [1]` and `pp in [1]`")
+        options = dict(dtype=dtype, backend=backend, seed=seed)
+        engines: dict[str, list[Instance]] = {"prefill": [], "decode": []}
         try:
-            for g in dp.groups:
-                for _ in g.instances:
-                    engines[g.role].append(Engine.for_group(p, dp, g, weights, dtype=dtype, backend=backend,
-                                                            seed=seed))
+            if processes:
+                engines = _start_processes(p, dp, weights, options, timeout_s)
+            else:
+                for g in dp.groups:
+                    for _ in g.instances:
+                        engines[g.role].append(Engine.for_group(p, dp, g, weights, **options))
             return cls(p, dp, engines["prefill"], engines["decode"], transport)
         except BaseException:
-            for engine in engines["prefill"] + engines["decode"]:
-                engine.close()
+            _close(engines["prefill"] + engines["decode"])
             raise
 
     # ------------------------------------------------------------------ requests
 
     def _validate(self, request: Request) -> None:
         """RequestError unless `request` can run on every instance the router may pick: all of
-        it on a decode instance (Engine's checks), its prompt on a prefill instance."""
-        for engine in self.decode:
+        it on a decode instance (Engine's checks), its prompt on a prefill instance. EngineError
+        once every prefill or every decode instance is down."""
+        for role, instances in (("prefill", self.prefill), ("decode", self.decode)):
+            if not self._up(instances):
+                down = "; ".join(self._down.values())
+                raise EngineError(f"the engine stopped: every {role} instance is down ({down})")
+        for engine in self._up(self.decode):
             engine._validate(request)
         prompt = request.prompt_token_ids
-        for engine in self.prefill:
+        for engine in self._up(self.prefill):
             problem = engine.scheduler.unservable(len(prompt), prompt_only=True)
             if problem:
                 raise RequestError(f"a prompt of {len(prompt)} tokens cannot run on the prefill instances: "
@@ -429,8 +210,10 @@ class DisaggregatedEngine(ServingAPI):
         if request_id in self._live or request_id in self._unacked:
             raise RequestError(f"duplicate request id {request_id!r}: a request with this id is in flight")
         k = self._next_prefill % len(self.prefill)
+        while id(self.prefill[k]) in self._down:  # _validate left one up
+            k = (k + 1) % len(self.prefill)
         engine = self.prefill[k]
-        self._next_prefill += 1
+        self._next_prefill = k + 1
         output = engine._queue(request, request_id, arrival_time, handoff=True)
         output.instances = (f"prefill {k}",)
         self._live[request_id] = output
@@ -442,19 +225,66 @@ class DisaggregatedEngine(ServingAPI):
         if output is None:
             return None
         route = self._routes.pop(request_id)
-        if route.decode is None:  # waiting, running or PREFILLED on its prefill instance
-            self._handoffs = deque(h for h in self._handoffs if h[1].request_id != request_id)
-            route.prefill._abort(request_id)
-        else:  # RECEIVING or running on its decode instance
-            route.decode._abort(request_id)
+        self._handoffs = deque(h for h in self._handoffs if h[1].request_id != request_id)
+        # waiting, running or PREFILLED on its prefill instance, or RECEIVING or running on its decode one
+        holder = route.prefill if route.decode is None else route.decode
+        if self._is_up(holder):
+            holder._abort(request_id)
         producer = self._unacked.pop(request_id, None)
         if producer is not None:  # its KV was on its way: both sides let go
             self.transport.cancel(request_id)
-            self.prefill[producer].scheduler.release(request_id)
+            if self._is_up(self.prefill[producer]):
+                self.prefill[producer].scheduler.release(request_id)
         return output
 
     def now(self) -> float:
         return time.perf_counter() - self._clock_start
+
+    # ------------------------------------------------------------------ faults
+
+    def _is_up(self, instance: Instance) -> bool:
+        return id(instance) not in self._down
+
+    def _up(self, instances: list[Instance]) -> list[Instance]:
+        return [e for e in instances if self._is_up(e)]
+
+    def _label(self, instance: Instance) -> str:
+        role = "prefill" if any(e is instance for e in self.prefill) else "decode"
+        return f"{role} {next(k for k, e in enumerate(getattr(self, role)) if e is instance)}"
+
+    def _safely(self, instance: Instance, call, *args):
+        """`call(*args)`, or None when `instance`'s process died or hung on it (`_instance_down`)."""
+        try:
+            return call(*args)
+        except RankFailure as failure:
+            self._instance_down(instance, failure)
+            return None
+
+    def _instance_down(self, instance: Instance, failure: RankFailure) -> None:
+        """An instance's process died or stopped answering: it serves nothing more, and the
+        others keep serving. Its requests end at the next `_end_requests_of_failed` (not here:
+        other instances may owe an answer to a step started meanwhile)."""
+        self._down[id(instance)] = f"instance {self._label(instance)} failed: {failure}"
+        if isinstance(instance, RemoteInstance):
+            instance.kill()
+
+    def _end_requests_of_failed(self) -> None:
+        """Every request that a failed instance holds, or whose KV it has not delivered yet, ends
+        with an abort whose error says why (final events at the next poll)."""
+        for request_id, route in list(self._routes.items()):
+            holder = route.decode or route.prefill
+            producer = self._unacked.get(request_id)
+            owed_by = self.prefill[producer] if producer is not None else None
+            if owed_by is not None and not self._is_up(owed_by) and route.kv_arrived:
+                del self._unacked[request_id]  # the decode side has it: nothing is owed any more
+                owed_by = None
+            failed = [e for e in (holder, owed_by) if e is not None and not self._is_up(e)]
+            if failed:
+                output = self._abort(request_id)
+                assert output is not None  # in flight
+                output.finish_reason = "abort"
+                output.error = f"the engine stopped serving it: {self._down[id(failed[0])]}"
+                self._events.append(_final_event(output))
 
     # ------------------------------------------------------------------ stepping
 
@@ -466,26 +296,45 @@ class DisaggregatedEngine(ServingAPI):
     def has_work(self) -> bool:
         """Whether a request is in flight (on an instance, or its KV on its way) or a final event
         is still to be given."""
-        return bool(self._events) or any(e.has_work() for e in self.prefill + self.decode)
+        return bool(self._events) or any(e.has_work() for e in self._up(self.prefill + self.decode))
 
     def poll(self) -> list[TokenEvent]:
         """One step of every prefill instance, the KV moves that can start and end, then one step
         of every decode instance; the events since the last call (as `Engine.poll`, instance by
-        instance: a request's first token comes from its prefill instance)."""
+        instance: a request's first token comes from its prefill instance). Instances in
+        processes of their own all step at once, and the moves follow their steps. An instance
+        whose process fails ends the requests it held (`_instance_down`)."""
         events, self._events = self._events, []
+        remote = [e for e in self._up(self.prefill + self.decode) if isinstance(e, RemoteInstance)]
+        for engine in remote:
+            self._safely(engine, engine.start_poll)
         for i, engine in enumerate(self.prefill):
-            events += engine.poll()
-            self._handoffs.extend((i, seq) for seq in engine.scheduler.take_prefilled())
+            stepped = self._safely(engine, engine.poll) if self._is_up(engine) else None
+            if stepped is not None:
+                events += stepped
+                self._handoffs.extend((i, seq) for seq in engine.scheduler.take_prefilled())
+        if remote:  # their steps are done before the moves ask the decode instances anything
+            events += self._poll_decode()
+        self._end_requests_of_failed()
         self._send()
         self._receive()
         self._settle()
-        for engine in self.decode:
-            events += engine.poll()
+        if not remote:
+            events += self._poll_decode()
+        self._end_requests_of_failed()
+        events += self._events  # requests an instance failure ended meanwhile
+        self._events = []
         for event in events:  # a request leaves when its output is complete
             output = self._live.get(event.request_id)
             if event.finish_reason is not None and output is not None and output.finish_reason is not None:
                 del self._live[event.request_id]
                 del self._routes[event.request_id]
+        return events
+
+    def _poll_decode(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        for engine in self._up(self.decode):
+            events += self._safely(engine, engine.poll) or []
         return events
 
     def _send(self) -> None:
@@ -497,53 +346,92 @@ class DisaggregatedEngine(ServingAPI):
             tokens = seq.num_tokens - 1  # the prompt: the first token's KV is the decode's first step
             for k in range(len(self.decode)):
                 j = (self._next_decode + k) % len(self.decode)
-                if self.decode[j].scheduler.can_receive(tokens):
+                consumer = self.decode[j]
+                if self._is_up(consumer) and self._safely(consumer, consumer.scheduler.can_receive, tokens):
                     break
             else:
                 return
             self._handoffs.popleft()
             self._next_decode = j + 1
-            producer, consumer = self.prefill[i], self.decode[j]
-            output = producer.hand_off(seq.request_id)
+            producer, request_id = self.prefill[i], seq.request_id
+            output = self._safely(producer, producer.hand_off, request_id)
+            if output is None:  # its prefill instance failed, and with it the request
+                continue
             output.instances += (f"decode {j}",)
-            received = consumer.take_over(seq, output)
-            self._routes[seq.request_id].decode = consumer
+            # from here on the request is the decode instance's, and its KV owed by the prefill one
+            self._routes[request_id].decode = consumer
+            self._unacked[request_id] = i
+            received = self._safely(consumer, consumer.take_over, seq, output)
+            if received is None:
+                continue
             src = seq.block_ids[:len(received.block_ids)]
-            transfer = KVTransfer(seq.request_id, i, j, tuple(src), tuple(received.block_ids), tokens,
-                                  self.layouts[0][i])
-            self._unacked[seq.request_id] = i
+            transfer = KVTransfer(request_id, i, j, tuple(src), tuple(received.block_ids), tokens, self.layouts[0][i])
             start = time.perf_counter()
-            blocks = export_blocks(producer, src)
-            self.transport.send(transfer, blocks)
+            sent = (self._safely(producer, producer.send_kv, transfer) if isinstance(producer, RemoteInstance)
+                    else send_kv(producer, self.transport, transfer))
             self.kv_seconds += time.perf_counter() - start
-            self.kv_transfers += 1
-            self.kv_bytes += blocks.numel() * blocks.element_size()
+            self.kv_transfers += sent is not None
+            self.kv_bytes += sent or 0
 
     def _receive(self) -> None:
-        """Write the KV that arrived into the blocks each decode instance reserved; acknowledge."""
+        """Each decode instance writes the KV that arrived into the blocks it reserved, and
+        acknowledges (kv_transport.receive_kv)."""
         for j, engine in enumerate(self.decode):
-            for transfer, blocks in self.transport.recv(j):
-                if self._unacked.get(transfer.request_id) != transfer.producer:
-                    continue  # aborted on its way (a transport that cancels late)
-                check_layouts(transfer.layout, self.layouts[1][j], f"prefill instance {transfer.producer} and "
-                              f"decode instance {j}")
-                start = time.perf_counter()
-                import_blocks(engine, list(transfer.dst_blocks), blocks)
-                self.kv_seconds += time.perf_counter() - start
-                engine.scheduler.arrived(transfer.request_id)
-                self.transport.ack(transfer)
+            if not self._is_up(engine):
+                continue
+            start = time.perf_counter()
+            arrived = (self._safely(engine, engine.receive_kv, j) if isinstance(engine, RemoteInstance)
+                       else receive_kv(engine, self.transport, j))
+            self.kv_seconds += time.perf_counter() - start
+            for transfer in arrived or []:
+                if transfer.request_id in self._routes:
+                    self._routes[transfer.request_id].kv_arrived = True
 
     def _settle(self) -> None:
-        """Free the prefill instances' blocks of acknowledged transfers."""
+        """The prefill instances free the blocks of acknowledged transfers (kv_transport.settle_kv)."""
         for i, engine in enumerate(self.prefill):
-            for transfer in self.transport.acks(i):
-                if self._unacked.get(transfer.request_id) == i:
-                    del self._unacked[transfer.request_id]
-                    engine.scheduler.release(transfer.request_id)
+            if not self._is_up(engine):
+                continue
+            settled = (self._safely(engine, engine.settle_kv, i) if isinstance(engine, RemoteInstance)
+                       else settle_kv(engine, self.transport, i))
+            for transfer in settled or []:
+                self._unacked.pop(transfer.request_id, None)
 
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        for engine in self.prefill + self.decode:
-            engine.close()
+        _close(self.prefill + self.decode)
         self.transport.close()
+
+
+def _close(instances: list[Instance]) -> None:
+    """Close every instance; those in processes of their own together (`close_all`)."""
+    close_all([e for e in instances if isinstance(e, RemoteInstance)])
+    for engine in instances:
+        engine.close()
+
+
+def _start_processes(p: Plan, dp: DeploymentPlan, weights: str | Path | None, options: dict,
+                     timeout_s: float) -> dict[str, list[Instance]]:
+    """Every instance of `dp` in a process of its own: ranks 0.. the prefill instances, then the
+    decode ones, all started before any is waited for (they meet in one process group)."""
+    order = [(gi, g) for role in ("prefill", "decode") for gi, g in enumerate(dp.groups) if g.role == role
+             for _ in g.instances]
+    roles = [g.role for _, g in order]
+    producers = {i: rank for i, rank in enumerate(r for r, role in enumerate(roles) if role == "prefill")}
+    consumers = {i: rank for i, rank in enumerate(r for r, role in enumerate(roles) if role == "decode")}
+    port = free_port()
+    started: dict[str, list[Instance]] = {"prefill": [], "decode": []}
+    try:
+        for rank, (gi, g) in enumerate(order):
+            spec = WorkerSpec(plan=p, deployment=dp.name, group=gi, weights=Path(weights) if weights else None,
+                              options=options, rank=rank, world=len(order), port=port, producers=producers,
+                              consumers=consumers, device=str(_device_for(g)), timeout_s=timeout_s)
+            started[g.role].append(RemoteInstance(spec))
+        for instance in started["prefill"] + started["decode"]:
+            assert isinstance(instance, RemoteInstance)
+            instance.connect()
+        return started
+    except BaseException:
+        close_all([i for i in started["prefill"] + started["decode"] if isinstance(i, RemoteInstance)])
+        raise

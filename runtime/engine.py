@@ -568,6 +568,10 @@ class Engine(ServingAPI):
     def now(self) -> float:
         return time.perf_counter() - self._clock_start
 
+    def set_clock(self, start: float) -> None:
+        """Count from `start` (a perf_counter reading): instances serving together share a clock."""
+        self._clock_start = start
+
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> tuple[list[ScheduledSeq], list[Sequence]]:

@@ -36,7 +36,7 @@ class ReplicatedEngine(ServingAPI):
         self._max_tokens: dict[str, int] = {}
         self._clock_start = time.perf_counter()
         for engine in engines:  # one clock: the outputs of all instances compare
-            engine._clock_start = self._clock_start
+            engine.set_clock(self._clock_start)
 
     @classmethod
     def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *,

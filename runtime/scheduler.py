@@ -281,6 +281,12 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         return seq
 
+    def parked(self, request_id: str, status: SequenceStatus) -> bool:
+        """Whether `request_id` is parked here as `status`: PREFILLED (its KV not acknowledged
+        yet) or RECEIVING (its KV awaited)."""
+        seq = self._parked.get(request_id)
+        return seq is not None and seq.status is status
+
     def can_receive(self, num_tokens: int) -> bool:
         """Whether `receive` finds room now for a sequence whose KV holds `num_tokens` tokens: a
         sequence slot, their blocks, and no preempted sequence waiting (those go first)."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,10 @@ from flowc.compiler.optimize.instance_plan import instance_plan
 from flowc.compiler.plan import GpuRef, Instance, NodeGroupShape, Plan
 from flowc.compiler.plan_io import plan_problems
 from flowc.runtime import open_plan
-from flowc.runtime.disagg import DisaggregatedEngine, InProcessTransport, check_layouts, kv_layout
+from flowc.runtime.disagg import DisaggregatedEngine
 from flowc.runtime.engine import Engine, EngineError, Request, TokenEvent
+from flowc.runtime.instance_process import RemoteInstance
+from flowc.runtime.kv_transport import InProcessTransport, check_layouts, kv_layout
 from flowc.runtime.sequence import SamplingParams
 
 pytest.importorskip("transformers")
@@ -67,15 +71,16 @@ def _requests() -> list[Request]:
             for i, (p, n) in enumerate(zip(sample_prompts(SPEC.vocab), MAX_TOKENS))]
 
 
-def _run(engine: DisaggregatedEngine) -> tuple[dict, list[TokenEvent], int]:
+def _run(engine: DisaggregatedEngine, check_blocks: bool = True) -> tuple[dict, list[TokenEvent], int]:
     """Every sample request through add_request/poll: outputs, events, and the most prefilled
-    requests that waited at once for room on a decode instance."""
+    requests that waited at once for room on a decode instance (`check_blocks`: each instance's
+    block books checked after every poll, for instances in this process)."""
     outputs = {r.request_id: engine.add_request(r) for r in _requests()}
     events, most_waiting = [], 0
     while engine.has_work():
         events += engine.poll()
         most_waiting = max(most_waiting, engine.num_waiting_for_decode)
-        for e in engine.prefill + engine.decode:
+        for e in engine.prefill + engine.decode if check_blocks else ():
             e.block_manager.check()
     return outputs, events, most_waiting
 
@@ -108,13 +113,22 @@ def test_greedy_matches_colocated_and_transformers(llama, expected, prefill):
         assert output.arrival_time < output.first_token_time <= output.finish_time
 
 
-def test_seeded_sampling_goes_on_where_the_prefill_left_it(llama):
+@pytest.mark.parametrize("processes", [False, True])
+def test_seeded_sampling_goes_on_where_the_prefill_left_it(llama, processes):
     params = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
-    requests = [Request(p, params) for p in sample_prompts(SPEC.vocab, n=3)]
+    requests = [Request(p, params, request_id=f"s{i}") for i, p in enumerate(sample_prompts(SPEC.vocab, n=3))]
     with Engine.from_plan(instance_plan(SPEC, **SETTINGS), llama) as engine:
         colocated = [o.output_token_ids for o in engine.generate(requests)]
-    with DisaggregatedEngine.from_plan(disaggregated_plan(1, 1, SETTINGS, SETTINGS), llama) as engine:
-        disaggregated = [o.output_token_ids for o in engine.generate(requests)]
+    plan = disaggregated_plan(1, 1, SETTINGS, SETTINGS)
+    with DisaggregatedEngine.from_plan(plan, llama, processes=processes) as engine:
+        # the output shows each token as its event comes, on the decode instance too
+        seen = {}
+        for event in engine.stream(requests):
+            output = engine._live.get(event.request_id)
+            if output is not None:
+                assert output.output_token_ids[event.index] == event.token_id
+            seen.setdefault(event.request_id, []).append(event.token_id)
+        disaggregated = [seen[f"s{i}"] for i in range(3)]
     assert disaggregated == colocated and all(len(tokens) == 12 for tokens in colocated)
 
 
@@ -241,13 +255,14 @@ def test_abort_while_waiting_for_a_decode_slot_or_for_the_ack(llama, expected, w
     assert survivor.output_token_ids == expected[index] and survivor.finish_reason == "length"
 
 
-def test_flowc_run_runs_a_disaggregated_plan_file(capsys, llama, expected, tmp_path):
+@pytest.mark.parametrize("processes", [[], ["--processes"]])
+def test_flowc_run_runs_a_disaggregated_plan_file(capsys, llama, expected, tmp_path, processes):
     plan = tmp_path / "plan.json"
     plan.write_text(disaggregated_plan(2, 1, SETTINGS, {**SETTINGS, "kv_blocks": 8}).model_dump_json())
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": p, "max_tokens": n}) + "\n"
                                for i, (p, n) in enumerate(zip(sample_prompts(SPEC.vocab), MAX_TOKENS))))
-    code = flowc.cli.main(["run", str(plan), "--weights", str(llama), "--prompts", str(prompts)])
+    code = flowc.cli.main(["run", str(plan), "--weights", str(llama), "--prompts", str(prompts), *processes])
     out, err = capsys.readouterr()
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
@@ -256,6 +271,10 @@ def test_flowc_run_runs_a_disaggregated_plan_file(capsys, llama, expected, tmp_p
     assert "ran 8 requests" in err
     with open_plan(instance_plan(SPEC)) as engine:  # a colocated plan still gets the colocated engine
         assert type(engine) is Engine
+    colocated = tmp_path / "colocated.json"
+    colocated.write_text(instance_plan(SPEC).model_dump_json())
+    assert flowc.cli.main(["run", str(colocated), "--prompts", str(prompts), "--processes"]) == 1
+    assert "is colocated; processes of their own are for the prefill and decode instances" in capsys.readouterr().err
 
 
 def test_flowc_run_replays_a_disaggregated_plan(capsys, tmp_path):
@@ -356,3 +375,52 @@ def test_a_compiled_disaggregated_plan_gives_the_colocated_tokens(tmp_path, caps
         expected = [o.output_token_ids for o in single.generate(requests)]
     assert [o.output_token_ids for o in disaggregated] == expected
     assert all(o.instances == ("prefill 0", "decode 0") for o in disaggregated)
+
+
+def test_instances_in_processes_of_their_own_give_the_same_tokens(llama, expected):
+    # 2 prefill + 1 decode instance, each in a process, the KV moving over gloo; the decode pool
+    # makes prefilled requests wait, and an abort while prefilling frees the request there
+    plan = disaggregated_plan(2, 1, SETTINGS, {**SETTINGS, "kv_blocks": 8})
+    prompts = sample_prompts(SPEC.vocab)
+    with DisaggregatedEngine.from_plan(plan, llama, processes=True) as engine:
+        assert all(isinstance(e, RemoteInstance) for e in engine.prefill + engine.decode)
+        outputs, events, most_waiting = _run(engine, check_blocks=False)
+        gone = engine.add_request(Request(prompts[0], SamplingParams(max_tokens=30), request_id="gone"))
+        assert engine.abort("gone") is gone and gone.finish_reason == "abort"
+        again = engine.generate(_requests())
+        assert not engine.has_work() and engine.kv_transfers == 16 and engine.kv_bytes > 0
+    assert most_waiting > 0
+    assert [outputs[f"r{i}"].output_token_ids for i in range(8)] == expected
+    assert [o.output_token_ids for o in again] == expected
+    # round robin: "gone" took prefill instance 0's turn
+    assert [o.instances for o in again] == [(f"prefill {(i + 1) % 2}", "decode 0") for i in range(8)]
+    for request_id, output in outputs.items():
+        mine = [e for e in events if e.request_id == request_id]
+        assert [e.token_id for e in mine] == output.output_token_ids
+        assert output.arrival_time < output.first_token_time <= output.finish_time
+
+
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_an_instance_process_that_fails_ends_its_requests_and_the_others_keep_serving(llama, expected, fault):
+    plan = disaggregated_plan(2, 1, SETTINGS, SETTINGS)
+    with DisaggregatedEngine.from_plan(plan, llama, processes=True, timeout_s=5) as engine:
+        outputs = {r.request_id: engine.add_request(r) for r in _requests()}  # r0, r2, ... on prefill 0
+        engine.poll()
+        # mid-run: some requests prefilled and moved on, some not yet
+        os.kill(engine.prefill[0].process.pid, signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
+        events = []
+        while engine.has_work():
+            events += engine.poll()
+        failed = {rid for rid, o in outputs.items() if o.error}
+        assert failed and failed <= {f"r{i}" for i in range(0, 8, 2)}  # only prefill 0's requests
+        for rid in failed:
+            assert outputs[rid].finish_reason == "abort"
+            why = "exited (exit code -9)" if fault == "dies" else "did not answer for 5 s"
+            assert f"instance prefill 0 failed: instance process 0 {why}" in outputs[rid].error
+            assert [e.finish_reason for e in events if e.request_id == rid][-1] == "abort"
+        for i in range(8):
+            if f"r{i}" not in failed:  # served to the end, the KV of those that had left prefill 0 too
+                assert outputs[f"r{i}"].output_token_ids == expected[i]
+        after = engine.generate(_requests())  # new requests go to prefill 1
+    assert [o.output_token_ids for o in after] == expected
+    assert {o.instances for o in after} == {("prefill 1", "decode 0")}

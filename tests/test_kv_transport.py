@@ -1,4 +1,4 @@
-"""The KV transport between processes (runtime/disagg.TorchDistributedTransport): a prefill
+"""The KV transport between processes (runtime/kv_transport.TorchDistributedTransport): a prefill
 engine in one gloo process hands each request's KV blocks to a decode engine in another, which
 finishes the requests with the colocated engine's greedy tokens; the prefill side frees its
 blocks only on the acknowledgement; a cancelled transfer is dropped where it arrives."""
@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from runtime_models import sample_prompts, tiny_spec
 
 from flowc.compiler.optimize.instance_plan import instance_plan
-from flowc.runtime.disagg import KVTransfer, TorchDistributedTransport, export_blocks, import_blocks, kv_layout
 from flowc.runtime.engine import Engine, Request
+from flowc.runtime.kv_transport import KVTransfer, TorchDistributedTransport, export_blocks, import_blocks, kv_layout
 from flowc.runtime.parallel import free_port
 from flowc.runtime.sequence import SamplingParams
 
