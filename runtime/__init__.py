@@ -7,8 +7,9 @@ colocated ones); torch is imported on first use, so `import flowc.runtime` alone
 
 _EXPORTS = {"Engine": "engine", "EngineError": "engine", "Request": "engine", "RequestOutput": "engine",
             "TokenEvent": "engine", "SamplingParams": "sequence", "RequestError": "sequence",
-            "DisaggregatedEngine": "disagg", "open_plan": "disagg", "KVTransport": "disagg",
-            "InProcessTransport": "disagg", "ReplicatedEngine": "replicas"}
+            "DisaggregatedEngine": "disagg", "open_plan": "disagg", "KVTransport": "kv_transport",
+            "InProcessTransport": "kv_transport", "TorchDistributedTransport": "kv_transport",
+            "ReplicatedEngine": "replicas"}
 
 
 def __getattr__(name: str):

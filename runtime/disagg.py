@@ -1,8 +1,8 @@
 """Disaggregated serving: prefill instances compute prompts, decode instances the rest.
 
 `DisaggregatedEngine.from_plan(plan)` (or `open_plan`, which picks the engine a plan needs)
-builds one `Engine` per instance of the deployment's prefill and decode groups, all in this
-process, and serves requests through the same API as `Engine` (docs/runtime.md). A request:
+builds one instance per instance of the deployment's prefill and decode groups and serves
+requests through the same API as `Engine` (docs/runtime.md). A request:
 
   1. goes to a prefill instance (round robin), which computes its prompt and samples its first
      token (its TTFT), then parks it, holding its KV blocks (PREFILLED);
@@ -22,11 +22,12 @@ Aborting a request frees its blocks wherever it is, on both sides while its KV m
 Before any transfer the KV layouts must agree (`check_layouts`): the model, the layers and KV
 heads each pool holds, head_dim, the KV dtype and the block size (the block counts may differ).
 
-Every instance runs in this process with tp = pp = 1: a step of each instance runs in turn (a
-`poll` steps every instance once), and the KV moves between pools in memory
-(`InProcessTransport`). `TorchDistributedTransport` moves it between processes (gloo or NCCL
-send/recv); not built yet: an engine that runs each instance in a process of its own over it,
-and with it instances of tp or pp above 1, whose KV is spread over processes.
+By default every instance runs in this process (tp = pp = 1 only: an instance of more ranks
+runs them in processes of its own): a `poll` steps each in turn and the KV moves between pools
+in memory (`InProcessTransport`). With `processes=True` each runs in a process of its own
+(runtime/instance_process.py), of any tp and pp: a `poll` steps them all at once, the KV moves
+worker to worker over `TorchDistributedTransport` (gathered from and scattered to an
+instance's ranks), and an instance whose process fails ends only its own requests.
 """
 
 from __future__ import annotations
@@ -153,12 +154,13 @@ class DisaggregatedEngine(ServingAPI):
     def from_plan(cls, plan: Plan | str | Path, weights: str | Path | None = None, *,
                   deployment: Optional[str] = None, dtype: Optional[str] = None, backend: str = "auto",
                   seed: int = 0, transport: Optional[KVTransport] = None, processes: bool = False,
-                  timeout_s: float = 120.0) -> "DisaggregatedEngine":
+                  share_cores: bool = False, timeout_s: float = 120.0) -> "DisaggregatedEngine":
         """The engines of every instance of `plan`'s prefill and decode groups (`Engine.from_plan`'s
         arguments; random weights are the same on every instance), joined by `transport`
         (default: `InProcessTransport`). `processes`: each instance in a process of its own
-        (runtime/instance_process.py), the KV moving between them over torch.distributed; a
-        process that dies or does not answer for `timeout_s` stops the engine."""
+        (runtime/instance_process.py), the KV moving between them over torch.distributed, which
+        also runs instances of tp or pp above 1; an instance process that dies or does not
+        answer for `timeout_s` ends its own requests, and the others serve on."""
         p = load_plan(plan)
         dp = _deployment(p, deployment)
         if not _disaggregated(dp):
@@ -168,11 +170,11 @@ class DisaggregatedEngine(ServingAPI):
             raise EngineError(f"deployment `{dp.name}` has {', '.join(sorted(roles))} instances; disaggregated "
                               "serving runs prefill and decode instances only")
         for g in dp.groups:
-            if g.tp * g.pp > 1:
-                raise EngineError(f"deployment `{dp.name}` runs {g.role} instances of tp {g.tp} x pp {g.pp}; "
-                                  "disaggregated serving moves whole KV pools, each held by one process, and runs "
-                                  "tp 1, pp 1 instances only: restrict the spec with `tp in [1]` and `pp in [1]`")
-        options = dict(dtype=dtype, backend=backend, seed=seed)
+            if g.tp * g.pp > 1 and not processes:
+                raise EngineError(f"deployment `{dp.name}` runs {g.role} instances of tp {g.tp} x pp {g.pp}, whose "
+                                  "ranks run in processes of their own: run each instance in a process of its own "
+                                  "(`processes=True`, `flowc run --processes`)")
+        options = dict(dtype=dtype, backend=backend, seed=seed, share_cores=share_cores, timeout_s=timeout_s)
         engines: dict[str, list[Instance]] = {"prefill": [], "decode": []}
         try:
             if processes:

@@ -1,18 +1,20 @@
 """An instance in a process of its own: `RemoteInstance` runs one `Engine` in a worker process
 and answers, through a pipe, what `DisaggregatedEngine` asks of an instance (the `Engine`
 methods it calls, and the three KV moves of kv_transport.py). The workers of one deployment
-form a torch.distributed group (gloo on CPU, NCCL on GPUs): rank k is the k-th instance,
-prefill instances first, and the KV moves worker to worker over `TorchDistributedTransport`;
-this process only routes requests and tells each side when to move what.
+form a standalone gloo group (`kv_group`; rank k is the k-th instance, prefill instances
+first), and the KV moves worker to worker over `TorchDistributedTransport`; this process only
+routes requests and tells each side when to move what. An instance of tp or pp above 1 is rank
+0 of its own ranks, as `Engine` always runs it (torch.distributed's default group is theirs):
+its KV is gathered from its ranks before it leaves, and scattered to the consumer's ranks when
+it arrives (`runner.DistributedRunner.export_kv`).
 
 The front keeps its own `RequestOutput` of every request; each answer that changes one (a
 step's tokens, a finish, an abort) carries the worker's copy, and the front's is updated in
 place, so `generate` and `stream` see the same objects as with in-process instances. The
 engine clock is shared: perf_counter is the machine's monotonic clock in every process, and
-each worker counts from the front's start.
+each worker counts from the front's start (`set_clock`).
 
 A worker that dies or stops answering for `timeout_s` raises `RankFailure` in this process.
-Only instances of tp = pp = 1 run this way (each pool in its worker process).
 """
 
 from __future__ import annotations
@@ -58,13 +60,13 @@ class WorkerSpec:
     deployment: str
     group: int  # index of the instance's group in the deployment
     weights: Optional[Path]
-    options: dict[str, Any]  # Engine.for_group's dtype, backend, seed
+    options: dict[str, Any]  # Engine.for_group's dtype, backend, seed, share_cores, timeout_s
     rank: int
     world: int
     port: int
     producers: dict[int, int]  # prefill instance index -> rank
     consumers: dict[int, int]  # decode instance index -> rank
-    device: str  # where the instance runs: the group's device (gloo on a CPU, NCCL on GPUs)
+    device: str  # where the instance runs: the group's device
     timeout_s: float
 
 
@@ -73,8 +75,9 @@ class _Worker:
 
     def __init__(self, spec: WorkerSpec):
         dp = next(d for d in spec.plan.deployments if d.name == spec.deployment)
+        self.group = kv_group(spec)  # first: every worker waits here for the others
         self.engine = Engine.for_group(spec.plan, dp, dp.groups[spec.group], spec.weights, **spec.options)
-        self.transport = TorchDistributedTransport(spec.rank, spec.producers, spec.consumers, device=spec.device,
+        self.transport = TorchDistributedTransport(spec.rank, spec.producers, spec.consumers, self.group,
                                                    timeout_s=spec.timeout_s)
         self.outputs: dict[str, RequestOutput] = {}
 
@@ -138,32 +141,40 @@ class _Worker:
 
 
 def _serve(conn: Connection, spec: WorkerSpec) -> None:
-    """A worker: join the group, build the instance, then answer each (method, args) from the
-    pipe with ("ok", result) or ("error", exception) until "close"."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec.port))
+    """A worker: join the deployment's KV group, build the instance, then answer each (method,
+    args) from the pipe with ("ok", result) or ("error", exception) until "close" (or until the
+    front's end of the pipe closes: it is gone)."""
     if spec.device == "cpu":  # the instances share this host's cores: one thread pool each would oversubscribe
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
-    dist.init_process_group("gloo" if spec.device == "cpu" else "nccl", rank=spec.rank, world_size=spec.world,
-                            timeout=GROUP_TIMEOUT)
     try:
+        worker = _Worker(spec)
+    except Exception as error:  # the front raises it (an EngineError says what to fix)
+        conn.send(("error", _picklable(error)))
+        return
+    conn.send(("ok", worker.describe()))
+    while True:
         try:
-            worker = _Worker(spec)
-        except Exception as error:  # the front raises it (an EngineError says what to fix)
-            conn.send(("error", _picklable(error)))
-            return
-        conn.send(("ok", worker.describe()))
-        while True:
             method, args = conn.recv()
-            try:
-                result = getattr(worker, method)(*args)
-            except Exception as error:
-                conn.send(("error", _picklable(error)))
-                continue
-            conn.send(("ok", result))
-            if method == "close":
-                return
-    finally:
-        dist.destroy_process_group()
+        except (EOFError, OSError):
+            worker.close()
+            return
+        try:
+            result = getattr(worker, method)(*args)
+        except Exception as error:
+            conn.send(("error", _picklable(error)))
+            continue
+        conn.send(("ok", result))
+        if method == "close":
+            return
+
+
+def kv_group(spec: WorkerSpec) -> dist.ProcessGroup:
+    """The deployment's KV group, standalone (not torch.distributed's default group, which an
+    instance of tp or pp above 1 uses for its own ranks): gloo over a TCP store that the rank 0
+    worker hosts. On GPUs the KV passes through host memory."""
+    store = dist.TCPStore("127.0.0.1", spec.port, spec.world, is_master=spec.rank == 0,
+                          timeout=timedelta(seconds=spec.timeout_s))
+    return dist.ProcessGroupGloo(store, spec.rank, spec.world, GROUP_TIMEOUT)
 
 
 def _picklable(error: Exception) -> Exception:
@@ -209,8 +220,8 @@ class RemoteInstance:
         context = mp.get_context("spawn")
         self._conn, child = context.Pipe()
         self.timeout_s, self.rank = spec.timeout_s, spec.rank
-        self.process = context.Process(target=_serve, args=(child, spec), daemon=True,
-                                       name=f"flowc-instance-{spec.rank}")
+        # not a daemon: an instance of tp or pp above 1 starts its ranks' processes itself
+        self.process = context.Process(target=_serve, args=(child, spec), name=f"flowc-instance-{spec.rank}")
         self.process.start()
         child.close()
         self.scheduler = _RemoteScheduler(self)

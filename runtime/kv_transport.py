@@ -21,8 +21,6 @@ import torch.distributed as dist
 from flowc.compiler.model.geometry import kv_heads_per_rank
 
 from .engine import DTYPES, Engine, EngineError
-from .kv_cache import KVCache
-from .runner import LocalRunner
 from .sequence import SequenceStatus
 
 # ---------------------------------------------------------------------------------- layouts
@@ -30,10 +28,12 @@ from .sequence import SequenceStatus
 
 @dataclass(frozen=True)
 class KVLayout:
-    """What a KV block of an instance's pool holds, and how many blocks it has."""
+    """What the KV blocks of an instance hold, spread over its ranks, and how many it has."""
 
     model: str
-    layers: int  # the layers this pool holds
+    layers: int  # all the instance's layers (stage s of pp holds layers * s // pp to layers * (s + 1) // pp)
+    tp: int
+    pp: int
     kv_heads: int  # per rank
     head_dim: int
     dtype: str  # a key of engine.DTYPES
@@ -42,40 +42,34 @@ class KVLayout:
 
 
 def kv_layout(engine: Engine) -> KVLayout:
-    """The layout of `engine`'s KV pool (an instance that runs in this process)."""
-    pool = _pool(engine)
+    """The layout of `engine`'s KV pools (rank 0's runs in this process)."""
+    kv = engine.runner.state.kv
     m, group = engine.plan.model_spec, engine.group
-    dtype = next(name for name, d in DTYPES.items() if d == pool.pool.dtype)
-    return KVLayout(model=engine.plan.model, layers=pool.layers, kv_heads=kv_heads_per_rank(m, group.tp),
-                    head_dim=m.head_dim, dtype=dtype, block_size=pool.block_size, num_blocks=pool.num_blocks)
+    dtype = next(name for name, d in DTYPES.items() if d == kv.pool.dtype)
+    return KVLayout(model=engine.plan.model, layers=engine.config.layers, tp=group.tp, pp=group.pp,
+                    kv_heads=kv_heads_per_rank(m, group.tp), head_dim=m.head_dim, dtype=dtype,
+                    block_size=kv.block_size, num_blocks=kv.num_blocks)
 
 
 def check_layouts(producer: KVLayout, consumer: KVLayout, what: str = "the prefill and decode instances") -> None:
-    """EngineError unless KV blocks of `producer` can be copied as they are into `consumer`."""
+    """EngineError unless KV blocks of `producer` can be copied as they are into `consumer`, rank
+    by rank."""
     differences = [f"{f.name} {getattr(producer, f.name)} vs {getattr(consumer, f.name)}" for f in fields(KVLayout)
                    if f.name != "num_blocks" and getattr(producer, f.name) != getattr(consumer, f.name)]
     if differences:
         raise EngineError(f"the KV caches of {what} differ ({'; '.join(differences)}, prefill vs decode), so KV "
                           "blocks cannot move between them: give both roles the same model, KV dtype (and "
-                          "--dtype) and block_size, and TP degrees that hold the same KV heads per rank")
-
-
-def _pool(engine: Engine) -> KVCache:
-    if not isinstance(engine.runner, LocalRunner):  # a tp or pp > 1 pool is spread over processes
-        raise EngineError("disaggregated serving moves KV within this process and needs instances of tp 1, pp 1")
-    return engine.runner.state.kv
+                          "--dtype), block_size, tp and pp")
 
 
 def export_blocks(engine: Engine, block_ids: list[int]) -> torch.Tensor:
-    """A copy of blocks `block_ids` of every layer: [2 (k, v), layers, blocks, block_size, heads, head_dim]."""
-    pool = _pool(engine).pool
-    return pool[:, :, torch.tensor(block_ids, dtype=torch.long, device=pool.device)]
+    """A copy of blocks `block_ids`, every rank's share: [ranks, share] (runner.export_kv)."""
+    return engine.runner.export_kv(block_ids)
 
 
 def import_blocks(engine: Engine, block_ids: list[int], blocks: torch.Tensor) -> None:
-    """Write `blocks` (as `export_blocks` gives them) into blocks `block_ids` of `engine`'s pool."""
-    pool = _pool(engine).pool
-    pool[:, :, torch.tensor(block_ids, dtype=torch.long, device=pool.device)] = blocks.to(pool.device)
+    """Write `blocks` (as `export_blocks` gives them) into blocks `block_ids` of `engine`'s ranks."""
+    engine.runner.import_kv(block_ids, blocks)
 
 
 # -------------------------------------------------------------------------------- transport
@@ -187,7 +181,9 @@ class TorchDistributedTransport(KVTransport):
 
     def __init__(self, rank: int, producers: dict[int, int], consumers: dict[int, int],
                  group: Optional[dist.ProcessGroup] = None, device: str = "cpu", timeout_s: float = 60.0):
-        self.rank, self.producers, self.consumers, self.group = rank, producers, consumers, group
+        self.rank, self.producers, self.consumers = rank, producers, consumers
+        # its own ranks: the default group's are the global ranks, a standalone group's are its own
+        self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD
         self.device, self.timeout_s = torch.device(device), timeout_s
         self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # sends in flight, with their buffers
         self._arrivals: queue.Queue = queue.Queue()  # (tag, transfer, blocks or None) from the threads
@@ -214,22 +210,22 @@ class TorchDistributedTransport(KVTransport):
     def _receive_from(self, peer: int, tag: int) -> None:
         while True:
             length = torch.zeros(1, dtype=torch.int64, device=self.device)
-            dist.recv(length, src=peer, group=self.group, tag=tag)
+            self.group.recv([length], peer, tag).wait()
             if int(length.item()) == 0:
                 return
             data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
-            dist.recv(data, src=peer, group=self.group, tag=tag)
+            self.group.recv([data], peer, tag).wait()
             header = pickle.loads(data.cpu().numpy().tobytes())
             if tag == self._ACK:
                 self._arrivals.put((tag, header, None))
                 continue
             transfer, shape, dtype = header
             blocks = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=self.device)
-            dist.recv(blocks, src=peer, group=self.group, tag=tag)
+            self.group.recv([blocks], peer, tag).wait()
             self._arrivals.put((tag, transfer, blocks))
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        self._sending.append((dist.isend(tensor, dst=dst, group=self.group, tag=tag), tensor))
+        self._sending.append((self.group.send([tensor], dst, tag), tensor))
         self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
 
     def _send_header(self, header: object, dst: int, tag: int) -> None:
@@ -252,7 +248,7 @@ class TorchDistributedTransport(KVTransport):
                 self._inbox.setdefault(transfer.consumer, []).append((transfer, blocks))
 
     def send(self, transfer: KVTransfer, blocks: torch.Tensor) -> None:
-        blocks = blocks.contiguous()
+        blocks = blocks.to(self.device).contiguous()
         dst = self.consumers[transfer.consumer]
         self._send_header((transfer, tuple(blocks.shape), str(blocks.dtype)), dst, self._TRANSFER)
         self._isend(blocks, dst, self._TRANSFER)

@@ -15,6 +15,10 @@ Launchers: by default (`launcher="spawn"`) rank 0 spawns the other ranks on this
 starts every rank, on one node or many, and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT: rank 0 builds the engine and drives the others, which run `serve_rank`.
 
+KV blocks leave and enter an instance through rank 0 (`export_kv`, `import_kv`: disaggregated
+serving): every rank's share (its stage's layers, its KV heads) is gathered there, or
+scattered from there, as one [ranks, share] tensor.
+
 Faults: a worker that dies, or stops answering for `timeout_s`, makes `run` raise `RankFailure`
 (the engine fails its requests with that message); `close` then kills the workers left instead
 of waiting for them.
@@ -28,6 +32,7 @@ the workspace buffers the step graph names (`input_ids`, `positions`, `slot_mapp
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -137,6 +142,28 @@ class _RankState:
         logits = [par.wait(received) for received in pending]
         return torch.cat(logits) if logits else torch.empty(0, spec.config.vocab, device=self.device)
 
+    def kv_share_numel(self, blocks: int) -> int:
+        """Elements of a rank's share of `blocks` KV blocks, at the largest pipeline stage's layers
+        (stages differ by one layer at most); every rank holds the same KV heads per layer."""
+        _, _, _, block_size, heads, head_dim = self.kv.pool.shape
+        return 2 * -(-self.spec.config.layers // self.spec.pp) * blocks * block_size * heads * head_dim
+
+    def kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """This rank's share of blocks `block_ids` (the layers of its stage, its KV heads),
+        flattened and padded to `kv_share_numel` (the ranks' shares then stack)."""
+        pool = self.kv.pool
+        share = pool[:, :, torch.tensor(block_ids, dtype=torch.long, device=pool.device)].reshape(-1)
+        padded = torch.zeros(self.kv_share_numel(len(block_ids)), dtype=pool.dtype, device=pool.device)
+        padded[:share.numel()] = share
+        return padded
+
+    def set_kv_blocks(self, block_ids: list[int], share: torch.Tensor) -> None:
+        """Write this rank's share of blocks `block_ids`, as `kv_blocks` gives it."""
+        pool = self.kv.pool
+        index = torch.tensor(block_ids, dtype=torch.long, device=pool.device)
+        shape = (2, pool.shape[1], len(block_ids), *pool.shape[3:])
+        pool[:, :, index] = share[:math.prod(shape)].to(pool.device).view(shape)
+
     def _forward(self, inputs: dict[str, list], hidden: Optional[torch.Tensor]) -> torch.Tensor:
         tensors = {}
         for name in INDEX_INPUTS:
@@ -182,6 +209,14 @@ class LocalRunner:
         assert out is not None  # rank 0 of one rank
         return out
 
+    def export_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """Blocks `block_ids` of every rank's pool: [ranks, share] (`_RankState.kv_blocks`)."""
+        return self.state.kv_blocks(block_ids).unsqueeze(0)
+
+    def import_kv(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Write what `export_kv` of an instance of the same layout gave into blocks `block_ids`."""
+        self.state.set_kv_blocks(block_ids, blocks[0])
+
     def close(self):
         pass
 
@@ -204,16 +239,35 @@ def _join(spec: RunnerSpec, rank: int) -> _RankState:
 
 
 def _serve(state: _RankState) -> None:
-    """A rank other than 0: run every step rank 0 broadcasts, until it sends None."""
+    """A rank other than 0: run every step rank 0 broadcasts, and its KV exports and imports
+    (`DistributedRunner.export_kv`), until it sends None."""
     try:
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)
             if message[0] is None:
                 return
-            state.run(message[0])
+            if isinstance(message[0], tuple):  # ("export" | "import", block ids)
+                _move_kv(state, *message[0])
+            else:
+                state.run(message[0])
     finally:
         dist.destroy_process_group()
+
+
+def _move_kv(state: _RankState, what: str, block_ids: list[int],
+             blocks: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Every rank's share of KV blocks `block_ids` to rank 0 ("export", gathered there as
+    [ranks, share]), or from rank 0 back into the ranks' pools ("import", `blocks` on rank 0)."""
+    if what == "export":
+        share = state.kv_blocks(block_ids)
+        gathered = [torch.empty_like(share) for _ in range(state.spec.world)] if state.rank == 0 else None
+        dist.gather(share, gathered, dst=0)
+        return torch.stack(gathered) if gathered is not None else None
+    share = torch.empty(state.kv_share_numel(len(block_ids)), dtype=state.kv.pool.dtype, device=state.device)
+    dist.scatter(share, list(blocks.to(state.device).unbind(0)) if blocks is not None else None, src=0)
+    state.set_kv_blocks(block_ids, share)
+    return None
 
 
 def _worker(index: int, spec: RunnerSpec, port: int):
@@ -282,6 +336,19 @@ class DistributedRunner:
             raise RankFailure(self._dead() or f"a rank of the instance stopped answering ({error})") from error
         assert out is not None  # rank 0 receives the logits
         return out
+
+    def export_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """Blocks `block_ids` of every rank's pool, gathered here: [ranks, share]."""
+        dist.broadcast_object_list([("export", block_ids)], src=0)
+        out = _move_kv(self.state, "export", block_ids)
+        assert out is not None  # rank 0 gathers
+        return out
+
+    def import_kv(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Scatter `blocks` ([ranks, share], from `export_kv` of an instance of the same layout)
+        into blocks `block_ids` of the ranks' pools."""
+        dist.broadcast_object_list([("import", block_ids)], src=0)
+        _move_kv(self.state, "import", block_ids, blocks)
 
     def close(self):
         if not dist.is_initialized():

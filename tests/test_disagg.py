@@ -6,6 +6,7 @@ moves; `flowc run` on a disaggregated plan file."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import signal
@@ -35,16 +36,17 @@ SETTINGS = dict(max_batched_tokens=32, chunk_size=16, max_seqs=4)
 
 def disaggregated_plan(prefill: int = 1, decode: int = 1, prefill_settings=None, decode_settings=None) -> Plan:
     """One deployment: a prefill group of `prefill` instances and a decode group of `decode`, each
-    instance on a GPU of its own (instance_plan's groups, re-placed)."""
-    gpus = iter(range(prefill + decode))
+    instance on GPUs of its own, tp x pp of them (instance_plan's groups, re-placed)."""
+    gpus = itertools.count()
     groups = []
     for role, count, settings in (("prefill", prefill, prefill_settings), ("decode", decode, decode_settings)):
         group = instance_plan(SPEC, role=role, **(settings or {})).deployments[0].groups[0]
-        instances = [Instance(gpus=[GpuRef(node=0, index=next(gpus))]) for _ in range(count)]
+        instances = [Instance(gpus=[GpuRef(node=0, index=next(gpus)) for _ in range(group.tp * group.pp)])
+                     for _ in range(count)]
         groups.append(group.model_copy(update={"instances": instances}))
     base = instance_plan(SPEC, role="prefill")
     deployment = base.deployments[0].model_copy(update={"groups": groups})
-    cluster = [NodeGroupShape(gpu="local", gpus=prefill + decode, count=1)]
+    cluster = [NodeGroupShape(gpu="local", gpus=next(gpus), count=1)]
     plan = base.model_copy(update={"deployments": [deployment], "clusters": {"local": cluster}})
     assert plan_problems(plan) == []
     return plan
@@ -134,7 +136,7 @@ def test_seeded_sampling_goes_on_where_the_prefill_left_it(llama, processes):
 
 def test_mismatched_kv_layouts_are_refused(llama):
     plan = disaggregated_plan(1, 1, {"block_size": 16}, {"block_size": 8, "kv_blocks": 128})
-    with pytest.raises(EngineError, match=r"block_size 16 vs 8.*same model, KV dtype \(and --dtype\) and block_size"):
+    with pytest.raises(EngineError, match=r"block_size 16 vs 8.*same model, KV dtype \(and --dtype\), block_size, tp"):
         DisaggregatedEngine.from_plan(plan)
     plan = instance_plan(SPEC)
     with Engine.from_plan(plan) as fp32, Engine.from_plan(plan, dtype="bf16") as bf16:
@@ -424,3 +426,16 @@ def test_an_instance_process_that_fails_ends_its_requests_and_the_others_keep_se
         after = engine.generate(_requests())  # new requests go to prefill 1
     assert [o.output_token_ids for o in after] == expected
     assert {o.instances for o in after} == {("prefill 1", "decode 0")}
+
+
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}])
+def test_instances_of_several_ranks_run_in_processes_of_their_own(llama, expected, layout):
+    # each instance's KV is spread over its two ranks (KV heads, or stages of uneven layers):
+    # gathered from the prefill instance's ranks, scattered over the decode instance's
+    plan = disaggregated_plan(1, 1, {**SETTINGS, **layout}, {**SETTINGS, **layout})
+    with pytest.raises(EngineError, match="run each instance in a process of its own"):
+        DisaggregatedEngine.from_plan(plan, llama)
+    with DisaggregatedEngine.from_plan(plan, llama, processes=True, share_cores=True) as engine:
+        outputs = engine.generate(_requests())
+        assert engine.kv_transfers == 8
+    assert [o.output_token_ids for o in outputs] == expected
