@@ -362,11 +362,12 @@ deploy tiny {
 """
 
 
-def test_a_compiled_disaggregated_plan_gives_the_colocated_tokens(tmp_path, capsys):
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_compiled_disaggregated_plan_gives_the_colocated_tokens(tmp_path, capsys, processes):
     (tmp_path / "slow.flow").write_text(SLOW_SPEC)
     assert flowc.cli.main(["compile", str(tmp_path / "slow.flow"), "-o", str(tmp_path / "plan.json")]) == 0
     capsys.readouterr()
-    with open_plan(tmp_path / "plan.json", seed=3) as engine:
+    with open_plan(tmp_path / "plan.json", seed=3, processes=processes) as engine:
         assert isinstance(engine, DisaggregatedEngine)
         assert engine.plan.instance_labels() == ["prefill 0", "decode 0"]
         vocab = engine.config.vocab
