@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import flowc
+import flowc.compiler.optimize.compile as compile_module
 from flowc.cli import main
 from flowc.compiler.model.goodput import goodput_search
 from flowc.compiler.model.instance import instance_config
@@ -207,18 +209,23 @@ deploy chat8b {
 
 
 def test_a_baseline_that_beats_the_capacity_ranked_placement_is_the_plan():
-    # Ranked by capacities measured apart, one tp 2 instance wins (13.9 req/s per GPU end to
-    # end); two tp 1 instances on the same two GPUs, the vLLM-style baseline, serve 16.6 per GPU
-    # end to end. The compiler places the baseline instead, and the plan says what it beat.
-    plan = flowc.compile(EIGHT_B_ON_FOUR_GPUS)
+    # At tpot <= 22 ms, ranked by capacities measured apart, one tp 2 instance wins (10.4 req/s
+    # per GPU end to end); two tp 1 instances on the same two GPUs, the vLLM-style baseline,
+    # serve 11.5 per GPU end to end. The compiler places the baseline instead, and the plan says
+    # what it beat. (At the 30 ms of the other tests tp 1 already ranks first.)
+    spec = EIGHT_B_ON_FOUR_GPUS.replace("tpot p90 <= 30 ms", "tpot p90 <= 22 ms")
+    real, winners = compile_module._best_beating, []
+    with mock.patch.object(compile_module, "_best_beating", lambda *a: winners.append(real(*a)) or winners[-1]):
+        plan = flowc.compile(spec)
+    assert [w is not None for w in winners] == [True]  # the baseline beat the ranked placement
     (dp,) = plan.deployments
     assert [(g.tp, g.replicas, g.role) for g in dp.groups] == [(1, 2, "colocated")]
     (b,) = dp.baselines
     assert b.summary == "2 x h100-sxm tp 1 x pp 1 colocated"
     assert dp.predicted.goodput_rps == pytest.approx(b.goodput_rps, rel=1e-9)
-    tp2 = flowc.compile(EIGHT_B_ON_FOUR_GPUS.replace("tp in [1, 2]", "tp in [2]")).deployments[0]
+    tp2 = flowc.compile(spec.replace("tp in [1, 2]", "tp in [2]")).deployments[0]
     assert [(g.tp, g.replicas) for g in tp2.groups] == [(2, 1)]
-    assert dp.predicted.goodput_rps_per_gpu > tp2.predicted.goodput_rps_per_gpu * 1.1
+    assert dp.predicted.goodput_rps_per_gpu > tp2.predicted.goodput_rps_per_gpu * 1.05
 
 
 def test_f0511s_reachable_load_is_what_a_plan_then_serves():

@@ -11,8 +11,12 @@ The functional forms (identical in tools/calibrate.py, which fits them with nump
     s(x; x0, a) = 1 / (1 + (x0 / x)^a)                 saturating in (0, 1)
     comb(tc, tm; p) = (tc^p + tm^p)^(1/p)               smooth max (p = 1: sum, p -> inf: max)
 
-    GEMM       t = t0 + comb(F / (P ec s(m) s(n) s(k) s(F)),  B / (W em s(B) s'(n)); p)
+    GEMM       t = t0 + comb(F / (P ec s(m) s(n) s(k) s(F) q^w),  B / (W em s(B) s'(n)); p)
                F = 2mnk, B = m k a + n k w + 2 m n  (a, w: activation and weight bytes)
+               q = m n / (waves x SMs x 64 x 128): the share of tile slots the output fills,
+               in 64 x 128 tiles, waves = ceil(ceil(m/64) ceil(n/128) / SMs) (the last tile of
+               a row or column and the last wave run partly empty), m and n at least one tile
+               (below it s(m) and s(n) hold the padding); absent from older fits
     prefill    t = t0 + cseq nseq kv^ck + comb(F / (P ec (d/256)^g s(F) s(hQ) s(pairs/Q) s(h/kv)), B / (W em); p)
                F = 2 h (dqk + dv) (pairs + Q tile / 2)   (tile: the causal diagonal's padding)
                B = Q (2 h (dqk + dv) + kv (dqk + dv) kvb),  nseq = max(1, Q^2 / (2 pairs))
@@ -110,11 +114,26 @@ def _comb(tc: float, tm: float, p: float) -> float:
     return (tc ** p + tm ** p) ** (1.0 / p)
 
 
+GEMM_TILE = (64, 128)  # the output tile of the wave term (rows, columns): one representative size
+
+
+def wave_fill(m: float, n: float, sms: float) -> float:
+    """The share of the tile slots an m x n output fills over its waves: GEMM_TILE tiles, `sms` at
+    a time, the last tile of a row or column and the last wave partly empty. The work done is
+    then F / fill: one more row never takes less time. Within one tile (m or n below it) the
+    fitted small-shape factors s(m), s(n) already hold the padding: the fill counts whole tiles."""
+    m, n = max(m, GEMM_TILE[0]), max(n, GEMM_TILE[1])
+    tiles = math.ceil(m / GEMM_TILE[0]) * math.ceil(n / GEMM_TILE[1])
+    return m * n / (math.ceil(tiles / sms) * sms * GEMM_TILE[0] * GEMM_TILE[1])
+
+
 def gemm_curve(c: dict, m: float, n: float, k: float, flops: float, nbytes: float, peak: float, bw: float) -> float:
     """Seconds of one GEMM kernel from its FLOPs and HBM bytes (the fitted form above).
     `m` is the rows per weight matrix (a grouped GEMM passes rows per active expert)."""
     eff_c = c["ec"] * _s(m, c["m0"], c["am"]) * _s(n, c["n0"], c["an"]) * _s(k, c["k0"], c["ak"]) \
         * _s(flops, c["F0"], c["aF"])
+    if "w" in c and m > 0 and n > 0:
+        eff_c *= wave_fill(m, n, c["sms"]) ** c["w"]
     eff_m = c["em"] * _s(nbytes, c["B0"], c["aB"]) * _s(n, c["nm0"], c["anm"])
     return c["t0"] + _comb(flops / (peak * eff_c), nbytes / (bw * eff_m), c["p"])
 
