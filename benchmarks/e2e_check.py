@@ -43,7 +43,6 @@ from flowc.compiler.model.memory import memory_budget
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.workload import Requests
 from flowc.compiler.plan import Scheduler
-from flowc.compiler.spec import MAX_KNOB
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "e2e_dev.json"
 MODELS = {"Llama-3.1-8B-Instruct": "llama-3.1-8b", "Llama-3-8B": "llama-3.1-8b",
@@ -105,7 +104,7 @@ def predict(record: dict, overheads: dict[str, float] | None = None) -> float:
     cost = CostModel(model, gpu, spec.links[gpu.interconnect], parallelism=Parallelism(tp=tp),
                      engine=engine_of(record))
     steps = 10 if "num-scheduler-steps 10" in record["notes"] else 1
-    seqs = cost.engine.max_seqs or MAX_KNOB  # the engine's default cap, else only the KV cache bounds them
+    seqs = engines.default_max_seqs(engine_of(record))  # the engine's default cap, else only the KV cache
     # vLLM 0.6 prefilled apart from the decodes unless chunked prefill was asked for
     mixed = cost.engine.mixed_prefill and "vLLM v0.6" not in record["notes"]
     instance = InstanceConfig(cost=cost, kv_capacity_tokens=budget.kv_tokens, scheduler=Scheduler(max_seqs=seqs),

@@ -77,13 +77,16 @@ def estimate(model: str | Model, gpu: str | GPU, *, tp: int = 1, pp: int = 1, ep
     objects), weights in `dtype` and KV in `kv_dtype` (default: the model's own). With `batch`
     a closed loop at that concurrency, with `rate` Poisson arrivals, with neither offline
     throughput; `replicas` colocated instances (default 1) or `disaggregated=(prefill, decode)`
-    instances. Scheduler settings left out take the engine defaults (`plan.Scheduler`); `link`
+    instances. Scheduler settings left out take the defaults: `max_seqs` the engine's own batch
+    cap (`engines.default_max_seqs`: vLLM 256, TensorRT-LLM 2048, SGLang none), the others
+    `plan.Scheduler`'s; `link`
     joins an instance's GPUs (default: the GPU's own interconnect), `link_domain` of them at
     most (default: an 8-GPU board). `engine` (vllm, sglang, trtllm or flowc; default: the
     standard library's, vllm) picks the kernels and the engine overheads predicted. Raises
     FlowError for an unknown name, an argument out of range, a parallelism the model cannot
     take or a configuration that does not fit."""
     from flowc.compiler.frontend.library import stdlib_spec
+    from flowc.compiler.model.engines import ENGINES, default_max_seqs
     from flowc.compiler.model.estimate import DEFAULT_LINK_DOMAIN
     from flowc.compiler.model.estimate import estimate as estimate_config
     from flowc.compiler.plan import Scheduler
@@ -98,7 +101,10 @@ def estimate(model: str | Model, gpu: str | GPU, *, tp: int = 1, pp: int = 1, ep
             raise FlowError([Diagnostic("F0306", f"unknown {given} `{value}` for the {name}",
                                         help=suggestion_help(value, DTYPE_BYTES, "dtypes"))])
     m = m.model_copy(update=dtypes)
-    given = {"max_batched_tokens": max_batched_tokens, "max_seqs": max_seqs, "block_size": block_size}
+    # the engine's own batch cap unless one is given: what a benchmark of it at its defaults runs
+    unknown = engine is not None and engine not in ENGINES  # (estimate says so: F0306)
+    given = {"max_batched_tokens": max_batched_tokens, "block_size": block_size,
+             "max_seqs": max_seqs if max_seqs is not None or unknown else default_max_seqs(engine)}
     scheduler = Scheduler(**{knob: value for knob, value in given.items() if value is not None})
     return estimate_config(m, g, link or stdlib.links[g.interconnect], tp=tp, pp=pp, ep=ep, replicas=replicas,
                            link_domain=DEFAULT_LINK_DOMAIN if link_domain is None else link_domain,

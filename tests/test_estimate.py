@@ -70,6 +70,9 @@ def test_replicas_and_disaggregation_count_gpus():
     (dict(model="llama-3.1-8b", gpu="h100-sxm", ep=2), "F0403", "dense"),
     (dict(model="llama-3.1-405b", gpu="h100-sxm", tp=1), "F0503", "usable"),
     (dict(model="llama-3.1-70b", gpu="h100-sxm", tp=2, batch=200), "F0504", "at most"),
+    # more than the engine runs at once, though the KV cache holds them: the cap, not the memory
+    (dict(model="llama-3.1-8b", gpu="h100-sxm", dtype="fp8", kv_dtype="fp8", batch=300, max_seqs=256), "F0307",
+     "batch 300 is more than max_seqs 256"),
     (dict(model="llama-3.1-8b", gpu="h100-sxm", dtype="fp9"), "F0306", "fp8"),
 ])
 def test_bad_configurations_are_diagnostics(kwargs, code, words):
@@ -187,3 +190,16 @@ def test_simulate_a_whole_spec(capsys):
     assert 0 <= small.joint_attainment <= 1
     assert main(["simulate", str(EXAMPLES / "chat-70b.flow")]) == 0
     assert "deploy chatbot" in capsys.readouterr().out
+
+
+def test_the_engines_own_batch_cap_is_the_default():
+    # 400 sequences of 640 tokens fit an H100's fp8 KV cache; vLLM runs 256 at once by default,
+    # TensorRT-LLM up to 2048, SGLang as many as the cache holds
+    kw = dict(dtype="fp8", kv_dtype="fp8", input_len=128, output_len=512, batch=400)
+    with pytest.raises(flowc.FlowError, match="batch 400 is more than max_seqs 256"):
+        flowc.estimate("llama-3.1-8b", "h100-sxm", engine="vllm", **kw)
+    for engine in ("trtllm", "sglang"):
+        e = flowc.estimate("llama-3.1-8b", "h100-sxm", engine=engine, **kw)
+        assert e.engine == engine and e.max_concurrent_seqs >= 400 and e.output_tokens_per_s > 0
+    capped = flowc.estimate("llama-3.1-8b", "h100-sxm", engine="trtllm", max_seqs=256, **{**kw, "batch": 256})
+    assert capped.max_concurrent_seqs == 256

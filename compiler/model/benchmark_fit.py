@@ -42,14 +42,14 @@ import numpy as np
 
 from flowc.compiler.diagnostics import Diagnostic, FlowError
 from flowc.compiler.model.benchmarks import BenchmarkRun
-from flowc.compiler.model.engines import engine_profile
+from flowc.compiler.model.engines import default_max_seqs, engine_profile
 from flowc.compiler.model.instance import instance_config
 from flowc.compiler.model.memory import MemoryBudget, memory_budget, unfit_diagnostic
 from flowc.compiler.model.parallelism import problems
 from flowc.compiler.model.simulator import InstanceConfig, simulate
 from flowc.compiler.model.workload import Requests, fixed_requests
 from flowc.compiler.plan import Scheduler
-from flowc.compiler.spec import GPU, MAX_KNOB, Link, Model
+from flowc.compiler.spec import GPU, Link, Model
 
 MAX_REQUESTS = 2000
 SEED = 0
@@ -197,7 +197,7 @@ def predict(r: Replay, instance: InstanceConfig) -> Prediction:
 def engine_scheduler(engine: str) -> Scheduler:
     """The scheduler a benchmark of `engine` at its defaults ran: the engine's own cap on running
     sequences (none: the KV cache bounds them), the plan's defaults otherwise."""
-    return Scheduler(max_seqs=engine_profile(engine).max_seqs or MAX_KNOB)
+    return Scheduler(max_seqs=default_max_seqs(engine))
 
 
 def check_configuration(runs: Sequence[BenchmarkRun], model: Model, gpu: GPU, *, tp: int, pp: int,

@@ -26,9 +26,9 @@ from functools import cache
 from importlib import resources
 from typing import Mapping, Optional
 
-from flowc.compiler.spec import ENGINES
+from flowc.compiler.spec import ENGINES, MAX_KNOB
 
-__all__ = ["ENGINES", "EngineProfile", "default_engine", "engine_profile"]
+__all__ = ["ENGINES", "EngineProfile", "default_engine", "default_max_seqs", "engine_profile"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,9 @@ def engine_profile(name: str | None = None) -> EngineProfile:
     """The profile of engine `name` (default: `default_engine()`); KeyError for a name outside
     ENGINES."""
     return _profiles()[1][name or default_engine()]
+
+
+def default_max_seqs(name: str | None = None) -> int:
+    """The running-sequence cap engine `name` applies when its user sets none: its profile's, or
+    MAX_KNOB for an engine without one (only its KV cache bounds the batch)."""
+    return engine_profile(name).max_seqs or MAX_KNOB

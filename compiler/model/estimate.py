@@ -21,7 +21,7 @@ from flowc.compiler.model.parallelism import domain_problem, problems
 from flowc.compiler.model.simulator import simulate
 from flowc.compiler.model.workload import fixed_requests
 from flowc.compiler.plan import Scheduler
-from flowc.compiler.spec import GPU, Link, Model
+from flowc.compiler.spec import DTYPE_BYTES, GPU, Link, Model
 from flowc.compiler.units import format_gib
 
 # Requests simulated per estimate: enough for stable percentiles, few enough to stay fast.
@@ -173,16 +173,21 @@ def estimate(m: Model, g: GPU, link: Link, *, tp: int = 1, pp: int = 1, ep: int 
     if not budget.fits:
         raise FlowError([unfit_diagnostic(budget, m, g.name, tp, pp, "use a larger tp or pp, or quantize the weights")])
     blocks_per_request = -(-(input_len + output_len) // block_size)
-    concurrent = min(scheduler.max_seqs, budget.kv_blocks // blocks_per_request)
+    in_kv = budget.kv_blocks // blocks_per_request
+    concurrent = min(scheduler.max_seqs, in_kv)
+    smaller_kv = "a larger tp or pp" + (", or `kv_dtype='fp8'`" if DTYPE_BYTES[m.kv] > 1 else "")
     if concurrent < 1:
         raise _fail("F0504", f"one request of {input_len + output_len} tokens needs {blocks_per_request} KV blocks; "
-                    f"the instance holds {budget.kv_blocks}", "use a larger tp or pp, or `kv_dtype='fp8'`")
-    if batch is not None and batch > concurrent:
+                    f"the instance holds {budget.kv_blocks}", f"use {smaller_kv}")
+    if batch is not None and batch > in_kv:
         raise _fail("F0504", f"a batch of {batch} sequences of {input_len + output_len} tokens does not fit in the "
-                    f"KV cache: at most {concurrent} fit at once",
-                    f"use batch <= {concurrent}, a larger tp or pp, or `kv_dtype='fp8'`",
+                    f"KV cache: at most {in_kv} fit at once", f"use batch <= {in_kv}, {smaller_kv}",
                     (f"KV cache: {budget.kv_tokens:,} tokens per instance "
                      f"({format_gib(budget.kv, 1)} per GPU / {budget.kv_bytes_per_token:,} B per token)",))
+    if batch is not None and batch > concurrent:
+        raise _fail("F0307", f"batch {batch} is more than max_seqs {scheduler.max_seqs}, the sequences the "
+                    "scheduler runs at once", f"use batch <= {concurrent}, or max_seqs >= {batch}",
+                    (f"the KV cache holds {in_kv} such sequences",))
 
     def config(role: Role):
         return instance_config(m, g, link, kv_capacity_tokens=budget.kv_tokens, tp=tp, pp=pp, ep=ep,
