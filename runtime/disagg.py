@@ -273,6 +273,8 @@ class DisaggregatedEngine(ServingAPI):
     def _end_requests_of_failed(self) -> None:
         """Every request that a failed instance holds, or whose KV it has not delivered yet, ends
         with an abort whose error says why (final events at the next poll)."""
+        if not self._down:  # every poll calls this: nothing to scan while every instance is up
+            return
         for request_id, route in list(self._routes.items()):
             holder = route.decode or route.prefill
             producer = self._unacked.get(request_id)
